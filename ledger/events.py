@@ -1,0 +1,283 @@
+"""The event model: bodies, the envelope, canonical encoding and content addressing.
+
+An event's id commits to everything about it and to its whole ancestry::
+
+    body_digest = blake3(salt || canonical(body))
+    id          = blake3(canonical(header))
+    header      = [format, session, parent, seq, branch, at, actor, kind,
+                   idempotency_key, body_digest]
+
+Canonical means msgspec JSON with deterministic key order and default values
+omitted, so adding a field with a default to a body (msgspec's schema-evolution
+rule) leaves every earlier digest unchanged. The salt lets a redaction erase a
+body while its digest, and so every id after it, still verifies.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from typing import Any, Final
+
+import blake3
+import msgspec
+
+from ledger.errors import InvalidEventError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Body",
+    "Branched",
+    "Checkpointed",
+    "Closed",
+    "Event",
+    "Expired",
+    "MetadataSet",
+    "Recorded",
+    "Restored",
+    "Resumed",
+    "SessionCreated",
+    "Suspended",
+    "TurnAdded",
+    "canonical",
+    "compute_body_digest",
+    "compute_id",
+    "decode_event",
+    "encode_event",
+    "event_problem",
+    "make_event",
+    "new_session_id",
+    "normalize_body",
+    "validate_name",
+]
+
+FORMAT_VERSION: Final = 1
+
+
+class _Body(msgspec.Struct, frozen=True, tag=True, tag_field="kind", omit_defaults=True):
+    """Base of every event body; the tag (the class name) is the event's kind."""
+
+
+class SessionCreated(_Body, frozen=True):
+    user_id: str
+    agent: str
+    metadata: dict[str, Any] = {}
+    ttl_s: float | None = None
+
+
+class TurnAdded(_Body, frozen=True):
+    role: str
+    content: Any
+    name: str | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost: float = 0.0
+    model: str | None = None
+    tool_calls: list[Any] = []
+    turn_id: str | None = None
+    metadata: dict[str, Any] = {}
+
+
+class Checkpointed(_Body, frozen=True):
+    entry: str
+    checksum: str
+    label: str | None = None
+
+
+class Branched(_Body, frozen=True):
+    name: str
+    fork_point: str
+
+
+class Restored(_Body, frozen=True):
+    checkpoint: str
+    entry: str
+
+
+class Suspended(_Body, frozen=True):
+    reason: str | None = None
+
+
+class Resumed(_Body, frozen=True):
+    reason: str | None = None
+
+
+class Closed(_Body, frozen=True):
+    reason: str | None = None
+
+
+class Expired(_Body, frozen=True):
+    idle_s: float
+    ttl_s: float
+
+
+class MetadataSet(_Body, frozen=True):
+    """Merge into the session's metadata; a ``None`` value removes the key."""
+
+    metadata: dict[str, Any]
+
+
+class Recorded(_Body, frozen=True):
+    """Anything else an agent keeps: tool calls, state deltas, framework records."""
+
+    type: str
+    data: Any = None
+
+
+Body = (
+    SessionCreated
+    | TurnAdded
+    | Checkpointed
+    | Branched
+    | Restored
+    | Suspended
+    | Resumed
+    | Closed
+    | Expired
+    | MetadataSet
+    | Recorded
+)
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True):
+    """One immutable entry of a session's tree."""
+
+    id: str
+    session: str
+    parent: str | None
+    seq: int
+    branch: str
+    at: int
+    actor: str
+    body: Body
+    body_digest: str
+    salt: str
+    idempotency_key: str | None = None
+    format: int = FORMAT_VERSION
+
+    @property
+    def kind(self) -> str:
+        return type(self.body).__name__
+
+
+_canonical = msgspec.json.Encoder(order="deterministic")
+_body_decoder = msgspec.json.Decoder(Body)
+_event_decoder = msgspec.json.Decoder(Event)
+_event_encoder = msgspec.json.Encoder()
+
+canonical = _canonical.encode
+encode_event = _event_encoder.encode
+
+
+def decode_event(data: bytes | str) -> Event:
+    return _event_decoder.decode(data)
+
+
+def normalize_body(body: Body, session_id: str) -> tuple[Body, bytes]:
+    """Validate a body through its canonical form; return it and its canonical bytes.
+
+    The round trip makes a body equal to what any store will give back (tuples
+    become lists, an int given for a float becomes a float), so its digest is
+    the digest every later reader recomputes.
+    """
+    try:
+        raw = canonical(body)
+        normal = _body_decoder.decode(raw)
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise InvalidEventError(
+            f"Content is not JSON-encodable for session {session_id!r}: {exc}"
+        ) from None
+    except msgspec.ValidationError as exc:
+        raise InvalidEventError(
+            f"Invalid {type(body).__name__} for session {session_id!r}: {exc}"
+        ) from None
+    return normal, canonical(normal)
+
+
+def compute_body_digest(salt: str, body_bytes: bytes) -> str:
+    return blake3.blake3(bytes.fromhex(salt) + body_bytes).hexdigest()
+
+
+def _header(event: Event) -> bytes:
+    return canonical(
+        [
+            event.format,
+            event.session,
+            event.parent,
+            event.seq,
+            event.branch,
+            event.at,
+            event.actor,
+            event.kind,
+            event.idempotency_key,
+            event.body_digest,
+        ]
+    )
+
+
+def compute_id(event: Event) -> str:
+    return blake3.blake3(_header(event)).hexdigest()
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def validate_name(kind: str, value: str, session_id: str) -> str:
+    """Branch names and the like: short, printable, no path separators or dot-dot."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value) or ".." in value:
+        raise InvalidEventError(
+            f"Invalid {kind} for session {session_id!r}: {value!r} "
+            "(letters, digits, '.', '_', '-'; at most 128; no '..')"
+        )
+    return value
+
+
+def make_event(
+    *,
+    session: str,
+    parent: str | None,
+    seq: int,
+    branch: str,
+    at: int,
+    actor: str,
+    body: Body,
+    idempotency_key: str | None = None,
+) -> Event:
+    """Build a new event: normalize its body, salt and digest it, and address it."""
+    normal, raw = normalize_body(body, session)
+    salt = os.urandom(16).hex()
+    draft = Event(
+        id="",
+        session=session,
+        parent=parent,
+        seq=seq,
+        branch=branch,
+        at=at,
+        actor=actor,
+        body=normal,
+        body_digest=compute_body_digest(salt, raw),
+        salt=salt,
+        idempotency_key=idempotency_key,
+    )
+    return msgspec.structs.replace(draft, id=compute_id(draft))
+
+
+def event_problem(event: Event) -> str | None:
+    """Why this event does not verify on its own, or None when it does."""
+    if event.format != FORMAT_VERSION:
+        return f"unknown format version {event.format}"
+    try:
+        digest = compute_body_digest(event.salt, canonical(event.body))
+    except ValueError:
+        return "salt is not hex"
+    if digest != event.body_digest:
+        return "body does not match its digest"
+    if compute_id(event) != event.id:
+        return "id does not match its header"
+    return None
+
+
+def new_session_id() -> str:
+    """A random, unguessable session id (uuid4: 122 random bits)."""
+    return str(uuid.uuid4())

@@ -1,0 +1,317 @@
+"""The storage contract every backend implements.
+
+Two layers, as capabilities rather than optional methods that raise:
+
+- ``EventStore``: one session's data. Atomic batch append with the branch-head
+  compare-and-swap and idempotency keys; an event by id; the ancestors of an
+  event; a session's events in append order; its branch heads; the paged
+  listing of sessions (written in the same transaction as the append); and
+  projection snapshots.
+- ``FeedStore(EventStore)``: adds a total order over all sessions, the global
+  feed, that a reader can tail without ever skipping an event, and a live
+  subscription to it.
+
+Backends live beside this module (``memory``, ``sqlite``, ...); each maps its
+driver's errors to the ledger's in one place. Users do not call stores: they
+call ``ledger.Ledger``.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import warnings
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+from typing import Self
+
+import msgspec
+
+from ledger.errors import (
+    BranchExistsError,
+    ConflictError,
+    InvalidEventError,
+    StoreClosedError,
+)
+from ledger.events import Event, SessionCreated
+
+__all__ = [
+    "OPEN_STATUSES",
+    "AppendRequest",
+    "AppendResult",
+    "EventStore",
+    "FeedItem",
+    "FeedStore",
+    "SessionPage",
+    "SessionQuery",
+    "SessionRow",
+    "check_head",
+]
+
+OPEN_STATUSES = ("active", "suspended")
+
+
+class AppendRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One atomic write: events chained on one branch of one session.
+
+    ``expected_head`` is the compare-and-swap: the branch's head must be this
+    event id when the batch commits, or ``None`` when the batch creates the
+    branch (a ``SessionCreated`` or a ``Branched`` event). The first event's
+    parent need not be the head: a ``Branched`` or ``Restored`` event points at
+    its fork point or checkpoint entry.
+    """
+
+    session_id: str
+    branch: str
+    expected_head: str | None
+    events: Sequence[Event]
+    status: str | None = None
+    """The session's listing status after the batch (None: unchanged)."""
+    max_open_sessions: int | None = None
+    """For a ``SessionCreated`` batch: refuse when the user has this many open sessions."""
+    max_branches: int | None = None
+    """For a batch that creates a branch: refuse when the session has this many."""
+
+
+class AppendResult(msgspec.Struct, frozen=True):
+    events: list[Event]
+    replayed: bool = False
+    """True when the first event's idempotency key was used before: ``events``
+    holds the original event and nothing was written."""
+
+
+class SessionRow(msgspec.Struct, frozen=True, kw_only=True):
+    """A session in the listing: kept by the store in the append's transaction."""
+
+    session_id: str
+    user_id: str
+    agent: str
+    status: str
+    created_at: int
+    last_activity_at: int
+    event_count: int
+
+
+class SessionQuery(msgspec.Struct, frozen=True, kw_only=True):
+    user_id: str | None = None
+    agent: str | None = None
+    status: str | None = None
+    limit: int = 50
+    cursor: str | None = None
+    """From ``SessionPage.next_cursor``: the page after it."""
+
+
+class SessionPage(msgspec.Struct, frozen=True):
+    items: list[SessionRow]
+    next_cursor: str | None = None
+
+
+class FeedItem(msgspec.Struct, frozen=True):
+    """An event with its position in the store's global commit order."""
+
+    position: int
+    event: Event
+
+
+def check_head(request: AppendRequest, current: str | None) -> None:
+    """The compare-and-swap every backend applies inside its write transaction."""
+    if current == request.expected_head:
+        return
+    if request.expected_head is None:
+        raise BranchExistsError(request.session_id, request.branch, current)
+    raise ConflictError(request.session_id, request.branch, request.expected_head, current)
+
+
+def validate_request(request: AppendRequest) -> None:
+    """Structural checks before any I/O: one session, one branch, one chain."""
+    if not request.events:
+        raise InvalidEventError(f"Empty append for session {request.session_id!r}")
+    previous: Event | None = None
+    for event in request.events:
+        if event.session != request.session_id or event.branch != request.branch:
+            raise InvalidEventError(
+                f"Event {event.id!r} does not belong to session {request.session_id!r} "
+                f"branch {request.branch!r}"
+            )
+        if previous is not None and (
+            event.parent != previous.id or event.seq != previous.seq + 1
+        ):
+            raise InvalidEventError(f"Event {event.id!r} does not extend {previous.id!r}")
+        previous = event
+
+
+def page_cursor(row: SessionRow) -> str:
+    return f"{row.last_activity_at}:{row.session_id}"
+
+
+def parse_cursor(cursor: str) -> tuple[int, str]:
+    at, _, session_id = cursor.partition(":")
+    try:
+        return int(at), session_id
+    except ValueError:
+        raise InvalidEventError(f"Invalid session cursor: {cursor!r}") from None
+
+
+def is_create(request: AppendRequest) -> bool:
+    return isinstance(request.events[0].body, SessionCreated)
+
+
+class EventStore(abc.ABC):
+    """Per-session storage: what every backend implements."""
+
+    url: str
+    _opened: bool = False
+    _closed: bool = False
+
+    # lifecycle
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Connect and create the schema; idempotent."""
+        if self._closed:
+            raise StoreClosedError(f"Store is closed: {self.url!r}")
+        if not self._opened:
+            await self._open()
+            self._opened = True
+
+    async def close(self) -> None:
+        if self._opened and not self._closed:
+            self._closed = True
+            await self._close()
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if not self._opened or self._closed:
+            raise StoreClosedError(f"Store is not open: {self.url!r}")
+
+    def __del__(self) -> None:
+        if self._opened and not self._closed:
+            warnings.warn(
+                f"Store {self.url!r} was never closed", ResourceWarning, stacklevel=1
+            )
+
+    @abc.abstractmethod
+    async def _open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def _close(self) -> None: ...
+
+    # writes
+
+    @abc.abstractmethod
+    async def append(self, request: AppendRequest) -> AppendResult:
+        """Write the batch whole or not at all.
+
+        Raises:
+            SessionNotFoundError: the session does not exist (and the batch does not create it).
+            ConflictError: the branch head is not ``request.expected_head``.
+            BranchExistsError: the batch creates a branch that exists.
+            SessionCapacityError: ``max_open_sessions`` or ``max_branches`` is reached.
+        """
+
+    # reads
+
+    @abc.abstractmethod
+    async def get(self, event_id: str) -> Event:
+        """The event with this id; raises ``EventNotFoundError``."""
+
+    @abc.abstractmethod
+    async def find_by_key(self, session_id: str, key: str) -> Event | None:
+        """The event of this session appended with this idempotency key."""
+
+    @abc.abstractmethod
+    async def find_created(self, user_id: str, key: str) -> Event | None:
+        """The ``SessionCreated`` event this user appended with this idempotency key."""
+
+    @abc.abstractmethod
+    async def ancestors(self, event_id: str, limit: int | None = None) -> list[Event]:
+        """The event and its ancestors, newest first, at most ``limit`` of them.
+
+        Raises ``EventNotFoundError`` for an unknown id.
+        """
+
+    async def path(self, event_id: str) -> list[Event]:
+        """The events from the session's root to this event."""
+        events = await self.ancestors(event_id)
+        events.reverse()
+        return events
+
+    @abc.abstractmethod
+    def events(self, session_id: str, *, page_size: int = 1000) -> AsyncIterator[Event]:
+        """Every event of the session in append order, read in pages."""
+
+    @abc.abstractmethod
+    async def heads(self, session_id: str) -> dict[str, str]:
+        """Branch name to head event id; empty for an unknown session."""
+
+    @abc.abstractmethod
+    async def session(self, session_id: str) -> SessionRow:
+        """The session's listing row; raises ``SessionNotFoundError``."""
+
+    @abc.abstractmethod
+    async def sessions(self, query: SessionQuery) -> SessionPage:
+        """Sessions filtered by user, agent and status, newest activity first."""
+
+    # snapshots: derived data, safe to lose
+
+    @abc.abstractmethod
+    async def get_snapshot(self, session_id: str, key: str, event_id: str) -> bytes | None: ...
+
+    @abc.abstractmethod
+    async def put_snapshots(
+        self, session_id: str, key: str, states: Sequence[tuple[str, bytes]]
+    ) -> None:
+        """Keep encoded projection states keyed by (key, event id); overwrites are harmless."""
+
+
+class FeedStore(EventStore):
+    """A store with a global, gap-free commit order over all sessions."""
+
+    poll_interval: float = 0.05
+
+    @abc.abstractmethod
+    async def read_feed(self, after: int = 0, limit: int = 1000) -> list[FeedItem]:
+        """Events with a position greater than ``after``, in commit order.
+
+        A position is never handed out to an event that becomes visible after
+        a higher position was read, so a tailing reader never skips one.
+        """
+
+    async def wait_for_feed(self, after: int, max_wait: float) -> None:
+        """Return when events after ``after`` may exist, or after ``max_wait``."""
+        await asyncio.sleep(min(max_wait, self.poll_interval))
+
+    async def subscribe(
+        self,
+        after: int = 0,
+        *,
+        session_id: str | None = None,
+        kinds: Sequence[str] | None = None,
+        page_size: int = 1000,
+    ) -> AsyncIterator[FeedItem]:
+        """Catch up from ``after``, then follow new events as they commit."""
+        wanted = set(kinds) if kinds else None
+        position = after
+        while True:
+            self._check_open()
+            items = await self.read_feed(position, page_size)
+            for item in items:
+                position = item.position
+                if session_id is not None and item.event.session != session_id:
+                    continue
+                if wanted is not None and item.event.kind not in wanted:
+                    continue
+                yield item
+            if len(items) < page_size:
+                await self.wait_for_feed(position, 1.0)
