@@ -55,7 +55,14 @@ __all__ = [
 FORMAT_VERSION: Final = 1
 
 
-class _Body(msgspec.Struct, frozen=True, tag=True, tag_field="kind", omit_defaults=True):
+class _Body(
+    msgspec.Struct,
+    frozen=True,
+    tag=True,
+    tag_field="kind",
+    omit_defaults=True,
+    forbid_unknown_fields=True,
+):
     """Base of every event body; the tag (the class name) is the event's kind."""
 
 
@@ -140,7 +147,7 @@ Body = (
 )
 
 
-class Event(msgspec.Struct, frozen=True, kw_only=True):
+class Event(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One immutable entry of a session's tree."""
 
     id: str
