@@ -131,9 +131,7 @@ class ConflictError(LedgerError):
 
 class BranchExistsError(ConflictError):
     def __init__(self, session_id: str, branch: str, current: str | None) -> None:
-        LedgerError.__init__(
-            self, f"Branch already exists in session {session_id!r}: {branch!r}"
-        )
+        LedgerError.__init__(self, f"Branch already exists in session {session_id!r}: {branch!r}")
         self.session_id = session_id
         self.branch = branch
         self.expected = None

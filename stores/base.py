@@ -21,7 +21,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import warnings
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from types import TracebackType
 from typing import Self
 
@@ -133,9 +133,7 @@ def validate_request(request: AppendRequest) -> None:
                 f"Event {event.id!r} does not belong to session {request.session_id!r} "
                 f"branch {request.branch!r}"
             )
-        if previous is not None and (
-            event.parent != previous.id or event.seq != previous.seq + 1
-        ):
+        if previous is not None and (event.parent != previous.id or event.seq != previous.seq + 1):
             raise InvalidEventError(f"Event {event.id!r} does not extend {previous.id!r}")
         previous = event
 
@@ -197,9 +195,7 @@ class EventStore(abc.ABC):
 
     def __del__(self) -> None:
         if self._opened and not self._closed:
-            warnings.warn(
-                f"Store {self.url!r} was never closed", ResourceWarning, stacklevel=1
-            )
+            warnings.warn(f"Store {self.url!r} was never closed", ResourceWarning, stacklevel=1)
 
     @abc.abstractmethod
     async def _open(self) -> None: ...
@@ -299,7 +295,7 @@ class FeedStore(EventStore):
         session_id: str | None = None,
         kinds: Sequence[str] | None = None,
         page_size: int = 1000,
-    ) -> AsyncIterator[FeedItem]:
+    ) -> AsyncGenerator[FeedItem, None]:
         """Catch up from ``after``, then follow new events as they commit."""
         wanted = set(kinds) if kinds else None
         position = after

@@ -228,4 +228,3 @@ class MemoryStore(FeedStore):
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), max_wait)
-

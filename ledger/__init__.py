@@ -1,0 +1,99 @@
+"""The session ledger: append-only, content-addressed, event-sourced AI agent sessions.
+
+The public surface, in one screen. Backend authors look at ``stores.base`` and
+``ledger.testing`` instead.
+"""
+
+from ledger.config import LedgerConfig
+from ledger.errors import (
+    BranchExistsError,
+    BranchNotFoundError,
+    CheckpointNotFoundError,
+    ConfigError,
+    ConflictError,
+    EventNotFoundError,
+    EventTooLargeError,
+    IntegrityError,
+    InvalidEventError,
+    LedgerError,
+    NotFoundError,
+    SessionCapacityError,
+    SessionClosedError,
+    SessionExpiredError,
+    SessionNotFoundError,
+    SessionStateError,
+    SessionSuspendedError,
+    SessionTransitionError,
+    StoreClosedError,
+    StoreError,
+)
+from ledger.events import (
+    Branched,
+    Checkpointed,
+    Closed,
+    Event,
+    Expired,
+    MetadataSet,
+    Recorded,
+    Restored,
+    Resumed,
+    SessionCreated,
+    Suspended,
+    TurnAdded,
+)
+from ledger.ledger import Ledger
+from ledger.verify import Problem, VerifyReport
+from projections.base import Projection
+from projections.session import Checkpoint, SessionState
+from projections.transcript import Turn, context_window
+from projections.tree import BranchInfo, Tree
+from stores.base import FeedItem, SessionPage, SessionRow
+
+__all__ = [
+    "BranchExistsError",
+    "BranchInfo",
+    "BranchNotFoundError",
+    "Branched",
+    "Checkpoint",
+    "CheckpointNotFoundError",
+    "Checkpointed",
+    "Closed",
+    "ConfigError",
+    "ConflictError",
+    "Event",
+    "EventNotFoundError",
+    "EventTooLargeError",
+    "Expired",
+    "FeedItem",
+    "IntegrityError",
+    "InvalidEventError",
+    "Ledger",
+    "LedgerConfig",
+    "LedgerError",
+    "MetadataSet",
+    "NotFoundError",
+    "Problem",
+    "Projection",
+    "Recorded",
+    "Restored",
+    "Resumed",
+    "SessionCapacityError",
+    "SessionClosedError",
+    "SessionCreated",
+    "SessionExpiredError",
+    "SessionNotFoundError",
+    "SessionPage",
+    "SessionRow",
+    "SessionState",
+    "SessionStateError",
+    "SessionSuspendedError",
+    "SessionTransitionError",
+    "StoreClosedError",
+    "StoreError",
+    "Suspended",
+    "Tree",
+    "Turn",
+    "TurnAdded",
+    "VerifyReport",
+    "context_window",
+]

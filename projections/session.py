@@ -1,0 +1,160 @@
+"""The session-state projection: status, counters, metadata and checkpoints of a path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import blake3
+import msgspec
+from msgspec.structs import replace
+
+from ledger.events import (
+    Checkpointed,
+    Closed,
+    Event,
+    Expired,
+    MetadataSet,
+    Resumed,
+    SessionCreated,
+    Suspended,
+    TurnAdded,
+    canonical,
+)
+from projections.base import Projection
+
+__all__ = [
+    "ACTIVE",
+    "CLOSED",
+    "EXPIRED",
+    "OPEN",
+    "SESSION",
+    "SUSPENDED",
+    "Checkpoint",
+    "SessionState",
+    "state_checksum",
+]
+
+ACTIVE, SUSPENDED, CLOSED, EXPIRED = "active", "suspended", "closed", "expired"
+OPEN = frozenset({ACTIVE, SUSPENDED})
+
+
+class Checkpoint(msgspec.Struct, frozen=True, kw_only=True):
+    """A labelled point of a path whose state can be restored."""
+
+    id: str
+    """The ``Checkpointed`` event's id."""
+    entry: str
+    """The event whose state the checkpoint captures (the head when it was taken)."""
+    checksum: str
+    label: str | None = None
+    branch: str = "main"
+    at: int = 0
+
+
+class SessionState(msgspec.Struct, frozen=True, kw_only=True):
+    """The state of one session at one event: the fold of the path to it."""
+
+    session_id: str
+    user_id: str
+    agent: str
+    status: str
+    branch: str
+    head: str
+    seq: int
+    created_at: int
+    last_activity_at: int
+    event_count: int = 0
+    turn_count: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost: float = 0.0
+    metadata: dict[str, Any] = {}
+    checkpoints: tuple[Checkpoint, ...] = ()
+    ttl_s: float | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self.status in OPEN
+
+
+_EMPTY = SessionState(
+    session_id="",
+    user_id="",
+    agent="",
+    status="new",
+    branch="",
+    head="",
+    seq=-1,
+    created_at=0,
+    last_activity_at=0,
+)
+
+_STATUS_OF = {Suspended: SUSPENDED, Resumed: ACTIVE, Closed: CLOSED, Expired: EXPIRED}
+
+
+def apply(state: SessionState, event: Event) -> SessionState:
+    body = event.body
+    if isinstance(body, SessionCreated):
+        return SessionState(
+            session_id=event.session,
+            user_id=body.user_id,
+            agent=body.agent,
+            status=ACTIVE,
+            branch=event.branch,
+            head=event.id,
+            seq=event.seq,
+            created_at=event.at,
+            last_activity_at=event.at,
+            event_count=1,
+            metadata=dict(body.metadata),
+            ttl_s=body.ttl_s,
+        )
+    moved: dict[str, Any] = {
+        "branch": event.branch,
+        "head": event.id,
+        "seq": event.seq,
+        "last_activity_at": event.at,
+        "event_count": state.event_count + 1,
+    }
+    if isinstance(body, TurnAdded):
+        moved.update(
+            turn_count=state.turn_count + 1,
+            tokens_in=state.tokens_in + body.tokens_in,
+            tokens_out=state.tokens_out + body.tokens_out,
+            cost=state.cost + body.cost,
+        )
+    elif isinstance(body, Checkpointed):
+        checkpoint = Checkpoint(
+            id=event.id,
+            entry=body.entry,
+            checksum=body.checksum,
+            label=body.label,
+            branch=event.branch,
+            at=event.at,
+        )
+        moved["checkpoints"] = (*state.checkpoints, checkpoint)
+    elif isinstance(body, MetadataSet):
+        merged = dict(state.metadata)
+        for key, value in body.metadata.items():
+            if value is None:
+                merged.pop(key, None)
+            else:
+                merged[key] = value
+        moved["metadata"] = merged
+    else:
+        status = _STATUS_OF.get(type(body))
+        if status is not None:
+            moved["status"] = status
+    return replace(state, **moved)
+
+
+SESSION: Projection[SessionState] = Projection(
+    "session", 1, initial=lambda: _EMPTY, apply=apply, state_type=SessionState
+)
+
+
+def state_checksum(state: SessionState, key: bytes | None = None) -> str:
+    """A checkpoint's checksum: blake3 of the canonical state, a keyed MAC with a key."""
+    data = canonical(state)
+    digest = blake3.blake3(data, key=key) if key else blake3.blake3(data)
+    return digest.hexdigest()
