@@ -45,8 +45,9 @@ class Projection(Generic[S]):
         self.initial = initial
         self.apply = apply
         self.state_type = state_type
-        self._decoder = msgspec.msgpack.Decoder(state_type)
-        self._encoder = msgspec.msgpack.Encoder()
+        # JSON rather than msgpack: event content may hold integers beyond 64 bits.
+        self._decoder = msgspec.json.Decoder(state_type)
+        self._encoder = msgspec.json.Encoder()
 
     @property
     def key(self) -> str:
