@@ -751,7 +751,7 @@ class Ledger:
         return result.events
 
     def _remember(self, event: Event, state: SessionState) -> None:
-        self._engine.remember(SESSION, event.id, state)
+        self._engine.remember(SESSION, event.session, event.id, state)
         self._heads[(event.session, event.branch)] = event.id
 
     async def _head(self, session_id: str, branch: str) -> str:

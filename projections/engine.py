@@ -41,17 +41,20 @@ class FoldEngine:
         self.source = source
         self.snapshot_every = snapshot_every
         self.cache_size = cache_size
-        self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
 
-    def remember(self, projection: Projection[S], event_id: str, state: S) -> None:
+    def remember(self, projection: Projection[S], session_id: str, event_id: str, state: S) -> None:
         """Cache a state computed elsewhere (the ledger folds each event it appends)."""
-        self._cache[(projection.key, event_id)] = state
-        self._cache.move_to_end((projection.key, event_id))
+        key = (projection.key, session_id, event_id)
+        self._cache[key] = state
+        self._cache.move_to_end(key)
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
 
-    def cached(self, projection: Projection[S], event_id: str) -> S | None:
-        state: S | None = self._cache.get((projection.key, event_id))
+    def cached(self, projection: Projection[S], session_id: str, event_id: str) -> S | None:
+        # The session is part of the key so that a cached state never answers for
+        # an event asked about under another session's id.
+        state: S | None = self._cache.get((projection.key, session_id, event_id))
         return state
 
     def forget(self) -> None:
@@ -63,7 +66,7 @@ class FoldEngine:
 
         Raises ``EventNotFoundError`` when the event is unknown or of another session.
         """
-        hit = self.cached(projection, event_id)
+        hit = self.cached(projection, session_id, event_id)
         if hit is not None:
             return hit
         every = self.snapshot_every
@@ -78,7 +81,7 @@ class FoldEngine:
             if chunk[0].session != session_id:
                 raise EventNotFoundError(event_id, session_id)
             for event in chunk:
-                base = self.cached(projection, event.id)
+                base = self.cached(projection, session_id, event.id)
                 if base is None and event.seq % every == 0:
                     stored = await self.source.get_snapshot(session_id, projection.key, event.id)
                     base = None if stored is None else projection.decode(stored)
@@ -96,5 +99,5 @@ class FoldEngine:
                 snapshots.append((event.id, projection.encode(state)))
         if snapshots:
             await self.source.put_snapshots(session_id, projection.key, snapshots)
-        self.remember(projection, event_id, state)
+        self.remember(projection, session_id, event_id, state)
         return state
