@@ -178,7 +178,11 @@ encode_event = _event_encoder.encode
 
 
 def decode_event(data: bytes | str) -> Event:
-    return _event_decoder.decode(data)
+    """Raises ``msgspec.DecodeError`` (or ``ValidationError``) for anything but an event."""
+    try:
+        return _event_decoder.decode(data)
+    except UnicodeDecodeError as exc:  # msgspec lets invalid UTF-8 through as this
+        raise msgspec.DecodeError(f"Invalid UTF-8: {exc}") from None
 
 
 def normalize_body(body: Body, session_id: str) -> tuple[Body, bytes]:

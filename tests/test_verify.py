@@ -1,0 +1,137 @@
+"""verify names the first bad event of a tampered SQLite store, whatever was changed."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sqlite3
+import tempfile
+from pathlib import Path
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ledger import Ledger
+from ledger.events import TurnAdded, compute_body_digest, compute_id, decode_event, encode_event
+
+
+async def build(path: Path) -> tuple[str, list[str]]:
+    """A session with turns, a checkpoint and a branch; its id and event ids in append order."""
+    async with Ledger.open(f"sqlite:///{path}") as led:
+        s = await led.create(user_id="u", agent="a")
+        for i in range(4):
+            await led.add_turn(s.session_id, role="user", content=f"turn {i}", tokens_in=i)
+        cp = await led.checkpoint(s.session_id, label="four")
+        await led.branch(s.session_id, "alt", at=cp.entry)
+        await led.add_turn(s.session_id, role="user", content="on alt", branch="alt")
+        await led.add_turn(s.session_id, role="user", content="turn 5")
+        await led.restore(s.session_id, cp.id)
+        return s.session_id, [e.id async for e in led.events(s.session_id)]
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, list[str]]:
+    path = tmp_path_factory.mktemp("verify") / "pristine.db"
+    session_id, ids = asyncio.run(build(path))
+    return path, session_id, ids
+
+
+def copy(pristine: Path, to: Path) -> Path:
+    # A new directory each time: a stale -wal file beside a reused name would be replayed.
+    target = Path(tempfile.mkdtemp(dir=to)) / "copy.db"
+    shutil.copy(pristine, target)
+    return target
+
+
+def verify(path: Path, session_id: str) -> list[str | None]:
+    async def run() -> list[str | None]:
+        async with Ledger.open(f"sqlite:///{path}") as led:
+            report = await led.verify(session_id)
+            assert report.ok == (not report.problems)
+            return [p.event_id for p in report.problems]
+
+    return asyncio.run(run())
+
+
+def rewrite(path: Path, event_id: str, data: bytes) -> None:
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE events SET data = ? WHERE id = ?", (data, event_id))
+
+
+def stored(path: Path, event_id: str) -> bytes:
+    with sqlite3.connect(path) as db:
+        data: bytes = db.execute("SELECT data FROM events WHERE id = ?", (event_id,)).fetchone()[0]
+    return bytes(data)
+
+
+def test_pristine_store_verifies(pristine: tuple[Path, str, list[str]]) -> None:
+    path, session_id, _ = pristine
+    assert verify(path, session_id) == []
+
+
+def test_changed_content_is_named(pristine: tuple[Path, str, list[str]], tmp_path: Path) -> None:
+    path, session_id, ids = pristine
+    target = copy(path, tmp_path)
+    turn = ids[2]
+    rewrite(target, turn, stored(target, turn).replace(b"turn 1", b"turn 9"))
+    assert verify(target, session_id)[0] == turn
+
+
+def test_a_forged_event_breaks_its_child(
+    pristine: tuple[Path, str, list[str]], tmp_path: Path
+) -> None:
+    """Recomputing a rewritten event's digest and id detaches every event after it."""
+    path, session_id, ids = pristine
+    target = copy(path, tmp_path)
+    original = decode_event(stored(target, ids[2]))
+    body = msgspec.structs.replace(original.body, content="forged")
+    assert isinstance(body, TurnAdded)
+    forged = msgspec.structs.replace(
+        original,
+        body=body,
+        body_digest=compute_body_digest(
+            original.salt, msgspec.json.encode(body, order="deterministic")
+        ),
+    )
+    forged = msgspec.structs.replace(forged, id=compute_id(forged))
+    with sqlite3.connect(target) as db:
+        db.execute(
+            "UPDATE events SET id = ?, data = ? WHERE id = ?",
+            (forged.id, encode_event(forged), ids[2]),
+        )
+    problems = verify(target, session_id)
+    assert problems and problems[0] == ids[3]  # its child's parent no longer exists
+
+
+def test_a_deleted_event_is_named_through_its_child(
+    pristine: tuple[Path, str, list[str]], tmp_path: Path
+) -> None:
+    path, session_id, ids = pristine
+    target = copy(path, tmp_path)
+    with sqlite3.connect(target) as db:
+        db.execute("DELETE FROM events WHERE id = ?", (ids[1],))
+    assert verify(target, session_id)[0] == ids[2]
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(data=st.data())
+def test_any_single_byte_change_is_caught(
+    pristine: tuple[Path, str, list[str]], tmp_path: Path, data: st.DataObject
+) -> None:
+    path, session_id, ids = pristine
+    target = copy(path, tmp_path)
+    victim = data.draw(st.sampled_from(ids), label="event")
+    raw = bytearray(stored(target, victim))
+    at = data.draw(st.integers(0, len(raw) - 1), label="offset")
+    new = data.draw(st.integers(0, 255).filter(lambda b: b != raw[at]), label="byte")
+    raw[at] = new
+    rewrite(target, victim, bytes(raw))
+    problems = verify(target, session_id)
+    assert problems, f"changing byte {at} of {victim} went unnoticed"
+    assert problems[0] == victim, (ids.index(victim), at, bytes(raw), problems)
