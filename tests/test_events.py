@@ -193,6 +193,21 @@ def _salt_letter_index() -> int:
     return encoded.index(SALT.encode()) + SALT.index("a")
 
 
+ACCENTED = make_event(
+    session=SESSION,
+    parent=None,
+    seq=0,
+    branch="main",
+    at=0,
+    actor="user-1",
+    body=TurnAdded(role="user", content="café"),
+)
+
+
+def _where(event: Event, index: int) -> float:
+    return (index + 0.5) / len(encode_event(event))
+
+
 @moderate
 @given(
     event=events(),
@@ -204,6 +219,9 @@ def _salt_letter_index() -> int:
 @example(
     event=known_event(), where=_salt_letter_index() / len(encode_event(known_event())), change=0x20
 )
+# The lead byte of "é" cleared of its high bit: the bytes are no longer UTF-8,
+# which decoding must report as a msgspec error like any other bad input.
+@example(event=ACCENTED, where=_where(ACCENTED, encode_event(ACCENTED).index(b"\xc3")), change=0x80)
 def test_any_single_byte_change_is_caught(event: Event, where: float, change: int) -> None:
     """Decoding fails, or the result does not verify, or it is the very same event.
 
