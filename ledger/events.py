@@ -195,7 +195,7 @@ def normalize_body(body: Body, session_id: str) -> tuple[Body, bytes]:
     try:
         raw = canonical(body)
         normal = _body_decoder.decode(raw)
-    except (TypeError, msgspec.EncodeError) as exc:
+    except (TypeError, UnicodeError, msgspec.EncodeError) as exc:
         raise InvalidEventError(
             f"Content is not JSON-encodable for session {session_id!r}: {exc}"
         ) from None
@@ -231,6 +231,7 @@ def compute_id(event: Event) -> str:
     return blake3.blake3(_header(event)).hexdigest()
 
 
+_SALT = re.compile(r"[0-9a-f]{32}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -278,10 +279,10 @@ def event_problem(event: Event) -> str | None:
     """Why this event does not verify on its own, or None when it does."""
     if event.format != FORMAT_VERSION:
         return f"unknown format version {event.format}"
-    try:
-        digest = compute_body_digest(event.salt, canonical(event.body))
-    except ValueError:
-        return "salt is not hex"
+    if not _SALT.fullmatch(event.salt):
+        # Exactly one spelling: fromhex() would read an upper-case twin the same.
+        return "salt is not 32 lower-case hex digits"
+    digest = compute_body_digest(event.salt, canonical(event.body))
     if digest != event.body_digest:
         return "body does not match its digest"
     if compute_id(event) != event.id:

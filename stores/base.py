@@ -126,6 +126,14 @@ def validate_request(request: AppendRequest) -> None:
     """Structural checks before any I/O: one session, one branch, one chain."""
     if not request.events:
         raise InvalidEventError(f"Empty append for session {request.session_id!r}")
+    for position, event in enumerate(request.events):
+        if isinstance(event.body, SessionCreated) and (
+            position != 0 or event.parent is not None or event.seq != 0 or event.branch != "main"
+        ):
+            raise InvalidEventError(
+                f"SessionCreated {event.id!r} must be alone at the root of session "
+                f"{request.session_id!r} (no parent, depth 0, branch 'main')"
+            )
     previous: Event | None = None
     for event in request.events:
         if event.session != request.session_id or event.branch != request.branch:
