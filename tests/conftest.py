@@ -3,16 +3,27 @@
 ``pytest --backends=memory,sqlite`` picks backends; by default every backend
 whose module imports is run, and PostgreSQL only when asked for or when
 ``LEDGER_TEST_POSTGRES_URL`` names a server.
+
+PostgreSQL: ``LEDGER_TEST_POSTGRES_URL`` names the server (through any
+database on it, e.g. ``postgresql://postgres@127.0.0.1:5432/postgres``). The
+run creates a database ``ledger_test_<random>`` of its own there the first
+time a test needs it and drops it at the end; each test works in a schema of
+its own inside it (``?schema=t_<random>``), as each SQLite test has a file of
+its own. Under CI (``CI`` set) the variable is required: the PostgreSQL tests
+run, never skip.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import os
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -35,11 +46,15 @@ class Backend:
 DURABLE = {"memory": False, "sqlite": True, "jsonl": True, "postgres": True}
 
 
-def store_factory(name: str, tmp_path: Path) -> Callable[[], FeedStore]:
+def store_factory(
+    name: str, tmp_path: Path, postgres_url: str | None = None
+) -> Callable[[], FeedStore]:
     """A zero-argument callable returning a new, unopened store over one test's data.
 
     Every call returns a new store object over the same data, so a durable
-    backend can be closed and reopened. Add a backend here.
+    backend can be closed and reopened. Add a backend here. ``postgres_url``
+    is the run's database (the ``postgres_url`` fixture); each factory gets a
+    schema of its own in it.
     """
     from stores import open_store
 
@@ -54,11 +69,12 @@ def store_factory(name: str, tmp_path: Path) -> Callable[[], FeedStore]:
         url = f"jsonl:///{tmp_path / 'jsonl'}"
         return lambda: open_store(url)
     if name == "postgres":
-        # The contract suite uses fresh random ids and measures the feed from
-        # where it stood, so one shared database serves every test.
-        pg_url = os.environ.get(POSTGRES_URL_ENV)
-        if not pg_url:
+        if not postgres_url:
             raise pytest.UsageError(f"the postgres backend needs {POSTGRES_URL_ENV}")
+        # A schema of its own: the facade tests (the sweeper, listings) expect
+        # a store holding only their own sessions.
+        sep = "&" if "?" in postgres_url else "?"
+        pg_url = f"{postgres_url}{sep}schema=t_{uuid.uuid4().hex[:16]}"
         return lambda: open_store(pg_url)
     raise pytest.UsageError(f"unknown backend {name!r} (known: {', '.join(KNOWN_BACKENDS)})")
 
@@ -114,8 +130,67 @@ _SELECTED = pytest.StashKey[list[str]]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("CI") and not os.environ.get(POSTGRES_URL_ENV):
+        raise pytest.UsageError(
+            f"CI runs the PostgreSQL tests: set {POSTGRES_URL_ENV} (.ci/run does)"
+        )
     # Check --backends once, up front, so a bad value is a usage error.
     config.stash[_SELECTED] = selected_backends(config)
+
+
+# --- the run's PostgreSQL database ---------------------------------------------------
+
+
+def with_database(server_url: str, database: str) -> str:
+    """``server_url`` pointing at ``database`` instead (its query string kept)."""
+    parts = urlsplit(server_url)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+async def create_database(server_url: str, database: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(server_url, timeout=10)
+    try:
+        await conn.execute(f'CREATE DATABASE "{database}"')
+    finally:
+        await conn.close()
+
+
+async def drop_database(server_url: str, database: str) -> None:
+    """Terminate whatever still uses ``database``, then drop it."""
+    import asyncpg
+
+    conn = await asyncpg.connect(server_url, timeout=10)
+    try:
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = $1 AND pid <> pg_backend_pid()",
+            database,
+        )
+        await conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """The server named by ``LEDGER_TEST_POSTGRES_URL`` (skips when unset, outside CI)."""
+    server = os.environ.get(POSTGRES_URL_ENV)
+    if not server:
+        pytest.skip(f"PostgreSQL tests need {POSTGRES_URL_ENV}")
+    return server
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A database of this run's own, ``ledger_test_<random>``, dropped at the end."""
+    database = f"ledger_test_{uuid.uuid4().hex[:12]}"
+    asyncio.run(create_database(postgres_server, database))
+    try:
+        yield with_database(postgres_server, database)
+    finally:
+        asyncio.run(drop_database(postgres_server, database))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -133,5 +208,9 @@ def backend(request: pytest.FixtureRequest) -> Backend:
 
 
 @pytest.fixture
-def make_store(backend: Backend, tmp_path: Path) -> Callable[[], FeedStore]:
-    return store_factory(backend.name, tmp_path)
+def make_store(
+    backend: Backend, tmp_path: Path, request: pytest.FixtureRequest
+) -> Callable[[], FeedStore]:
+    # The run's database is made only when a PostgreSQL test first asks for it.
+    pg_url = request.getfixturevalue("postgres_url") if backend.name == "postgres" else None
+    return store_factory(backend.name, tmp_path, pg_url)

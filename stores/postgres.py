@@ -1,0 +1,999 @@
+"""The PostgreSQL store: many processes on many machines, one server.
+
+Schema. Created on first open inside one transaction that first takes a
+transaction-scoped advisory lock (``pg_advisory_xact_lock``), so any number of
+processes may open a new database at the same moment: one creates the tables,
+the others wait and then find them. The ``ledger_schema`` table holds the
+schema version; a database written by a newer version of this code is refused
+with ``StoreError``, never misread. Every table of session data is keyed by
+session id and every primary key and unique index includes ``session_id``, so
+the schema distributes by session id on Citus unchanged. Times and positions
+are ``bigint``; an event is kept as the exact bytes of its encoding (``bytea``).
+
+Appends. One append is one statement, ``SELECT * FROM ledger_append(...)``: a
+PL/pgSQL function that does every check and every write of the batch in the
+statement's own transaction, so a batch costs one round trip (asyncpg keeps
+the statement prepared per connection) and lands whole or not at all. It
+mirrors ``MemoryStore.append`` check for check:
+
+- an append to an existing session first locks the session's row
+  (``SELECT ... FOR UPDATE``): appends to one session run one after the
+  other, so the idempotency lookup, the branch-head compare-and-swap, the
+  branch limit and the writes all see the latest commit, in any process;
+- a ``SessionCreated`` first takes ``pg_advisory_xact_lock`` on its user, so
+  two creates with one idempotency key cannot both win and
+  ``max_open_sessions`` cannot be overrun; a second create of one session id
+  loses on the primary key (``INSERT ... ON CONFLICT DO NOTHING``).
+
+Nothing is checked in one transaction and written in another. If the
+connection drops during an append, the caller gets ``StoreError`` and the
+batch either committed whole or not at all: retrying with the same idempotency
+key is safe (it replays the original when the first attempt landed).
+
+The global feed. Every event gets a ``bigint`` position, and a reader tailing
+the feed (``position > after``) must never skip an event that commits later
+with a lower position. Positions come from a sequence that is advanced only
+while holding one transaction-scoped advisory lock, the feed lock, taken as
+the very last step of an append (after every check and the per-session
+writes) and released when the transaction ends, after its commit is visible.
+So positions are handed out in commit order: when a reader sees position
+``p``, every lower position has committed (or rolled back for good). This is
+the table-lock technique of the ``eventsourcing`` library, narrowed to the
+events insert and the commit. It costs one commit at a time for the whole
+server; PostgreSQL already serialises the commits of transactions that
+``NOTIFY``, which every append does, so the lock adds little (see the
+measurements in the README). The append notifies ``ledger_feed`` in its
+transaction; ``wait_for_feed`` listens on a dedicated connection and falls
+back to polling while that connection is down, and ``subscribe`` resumes from
+the last position it delivered after a dropped connection or a server
+restart, so it delivers every event exactly once.
+
+Errors. Every driver error is translated in ``_translate``, and only there,
+into the ledger's errors; a refused connection, an unknown host, a missing
+database or a rejected login is one ``StoreError`` naming the host and the
+database, never a traceback from the driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import re
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from typing import Any, Final
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+import msgspec
+
+from ledger.errors import (
+    BranchExistsError,
+    ConfigError,
+    EventNotFoundError,
+    IntegrityError,
+    InvalidEventError,
+    SessionCapacityError,
+    SessionNotFoundError,
+    StoreClosedError,
+    StoreError,
+)
+from ledger.events import Event, SessionCreated, decode_event, encode_event
+from stores.base import (
+    AppendRequest,
+    AppendResult,
+    FeedItem,
+    FeedStore,
+    SessionPage,
+    SessionQuery,
+    SessionRow,
+    check_head,
+    page_cursor,
+    parse_cursor,
+    validate_request,
+)
+
+__all__ = ["SCHEMA_VERSION", "SESSION_TABLES", "PostgresStore"]
+
+SCHEMA_VERSION: Final = 1
+"""The version row of ``ledger_schema`` that this code writes."""
+
+SESSION_TABLES: Final = ("ledger_events", "ledger_heads", "ledger_sessions", "ledger_snapshots")
+"""The tables of session data: each is keyed by (and distributable on) ``session_id``."""
+
+FEED_CHANNEL: Final = "ledger_feed"
+"""The ``LISTEN``/``NOTIFY`` channel (``ledger_feed.<schema>`` in a schema of its
+own); the payload is the batch's last position."""
+
+# pg_advisory_xact_lock(int, int) keys: a namespace of our own, then the lock.
+_LOCK_NS: Final = 0x1ED6E5
+_SCHEMA_LOCK: Final = 1
+_FEED_LOCK: Final = 2
+_USER_LOCK_NS: Final = _LOCK_NS + 1  # second key: hashtext(user_id)
+
+_OPTIONS: Final = ("pool_size", "connect_timeout", "schema")
+_SCHEMA_NAME: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_NO_LIMIT: Final = 2**63 - 1
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS ledger_schema (
+    version integer NOT NULL,
+    installed_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE SEQUENCE IF NOT EXISTS ledger_feed_position AS bigint;
+CREATE TABLE IF NOT EXISTS ledger_events (
+    session_id text NOT NULL,
+    id text NOT NULL,
+    position bigint NOT NULL,
+    parent text,
+    seq bigint NOT NULL,
+    branch text NOT NULL,
+    kind text NOT NULL,
+    at bigint NOT NULL,
+    idempotency_key text,
+    data bytea NOT NULL,
+    PRIMARY KEY (session_id, id)
+);
+-- The feed, and get(event_id) without a session: plain (non-unique) indexes.
+CREATE INDEX IF NOT EXISTS ledger_events_position ON ledger_events (position);
+CREATE INDEX IF NOT EXISTS ledger_events_id ON ledger_events (id);
+CREATE INDEX IF NOT EXISTS ledger_events_session_position
+    ON ledger_events (session_id, position);
+CREATE UNIQUE INDEX IF NOT EXISTS ledger_events_session_key
+    ON ledger_events (session_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS ledger_heads (
+    session_id text NOT NULL,
+    branch text NOT NULL,
+    head text NOT NULL,
+    PRIMARY KEY (session_id, branch)
+);
+CREATE TABLE IF NOT EXISTS ledger_sessions (
+    session_id text NOT NULL PRIMARY KEY,
+    user_id text NOT NULL,
+    agent text NOT NULL,
+    status text NOT NULL,
+    created_at bigint NOT NULL,
+    last_activity_at bigint NOT NULL,
+    event_count bigint NOT NULL,
+    create_key text
+);
+CREATE INDEX IF NOT EXISTS ledger_sessions_activity
+    ON ledger_sessions (last_activity_at, session_id);
+CREATE INDEX IF NOT EXISTS ledger_sessions_user
+    ON ledger_sessions (user_id, last_activity_at, session_id);
+CREATE INDEX IF NOT EXISTS ledger_sessions_user_status ON ledger_sessions (user_id, status);
+-- Not unique: a create key is unique per user under the user's advisory lock,
+-- and a unique index without session_id would not distribute.
+CREATE INDEX IF NOT EXISTS ledger_sessions_create_key
+    ON ledger_sessions (user_id, create_key) WHERE create_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS ledger_snapshots (
+    session_id text NOT NULL,
+    key text NOT NULL,
+    event_id text NOT NULL,
+    state bytea NOT NULL,
+    PRIMARY KEY (session_id, key, event_id)
+);
+
+CREATE OR REPLACE FUNCTION ledger_append(
+    p_session text, p_branch text, p_expected text, p_status text,
+    p_user text, p_agent text, p_max_open bigint, p_max_branches bigint,
+    p_ids text[], p_parents text[], p_seqs bigint[], p_kinds text[],
+    p_ats bigint[], p_keys text[], p_data bytea[]
+) RETURNS TABLE (o_outcome text, o_detail text, o_position bigint, o_id text, o_data bytea)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_n integer := cardinality(p_ids);
+    v_key text := p_keys[1];
+    v_last_id text := p_ids[cardinality(p_ids)];
+    v_last_at bigint := p_ats[cardinality(p_ats)];
+    v_current text;
+    v_count bigint;
+    v_first bigint;
+    v_found record;
+BEGIN
+    IF p_user IS NOT NULL THEN
+        -- A SessionCreated: the creates of one user run one at a time.
+        PERFORM pg_advisory_xact_lock({user_lock_ns}, hashtext(p_user));
+        IF v_key IS NOT NULL THEN
+            SELECT e.position, e.id, e.session_id, e.data INTO v_found
+            FROM ledger_sessions AS s JOIN ledger_events AS e
+                ON e.session_id = s.session_id AND e.idempotency_key = s.create_key
+            WHERE s.user_id = p_user AND s.create_key = v_key
+            ORDER BY e.position LIMIT 1;
+            IF FOUND THEN
+                RETURN QUERY SELECT 'replay', v_found.session_id, v_found.position, v_found.id,
+                    v_found.data;
+                RETURN;
+            END IF;
+        END IF;
+        IF p_max_open IS NOT NULL THEN
+            SELECT count(*) INTO v_count FROM ledger_sessions AS s
+            WHERE s.user_id = p_user AND s.status IN ('active', 'suspended');
+            IF v_count >= p_max_open THEN
+                RETURN QUERY SELECT 'open_sessions', NULL::text, NULL::bigint, NULL::text,
+                    NULL::bytea;
+                RETURN;
+            END IF;
+        END IF;
+        SELECT h.head INTO v_current FROM ledger_heads AS h
+        WHERE h.session_id = p_session AND h.branch = p_branch;
+        IF v_current IS DISTINCT FROM p_expected THEN
+            RETURN QUERY SELECT 'head', v_current, NULL::bigint, NULL::text, NULL::bytea;
+            RETURN;
+        END IF;
+        INSERT INTO ledger_sessions AS s (session_id, user_id, agent, status, created_at,
+            last_activity_at, event_count, create_key)
+        VALUES (p_session, p_user, p_agent, coalesce(p_status, 'active'), p_ats[1],
+            v_last_at, v_n, v_key)
+        ON CONFLICT (session_id) DO NOTHING;
+        IF NOT FOUND THEN
+            -- The session id exists (a concurrent create may just have made it).
+            RETURN QUERY SELECT 'exists', v_current, NULL::bigint, NULL::text, NULL::bytea;
+            RETURN;
+        END IF;
+        INSERT INTO ledger_heads (session_id, branch, head)
+        VALUES (p_session, p_branch, v_last_id);
+    ELSE
+        -- The session's row lock: every append to this session waits here.
+        PERFORM 1 FROM ledger_sessions AS s WHERE s.session_id = p_session FOR UPDATE;
+        IF NOT FOUND THEN
+            RETURN QUERY SELECT 'not_found', NULL::text, NULL::bigint, NULL::text,
+                NULL::bytea;
+            RETURN;
+        END IF;
+        IF v_key IS NOT NULL THEN
+            SELECT e.position, e.id, e.session_id, e.data INTO v_found FROM ledger_events AS e
+            WHERE e.session_id = p_session AND e.idempotency_key = v_key;
+            IF FOUND THEN
+                RETURN QUERY SELECT 'replay', v_found.session_id, v_found.position, v_found.id,
+                    v_found.data;
+                RETURN;
+            END IF;
+        END IF;
+        SELECT h.head INTO v_current FROM ledger_heads AS h
+        WHERE h.session_id = p_session AND h.branch = p_branch;
+        IF v_current IS DISTINCT FROM p_expected THEN
+            RETURN QUERY SELECT 'head', v_current, NULL::bigint, NULL::text, NULL::bytea;
+            RETURN;
+        END IF;
+        IF p_expected IS NULL THEN
+            IF p_max_branches IS NOT NULL THEN
+                SELECT count(*) INTO v_count FROM ledger_heads AS h
+                WHERE h.session_id = p_session;
+                IF v_count >= p_max_branches THEN
+                    RETURN QUERY SELECT 'branches', NULL::text, NULL::bigint, NULL::text,
+                        NULL::bytea;
+                    RETURN;
+                END IF;
+            END IF;
+            INSERT INTO ledger_heads (session_id, branch, head)
+            VALUES (p_session, p_branch, v_last_id);
+        ELSE
+            UPDATE ledger_heads AS h SET head = v_last_id
+            WHERE h.session_id = p_session AND h.branch = p_branch;
+        END IF;
+        UPDATE ledger_sessions AS s SET
+            status = coalesce(p_status, s.status),
+            last_activity_at = greatest(s.last_activity_at, v_last_at),
+            event_count = s.event_count + v_n
+        WHERE s.session_id = p_session;
+    END IF;
+    -- The feed lock, held until the transaction ends: positions are handed
+    -- out in commit order. Taken last, so it covers only the insert and commit.
+    PERFORM pg_advisory_xact_lock({lock_ns}, {feed_lock});
+    v_first := nextval('ledger_feed_position');
+    IF v_n > 1 THEN
+        PERFORM setval('ledger_feed_position', v_first + v_n - 1);
+    END IF;
+    INSERT INTO ledger_events (session_id, id, position, parent, seq, branch, kind, at,
+        idempotency_key, data)
+    SELECT p_session, t.id, v_first + t.ord - 1, t.parent, t.seq, p_branch, t.kind, t.at,
+        t.key, t.data
+    FROM unnest(p_ids, p_parents, p_seqs, p_kinds, p_ats, p_keys, p_data)
+        WITH ORDINALITY AS t(id, parent, seq, kind, at, key, data, ord);
+    PERFORM pg_notify('{channel}', (v_first + v_n - 1)::text);
+    RETURN QUERY SELECT 'ok', NULL::text, v_first + v_n - 1, NULL::text, NULL::bytea;
+END
+$$;
+"""
+
+_APPEND_SQL: Final = (
+    "SELECT o_outcome, o_detail, o_position, o_id, o_data "
+    "FROM ledger_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
+)
+_EVENT_COLUMNS: Final = "position, id, session_id, data"
+_SESSION_COLUMNS: Final = (
+    "session_id, user_id, agent, status, created_at, last_activity_at, event_count"
+)
+
+_Row = Any  # an asyncpg.Record: indexable by position
+
+# The connection is gone, or the server is going away or not yet up.
+_CONNECTION_LOST: Final = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    ConnectionError,
+)
+
+
+# --- driver errors: translated here and nowhere else -------------------------------
+
+
+class _Target(msgspec.Struct, frozen=True):
+    """Where the store points, for messages: never the password."""
+
+    host: str
+    database: str
+    schema: str | None = None
+
+    def __str__(self) -> str:
+        schema = f", schema {self.schema!r}" if self.schema else ""
+        return f"host {self.host!r}, database {self.database!r}{schema}"
+
+
+@contextlib.contextmanager
+def _translate(
+    target: _Target,
+    *,
+    session_id: str | None = None,
+    doing: str = "",
+) -> Iterator[None]:
+    """Turn every asyncpg (and socket) error raised inside the block into the ledger's.
+
+    ``doing`` names the operation ("append", "open", ...) for the message.
+    """
+    where = f" (session {session_id!r})" if session_id else ""
+    try:
+        yield
+    except asyncpg.UniqueViolationError as exc:
+        # Reached only by a batch whose later events repeat an event id or an
+        # idempotency key: the first event's key is checked before writing.
+        raise InvalidEventError(f"Write refused by PostgreSQL at {target}{where}: {exc}") from None
+    except asyncpg.InvalidCatalogNameError:
+        raise StoreError(
+            f"PostgreSQL database does not exist: {target.database!r} (host {target.host!r})"
+        ) from None
+    except asyncpg.InvalidAuthorizationSpecificationError as exc:
+        raise StoreError(f"PostgreSQL refused the login at {target}: {exc}") from None
+    except asyncpg.exceptions.TooManyConnectionsError as exc:
+        raise StoreError(f"PostgreSQL has no free connection at {target}: {exc}") from None
+    except asyncpg.ClientConfigurationError as exc:
+        raise ConfigError(f"Invalid PostgreSQL connection settings for {target}: {exc}") from None
+    except _CONNECTION_LOST as exc:
+        if doing == "append":
+            raise StoreError(
+                f"Connection to PostgreSQL at {target} lost during an append{where}: the "
+                "batch was written whole or not at all; retrying it with the same "
+                f"idempotency key is safe ({type(exc).__name__}: {exc})"
+            ) from None
+        raise StoreError(
+            f"Connection to PostgreSQL at {target} lost{where}: {type(exc).__name__}: {exc}"
+        ) from None
+    except asyncpg.PostgresError as exc:
+        state = getattr(exc, "sqlstate", "?")
+        raise StoreError(f"PostgreSQL error at {target}{where}: {exc} (SQLSTATE {state})") from None
+    except OSError as exc:  # refused, unreachable, unknown host (socket.gaierror)
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise StoreError(f"Cannot connect to PostgreSQL at {target}: {reason}") from None
+    except TimeoutError:
+        action = f"{doing} " if doing else ""
+        raise StoreError(f"PostgreSQL {action}timed out at {target}{where}") from None
+
+
+# --- decoding -----------------------------------------------------------------------
+
+
+def _decode(row: _Row, target: _Target) -> Event:
+    """A stored event, or IntegrityError: a bad row is never skipped nor returned."""
+    position, event_id, session_id, data = row[0], row[1], row[2], row[3]
+    try:
+        event = decode_event(bytes(data))
+    except (msgspec.MsgspecError, TypeError) as exc:
+        raise IntegrityError(
+            f"Stored event does not decode: {event_id!r} (position {position} at {target}): {exc}",
+            event_id,
+        ) from None
+    if event.id != event_id or event.session != session_id:
+        raise IntegrityError(
+            f"Stored event does not match its row: {event_id!r} (position {position} at "
+            f"{target}) decodes as {event.id!r} of session {event.session!r}",
+            event_id,
+        )
+    return event
+
+
+def _session_row(row: _Row) -> SessionRow:
+    return SessionRow(
+        session_id=row[0],
+        user_id=row[1],
+        agent=row[2],
+        status=row[3],
+        created_at=row[4],
+        last_activity_at=row[5],
+        event_count=row[6],
+    )
+
+
+# --- URLs ---------------------------------------------------------------------------
+
+
+def _parse_url(url: str) -> tuple[str, _Target, dict[str, str]]:
+    """The DSN for asyncpg (without our options), where it points, and our options."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"Invalid PostgreSQL URL ({exc}): {_redact(url)!r}") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(
+            f"Invalid PostgreSQL URL: {_redact(url)!r} (expected postgresql://user@host/db)"
+        )
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    ours = {k: v for k, v in query if k in _OPTIONS}
+    rest = [(k, v) for k, v in query if k not in _OPTIONS]
+    dsn = urlunsplit(parts._replace(query=urlencode(rest)))
+    host = parts.hostname or os.environ.get("PGHOST") or "localhost"
+    port_text = str(port or os.environ.get("PGPORT") or 5432)
+    user = unquote(parts.username or "") or os.environ.get("PGUSER") or ""
+    database = (
+        unquote(parts.path.lstrip("/")) or os.environ.get("PGDATABASE") or user or "(default)"
+    )
+    schema = ours.get("schema")
+    if schema is not None and not _SCHEMA_NAME.fullmatch(schema):
+        raise ConfigError(
+            f"Invalid PostgreSQL schema in {_redact(url)!r}: {schema!r} "
+            "(lower-case letters, digits and '_', at most 63)"
+        )
+    return dsn, _Target(f"{host}:{port_text}", database, schema), ours
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        return url.split("@")[-1]
+
+
+async def _no_reset(connection: Any) -> None:
+    """Skip asyncpg's reset query on release: our pool connections keep no session state.
+
+    (asyncpg still rolls back a transaction left open.) It saves a round trip
+    per call.
+    """
+
+
+class PostgresStore(FeedStore):
+    """The PostgreSQL store: one server, many processes and machines.
+
+    Args:
+        dsn: An asyncpg connection string (``postgresql://user@host:port/db``).
+        pool_size: The most connections this store opens (default 10); one
+            more is opened for ``LISTEN`` when the feed is followed.
+        connect_timeout: Seconds to wait for a connection (default 10).
+        schema: A PostgreSQL schema of its own for the ledger's tables (created
+            when missing); default: the server's ``search_path`` (``public``).
+        url: The URL to show for this store (default: ``dsn``).
+
+    Example::
+
+        async with PostgresStore.from_url("postgresql://app@db.internal/ledger") as store:
+            await store.append(request)
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        pool_size: int = 10,
+        connect_timeout: float = 10.0,
+        schema: str | None = None,
+        url: str | None = None,
+    ) -> None:
+        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
+            raise ConfigError(f"Invalid PostgreSQL pool_size: {pool_size!r} (an integer >= 1)")
+        try:
+            timeout = float(connect_timeout)
+        except (TypeError, ValueError):
+            timeout = -1.0
+        if not timeout > 0:
+            raise ConfigError(
+                f"Invalid PostgreSQL connect_timeout: {connect_timeout!r} (seconds, > 0)"
+            )
+        self._dsn, target, _ = _parse_url(dsn)
+        if schema is not None and not _SCHEMA_NAME.fullmatch(schema):
+            raise ConfigError(
+                f"Invalid PostgreSQL schema: {schema!r} "
+                "(lower-case letters, digits and '_', at most 63)"
+            )
+        self.target = _Target(target.host, target.database, schema)
+        self.schema = schema
+        self.channel = f"{FEED_CHANNEL}.{schema}" if schema else FEED_CHANNEL
+        # Every connection resolves the ledger's names in its schema alone.
+        self._settings = {"search_path": schema} if schema else {}
+        self.url = url or dsn
+        self.pool_size = pool_size
+        self.connect_timeout = timeout
+        self.reconnect_timeout = 60.0
+        """Seconds ``subscribe`` keeps retrying while the server cannot be reached."""
+        self._pool: Any = None
+        self._listener: Any = None
+        self._listener_lock = asyncio.Lock()
+        self._listener_retry_at = 0.0
+        self._notified = asyncio.Event()
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        pool_size: int | None = None,
+        connect_timeout: float | None = None,
+        schema: str | None = None,
+    ) -> PostgresStore:
+        """``postgresql://user:password@host:port/database`` (or ``postgres://``).
+
+        ``?pool_size=20&connect_timeout=5&schema=ledger`` set the options
+        (keywords win); any other query parameter (``sslmode``, ...) goes to
+        asyncpg.
+
+        Raises:
+            ConfigError: the URL or an option is malformed.
+        """
+        options = _parse_url(url)[2]
+        if pool_size is None:
+            try:
+                pool_size = int(options.get("pool_size", 10))
+            except ValueError:
+                raise ConfigError(
+                    f"Invalid PostgreSQL pool_size in {_redact(url)!r} (an integer >= 1)"
+                ) from None
+        if connect_timeout is None:
+            try:
+                connect_timeout = float(options.get("connect_timeout", 10.0))
+            except ValueError:
+                raise ConfigError(
+                    f"Invalid PostgreSQL connect_timeout in {_redact(url)!r} (seconds)"
+                ) from None
+        if schema is None:
+            schema = options.get("schema")
+        return cls(
+            url, pool_size=pool_size, connect_timeout=connect_timeout, schema=schema, url=url
+        )
+
+    # lifecycle
+
+    async def _open(self) -> None:
+        pool: Any = None
+        try:
+            with _translate(self.target, doing="open"):
+                pool = await asyncpg.create_pool(
+                    self._dsn,
+                    min_size=1,
+                    max_size=self.pool_size,
+                    timeout=self.connect_timeout,
+                    reset=_no_reset,
+                    server_settings=self._settings,
+                )
+                async with pool.acquire() as conn, conn.transaction():
+                    await self._create_schema(conn)
+        except BaseException:
+            if pool is not None:
+                pool.terminate()
+            raise
+        self._pool = pool
+
+    async def _create_schema(self, conn: Any) -> None:
+        """Create or check the schema; the advisory lock makes concurrent opens take turns."""
+        await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", _LOCK_NS, _SCHEMA_LOCK)
+        if self.schema:
+            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+        found = await conn.fetchval("SELECT to_regclass('ledger_schema') IS NOT NULL")
+        if found:
+            version = await conn.fetchval("SELECT max(version) FROM ledger_schema")
+            if version is not None and version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"The session ledger at {self.target} has schema version {version}, "
+                    f"newer than this code knows ({SCHEMA_VERSION}): upgrade the session "
+                    "ledger to open it"
+                )
+            if version == SCHEMA_VERSION:
+                return
+        elif await conn.fetchval("SELECT to_regclass('ledger_events') IS NOT NULL"):
+            raise StoreError(
+                f"The database at {self.target} has ledger tables but no schema version: "
+                "it was not written by the session ledger"
+            )
+        await conn.execute(
+            _SCHEMA.format(
+                user_lock_ns=_USER_LOCK_NS,
+                lock_ns=_LOCK_NS,
+                feed_lock=_FEED_LOCK,
+                channel=self.channel,
+            )
+        )
+        await conn.execute("INSERT INTO ledger_schema (version) VALUES ($1)", SCHEMA_VERSION)
+
+    async def _close(self) -> None:
+        pool, self._pool = self._pool, None
+        async with self._listener_lock:
+            listener, self._listener = self._listener, None
+        self._notified.set()
+        with _translate(self.target, doing="close"):
+            try:
+                if listener is not None:
+                    await asyncio.wait_for(listener.close(), 5)
+            except TimeoutError:
+                listener.terminate()
+            finally:
+                if pool is not None:
+                    try:
+                        await asyncio.wait_for(pool.close(), 10)
+                    except TimeoutError:
+                        pool.terminate()
+
+    @contextlib.contextmanager
+    def _translated(self, session_id: str | None = None, doing: str = "") -> Iterator[None]:
+        """``_translate``; an error of a store closed meanwhile is ``StoreClosedError``."""
+        try:
+            with _translate(self.target, session_id=session_id, doing=doing):
+                yield
+        except StoreError:
+            if self._closed:
+                raise StoreClosedError(f"Store was closed: PostgreSQL at {self.target}") from None
+            raise
+
+    async def _fetch(self, sql: str, *args: Any) -> list[_Row]:
+        self._check_open()
+        with self._translated():
+            rows: list[_Row] = await self._pool.fetch(sql, *args)
+        return rows
+
+    # writes
+
+    async def append(self, request: AppendRequest) -> AppendResult:
+        self._check_open()
+        validate_request(request)
+        events = request.events
+        first = events[0]
+        created = first.body if isinstance(first.body, SessionCreated) else None
+        args = (
+            request.session_id,
+            request.branch,
+            request.expected_head,
+            request.status,
+            created.user_id if created else None,
+            created.agent if created else None,
+            request.max_open_sessions if created else None,
+            request.max_branches if not created and request.expected_head is None else None,
+            [e.id for e in events],
+            [e.parent for e in events],
+            [e.seq for e in events],
+            [e.kind for e in events],
+            [e.at for e in events],
+            [e.idempotency_key for e in events],
+            [encode_event(e) for e in events],
+        )
+        with self._translated(request.session_id, "append"):
+            row = await self._pool.fetchrow(_APPEND_SQL, *args)
+        outcome: str = row[0]
+        if outcome == "ok":
+            self._wake()
+            return AppendResult(list(events))
+        if outcome == "replay":
+            original = (row[2], row[3], row[1], row[4])  # o_detail: its session
+            return AppendResult([_decode(original, self.target)], replayed=True)
+        if outcome == "not_found":
+            raise SessionNotFoundError(request.session_id)
+        if outcome == "head":
+            check_head(request, row[1])
+        elif outcome == "exists":
+            check_head(request, row[1])
+            # A second SessionCreated for a live session id.
+            raise BranchExistsError(request.session_id, request.branch, None)
+        elif outcome == "open_sessions" and created is not None:
+            assert request.max_open_sessions is not None
+            raise SessionCapacityError(
+                f"user {created.user_id!r}", "open sessions", request.max_open_sessions
+            )
+        elif outcome == "branches":
+            assert request.max_branches is not None
+            raise SessionCapacityError(
+                f"session {request.session_id!r}", "branches", request.max_branches
+            )
+        raise StoreError(
+            f"Unexpected answer from ledger_append at {self.target} "
+            f"(session {request.session_id!r}): {outcome!r}"
+        )
+
+    async def put_snapshots(
+        self, session_id: str, key: str, states: Sequence[tuple[str, bytes]]
+    ) -> None:
+        self._check_open()
+        latest = dict(states)  # one row per event: the last state given wins
+        if not latest:
+            return
+        with self._translated(session_id):
+            await self._pool.execute(
+                "INSERT INTO ledger_snapshots (session_id, key, event_id, state) "
+                "SELECT $1, $2, t.event_id, t.state "
+                "FROM unnest($3::text[], $4::bytea[]) AS t(event_id, state) "
+                "ON CONFLICT (session_id, key, event_id) DO UPDATE SET state = excluded.state",
+                session_id,
+                key,
+                list(latest),
+                list(latest.values()),
+            )
+
+    # reads
+
+    async def get(self, event_id: str) -> Event:
+        rows = await self._fetch(
+            f"SELECT {_EVENT_COLUMNS} FROM ledger_events WHERE id = $1 ORDER BY position LIMIT 1",
+            event_id,
+        )
+        if not rows:
+            raise EventNotFoundError(event_id)
+        return _decode(rows[0], self.target)
+
+    async def find_by_key(self, session_id: str, key: str) -> Event | None:
+        rows = await self._fetch(
+            f"SELECT {_EVENT_COLUMNS} FROM ledger_events "
+            "WHERE session_id = $1 AND idempotency_key = $2",
+            session_id,
+            key,
+        )
+        return _decode(rows[0], self.target) if rows else None
+
+    async def find_created(self, user_id: str, key: str) -> Event | None:
+        rows = await self._fetch(
+            "SELECT e.position, e.id, e.session_id, e.data "
+            "FROM ledger_sessions AS s JOIN ledger_events AS e "
+            "ON e.session_id = s.session_id AND e.idempotency_key = s.create_key "
+            "WHERE s.user_id = $1 AND s.create_key = $2 ORDER BY e.position LIMIT 1",
+            user_id,
+            key,
+        )
+        return _decode(rows[0], self.target) if rows else None
+
+    async def ancestors(self, event_id: str, limit: int | None = None) -> list[Event]:
+        self._check_open()
+        if limit is not None and limit <= 0:
+            return []
+        # The walk stays in the event's session (the primary key) and seq must
+        # fall at every step, so even a tampered parent column cannot loop.
+        rows = await self._fetch(
+            "WITH RECURSIVE chain(position, id, session_id, data, parent, seq, depth) AS ("
+            " (SELECT position, id, session_id, data, parent, seq, 1::bigint"
+            "  FROM ledger_events WHERE id = $1 ORDER BY position LIMIT 1)"
+            " UNION ALL"
+            " SELECT e.position, e.id, e.session_id, e.data, e.parent, e.seq, c.depth + 1"
+            " FROM chain AS c JOIN ledger_events AS e"
+            " ON e.session_id = c.session_id AND e.id = c.parent AND e.seq < c.seq"
+            " WHERE c.depth < $2"
+            f") SELECT {_EVENT_COLUMNS} FROM chain ORDER BY depth",
+            event_id,
+            _NO_LIMIT if limit is None else limit,
+        )
+        if not rows:
+            raise EventNotFoundError(event_id)
+        events = [_decode(row, self.target) for row in rows]
+        for child, parent in itertools.pairwise(events):
+            if child.parent != parent.id or child.session != parent.session:
+                raise IntegrityError(
+                    f"Stored event's parent column disagrees with its data: {child.id!r} "
+                    f"at {self.target}",
+                    child.id,
+                )
+        tail = events[-1]
+        if tail.parent is not None and (limit is None or len(events) < limit):
+            raise IntegrityError(
+                f"Parent of event {tail.id!r} is missing at {self.target}: {tail.parent!r}",
+                tail.id,
+            )
+        return events
+
+    async def events(self, session_id: str, *, page_size: int = 1000) -> AsyncIterator[Event]:
+        page_size = max(1, page_size)
+        # The session's events as of now, as MemoryStore gives them.
+        rows = await self._fetch(
+            "SELECT coalesce(max(position), 0) FROM ledger_events WHERE session_id = $1",
+            session_id,
+        )
+        upper: int = rows[0][0]
+        after = 0
+        while after < upper:
+            rows = await self._fetch(
+                f"SELECT {_EVENT_COLUMNS} FROM ledger_events "
+                "WHERE session_id = $1 AND position > $2 AND position <= $3 "
+                "ORDER BY position LIMIT $4",
+                session_id,
+                after,
+                upper,
+                page_size,
+            )
+            for row in rows:
+                yield _decode(row, self.target)
+            if len(rows) < page_size:
+                return
+            after = rows[-1][0]
+
+    async def heads(self, session_id: str) -> dict[str, str]:
+        rows = await self._fetch(
+            "SELECT branch, head FROM ledger_heads WHERE session_id = $1", session_id
+        )
+        return {str(branch): str(head) for branch, head in rows}
+
+    async def session(self, session_id: str) -> SessionRow:
+        rows = await self._fetch(
+            f"SELECT {_SESSION_COLUMNS} FROM ledger_sessions WHERE session_id = $1", session_id
+        )
+        if not rows:
+            raise SessionNotFoundError(session_id)
+        return _session_row(rows[0])
+
+    async def sessions(self, query: SessionQuery) -> SessionPage:
+        self._check_open()
+        where: list[str] = []
+        params: list[Any] = []
+        for column, value in (
+            ("user_id", query.user_id),
+            ("agent", query.agent),
+            ("status", query.status),
+        ):
+            if value is not None:
+                params.append(value)
+                where.append(f"{column} = ${len(params)}")
+        if query.cursor is not None:
+            at, session_id = parse_cursor(query.cursor)
+            params.extend((at, session_id))
+            where.append(f"(last_activity_at, session_id) < (${len(params) - 1}, ${len(params)})")
+        limit = max(0, query.limit)
+        if limit == 0:
+            return SessionPage([])
+        params.append(limit + 1)
+        clause = f"WHERE {' AND '.join(where)} " if where else ""
+        rows = await self._fetch(
+            f"SELECT {_SESSION_COLUMNS} FROM ledger_sessions {clause}"
+            f"ORDER BY last_activity_at DESC, session_id DESC LIMIT ${len(params)}",
+            *params,
+        )
+        page = [_session_row(row) for row in rows[:limit]]
+        return SessionPage(page, page_cursor(page[-1]) if len(rows) > limit else None)
+
+    async def get_snapshot(self, session_id: str, key: str, event_id: str) -> bytes | None:
+        rows = await self._fetch(
+            "SELECT state FROM ledger_snapshots "
+            "WHERE session_id = $1 AND key = $2 AND event_id = $3",
+            session_id,
+            key,
+            event_id,
+        )
+        return bytes(rows[0][0]) if rows else None
+
+    # the feed
+
+    async def read_feed(self, after: int = 0, limit: int = 1000) -> list[FeedItem]:
+        self._check_open()
+        if limit <= 0:
+            return []
+        rows = await self._fetch(
+            f"SELECT {_EVENT_COLUMNS} FROM ledger_events WHERE position > $1 "
+            "ORDER BY position LIMIT $2",
+            max(after, 0),
+            limit,
+        )
+        return [FeedItem(row[0], _decode(row, self.target)) for row in rows]
+
+    def _wake(self) -> None:
+        """Wake every feed waiter of this process (they then ask the server)."""
+        notified, self._notified = self._notified, asyncio.Event()
+        notified.set()
+
+    def _on_notify(self, connection: Any, pid: int, channel: str, payload: str) -> None:
+        self._wake()
+
+    def _on_listener_lost(self, connection: Any) -> None:
+        if self._listener is connection:
+            self._listener = None
+        self._wake()  # waiters fall back to polling until it is back
+
+    async def _listen(self) -> bool:
+        """Make sure the ``LISTEN`` connection is up; False when it cannot be (poll instead)."""
+        if self._listener is not None and not self._listener.is_closed():
+            return True
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._listener_retry_at:
+            return False
+        async with self._listener_lock:
+            if self._listener is not None and not self._listener.is_closed():
+                return True
+            self._check_open()
+            self._listener_retry_at = loop.time() + 1.0
+            connection: Any = None
+            try:
+                with self._translated(doing="listen"):
+                    connection = await asyncpg.connect(self._dsn, timeout=self.connect_timeout)
+                    connection.add_termination_listener(self._on_listener_lost)
+                    await connection.add_listener(self.channel, self._on_notify)
+            except StoreError:
+                if connection is not None:
+                    connection.terminate()
+                if self._closed:
+                    raise
+                return False
+            self._listener = connection
+            return True
+
+    async def wait_for_feed(self, after: int, max_wait: float) -> None:
+        """Return when a position above ``after`` has committed, or after ``max_wait``.
+
+        Notifications from any process wake the waiter at once; while the
+        listening connection is down, the highest position is polled.
+        """
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, max_wait)
+        while True:
+            listening = await self._listen()
+            notified = self._notified
+            rows = await self._fetch("SELECT coalesce(max(position), 0) FROM ledger_events")
+            remaining = deadline - loop.time()
+            if rows[0][0] > after or remaining <= 0:
+                return
+            wait = remaining if listening else min(remaining, self.poll_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(notified.wait(), wait)
+            self._check_open()
+
+    async def subscribe(
+        self,
+        after: int = 0,
+        *,
+        session_id: str | None = None,
+        kinds: Sequence[str] | None = None,
+        page_size: int = 1000,
+    ) -> AsyncGenerator[FeedItem, None]:
+        """Catch up from ``after``, then follow new events as they commit.
+
+        When the connection drops or the server restarts, the subscription
+        retries (for up to ``reconnect_timeout`` seconds) from the last
+        position it delivered: no event is skipped or delivered twice.
+        """
+        wanted = set(kinds) if kinds else None
+        position = after
+        loop = asyncio.get_running_loop()
+        failing_since: float | None = None
+        backoff = 0.05
+        while True:
+            self._check_open()
+            try:
+                items = await self.read_feed(position, page_size)
+                if not items:  # caught up: wait for the next commit
+                    await self.wait_for_feed(position, 1.0)
+            except StoreClosedError:
+                raise
+            except StoreError:
+                now = loop.time()
+                failing_since = now if failing_since is None else failing_since
+                if now - failing_since > self.reconnect_timeout:
+                    raise
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            failing_since, backoff = None, 0.05
+            for item in items:
+                position = item.position
+                if session_id is not None and item.event.session != session_id:
+                    continue
+                if wanted is not None and item.event.kind not in wanted:
+                    continue
+                yield item
