@@ -1,0 +1,1240 @@
+"""The JSONL store: one append-only text file per session, readable with ``less``.
+
+Layout. ``jsonl:///path/to/dir`` keeps everything under one directory (mode
+0700; every file in it is 0600)::
+
+    dir/
+      feed.log                        the global feed: one fixed-width line per event
+      lock                            the writers' lock (flock) and the last write's intent
+      sessions/
+        <session-id>.jsonl            one per session, append-only
+        <session-id>.jsonl.torn-<n>   a cut-short tail moved aside by recovery
+
+Session files. The first line is a header naming the format, its version and
+the session::
+
+    {"ledger":"session-ledger/jsonl","version":1,"session":"<session-id>"}
+
+and every line after it is one event, in append order::
+
+    {"pos":17,"batch":[1,2],"event":{...}}
+    {"pos":18,"batch":[2,2],"status":"suspended","event":{...}}
+
+``event`` is exactly ``ledger.events.encode_event(event)`` (msgspec JSON), so
+ids recompute from the file. ``pos`` is the event's position in the global
+feed. ``batch`` is ``[i, n]``: the ``i``-th of the ``n`` events appended
+together; a batch counts only when all ``n`` lines are there, which makes a
+batch all or nothing. ``status``, on a batch's last line, is the session's
+listing status after it (``ledger.Ledger`` sets it; without one the status is
+unchanged, or ``active`` for a new session). Lines have no length limit.
+
+The feed. ``feed.log`` starts with an 80-byte header line
+(``{"ledger":"session-ledger/jsonl-feed","version":1}`` padded with spaces);
+then line ``p + 1`` (byte ``80 * p``) is position ``p``::
+
+    000000000000017 <session-id> 00000000000812 00000000603
+
+(position, session, byte offset and length of the event's line in the session
+file). Positions are 1, 2, 3, ... with no gap, so ``read_feed`` seeks straight
+to a position. ``feed.log`` is an index: every record must match the session
+line it names (a mismatch is an ``IntegrityError``), and when it is deleted
+the next open rebuilds it from the ``pos`` fields of the session files.
+
+Index. Heads, idempotency keys, event ids and the session listing are kept in
+memory, rebuilt at open by scanning every session file (about half a million
+events per second); there is no index file to go stale. The trade-off: opening
+a store reads all of it once, and memory holds about 200 bytes per event.
+Event bodies are not kept in memory: reads go back to the files.
+
+Writing and durability. Appends are serialised across processes by an
+exclusive ``flock`` on ``lock``. Under it a writer (1) reads whatever other
+processes appended since its last look (the new records of ``feed.log``, then
+the lines they name), (2) checks idempotency, the session, limits and the
+branch head (``stores.base.check_head``), (3) records its intent (session,
+offset, positions) in ``lock``, (4) appends the batch's lines to the session
+file in one write and ``fsync``\\ s it (and the directory when the file is
+new), and only then (5) appends the batch's records to ``feed.log``. An append
+returns only after step 5, so an acknowledged event is on disk. Readers, in
+this process or another, see an event only through its ``feed.log`` record,
+so they never see one that is not yet on disk, nor half a batch. ``feed.log``
+itself is not synced: after a power loss, missing records are rebuilt at open
+from the (synced) session files. ``fsync=False`` (``?fsync=off``) skips the
+syncs: an acknowledged append then survives a process crash but may be lost,
+and a session file's tail may be damaged, after a power loss or OS crash.
+
+Recovery. A writer killed between steps 3 and 5 leaves lines that no
+``feed.log`` record names. The next writer (or the next open) finds them
+through the intent: a complete, synced batch is adopted (its records are
+written); anything else (a line cut short, an incomplete batch) is moved
+aside to ``<session-id>.jsonl.torn-<n>``, logged (``logging``, logger
+``stores.jsonl``) and listed in ``JSONLStore.recovered``, and the session goes
+on. A line damaged anywhere else, a line that ``feed.log`` names but that is
+missing or cut short, or a record that does not match its line, raises
+``IntegrityError`` naming the file and line: nothing is skipped.
+
+The global feed is in commit order: positions are assigned under the lock, in
+the order the batches are written, and a reader only takes a position once
+every record up to it is complete, so a tailing reader never skips one.
+Projection snapshots are kept in memory only (derived data, safe to lose).
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import re
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Final
+from urllib.parse import parse_qsl
+
+import msgspec
+import orjson
+
+from ledger.errors import (
+    BranchExistsError,
+    ConfigError,
+    EventNotFoundError,
+    IntegrityError,
+    InvalidEventError,
+    SessionCapacityError,
+    SessionNotFoundError,
+    StoreClosedError,
+    StoreError,
+)
+from ledger.events import Event, SessionCreated, decode_event, encode_event, validate_name
+from stores.base import (
+    OPEN_STATUSES,
+    AppendRequest,
+    AppendResult,
+    FeedItem,
+    FeedStore,
+    SessionPage,
+    SessionQuery,
+    SessionRow,
+    check_head,
+    page_cursor,
+    parse_cursor,
+    validate_request,
+)
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "JSONLStore"]
+
+log = logging.getLogger(__name__)
+
+FORMAT: Final = "session-ledger/jsonl"
+FORMAT_VERSION: Final = 1
+"""The ``version`` in the header line of the files this code writes."""
+
+_FEED_FORMAT: Final = "session-ledger/jsonl-feed"
+_REC: Final = 80
+"""Width of a ``feed.log`` line (its header included)."""
+_FEED_HEADER: Final = (
+    orjson.dumps({"ledger": _FEED_FORMAT, "version": FORMAT_VERSION}).ljust(_REC - 1) + b"\n"
+)
+_RECORD: Final = re.compile(rb"([0-9]{15}) ([0-9a-f-]{36}) ([0-9]{14}) ([0-9]{11})\n")
+_INTENT: Final = re.compile(rb"([0-9a-f-]{36}) ([0-9]{14}) ([0-9]{15}) ([0-9]{9})\n")
+_LINE: Final = re.compile(
+    rb'\{"pos":([1-9][0-9]{0,14}),"batch":\[([1-9][0-9]{0,8}),([1-9][0-9]{0,8})\]'
+    rb'(?:,"status":"([a-z][a-z_-]{0,31})")?,"event":'
+)
+_SESSION_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_STATUS: Final = re.compile(r"[a-z][a-z_-]{0,31}")
+_SUFFIX: Final = ".jsonl"
+_CHUNK: Final = 1 << 22
+_INLINE_BYTES: Final = 1 << 18
+"""Reads up to this size run on the event loop; bigger ones in a worker thread."""
+_INLINE_RECORDS: Final = 256
+_BOOLS: Final = {
+    "1": True,
+    "true": True,
+    "on": True,
+    "yes": True,
+    "0": False,
+    "false": False,
+    "off": False,
+    "no": False,
+}
+
+
+# --- OS errors: translated here and nowhere else -----------------------------------
+
+
+@contextlib.contextmanager
+def _translate(where: str | Path, session_id: str | None = None) -> Iterator[None]:
+    """Turn every ``OSError`` raised inside the block into the ledger's ``StoreError``."""
+    try:
+        yield
+    except OSError as exc:
+        what = f" (session {session_id!r})" if session_id else ""
+        if exc.errno == errno.EBADF:
+            raise StoreClosedError(f"Store was closed: {str(where)!r}") from None
+        raise StoreError(f"I/O error on {str(where)!r}{what}: {exc}") from None
+
+
+# --- the line format ----------------------------------------------------------------
+
+
+class _Head(msgspec.Struct):
+    """The envelope fields the index needs; the body is skipped, not decoded."""
+
+    id: str
+    session: str
+    branch: str
+    at: int
+    seq: int
+    idempotency_key: str | None = None
+
+
+_head_decoder = msgspec.json.Decoder(_Head)
+
+
+class _Line(msgspec.Struct):
+    pos: int
+    index: int
+    count: int
+    status: str | None
+    event: bytes
+
+
+def _header_line(session_id: str) -> bytes:
+    return orjson.dumps({"ledger": FORMAT, "version": FORMAT_VERSION, "session": session_id}) + (
+        b"\n"
+    )
+
+
+def _record(pos: int, session_id: str, offset: int, length: int) -> bytes:
+    return b"%015d %s %014d %011d\n" % (pos, session_id.encode(), offset, length)
+
+
+def _damaged(
+    path: Path | str, lineno: int, why: str, event_id: str | None = None
+) -> IntegrityError:
+    return IntegrityError(f"Damaged line in {str(path)!r}, line {lineno}: {why}", event_id)
+
+
+def _parse(line: bytes, path: Path | str, lineno: int) -> _Line:
+    match = _LINE.match(line)
+    if match is None or not line.endswith(b"}\n"):
+        raise _damaged(path, lineno, "not an event line of this format")
+    pos, index, count, status = match.groups()
+    i, n = int(index), int(count)
+    if i > n:
+        raise _damaged(path, lineno, f"batch [{i}, {n}]")
+    return _Line(int(pos), i, n, status.decode() if status else None, line[match.end() : -2])
+
+
+def _head(parsed: _Line, path: Path | str, lineno: int) -> _Head:
+    try:
+        return _head_decoder.decode(parsed.event)
+    except (msgspec.MsgspecError, UnicodeDecodeError) as exc:
+        raise _damaged(path, lineno, f"the event does not decode ({exc})") from None
+
+
+def _event(parsed: _Line, path: Path | str, lineno: int) -> Event:
+    try:
+        return decode_event(parsed.event)
+    except (msgspec.MsgspecError, TypeError) as exc:
+        raise _damaged(path, lineno, f"the event does not decode ({exc})") from None
+
+
+def _check_header(line: bytes, path: Path, session_id: str) -> None:
+    try:
+        header = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        header = None
+    if not isinstance(header, dict) or header.get("ledger") != FORMAT:
+        raise _damaged(path, 1, f"not a {FORMAT} header")
+    version = header.get("version")
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise StoreError(
+            f"{str(path)!r} has format version {version}, newer than this code knows "
+            f"({FORMAT_VERSION}): upgrade the session ledger to open it"
+        )
+    if version != FORMAT_VERSION or header.get("session") != session_id:
+        raise _damaged(path, 1, "the header's version or session is wrong")
+
+
+def _lines(fd: int, start: int = 0) -> Iterator[tuple[int, bytes]]:
+    """``(offset, line)`` for each line from ``start``; a last line cut short has no newline."""
+    offset = start
+    pending: list[bytes] = []
+    while chunk := os.pread(fd, _CHUNK, offset + sum(map(len, pending)) if pending else offset):
+        begin = 0
+        while True:
+            nl = chunk.find(b"\n", begin)
+            if nl < 0:
+                pending.append(chunk[begin:])
+                break
+            piece = chunk[begin : nl + 1]
+            if pending:
+                pending.append(piece)
+                piece = b"".join(pending)
+                pending = []
+            yield offset, piece
+            offset += len(piece)
+            begin = nl + 1
+            if begin == len(chunk):
+                break
+        pending = [p for p in pending if p]
+    if pending:
+        yield offset, b"".join(pending)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+# --- the in-memory index ------------------------------------------------------------
+
+
+class _Session:
+    """One session's index: where its lines are, its heads, keys and listing row."""
+
+    __slots__ = (
+        "agent",
+        "create_key",
+        "created_at",
+        "ends",
+        "heads",
+        "ids",
+        "keys",
+        "last_at",
+        "path",
+        "session_id",
+        "starts",
+        "status",
+        "user_id",
+    )
+
+    def __init__(self, session_id: str, path: Path) -> None:
+        self.session_id = session_id
+        self.path = path
+        self.starts = array.array("q")
+        self.ends = array.array("q")
+        self.ids: list[str] = []
+        self.heads: dict[str, str] = {}
+        self.keys: dict[str, int] = {}
+        self.user_id = ""
+        self.agent = ""
+        self.status = "active"
+        self.created_at = 0
+        self.last_at = 0
+        self.create_key: str | None = None
+
+    @property
+    def size(self) -> int:
+        return self.ends[-1] if self.ends else 0
+
+    def row(self) -> SessionRow:
+        return SessionRow(
+            session_id=self.session_id,
+            user_id=self.user_id,
+            agent=self.agent,
+            status=self.status,
+            created_at=self.created_at,
+            last_activity_at=self.last_at,
+            event_count=len(self.ids),
+        )
+
+
+class _Pending(msgspec.Struct):
+    """A line read from a file, checked, waiting for the rest of its batch."""
+
+    start: int
+    end: int
+    pos: int
+    status: str | None
+    head: _Head
+    root: SessionCreated | None
+
+
+def _parse_url(url: str) -> tuple[Path, dict[str, str]]:
+    prefix = "jsonl:///"
+    if not url.startswith(prefix):
+        raise ConfigError(
+            f"Invalid JSONL URL: {url!r} (expected jsonl:///relative/dir or jsonl:////absolute/dir)"
+        )
+    rest, _, query = url[len(prefix) :].partition("?")
+    if not rest:
+        raise ConfigError(f"Invalid JSONL URL: {url!r} (needs a directory)")
+    return Path(rest), dict(parse_qsl(query, keep_blank_values=True))
+
+
+def _parse_bool(name: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    flag = _BOOLS.get(str(value).strip().lower())
+    if flag is None:
+        raise ConfigError(f"Invalid JSONL {name} setting: {value!r} (expected on or off)")
+    return flag
+
+
+class JSONLStore(FeedStore):
+    """Plain files: one append-only JSON-lines file per session, many processes.
+
+    Args:
+        directory: Where the files live; created (mode 0700) when missing.
+        fsync: ``True`` (default): an append returns once its bytes are on
+            disk, so it survives a power loss. ``False``: it survives a process
+            crash, not a power loss or OS crash. See the module docstring.
+
+    Attributes:
+        recovered: The files that recovery moved aside (a torn tail each), in
+            the order it did so; each is also logged on ``stores.jsonl``.
+
+    Example::
+
+        async with JSONLStore.from_url("jsonl:///var/lib/ledger") as store:
+            await store.append(request)
+    """
+
+    def __init__(
+        self, directory: str | Path, *, fsync: bool = True, url: str | None = None
+    ) -> None:
+        self.directory = Path(directory).expanduser().absolute()
+        self.url = url or f"jsonl:///{self.directory}"
+        self.fsync = _parse_bool("fsync", fsync)
+        self.recovered: list[Path] = []
+        self._sessions_dir = self.directory / "sessions"
+        self._feed_path = self.directory / "feed.log"
+        self._lock_path = self.directory / "lock"
+        self._lock_fd = -1
+        self._feed_fd = -1
+        self._n = 0  # feed records this process has read and indexed
+        self._sessions: dict[str, _Session] = {}
+        self._by_id: dict[str, tuple[_Session, int]] = {}
+        self._created: dict[tuple[str, str], tuple[_Session, int]] = {}
+        self._open_count: dict[str, int] = {}
+        self._snapshots: dict[tuple[str, str, str], bytes] = {}
+        # Held while the index changes (and while catching up with other
+        # processes); the event loop only ever tries it without blocking.
+        self._sync = threading.Lock()
+        self._write_lock = asyncio.Lock()
+        self._appended = asyncio.Event()
+
+    @classmethod
+    def from_url(cls, url: str, *, fsync: bool | str | None = None) -> JSONLStore:
+        """``jsonl:///relative/dir`` (from the working directory) or ``jsonl:////abs/dir``.
+
+        ``fsync`` may also be given in the query string (``?fsync=off``); the keyword wins.
+        """
+        directory, query = _parse_url(url)
+        unknown = set(query) - {"fsync"}
+        if unknown:
+            raise ConfigError(f"Unknown JSONL URL option(s) in {url!r}: {sorted(unknown)}")
+        flag = _parse_bool("fsync", query.get("fsync", "on") if fsync is None else fsync)
+        return cls(directory, fsync=flag, url=url)
+
+    # lifecycle ---------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        await asyncio.to_thread(self._open_sync)
+
+    async def _close(self) -> None:
+        async with self._write_lock:
+            for fd in (self._feed_fd, self._lock_fd):
+                if fd >= 0:
+                    with _translate(self.directory):
+                        os.close(fd)
+            self._feed_fd = self._lock_fd = -1
+
+    def _open_sync(self) -> None:
+        try:
+            with _translate(self.directory):
+                for folder in (self.directory, self._sessions_dir):
+                    if not folder.is_dir():
+                        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+                        folder.chmod(0o700)
+                        _fsync_dir(folder.parent)
+                self._lock_fd = os.open(
+                    self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+                )
+                self._feed_fd = os.open(
+                    self._feed_path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
+                )
+                with self._locked():
+                    self._scan_all()
+        except BaseException:
+            for fd in (self._feed_fd, self._lock_fd):
+                if fd >= 0:
+                    os.close(fd)
+            self._feed_fd = self._lock_fd = -1
+            raise
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The writers' lock: across processes (flock), then within this one."""
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            with self._sync:
+                yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    # opening: scan every file, check it against feed.log, recover ------------------
+
+    def _scan_all(self) -> None:
+        feed = self._read_feed_file()
+        total = len(feed) // _REC - 1
+        matched = bytearray(total + 1)
+        candidates: list[tuple[int, str, int, int]] = []
+        names = sorted(os.listdir(self._sessions_dir))
+        for name in names:
+            session_id = name[: -len(_SUFFIX)]
+            if not name.endswith(_SUFFIX) or not _SESSION_ID.fullmatch(session_id):
+                continue  # torn tails moved aside, and anything a person left here
+            self._scan_session(session_id, feed, total, matched, candidates)
+        missing = matched.find(0, 1)
+        if missing > 0:
+            rec = _RECORD.fullmatch(feed[missing * _REC : (missing + 1) * _REC])
+            what = f"{rec[2].decode()}{_SUFFIX} at byte {int(rec[3])}" if rec else "a bad record"
+            raise IntegrityError(
+                f"Damaged line in {str(self._feed_path)!r}, line {missing + 1}: position "
+                f"{missing} names {what}, which is missing, cut short or different"
+            )
+        candidates.sort()
+        for expected, (pos, session_id, _, _) in enumerate(candidates, total + 1):
+            if pos != expected:
+                raise IntegrityError(
+                    f"Damaged line in {str(self._sessions_dir / (session_id + _SUFFIX))!r}: "
+                    f"position {pos} is not in {str(self._feed_path)!r}, which ends at "
+                    f"{expected - 1}"
+                )
+        if candidates:
+            # Synced lines whose records were lost (a crash or power loss
+            # between the sync and the feed write): their records now.
+            _write_all(self._feed_fd, b"".join(_record(*c) for c in candidates))
+            if self.fsync:
+                os.fsync(self._feed_fd)
+            log.info(
+                "%s: %d feed record(s) rebuilt from the session files",
+                self._feed_path,
+                len(candidates),
+            )
+        self._n = total + len(candidates)
+
+    def _read_feed_file(self) -> bytes:
+        size = os.fstat(self._feed_fd).st_size
+        if size == 0:
+            _write_all(self._feed_fd, _FEED_HEADER)
+            os.fsync(self._feed_fd)
+            _fsync_dir(self.directory)
+            return _FEED_HEADER
+        feed = os.pread(self._feed_fd, size, 0)
+        if not feed.startswith(_FEED_HEADER):
+            try:
+                version = orjson.loads(feed[:_REC]).get("version")
+            except (orjson.JSONDecodeError, AttributeError):
+                version = None
+            if isinstance(version, int) and version > FORMAT_VERSION:
+                raise StoreError(
+                    f"{str(self._feed_path)!r} has format version {version}, newer than this "
+                    f"code knows ({FORMAT_VERSION}): upgrade the session ledger to open it"
+                )
+            raise IntegrityError(
+                f"Damaged line in {str(self._feed_path)!r}, line 1: not a {_FEED_FORMAT} "
+                "header (delete the file to rebuild it from the session files)"
+            )
+        whole = size - size % _REC
+        if whole != size:
+            # A record cut short by a power loss: records are written after the
+            # session file is synced, so its line is there; it is rebuilt.
+            os.ftruncate(self._feed_fd, whole)
+            log.warning("%s: a record cut short was dropped", self._feed_path)
+        return feed[:whole]
+
+    def _scan_session(
+        self,
+        session_id: str,
+        feed: bytes,
+        total: int,
+        matched: bytearray,
+        candidates: list[tuple[int, str, int, int]],
+    ) -> None:
+        path = self._sessions_dir / (session_id + _SUFFIX)
+        session = _Session(session_id, path)
+        batch: list[_Pending] = []
+        count = 0  # size of the batch being read
+        last_pos = 0
+        committed = 0  # end of the last complete batch
+        tail_line = 1
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for lineno, (offset, line) in enumerate(_lines(fd), 1):
+                if not line.endswith(b"\n"):
+                    break  # cut short: the tail
+                if lineno == 1:
+                    _check_header(line, path, session_id)
+                    continue
+                parsed = _parse(line, path, lineno)
+                if parsed.index != len(batch) + 1 or (batch and parsed.count != count):
+                    raise _damaged(
+                        path, lineno, f"batch [{parsed.index}, {parsed.count}] out of order"
+                    )
+                count = parsed.count
+                if parsed.pos <= last_pos:
+                    raise _damaged(path, lineno, f"position {parsed.pos} after {last_pos}")
+                last_pos = parsed.pos
+                head = _head(parsed, path, lineno)
+                if parsed.pos <= total and feed[
+                    parsed.pos * _REC : (parsed.pos + 1) * _REC
+                ] != _record(parsed.pos, session_id, offset, len(line)):
+                    raise _damaged(
+                        path,
+                        lineno,
+                        f"position {parsed.pos} does not match "
+                        f"{str(self._feed_path)!r} line {parsed.pos + 1}",
+                        head.id,
+                    )
+                root: SessionCreated | None = None
+                if not session.ids and not batch:
+                    body = _event(parsed, path, lineno).body
+                    if not isinstance(body, SessionCreated):
+                        raise _damaged(
+                            path, lineno, "a session's first event must be SessionCreated", head.id
+                        )
+                    root = body
+                end = offset + len(line)
+                batch.append(_Pending(offset, end, parsed.pos, parsed.status, head, root))
+                if parsed.index == parsed.count:
+                    for p in batch:
+                        if p.pos <= total:
+                            matched[p.pos] = 1
+                        else:
+                            candidates.append((p.pos, session_id, p.start, p.end - p.start))
+                    self._apply(session, batch, lineno - len(batch) + 1)
+                    committed = end
+                    tail_line = lineno + 1
+                    batch = []
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        if committed < size:
+            if self._named_in_feed(feed, session_id, committed):
+                raise _damaged(
+                    path,
+                    tail_line,
+                    f"an acknowledged event is missing or cut short "
+                    f"(named by {str(self._feed_path)!r})",
+                )
+            self._move_aside(path, committed, tail_line)
+        if session.ids:
+            self._sessions[session_id] = session
+
+    def _named_in_feed(self, feed: bytes, session_id: str, offset: int) -> bool:
+        """Whether a record of ``feed`` names this session at ``offset`` or after."""
+        needle = b" %s " % session_id.encode()
+        at = feed.find(needle, _REC)
+        while at >= 0:
+            start = at - at % _REC
+            rec = _RECORD.fullmatch(feed[start : start + _REC])
+            if rec is not None and int(rec[3]) >= offset:
+                return True
+            at = feed.find(needle, start + _REC)
+        return False
+
+    def _apply(self, session: _Session, batch: Sequence[_Pending], first_lineno: int) -> None:
+        """Index a complete batch of ``session`` (caller holds ``_sync``)."""
+        for lineno, p in enumerate(batch, first_lineno):
+            head = p.head
+            if head.session != session.session_id:
+                raise _damaged(session.path, lineno, f"event of session {head.session!r}", head.id)
+            if head.id in self._by_id:
+                raise _damaged(session.path, lineno, f"event {head.id!r} appears twice", head.id)
+        was_open = bool(session.ids) and session.status in OPEN_STATUSES
+        for p in batch:
+            head = p.head
+            k = len(session.ids)
+            session.ids.append(head.id)
+            session.ends.append(p.end)
+            session.starts.append(p.start)
+            self._by_id[head.id] = (session, k)
+            session.heads[head.branch] = head.id
+            if head.idempotency_key is not None:
+                session.keys.setdefault(head.idempotency_key, k)
+            if p.root is not None:
+                session.user_id, session.agent = p.root.user_id, p.root.agent
+                session.created_at = session.last_at = head.at
+                session.create_key = head.idempotency_key
+                if head.idempotency_key is not None:
+                    self._created.setdefault((p.root.user_id, head.idempotency_key), (session, k))
+            session.last_at = max(session.last_at, head.at)
+        status = batch[-1].status
+        if status is not None:
+            session.status = status
+        now_open = session.status in OPEN_STATUSES
+        if now_open != was_open:
+            user = session.user_id
+            self._open_count[user] = self._open_count.get(user, 0) + (1 if now_open else -1)
+
+    def _move_aside(self, path: Path, offset: int, lineno: int) -> None:
+        """Move the bytes of ``path`` from ``offset`` to a ``.torn-<n>`` file beside it."""
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            tail = b"".join(line for _, line in _lines(fd, offset))
+            n = 1
+            while True:
+                torn = path.with_name(f"{path.name}.torn-{n}")
+                try:
+                    out = os.open(torn, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                except FileExistsError:
+                    n += 1
+                    continue
+                break
+            try:
+                _write_all(out, tail)
+                os.fsync(out)
+            finally:
+                os.close(out)
+            _fsync_dir(path.parent)
+            if offset == 0:
+                os.unlink(path)
+            else:
+                os.ftruncate(fd, offset)
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if offset == 0:
+            _fsync_dir(path.parent)
+        log.warning(
+            "%s: %d byte(s) from line %d were never acknowledged (a write cut short by a "
+            "crash); moved aside to %s",
+            path,
+            len(tail),
+            lineno,
+            torn,
+        )
+        self.recovered.append(torn)
+
+    # catching up with other processes ----------------------------------------------
+
+    def _feed_behind(self) -> int:
+        """How many feed records other writers added since this process last looked."""
+        return max(0, os.fstat(self._feed_fd).st_size // _REC - 1 - self._n)
+
+    def _catch_up(self) -> None:
+        """Index every complete batch that ``feed.log`` names beyond ``_n`` (holds ``_sync``)."""
+        behind = self._feed_behind()
+        if not behind:
+            return
+        data = os.pread(self._feed_fd, behind * _REC, (self._n + 1) * _REC)
+        records: list[tuple[int, str, int, int]] = []
+        for i in range(len(data) // _REC):
+            pos = self._n + 1 + i
+            rec = _RECORD.fullmatch(data[i * _REC : (i + 1) * _REC])
+            if rec is None or int(rec[1]) != pos or not _SESSION_ID.fullmatch(rec[2].decode()):
+                raise _damaged(self._feed_path, pos + 1, "not a feed record of this format")
+            records.append((pos, rec[2].decode(), int(rec[3]), int(rec[4])))
+        start = 0
+        while start < len(records):
+            # one run of consecutive records of one session: one read
+            session_id = records[start][1]
+            stop = start + 1
+            while stop < len(records) and records[stop][1] == session_id:
+                stop += 1
+            if not self._index_run(records[start:stop]):
+                return
+            start = stop
+
+    def _index_run(self, run: list[tuple[int, str, int, int]]) -> bool:
+        """Index the complete batches of one run of records; False when one is incomplete."""
+        session_id = run[0][1]
+        session = self._sessions.get(session_id)
+        path = self._sessions_dir / (session_id + _SUFFIX)
+        first_off = run[0][2]
+        data = b""
+        with contextlib.suppress(FileNotFoundError):
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                size = run[-1][2] + run[-1][3] - first_off
+                data = os.pread(fd, size, first_off)
+                if session is None:
+                    header = os.pread(fd, first_off, 0)
+                    _check_header(header, path, session_id)
+            finally:
+                os.close(fd)
+        if session is None:
+            session = _Session(session_id, path)
+        base_lineno = len(session.ids) + 2
+        batch: list[_Pending] = []
+        for lineno, (pos, _, offset, length) in enumerate(run, base_lineno):
+            line = data[offset - first_off : offset - first_off + length]
+            if len(line) != length or not line.endswith(b"\n"):
+                raise _damaged(
+                    path,
+                    lineno,
+                    f"missing or cut short, though {str(self._feed_path)!r} "
+                    f"line {pos + 1} names it",
+                )
+            parsed = _parse(line, path, lineno)
+            if parsed.pos != pos or parsed.index != len(batch) + 1:
+                raise _damaged(
+                    path, lineno, f"does not match {str(self._feed_path)!r} line {pos + 1}"
+                )
+            head = _head(parsed, path, lineno)
+            root: SessionCreated | None = None
+            if not session.ids and not batch:
+                body = _event(parsed, path, lineno).body
+                if not isinstance(body, SessionCreated):
+                    raise _damaged(
+                        path, lineno, "a session's first event must be SessionCreated", head.id
+                    )
+                root = body
+            batch.append(_Pending(offset, offset + length, pos, parsed.status, head, root))
+            if parsed.index == parsed.count:
+                self._apply(session, batch, lineno - len(batch) + 1)
+                self._sessions.setdefault(session_id, session)
+                self._n = pos
+                batch = []
+        return not batch
+
+    def _repair_intent(self) -> None:
+        """Finish or undo the write of a writer that died holding the lock (holds the lock)."""
+        raw = os.pread(self._lock_fd, _REC, 0)
+        intent = _INTENT.fullmatch(raw)
+        if intent is None:
+            return
+        session_id = intent[1].decode()
+        offset, first, count = int(intent[2]), int(intent[3]), int(intent[4])
+        if first != self._n + 1 or not _SESSION_ID.fullmatch(session_id):
+            return  # done, or stale
+        path = self._sessions_dir / (session_id + _SUFFIX)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        records: list[bytes] = []
+        try:
+            size = os.fstat(fd).st_size
+            if size <= offset:
+                return
+            session = self._sessions.get(session_id)
+            lineno = (len(session.ids) + 2) if session else 1
+            complete = True
+            for n, (at, line) in enumerate(_lines(fd, offset)):
+                if not line.endswith(b"\n"):
+                    complete = False
+                    break
+                if offset == 0 and n == 0:
+                    continue  # the header of a new file
+                match = _LINE.match(line)
+                index = len(records) + 1
+                if (
+                    match is None
+                    or int(match[1]) != first + len(records)
+                    or int(match[2]) != index
+                    or int(match[3]) != count
+                    or index > count
+                ):
+                    complete = False
+                    break
+                records.append(_record(first + len(records), session_id, at, len(line)))
+            if complete and len(records) == count and self.fsync:
+                # the writer died after its write and before its feed records: sync it
+                os.fsync(fd)
+                if offset == 0:
+                    _fsync_dir(path.parent)
+        finally:
+            os.close(fd)
+        if complete and len(records) == count:
+            _write_all(self._feed_fd, b"".join(records))
+            log.info("%s: a batch written by a process that died was kept", path)
+            self._catch_up()
+        else:
+            self._move_aside(path, offset, lineno)
+
+    async def _refresh(self) -> None:
+        """Catch up with other processes' appends before a read: cheap when there are none."""
+        self._check_open()
+        with _translate(self._feed_path):
+            behind = self._feed_behind()
+        if not behind:
+            return
+        if behind <= _INLINE_RECORDS:
+            if self._sync.acquire(blocking=False):
+                try:
+                    with _translate(self.directory):
+                        self._catch_up()
+                finally:
+                    self._sync.release()
+            # else: this process is appending, and catches up as it does
+            return
+        await asyncio.to_thread(self._catch_up_blocking)
+
+    def _catch_up_blocking(self) -> None:
+        with self._sync, _translate(self.directory):
+            self._catch_up()
+
+    # writes ------------------------------------------------------------------------
+
+    async def append(self, request: AppendRequest) -> AppendResult:
+        self._check_open()
+        validate_request(request)
+        session_id = request.session_id
+        if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
+            raise InvalidEventError(
+                f"Invalid session id for the JSONL store: {session_id!r} "
+                "(a lower-case uuid4 string)"
+            )
+        validate_name("branch", request.branch, session_id)
+        if request.status is not None and not _STATUS.fullmatch(request.status):
+            raise InvalidEventError(
+                f"Invalid status for session {session_id!r}: {request.status!r}"
+            )
+        payloads = [encode_event(e) for e in request.events]
+        for payload in payloads:
+            if b"\n" in payload:  # msgspec escapes control characters; be sure
+                raise InvalidEventError(f"Event of session {session_id!r} encodes with a newline")
+        async with self._write_lock:
+            self._check_open()
+            original = await asyncio.to_thread(self._append_sync, request, payloads)
+        if original is not None:
+            return AppendResult([original], replayed=True)
+        self._appended.set()
+        self._appended = asyncio.Event()
+        return AppendResult(list(request.events))
+
+    def _append_sync(self, request: AppendRequest, payloads: list[bytes]) -> Event | None:
+        session_id = request.session_id
+        with _translate(self.directory, session_id), self._locked():
+            self._catch_up()
+            self._repair_intent()
+            first = request.events[0]
+            created = first.body if isinstance(first.body, SessionCreated) else None
+            session = self._sessions.get(session_id)
+            key = first.idempotency_key
+            if key is not None:
+                found = (
+                    self._created.get((created.user_id, key))
+                    if created is not None
+                    else (session, session.keys[key])
+                    if session is not None and key in session.keys
+                    else None
+                )
+                if found is not None:
+                    return self._read_event(*found)
+            if created is not None:
+                limit = request.max_open_sessions
+                if limit is not None and self._open_count.get(created.user_id, 0) >= limit:
+                    raise SessionCapacityError(f"user {created.user_id!r}", "open sessions", limit)
+            elif session is None:
+                raise SessionNotFoundError(session_id)
+            check_head(request, session.heads.get(request.branch) if session else None)
+            if created is not None and session is not None:
+                raise BranchExistsError(session_id, request.branch, None)
+            if (
+                session is not None
+                and request.expected_head is None
+                and request.max_branches is not None
+                and len(session.heads) >= request.max_branches
+            ):
+                raise SessionCapacityError(
+                    f"session {session_id!r}", "branches", request.max_branches
+                )
+            self._write(request, session, payloads)
+        return None
+
+    def _write(
+        self, request: AppendRequest, session: _Session | None, payloads: list[bytes]
+    ) -> None:
+        """Intent, session lines, sync, feed records, index (holds the lock)."""
+        session_id = request.session_id
+        path = self._sessions_dir / (session_id + _SUFFIX)
+        new = session is None
+        offset = 0 if session is None else session.size
+        count = len(payloads)
+        first_pos = self._n + 1
+        status = b',"status":"%s"' % request.status.encode() if request.status is not None else b""
+        parts: list[bytes] = [_header_line(session_id)] if new else []
+        records: list[bytes] = []
+        pending: list[_Pending] = []
+        at = offset + (len(parts[0]) if new else 0)
+        for i, (event, payload) in enumerate(zip(request.events, payloads, strict=True), 1):
+            line = b'{"pos":%d,"batch":[%d,%d]%s,"event":%s}\n' % (
+                first_pos + i - 1,
+                i,
+                count,
+                status if i == count else b"",
+                payload,
+            )
+            parts.append(line)
+            records.append(_record(first_pos + i - 1, session_id, at, len(line)))
+            root = event.body if i == 1 and isinstance(event.body, SessionCreated) else None
+            head = _Head(
+                event.id, event.session, event.branch, event.at, event.seq, event.idempotency_key
+            )
+            pending.append(_Pending(at, at + len(line), first_pos + i - 1, None, head, root))
+            at += len(line)
+        pending[-1].status = request.status
+        os.pwrite(
+            self._lock_fd,
+            b"%s %014d %015d %09d\n" % (session_id.encode(), offset, first_pos, count),
+            0,
+        )
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if new else 0)
+        if new:
+            with contextlib.suppress(FileNotFoundError):
+                # leftovers of a creation that died before its first record
+                self._move_aside(path, 0, 1)
+        fd = os.open(path, flags, 0o600)
+        try:
+            size = os.fstat(fd).st_size
+            if size != offset:
+                os.close(fd)
+                fd = -1
+                self._move_aside(path, offset, len(session.ids) + 2 if session else 1)
+                fd = os.open(path, flags, 0o600)
+            try:
+                _write_all(fd, b"".join(parts))
+                if self.fsync:
+                    os.fsync(fd)
+            except BaseException:
+                # Never leave a partial batch behind a refused write.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, offset)
+                    if new:
+                        os.unlink(path)
+                raise
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        if new and self.fsync:
+            _fsync_dir(self._sessions_dir)
+        _write_all(self._feed_fd, b"".join(records))
+        if session is None:
+            session = _Session(session_id, path)
+        self._apply(session, pending, len(session.ids) + 2)
+        self._sessions[session_id] = session
+        self._n = first_pos + count - 1
+
+    async def put_snapshots(
+        self, session_id: str, key: str, states: Sequence[tuple[str, bytes]]
+    ) -> None:
+        self._check_open()
+        for event_id, state in states:
+            self._snapshots[(session_id, key, event_id)] = bytes(state)
+
+    # reads -------------------------------------------------------------------------
+
+    def _read_event(self, session: _Session, k: int) -> Event:
+        """Line ``k`` of ``session``, checked against the index."""
+        fd = os.open(session.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            start = session.starts[k]
+            line = os.pread(fd, session.ends[k] - start, start)
+        finally:
+            os.close(fd)
+        return self._decode(session, k, line)
+
+    def _decode(self, session: _Session, k: int, line: bytes) -> Event:
+        lineno = k + 2
+        if len(line) != session.ends[k] - session.starts[k]:
+            raise _damaged(session.path, lineno, "cut short", session.ids[k])
+        event = _event(_parse(line, session.path, lineno), session.path, lineno)
+        if event.id != session.ids[k] or event.session != session.session_id:
+            raise _damaged(
+                session.path,
+                lineno,
+                f"holds event {event.id!r} of session {event.session!r}, not {session.ids[k]!r}",
+                session.ids[k],
+            )
+        return event
+
+    def _read_range(self, session: _Session, first: int, stop: int) -> list[Event]:
+        """Lines ``first`` to ``stop - 1`` of ``session``, with one read."""
+        fd = os.open(session.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            base = session.starts[first]
+            data = os.pread(fd, session.ends[stop - 1] - base, base)
+        finally:
+            os.close(fd)
+        starts, ends = session.starts, session.ends
+        return [
+            self._decode(session, k, data[starts[k] - base : ends[k] - base])
+            for k in range(first, stop)
+        ]
+
+    async def _events_between(self, session: _Session, first: int, stop: int) -> list[Event]:
+        if stop <= first:
+            return []
+        with _translate(session.path, session.session_id):
+            if session.ends[stop - 1] - session.starts[first] <= _INLINE_BYTES:
+                return self._read_range(session, first, stop)
+            return await asyncio.to_thread(self._read_range, session, first, stop)
+
+    async def get(self, event_id: str) -> Event:
+        await self._refresh()
+        found = self._by_id.get(event_id)
+        if found is None:
+            raise EventNotFoundError(event_id)
+        return (await self._events_between(found[0], found[1], found[1] + 1))[0]
+
+    async def find_by_key(self, session_id: str, key: str) -> Event | None:
+        await self._refresh()
+        session = self._sessions.get(session_id)
+        if session is None or key not in session.keys:
+            return None
+        k = session.keys[key]
+        return (await self._events_between(session, k, k + 1))[0]
+
+    async def find_created(self, user_id: str, key: str) -> Event | None:
+        await self._refresh()
+        found = self._created.get((user_id, key))
+        if found is None:
+            return None
+        return (await self._events_between(found[0], found[1], found[1] + 1))[0]
+
+    async def ancestors(self, event_id: str, limit: int | None = None) -> list[Event]:
+        await self._refresh()
+        if limit is not None and limit <= 0:
+            return []
+        found = self._by_id.get(event_id)
+        if found is None:
+            raise EventNotFoundError(event_id)
+        session, k = found
+        # One read of the session up to the event, then a walk over its parents.
+        lines = await self._events_between(session, 0, k + 1)
+        out = [lines[k]]
+        while out[-1].parent is not None and (limit is None or len(out) < limit):
+            child = out[-1]
+            parent = self._by_id.get(child.parent) if child.parent else None
+            if parent is None or parent[0] is not session or parent[1] >= k:
+                raise IntegrityError(
+                    f"Parent of event {child.id!r} is missing from "
+                    f"{str(session.path)!r}: {child.parent!r}",
+                    child.id,
+                )
+            k = parent[1]
+            out.append(lines[k])
+        return out
+
+    async def events(self, session_id: str, *, page_size: int = 1000) -> AsyncIterator[Event]:
+        await self._refresh()
+        session = self._sessions.get(session_id)
+        if session is None:
+            return
+        # The session's events as of now: later appends are not chased.
+        upper = len(session.ids)
+        page_size = max(1, page_size)
+        for first in range(0, upper, page_size):
+            self._check_open()
+            for event in await self._events_between(session, first, min(upper, first + page_size)):
+                yield event
+
+    async def heads(self, session_id: str) -> dict[str, str]:
+        await self._refresh()
+        session = self._sessions.get(session_id)
+        return dict(session.heads) if session is not None else {}
+
+    async def session(self, session_id: str) -> SessionRow:
+        await self._refresh()
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionNotFoundError(session_id)
+        return session.row()
+
+    async def sessions(self, query: SessionQuery) -> SessionPage:
+        await self._refresh()
+        rows = [
+            s.row()
+            for s in list(self._sessions.values())
+            if (query.user_id is None or s.user_id == query.user_id)
+            and (query.agent is None or s.agent == query.agent)
+            and (query.status is None or s.status == query.status)
+        ]
+        rows.sort(key=lambda r: (r.last_activity_at, r.session_id), reverse=True)
+        if query.cursor is not None:
+            after = parse_cursor(query.cursor)
+            rows = [r for r in rows if (r.last_activity_at, r.session_id) < after]
+        limit = max(0, query.limit)
+        page = rows[:limit]
+        more = len(rows) > limit
+        return SessionPage(page, page_cursor(page[-1]) if more and page else None)
+
+    async def get_snapshot(self, session_id: str, key: str, event_id: str) -> bytes | None:
+        self._check_open()
+        return self._snapshots.get((session_id, key, event_id))
+
+    # the feed ----------------------------------------------------------------------
+
+    async def read_feed(self, after: int = 0, limit: int = 1000) -> list[FeedItem]:
+        await self._refresh()
+        after = max(after, 0)
+        stop = min(self._n, after + limit)
+        if limit <= 0 or stop <= after:
+            return []
+        with _translate(self._feed_path):
+            data = os.pread(self._feed_fd, (stop - after) * _REC, (after + 1) * _REC)
+        items: list[FeedItem] = []
+        run: list[tuple[int, _Session, int]] = []
+
+        async def flush() -> None:
+            session = run[0][1]
+            events = await self._events_between(session, run[0][2], run[-1][2] + 1)
+            items.extend(
+                FeedItem(pos, event) for (pos, _, _), event in zip(run, events, strict=True)
+            )
+            run.clear()
+
+        for i in range(stop - after):
+            pos = after + 1 + i
+            rec = _RECORD.fullmatch(data[i * _REC : (i + 1) * _REC])
+            session = self._sessions.get(rec[2].decode()) if rec else None
+            k = -1
+            if rec is not None and session is not None and int(rec[1]) == pos:
+                offset = int(rec[3])
+                k = _bisect(session.starts, offset)
+            if session is None or k < 0:
+                raise _damaged(self._feed_path, pos + 1, "does not match the session files")
+            if run and (run[-1][1] is not session or run[-1][2] + 1 != k):
+                await flush()
+            run.append((pos, session, k))
+        if run:
+            await flush()
+        return items
+
+    async def wait_for_feed(self, after: int, max_wait: float) -> None:
+        """Return when a position above ``after`` has committed, or after ``max_wait``.
+
+        Appends of this process wake the waiter at once; those of other
+        processes are seen by polling the size of ``feed.log``.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, max_wait)
+        while True:
+            appended = self._appended
+            await self._refresh()
+            remaining = deadline - loop.time()
+            if self._n > after or remaining <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(appended.wait(), min(remaining, self.poll_interval))
+
+
+def _bisect(starts: array.array[int], offset: int) -> int:
+    """The index of ``offset`` in the sorted ``starts``, or -1."""
+    lo, hi = 0, len(starts)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if starts[mid] < offset:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo if lo < len(starts) and starts[lo] == offset else -1
