@@ -309,10 +309,13 @@ _SESSION_COLUMNS: Final = (
 
 _Row = Any  # an asyncpg.Record: indexable by position
 
-# The connection is gone, or the server is going away or not yet up.
+# The connection is gone, or the server is going away or not yet up. (asyncpg
+# may report a connection the server terminated as InternalClientError: see
+# https://github.com/MagicStack/asyncpg/issues/1069.)
 _CONNECTION_LOST: Final = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
     asyncpg.exceptions.CannotConnectNowError,
@@ -651,11 +654,34 @@ class PostgresStore(FeedStore):
                 raise StoreClosedError(f"Store was closed: PostgreSQL at {self.target}") from None
             raise
 
+    async def _call(self, method: str, sql: str, *args: Any) -> Any:
+        """One statement on a pooled connection; a connection found broken is thrown away.
+
+        The pool would otherwise hand a connection the server terminated (or
+        that asyncpg lost track of) to the next caller.
+        """
+        async with self._pool.acquire() as conn:
+            try:
+                return await getattr(conn, method)(sql, *args)
+            except _CONNECTION_LOST:
+                conn.terminate()
+                raise
+
     async def _fetch(self, sql: str, *args: Any) -> list[_Row]:
+        """A read. Reads are safe to repeat: one retry on a new connection when the
+        pooled one turns out dead (after a server restart every pooled one is)."""
         self._check_open()
-        with self._translated():
-            rows: list[_Row] = await self._pool.fetch(sql, *args)
-        return rows
+        for attempt in (1, 2):
+            try:
+                with self._translated():
+                    rows: list[_Row] = await self._call("fetch", sql, *args)
+                return rows
+            except StoreClosedError:
+                raise
+            except StoreError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     # writes
 
@@ -683,7 +709,7 @@ class PostgresStore(FeedStore):
             [encode_event(e) for e in events],
         )
         with self._translated(request.session_id, "append"):
-            row = await self._pool.fetchrow(_APPEND_SQL, *args)
+            row = await self._call("fetchrow", _APPEND_SQL, *args)
         outcome: str = row[0]
         if outcome == "ok":
             self._wake()
@@ -722,7 +748,8 @@ class PostgresStore(FeedStore):
         if not latest:
             return
         with self._translated(session_id):
-            await self._pool.execute(
+            await self._call(
+                "execute",
                 "INSERT INTO ledger_snapshots (session_id, key, event_id, state) "
                 "SELECT $1, $2, t.event_id, t.state "
                 "FROM unnest($3::text[], $4::bytea[]) AS t(event_id, state) "

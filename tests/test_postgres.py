@@ -1,0 +1,583 @@
+"""PostgreSQL-specific tests, against the real server: catalog, processes, dropped connections.
+
+The behaviour every store shares is in the contract suite (``ledger.testing``);
+this module tests what only a server shared by many processes can get wrong.
+Each test works in a schema of its own inside the run's database (see
+``tests/conftest.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ledger import Ledger
+from ledger.errors import (
+    ConfigError,
+    IntegrityError,
+    StoreError,
+)
+from ledger.events import Event, TurnAdded
+from ledger.testing import append_request, create_event, next_event
+from stores import open_store
+from stores.base import FeedItem
+from stores.postgres import SCHEMA_VERSION, SESSION_TABLES, PostgresStore
+
+asyncpg = pytest.importorskip("asyncpg")
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 30.0
+
+
+# --- helpers --------------------------------------------------------------------
+
+
+def fresh_schema() -> str:
+    return f"t_{uuid.uuid4().hex[:16]}"
+
+
+def in_schema(url: str, schema: str) -> str:
+    return f"{url}{'&' if '?' in url else '?'}schema={schema}"
+
+
+@pytest.fixture
+def schema() -> str:
+    return fresh_schema()
+
+
+@pytest.fixture
+def url(postgres_url: str, schema: str) -> str:
+    """A store URL of this test's own: the run's database, a fresh schema."""
+    return in_schema(postgres_url, schema)
+
+
+@contextlib.asynccontextmanager
+async def admin(postgres_url: str, schema: str | None = None) -> AsyncIterator[Any]:
+    """A plain asyncpg connection to the run's database (in ``schema`` when given)."""
+    settings = {"search_path": schema} if schema else {}
+    conn = await asyncpg.connect(postgres_url, server_settings=settings)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+def create(user: str = "user-1", *, key: str | None = None) -> Event:
+    return create_event(user, "agent-1", idempotency_key=key)
+
+
+def turn(parent: Event, content: str = "hello", *, key: str | None = None) -> Event:
+    return next_event(parent, TurnAdded(role="user", content=content), idempotency_key=key)
+
+
+async def wait_until(predicate: Any, what: str) -> Any:
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def no_driver_traceback(error: BaseException) -> bool:
+    return error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
+
+
+async def terminate_others(postgres_url: str) -> int:
+    """Terminate every other connection to the run's database; how many."""
+    async with admin(postgres_url) as conn:
+        killed: int = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    return killed
+
+
+# --- schema and catalog ------------------------------------------------------------
+
+
+async def test_every_primary_key_and_unique_index_includes_session_id(
+    url: str, postgres_url: str, schema: str
+) -> None:
+    async with PostgresStore.from_url(url):
+        pass
+    async with admin(postgres_url) as conn:
+        tables = await conn.fetch(
+            "SELECT c.relname FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = $1 AND c.relkind = 'r' ORDER BY c.relname",
+            schema,
+        )
+        keys = await conn.fetch(
+            "SELECT t.relname AS table_name, i.relname AS index_name, x.indisprimary, "
+            "  array_agg(a.attname::text ORDER BY a.attname) AS columns "
+            "FROM pg_index AS x "
+            "JOIN pg_class AS t ON t.oid = x.indrelid "
+            "JOIN pg_class AS i ON i.oid = x.indexrelid "
+            "JOIN pg_namespace AS n ON n.oid = t.relnamespace "
+            "JOIN pg_attribute AS a ON a.attrelid = t.oid AND a.attnum = ANY (x.indkey) "
+            "WHERE n.nspname = $1 AND (x.indisunique OR x.indisprimary) "
+            "GROUP BY t.relname, i.relname, x.indisprimary",
+            schema,
+        )
+        constraints = await conn.fetch(
+            "SELECT t.relname, k.conname, k.contype::text AS contype, "
+            "  array(SELECT a.attname::text FROM pg_attribute AS a "
+            "        WHERE a.attrelid = k.conrelid AND a.attnum = ANY (k.conkey)) AS columns "
+            "FROM pg_constraint AS k "
+            "JOIN pg_class AS t ON t.oid = k.conrelid "
+            "JOIN pg_namespace AS n ON n.oid = t.relnamespace "
+            "WHERE n.nspname = $1 AND k.contype IN ('p', 'u')",
+            schema,
+        )
+    # every table but the version table holds session data
+    assert sorted(r["relname"] for r in tables) == sorted([*SESSION_TABLES, "ledger_schema"])
+    assert keys, "no keys found"
+    for key in keys:
+        assert "session_id" in key["columns"], dict(key)
+    primary = {k["table_name"] for k in keys if k["indisprimary"]}
+    assert primary == set(SESSION_TABLES)
+    # the constraints are the primary keys, and each holds session_id too
+    for constraint in constraints:
+        assert "session_id" in constraint["columns"], dict(constraint)
+    assert {(c["relname"], c["contype"]) for c in constraints} == {(t, "p") for t in SESSION_TABLES}
+
+
+async def test_schema_version_is_recorded_and_a_newer_one_refused(
+    url: str, postgres_url: str, schema: str
+) -> None:
+    async with PostgresStore.from_url(url):
+        pass
+    async with admin(postgres_url, schema) as conn:
+        assert await conn.fetchval("SELECT array_agg(version) FROM ledger_schema") == [
+            SCHEMA_VERSION
+        ]
+        await conn.execute("INSERT INTO ledger_schema (version) VALUES ($1)", SCHEMA_VERSION + 1)
+    store = PostgresStore.from_url(url)
+    with pytest.raises(StoreError) as info:
+        await store.open()
+    message = str(info.value)
+    assert f"schema version {SCHEMA_VERSION + 1}" in message
+    assert "127.0.0.1:5432" in message and schema in message
+    assert no_driver_traceback(info.value)
+
+
+async def test_foreign_tables_without_a_version_are_refused(
+    url: str, postgres_url: str, schema: str
+) -> None:
+    async with admin(postgres_url) as conn:
+        await conn.execute(f'CREATE SCHEMA "{schema}"')
+        await conn.execute(f'CREATE TABLE "{schema}".ledger_events (x int)')
+    with pytest.raises(StoreError, match="no schema version"):
+        await PostgresStore.from_url(url).open()
+
+
+CHILD = textwrap.dedent(
+    """
+    import asyncio, sys
+    from ledger import Ledger
+
+    async def main(url, mode, name, count):
+        async with Ledger.open(url) as led:
+            if mode == "own":
+                sid = (await led.create(user_id=name, agent="pg-test")).session_id
+                print("session", sid, flush=True)
+            else:
+                sid = mode
+            for n in range(count):
+                event = await led.add_turn(sid, role="user", content=f"{name} {n}")
+                print(event.id, flush=True)  # acknowledged: printed after the commit
+
+    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])))
+    """
+)
+
+
+def spawn(url: str, mode: str, name: str, count: int) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="error")
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, url, mode, name, str(count)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+
+
+def finish(procs: list[subprocess.Popen[str]]) -> list[list[str]]:
+    outputs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+        outputs.append(out.split())
+    return outputs
+
+
+def test_processes_creating_the_schema_at_once(url: str, postgres_url: str, schema: str) -> None:
+    procs = [spawn(url, "own", f"p{n}", 2) for n in range(6)]
+    outputs = finish(procs)
+    assert all(words[0] == "session" for words in outputs)
+
+    async def check() -> None:
+        async with admin(postgres_url, schema) as conn:
+            assert await conn.fetchval("SELECT count(*) FROM ledger_schema") == 1
+            assert await conn.fetchval("SELECT count(*) FROM ledger_sessions") == 6
+            assert await conn.fetchval("SELECT count(*) FROM ledger_events") == 6 * 3
+
+    asyncio.run(check())
+
+
+@pytest.mark.slow
+def test_eight_processes_one_session_and_own_sessions(url: str) -> None:
+    per_writer = 20
+
+    async def setup() -> str:
+        async with Ledger.open(url) as led:
+            return (await led.create(user_id="shared", agent="pg-test")).session_id
+
+    shared = asyncio.run(setup())
+    procs = [spawn(url, shared, f"shared{n}", per_writer) for n in range(4)]
+    procs += [spawn(url, "own", f"own{n}", per_writer) for n in range(4)]
+    outputs = finish(procs)
+
+    async def check() -> None:
+        async with Ledger.open(url) as led:
+            history = await led.history(shared)
+            assert len(history) == 1 + 4 * per_writer
+            assert all(b.parent == a.id for a, b in itertools.pairwise(history))
+            assert list(await led.store.heads(shared)) == ["main"]
+            assert (await led.verify(shared)).ok
+            counts = collections.Counter(e.id for e in history)
+            for ids in outputs[:4]:
+                assert len(ids) == per_writer
+                assert all(counts[i] == 1 for i in ids)
+            for words in outputs[4:]:
+                assert words[0] == "session"
+                own = await led.history(words[1])
+                assert [e.id for e in own[1:]] == words[2:]
+                assert (await led.verify(words[1])).ok
+            store = led.store
+            feed = await store.read_feed(0, 10_000)
+            assert len(feed) == 1 + 4 * per_writer + 4 * (1 + per_writer)
+            assert len({i.event.id for i in feed}) == len(feed)
+            positions = [i.position for i in feed]
+            assert positions == sorted(set(positions))
+
+    asyncio.run(check())
+
+
+# --- dropped connections -------------------------------------------------------------
+
+
+async def test_connection_terminated_mid_append_writes_nothing_and_retry_is_safe(
+    url: str, postgres_url: str, schema: str
+) -> None:
+    async with PostgresStore.from_url(url) as store:
+        root = create()
+        await store.append(append_request([root], None))
+        first = turn(root, "first try", key="k-1")
+        batch = [first, next_event(first)]
+        batch.append(next_event(batch[-1]))
+        before = (await store.session(root.session), await store.heads(root.session))
+        async with admin(postgres_url, schema) as blocker:
+            # Hold the session's row lock: the append waits inside ledger_append.
+            tx = blocker.transaction()
+            await tx.start()
+            await blocker.execute(
+                "SELECT 1 FROM ledger_sessions WHERE session_id = $1 FOR UPDATE", root.session
+            )
+            pending = asyncio.ensure_future(store.append(append_request(batch, root.id)))
+
+            async def blocked_pid() -> int | None:
+                pid: int | None = await blocker.fetchval(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock' AND query LIKE '%ledger_append%'"
+                )
+                return pid
+
+            pid = await wait_until(blocked_pid, "the append to block")
+            assert await blocker.fetchval("SELECT pg_terminate_backend($1)", pid)
+            with pytest.raises(StoreError) as info:
+                await asyncio.wait_for(pending, TIMEOUT)
+            await tx.rollback()
+        message = str(info.value)
+        assert "lost during an append" in message and root.session in message
+        assert "127.0.0.1:5432" in message and "same idempotency key" in message
+        assert no_driver_traceback(info.value)
+        # nothing of the batch landed
+        assert (await store.session(root.session), await store.heads(root.session)) == before
+        assert await store.find_by_key(root.session, "k-1") is None
+        # the retry with the same key lands once; a second retry replays it
+        result = await store.append(append_request(batch, root.id))
+        assert not result.replayed
+        again = await store.append(append_request(batch, root.id))
+        assert again.replayed and again.events == [first]
+        events = [e async for e in store.events(root.session)]
+        assert events == [root, *batch]
+
+
+async def test_appends_under_random_terminations_land_whole_or_not_at_all(
+    url: str, postgres_url: str
+) -> None:
+    async with PostgresStore.from_url(url) as store:
+        root = create()
+        await store.append(append_request([root], None))
+        head = root
+        lost = 0
+        stop = asyncio.Event()
+
+        async def killer() -> None:
+            while not stop.is_set():
+                await asyncio.sleep(0.003 + 0.01 * (lost % 3))
+                with contextlib.suppress(Exception):
+                    await terminate_others(postgres_url)
+
+        task = asyncio.ensure_future(killer())
+        try:
+            for n in range(40):
+                batch = [turn(head, f"batch {n}", key=f"b{n}")]
+                for _ in range(9):
+                    batch.append(next_event(batch[-1]))
+                while True:
+                    try:
+                        result = await store.append(append_request(batch, head.id))
+                    except StoreError:
+                        lost += 1
+                        # whole or nothing: the batch's events are all there or none
+                        found = await _retrying(store.find_by_key, root.session, f"b{n}")
+                        count = await _retrying(_count, store, root.session)
+                        expected_before = 1 + 10 * n
+                        assert count in (expected_before, expected_before + 10)
+                        assert (found is None) == (count == expected_before)
+                        continue
+                    assert result.events[0] == batch[0]
+                    break
+                head = batch[-1]
+        finally:
+            stop.set()
+            await task
+        events = [e async for e in store.events(root.session)]
+        assert len(events) == 1 + 40 * 10
+        assert len({e.id for e in events}) == len(events)
+        assert all(b.parent == a.id for a, b in itertools.pairwise(events))
+        assert await store.heads(root.session) == {"main": head.id}
+        assert lost > 0, "no append was cut: the killer never hit one"
+
+
+async def _retrying(fn: Any, *args: Any) -> Any:
+    """Call ``fn`` until the connections stop being terminated under it."""
+    for _ in range(200):
+        try:
+            return await fn(*args)
+        except StoreError:
+            await asyncio.sleep(0.01)
+    raise AssertionError("the store never came back")
+
+
+async def _count(store: PostgresStore, session_id: str) -> int:
+    return len([e async for e in store.events(session_id)])
+
+
+async def test_subscriber_survives_terminated_connections(url: str, postgres_url: str) -> None:
+    async with (
+        PostgresStore.from_url(url) as reader,
+        PostgresStore.from_url(url) as writer,
+    ):
+        root = create()
+        await writer.append(append_request([root], None))
+        start = (await reader.read_feed(0, 10_000))[-1].position - 1
+        got: list[FeedItem] = []
+        total = 1 + 60
+
+        async def follow() -> None:
+            async for item in reader.subscribe(after=start):
+                got.append(item)
+                if len(got) == total:
+                    return
+
+        task = asyncio.ensure_future(follow())
+        head = root
+        kills = 0
+        for n in range(60):
+            event = turn(head, f"turn {n}", key=f"t{n}")
+            while True:
+                try:
+                    await writer.append(append_request([event], head.id))
+                except StoreError:
+                    continue  # cut: retry with the same key (replays if it landed)
+                break
+            head = event
+            if n % 10 == 5:
+                kills += await terminate_others(postgres_url)
+                await asyncio.sleep(0.05)
+        await asyncio.wait_for(task, TIMEOUT)
+        assert kills >= 6
+        events = [item.event for item in got]
+        assert events == [e async for e in writer.events(root.session)]
+        assert len({e.id for e in events}) == total
+        assert [i.position for i in got] == sorted({i.position for i in got})
+
+
+async def test_wait_for_feed_is_woken_by_another_store_through_notify(url: str) -> None:
+    async with (
+        PostgresStore.from_url(url) as reader,
+        PostgresStore.from_url(url) as writer,
+    ):
+        reader.poll_interval = 10.0  # a poll would be far too late: only NOTIFY can wake it
+        root = create()
+        await writer.append(append_request([root], None))
+        end = (await reader.read_feed(0, 10_000))[-1].position
+        await reader.wait_for_feed(end, 0)  # starts the listener
+        began = time.monotonic()
+        waiting = asyncio.ensure_future(reader.wait_for_feed(end, 5.0))
+        await asyncio.sleep(0.1)
+        await writer.append(append_request([turn(root)], root.id))
+        await asyncio.wait_for(waiting, TIMEOUT)
+        assert time.monotonic() - began < 4.0
+
+
+# --- bad data, bad URLs --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["garbage", "other_id"])
+async def test_damaged_row_raises_integrity_error_naming_it(
+    url: str, postgres_url: str, schema: str, damage: str
+) -> None:
+    async with PostgresStore.from_url(url) as store:
+        root = create()
+        await store.append(append_request([root], None))
+        first = turn(root)
+        await store.append(append_request([first], root.id))
+        async with admin(postgres_url, schema) as conn:
+            if damage == "garbage":
+                await conn.execute(
+                    "UPDATE ledger_events SET data = '\\x00ff'::bytea WHERE id = $1", first.id
+                )
+            else:
+                await conn.execute(
+                    "UPDATE ledger_events SET data = (SELECT data FROM ledger_events "
+                    "WHERE id = $2) WHERE id = $1",
+                    first.id,
+                    root.id,
+                )
+        for call in (store.get(first.id), store.read_feed(0, 10_000)):
+            with pytest.raises(IntegrityError) as info:
+                await call
+            assert first.id in str(info.value)
+            assert info.value.event_id == first.id
+
+
+def _assert_clear(error: BaseException, *words: str) -> None:
+    message = str(error)
+    for word in words:
+        assert word in message, message
+    assert no_driver_traceback(error), "a driver traceback leaked"
+
+
+async def test_refused_port_is_one_store_error_naming_host_and_database() -> None:
+    store = open_store("postgresql://postgres@127.0.0.1:1/somedb?connect_timeout=5")
+    with pytest.raises(StoreError) as info:
+        await store.open()
+    _assert_clear(info.value, "127.0.0.1:1", "'somedb'")
+
+
+async def test_unknown_host_is_one_store_error_naming_host_and_database() -> None:
+    store = open_store("postgresql://postgres@no-such-host.invalid:5432/somedb?connect_timeout=5")
+    with pytest.raises(StoreError) as info:
+        await store.open()
+    _assert_clear(info.value, "no-such-host.invalid:5432", "'somedb'")
+
+
+async def test_missing_database_is_one_store_error_naming_it(postgres_server: str) -> None:
+    missing = f"ledger_missing_{uuid.uuid4().hex[:8]}"
+    host = postgres_server.split("@")[-1].split("/")[0]
+    store = open_store(f"postgresql://postgres@{host}/{missing}")
+    with pytest.raises(StoreError) as info:
+        await store.open()
+    _assert_clear(info.value, missing, "does not exist", host)
+
+
+async def test_ledger_open_on_a_bad_url_raises_the_store_error() -> None:
+    with pytest.raises(StoreError) as info:
+        await Ledger.open("postgresql://postgres@127.0.0.1:1/nowhere?connect_timeout=5")
+    _assert_clear(info.value, "'nowhere'")
+
+
+@pytest.mark.parametrize(
+    ("url", "options"),
+    [
+        ("postgresql://h:notaport/db", {}),
+        ("postgresql://h/db?pool_size=many", {}),
+        ("postgresql://h/db?pool_size=0", {}),
+        ("postgresql://h/db", {"pool_size": 0}),
+        ("postgresql://h/db?connect_timeout=-1", {}),
+        ("postgresql://h/db?schema=Bad-Name", {}),
+    ],
+)
+def test_malformed_urls_and_options_are_config_errors(url: str, options: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        open_store(url, **options)
+
+
+async def test_pool_size_from_the_url_and_from_keywords(url: str) -> None:
+    store = open_store(f"{url}&pool_size=3")
+    assert isinstance(store, PostgresStore) and store.pool_size == 3
+    store = open_store(url, pool_size=2)
+    assert isinstance(store, PostgresStore) and store.pool_size == 2
+    async with store:
+        # more concurrent work than connections: it queues, and all of it is done
+        roots = [create(f"u{n}") for n in range(8)]
+        await asyncio.gather(*(store.append(append_request([r], None)) for r in roots))
+        for r in roots:
+            assert await store.get(r.id) == r
+
+
+def test_password_is_never_shown(postgres_server: str) -> None:
+    store = open_store("postgresql://me:s3cret@127.0.0.1:1/db?connect_timeout=5")
+
+    async def run() -> None:
+        with pytest.raises(StoreError) as info:
+            await store.open()
+        assert "s3cret" not in str(info.value)
+
+    asyncio.run(run())
+
+
+# --- the command ----------------------------------------------------------------------
+
+
+def test_ledger_demo_runs_on_postgres(url: str) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="error")
+    env.pop("LEDGER_URL", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "ledger.cli", "--store", url, "demo"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    verify = subprocess.run(
+        [sys.executable, "-m", "ledger.cli", "--store", url, "verify"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
