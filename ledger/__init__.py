@@ -4,6 +4,9 @@ The public surface, in one screen. Backend authors look at ``stores.base`` and
 ``ledger.testing`` instead.
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ledger.config import LedgerConfig
 from ledger.errors import (
     BranchExistsError,
@@ -41,13 +44,43 @@ from ledger.events import (
     Suspended,
     TurnAdded,
 )
-from ledger.ledger import Ledger
-from ledger.verify import Problem, VerifyReport
-from projections.base import Projection
-from projections.session import Checkpoint, SessionState
-from projections.transcript import Turn, context_window
-from projections.tree import BranchInfo, Tree
-from stores.base import FeedItem, SessionPage, SessionRow
+
+if TYPE_CHECKING:
+    from ledger.ledger import Ledger
+    from ledger.verify import Problem, VerifyReport
+    from projections.base import Projection
+    from projections.session import Checkpoint, SessionState
+    from projections.transcript import Turn, context_window
+    from projections.tree import BranchInfo, Tree
+    from stores.base import FeedItem, SessionPage, SessionRow
+
+# Names from the layers above the event model load on first use (PEP 562), so that
+# `projections` and `stores`, which import `ledger.events`, can be imported first.
+_LAZY = {
+    "Ledger": "ledger.ledger",
+    "Problem": "ledger.verify",
+    "VerifyReport": "ledger.verify",
+    "Projection": "projections.base",
+    "Checkpoint": "projections.session",
+    "SessionState": "projections.session",
+    "Turn": "projections.transcript",
+    "context_window": "projections.transcript",
+    "BranchInfo": "projections.tree",
+    "Tree": "projections.tree",
+    "FeedItem": "stores.base",
+    "SessionPage": "stores.base",
+    "SessionRow": "stores.base",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ledger' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "BranchExistsError",

@@ -9,7 +9,6 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, 
 from types import TracebackType
 from typing import Any, Self, TypeVar, overload
 
-import stores  # by attribute at call time: `stores` imports `ledger` too
 from ledger.config import LedgerConfig
 from ledger.errors import (
     BranchNotFoundError,
@@ -59,6 +58,7 @@ from projections.session import (
 )
 from projections.transcript import Turn, context_window, turns_of
 from projections.tree import TREE, Tree
+from stores import open_store
 from stores.base import AppendRequest, FeedItem, FeedStore, SessionPage, SessionQuery
 
 __all__ = ["Ledger"]
@@ -170,7 +170,7 @@ class Ledger:
         config = config or LedgerConfig.from_env(url=url, key=hex_key)
         if url is not None and config.url != url:
             config = LedgerConfig(**{**_fields(config), "url": url})
-        return _Opening(cls(stores.open_store(config.url, **store_options), config))
+        return _Opening(cls(open_store(config.url, **store_options), config))
 
     async def __aenter__(self) -> Self:
         await self.store.open()

@@ -86,7 +86,10 @@ async def verify_session(
         async for event in store.events(session_id):
             checked += 1
             try:
-                state = await _check(store, session_id, event, heads, key, root=checked == 1)
+                if checked > 1 and not isinstance(event.body, Branched | Restored):
+                    state = _check_linear(session_id, event, heads, key)
+                else:
+                    state = await _check(store, session_id, event, heads, key, root=checked == 1)
             except _Bad as bad:
                 problems.append(Problem(session_id, event.id, str(bad)))
                 if len(problems) >= MAX_PROBLEMS:
@@ -102,6 +105,24 @@ async def verify_session(
     )
 
 
+def _check_linear(
+    session_id: str, event: Event, heads: dict[str, SessionState], key: bytes | None
+) -> SessionState:
+    """The common case, without a coroutine: an event whose parent is its branch's head."""
+    _check_envelope(session_id, event)
+    if isinstance(event.body, SessionCreated):
+        raise _Bad("a session has exactly one root, its first event, SessionCreated")
+    head = heads.get(event.branch)
+    if head is None:
+        raise _Bad(f"appended to unknown branch {event.branch!r}")
+    if event.parent != head.head:
+        raise _Bad(
+            f"parent {event.parent!r} is not the head {head.head!r} of branch "
+            f"{event.branch!r}: the branch forks silently"
+        )
+    return _check_step(head, event, key)
+
+
 async def _check(
     store: EventStore,
     session_id: str,
@@ -111,47 +132,49 @@ async def _check(
     *,
     root: bool,
 ) -> SessionState:
-    """The state after ``event`` if it verifies; raises ``_Bad`` naming what does not."""
-    problem = event_problem(event)
-    if problem:
-        raise _Bad(problem)
-    if event.session != session_id:
-        raise _Bad(f"belongs to session {event.session!r}")
+    """The root, a fork or a restore: the events whose parent need not be a head."""
+    if not root and not isinstance(event.body, Branched | Restored):
+        return _check_linear(session_id, event, heads, key)
+    _check_envelope(session_id, event)
     body = event.body
-    if root or isinstance(body, SessionCreated):
-        if not (root and isinstance(body, SessionCreated)):
+    if root:
+        if not isinstance(body, SessionCreated):
             raise _Bad("a session has exactly one root, its first event, SessionCreated")
         if event.parent is not None or event.seq != 0 or event.branch != "main":
             raise _Bad("the root must have no parent, depth 0 and branch 'main'")
         return SESSION.apply(SESSION.initial(), event)
     if event.parent is None:
         raise _Bad("only the root has no parent")
-    if isinstance(body, Branched | Restored):
-        parent = await _state_from_root(store, session_id, event.parent)
-        if isinstance(body, Branched):
-            if event.branch in heads or body.name != event.branch:
-                raise _Bad(f"Branched must start a new branch, {event.branch!r} exists")
-            if body.fork_point != event.parent:
-                raise _Bad("Branched's parent is not its fork point")
-        else:
-            await _check_restore(store, session_id, event, body)
-            if event.branch not in heads:
-                raise _Bad(f"restores onto unknown branch {event.branch!r}")
+    parent = await _state_from_root(store, session_id, event.parent)
+    if isinstance(body, Branched):
+        if event.branch in heads or body.name != event.branch:
+            raise _Bad(f"Branched must start a new branch, {event.branch!r} exists")
+        if body.fork_point != event.parent:
+            raise _Bad("Branched's parent is not its fork point")
     else:
-        head = heads.get(event.branch)
-        if head is None:
-            raise _Bad(f"appended to unknown branch {event.branch!r}")
-        if event.parent != head.head:
-            raise _Bad(
-                f"parent {event.parent!r} is not the head {head.head!r} of branch "
-                f"{event.branch!r}: the branch forks silently"
-            )
-        parent = head
+        assert isinstance(body, Restored)
+        await _check_restore(store, session_id, event, body)
+        if event.branch not in heads:
+            raise _Bad(f"restores onto unknown branch {event.branch!r}")
+    return _check_step(parent, event, key)
+
+
+def _check_envelope(session_id: str, event: Event) -> None:
+    problem = event_problem(event)
+    if problem:
+        raise _Bad(problem)
+    if event.session != session_id:
+        raise _Bad(f"belongs to session {event.session!r}")
+
+
+def _check_step(parent: SessionState, event: Event, key: bytes | None) -> SessionState:
+    """Depth, time, lifecycle and checkpoint checks of one step; the state after it."""
     if event.seq != parent.seq + 1:
         raise _Bad(f"depth {event.seq} after a parent of depth {parent.seq}")
     if event.at < parent.last_activity_at:
         raise _Bad("its time is before its parent's")
     _check_lifecycle(parent, event)
+    body = event.body
     if isinstance(body, Checkpointed):
         if body.entry != event.parent:
             raise _Bad("a checkpoint's entry must be its parent")

@@ -109,6 +109,19 @@ def apply(state: SessionState, event: Event) -> SessionState:
             metadata=dict(body.metadata),
             ttl_s=body.ttl_s,
         )
+    if isinstance(body, TurnAdded):  # the common event, without the generic dict below
+        return replace(
+            state,
+            branch=event.branch,
+            head=event.id,
+            seq=event.seq,
+            last_activity_at=event.at,
+            event_count=state.event_count + 1,
+            turn_count=state.turn_count + 1,
+            tokens_in=state.tokens_in + body.tokens_in,
+            tokens_out=state.tokens_out + body.tokens_out,
+            cost=state.cost + body.cost,
+        )
     moved: dict[str, Any] = {
         "branch": event.branch,
         "head": event.id,
@@ -116,14 +129,7 @@ def apply(state: SessionState, event: Event) -> SessionState:
         "last_activity_at": event.at,
         "event_count": state.event_count + 1,
     }
-    if isinstance(body, TurnAdded):
-        moved.update(
-            turn_count=state.turn_count + 1,
-            tokens_in=state.tokens_in + body.tokens_in,
-            tokens_out=state.tokens_out + body.tokens_out,
-            cost=state.cost + body.cost,
-        )
-    elif isinstance(body, Checkpointed):
+    if isinstance(body, Checkpointed):
         checkpoint = Checkpoint(
             id=event.id,
             entry=body.entry,
