@@ -25,8 +25,9 @@ ids recompute from the file. ``pos`` is the event's position in the global
 feed. ``batch`` is ``[i, n]``: the ``i``-th of the ``n`` events appended
 together; a batch counts only when all ``n`` lines are there, which makes a
 batch all or nothing. ``status``, on a batch's last line, is the session's
-listing status after it (``ledger.Ledger`` sets it; without one the status is
-unchanged, or ``active`` for a new session). Lines have no length limit.
+listing status after it (``active``, ``suspended``, ``closed`` or ``expired``, as
+``ledger.Ledger`` sets it; without one the status is unchanged, or ``active``
+for a new session). Lines have no length limit.
 
 The feed. ``feed.log`` starts with an 80-byte header line
 (``{"ledger":"session-ledger/jsonl-feed","version":1}`` padded with spaces);
@@ -142,10 +143,10 @@ _RECORD: Final = re.compile(rb"([0-9]{15}) ([0-9a-f-]{36}) ([0-9]{14}) ([0-9]{11
 _INTENT: Final = re.compile(rb"([0-9a-f-]{36}) ([0-9]{14}) ([0-9]{15}) ([0-9]{9})\n")
 _LINE: Final = re.compile(
     rb'\{"pos":([1-9][0-9]{0,14}),"batch":\[([1-9][0-9]{0,8}),([1-9][0-9]{0,8})\]'
-    rb'(?:,"status":"([a-z][a-z_-]{0,31})")?,"event":'
+    rb'(?:,"status":"(active|suspended|closed|expired)")?,"event":'
 )
 _SESSION_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-_STATUS: Final = re.compile(r"[a-z][a-z_-]{0,31}")
+_STATUSES: Final = frozenset({"active", "suspended", "closed", "expired"})
 _SUFFIX: Final = ".jsonl"
 _CHUNK: Final = 1 << 22
 _INLINE_BYTES: Final = 1 << 18
@@ -894,9 +895,10 @@ class JSONLStore(FeedStore):
                 "(a lower-case uuid4 string)"
             )
         validate_name("branch", request.branch, session_id)
-        if request.status is not None and not _STATUS.fullmatch(request.status):
+        if request.status is not None and request.status not in _STATUSES:
             raise InvalidEventError(
-                f"Invalid status for session {session_id!r}: {request.status!r}"
+                f"Invalid status for session {session_id!r}: {request.status!r} "
+                f"(one of {', '.join(sorted(_STATUSES))})"
             )
         payloads = [encode_event(e) for e in request.events]
         for payload in payloads:
