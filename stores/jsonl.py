@@ -87,12 +87,15 @@ import contextlib
 import errno
 import fcntl
 import logging
+import operator
 import os
 import re
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
+from itertools import accumulate
 from pathlib import Path
-from typing import Final
+from typing import Annotated, Final, Literal
 from urllib.parse import parse_qsl
 
 import msgspec
@@ -148,10 +151,16 @@ _LINE: Final = re.compile(
 _SESSION_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _STATUSES: Final = frozenset({"active", "suspended", "closed", "expired"})
 _SUFFIX: Final = ".jsonl"
+_LINE_BITS: Final = 40
+_LINE_MASK: Final = (1 << _LINE_BITS) - 1
 _CHUNK: Final = 1 << 22
 _INLINE_BYTES: Final = 1 << 18
 """Reads up to this size run on the event loop; bigger ones in a worker thread."""
 _INLINE_RECORDS: Final = 256
+_INLINE_SYNC_SECONDS: Final = 0.002
+"""Appends run on the event loop while the recent write + fsync average is under this."""
+_MAX_FDS: Final = 64
+"""Session files kept open (for appends and small reads) by the event loop's thread."""
 _BOOLS: Final = {
     "1": True,
     "true": True,
@@ -245,6 +254,53 @@ def _event(parsed: _Line, path: Path | str, lineno: int) -> Event:
         raise _damaged(path, lineno, f"the event does not decode ({exc})") from None
 
 
+class _Envelope(msgspec.Struct, forbid_unknown_fields=True):
+    """A whole event line, decoded at once by the readers' fast path."""
+
+    pos: Annotated[int, msgspec.Meta(ge=1)]
+    batch: tuple[Annotated[int, msgspec.Meta(ge=1)], Annotated[int, msgspec.Meta(ge=1)]]
+    event: Event
+    status: Literal["active", "suspended", "closed", "expired"] | None = None
+
+
+_page_decoder = msgspec.json.Decoder(list[_Envelope])
+_plus_one = (1).__add__
+_get_event = operator.attrgetter("event")
+_get_id = operator.attrgetter("id")
+_get_session = operator.attrgetter("session")
+
+
+def _decode_page(data: bytes, session: _Session, first: int, stop: int) -> list[Event] | None:
+    """Lines ``first`` to ``stop - 1`` of ``session`` (``data``), or None if any looks wrong.
+
+    One decode for the whole page; every line must end where the index says
+    and hold the event it names. On None the caller goes line by line (``_parse``,
+    ``_event``, the checks of ``_decode``), which names the damaged line.
+    """
+    if not data.endswith(b"\n"):
+        return None
+    lines = data.split(b"\n")
+    lines.pop()
+    if len(lines) != stop - first:
+        return None
+    ends = array.array(
+        "q", accumulate(map(_plus_one, map(len, lines)), initial=session.starts[first])
+    )
+    del ends[0]
+    if ends != session.ends[first:stop]:
+        return None
+    try:
+        envelopes = _page_decoder.decode(b"[%s]" % b",".join(lines))
+    except (msgspec.MsgspecError, UnicodeDecodeError, TypeError):
+        return None
+    events: list[Event] = list(map(_get_event, envelopes))
+    if list(map(_get_id, events)) != session.ids[first:stop] or not all(
+        map(session.session_id.__eq__, map(_get_session, events))
+    ):
+        return None
+    return events
+
+
 def _check_header(line: bytes, path: Path, session_id: str) -> None:
     try:
         header = orjson.loads(line)
@@ -317,6 +373,7 @@ class _Session:
         "ids",
         "keys",
         "last_at",
+        "number",
         "path",
         "session_id",
         "starts",
@@ -338,6 +395,7 @@ class _Session:
         self.created_at = 0
         self.last_at = 0
         self.create_key: str | None = None
+        self.number = -1  # in ``JSONLStore._numbered``, once indexed
 
     @property
     def size(self) -> int:
@@ -420,7 +478,10 @@ class JSONLStore(FeedStore):
         self._feed_fd = -1
         self._n = 0  # feed records this process has read and indexed
         self._sessions: dict[str, _Session] = {}
-        self._by_id: dict[str, tuple[_Session, int]] = {}
+        # event id -> where: the session's number (in ``_numbered``) << 40 | its line
+        # index; plain ints, so that the garbage collector has nothing per event to scan
+        self._by_id: dict[str, int] = {}
+        self._numbered: list[_Session] = []
         self._created: dict[tuple[str, str], tuple[_Session, int]] = {}
         self._open_count: dict[str, int] = {}
         self._snapshots: dict[tuple[str, str, str], bytes] = {}
@@ -429,6 +490,10 @@ class JSONLStore(FeedStore):
         self._sync = threading.Lock()
         self._write_lock = asyncio.Lock()
         self._appended = asyncio.Event()
+        # Session files kept open, by session id, least recently used first;
+        # used and changed on the event loop's thread only (never by a worker).
+        self._fds: dict[str, int] = {}
+        self._sync_seconds = 0.0  # a running average of an append's write + fsync
 
     @classmethod
     def from_url(cls, url: str, *, fsync: bool | str | None = None) -> JSONLStore:
@@ -450,7 +515,8 @@ class JSONLStore(FeedStore):
 
     async def _close(self) -> None:
         async with self._write_lock:
-            for fd in (self._feed_fd, self._lock_fd):
+            fds, self._fds = self._fds, {}
+            for fd in (*fds.values(), self._feed_fd, self._lock_fd):
                 if fd >= 0:
                     with _translate(self.directory):
                         os.close(fd)
@@ -478,6 +544,21 @@ class JSONLStore(FeedStore):
                     os.close(fd)
             self._feed_fd = self._lock_fd = -1
             raise
+
+    def _try_lock(self) -> bool:
+        """Take the writers' lock if it is free at once (a ``_locked`` without waiting)."""
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        if not self._sync.acquire(blocking=False):
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            return False
+        return True
+
+    def _unlock(self) -> None:
+        self._sync.release()
+        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -660,13 +741,17 @@ class JSONLStore(FeedStore):
             if head.id in self._by_id:
                 raise _damaged(session.path, lineno, f"event {head.id!r} appears twice", head.id)
         was_open = bool(session.ids) and session.status in OPEN_STATUSES
+        if session.number < 0:
+            session.number = len(self._numbered)
+            self._numbered.append(session)
+        where = session.number << _LINE_BITS
         for p in batch:
             head = p.head
             k = len(session.ids)
             session.ids.append(head.id)
             session.ends.append(p.end)
             session.starts.append(p.start)
-            self._by_id[head.id] = (session, k)
+            self._by_id[head.id] = where | k
             session.heads[head.branch] = head.id
             if head.idempotency_key is not None:
                 session.keys.setdefault(head.idempotency_key, k)
@@ -906,7 +991,21 @@ class JSONLStore(FeedStore):
                 raise InvalidEventError(f"Event of session {session_id!r} encodes with a newline")
         async with self._write_lock:
             self._check_open()
-            original = await asyncio.to_thread(self._append_sync, request, payloads)
+            original: Event | None = None
+            inline = False
+            if (
+                self._sync_seconds < _INLINE_SYNC_SECONDS
+                and sum(map(len, payloads)) <= _INLINE_BYTES
+            ):
+                with _translate(self.directory, session_id):
+                    inline = self._try_lock()
+                    if inline:
+                        try:
+                            original = self._append_locked(request, payloads, cache=True)
+                        finally:
+                            self._unlock()
+            if not inline:
+                original = await asyncio.to_thread(self._append_sync, request, payloads)
         if original is not None:
             return AppendResult([original], replayed=True)
         self._appended.set()
@@ -914,51 +1013,63 @@ class JSONLStore(FeedStore):
         return AppendResult(list(request.events))
 
     def _append_sync(self, request: AppendRequest, payloads: list[bytes]) -> Event | None:
+        with _translate(self.directory, request.session_id), self._locked():
+            return self._append_locked(request, payloads, cache=False)
+
+    def _append_locked(
+        self, request: AppendRequest, payloads: list[bytes], *, cache: bool
+    ) -> Event | None:
+        """Check and write the batch (holds the lock); the original event of a replay.
+
+        ``cache``: running on the event loop's thread, which alone may use
+        (and change) the cache of open session files.
+        """
         session_id = request.session_id
-        with _translate(self.directory, session_id), self._locked():
-            self._catch_up()
-            self._repair_intent()
-            first = request.events[0]
-            created = first.body if isinstance(first.body, SessionCreated) else None
-            session = self._sessions.get(session_id)
-            key = first.idempotency_key
-            if key is not None:
-                found = (
-                    self._created.get((created.user_id, key))
-                    if created is not None
-                    else (session, session.keys[key])
-                    if session is not None and key in session.keys
-                    else None
-                )
-                if found is not None:
-                    return self._read_event(*found)
-            if created is not None:
-                limit = request.max_open_sessions
-                if limit is not None and self._open_count.get(created.user_id, 0) >= limit:
-                    raise SessionCapacityError(f"user {created.user_id!r}", "open sessions", limit)
-            elif session is None:
-                raise SessionNotFoundError(session_id)
-            check_head(request, session.heads.get(request.branch) if session else None)
-            if created is not None and session is not None:
-                raise BranchExistsError(session_id, request.branch, None)
-            if (
-                session is not None
-                and request.expected_head is None
-                and request.max_branches is not None
-                and len(session.heads) >= request.max_branches
-            ):
-                raise SessionCapacityError(
-                    f"session {session_id!r}", "branches", request.max_branches
-                )
-            self._write(request, session, payloads)
+        self._catch_up()
+        self._repair_intent()
+        first = request.events[0]
+        created = first.body if isinstance(first.body, SessionCreated) else None
+        session = self._sessions.get(session_id)
+        key = first.idempotency_key
+        if key is not None:
+            found = (
+                self._created.get((created.user_id, key))
+                if created is not None
+                else (session, session.keys[key])
+                if session is not None and key in session.keys
+                else None
+            )
+            if found is not None:
+                return self._read_event(*found)
+        if created is not None:
+            limit = request.max_open_sessions
+            if limit is not None and self._open_count.get(created.user_id, 0) >= limit:
+                raise SessionCapacityError(f"user {created.user_id!r}", "open sessions", limit)
+        elif session is None:
+            raise SessionNotFoundError(session_id)
+        check_head(request, session.heads.get(request.branch) if session else None)
+        if created is not None and session is not None:
+            raise BranchExistsError(session_id, request.branch, None)
+        if (
+            session is not None
+            and request.expected_head is None
+            and request.max_branches is not None
+            and len(session.heads) >= request.max_branches
+        ):
+            raise SessionCapacityError(f"session {session_id!r}", "branches", request.max_branches)
+        self._write(request, session, payloads, cache)
         return None
 
     def _write(
-        self, request: AppendRequest, session: _Session | None, payloads: list[bytes]
+        self,
+        request: AppendRequest,
+        session: _Session | None,
+        payloads: list[bytes],
+        cache: bool,
     ) -> None:
         """Intent, session lines, sync, feed records, index (holds the lock)."""
         session_id = request.session_id
-        path = self._sessions_dir / (session_id + _SUFFIX)
+        path = self._sessions_dir / (session_id + _SUFFIX) if session is None else session.path
         new = session is None
         offset = 0 if session is None else session.size
         count = len(payloads)
@@ -990,19 +1101,20 @@ class JSONLStore(FeedStore):
             b"%s %014d %015d %09d\n" % (session_id.encode(), offset, first_pos, count),
             0,
         )
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if new else 0)
-        if new:
-            with contextlib.suppress(FileNotFoundError):
-                # leftovers of a creation that died before its first record
-                self._move_aside(path, 0, 1)
-        fd = os.open(path, flags, 0o600)
+        started = time.perf_counter()
+        fd = self._fds.pop(session_id, -1) if cache else -1
         try:
-            size = os.fstat(fd).st_size
-            if size != offset:
-                os.close(fd)
-                fd = -1
-                self._move_aside(path, offset, len(session.ids) + 2 if session else 1)
+            if fd < 0:
+                flags = os.O_RDWR | os.O_APPEND | os.O_CLOEXEC
+                if new:
+                    with contextlib.suppress(FileNotFoundError):
+                        # leftovers of a creation that died before its first record
+                        self._move_aside(path, 0, 1)
+                    flags |= os.O_CREAT | os.O_EXCL
                 fd = os.open(path, flags, 0o600)
+            if os.fstat(fd).st_size != offset:
+                # a dead writer's tail (the file stays the same: it is cut back)
+                self._move_aside(path, offset, len(session.ids) + 2 if session else 1)
             try:
                 _write_all(fd, b"".join(parts))
                 if self.fsync:
@@ -1014,11 +1126,21 @@ class JSONLStore(FeedStore):
                     if new:
                         os.unlink(path)
                 raise
-        finally:
+        except BaseException:
             if fd >= 0:
                 os.close(fd)
+            raise
+        if cache:
+            self._fds[session_id] = fd  # the most recently used last
+            if len(self._fds) > _MAX_FDS:
+                oldest = next(iter(self._fds))
+                os.close(self._fds.pop(oldest))
+        else:
+            os.close(fd)
         if new and self.fsync:
             _fsync_dir(self._sessions_dir)
+        elapsed = time.perf_counter() - started
+        self._sync_seconds += (elapsed - self._sync_seconds) / 8
         _write_all(self._feed_fd, b"".join(records))
         if session is None:
             session = _Session(session_id, path)
@@ -1035,15 +1157,27 @@ class JSONLStore(FeedStore):
 
     # reads -------------------------------------------------------------------------
 
-    def _read_event(self, session: _Session, k: int) -> Event:
-        """Line ``k`` of ``session``, checked against the index."""
+    def _pread(self, session: _Session, start: int, size: int, cache: bool) -> bytes:
+        """``size`` bytes of the session file from ``start``; ``cache``: on the loop's thread."""
+        fd = self._fds.get(session.session_id, -1) if cache else -1
+        if fd >= 0:
+            return os.pread(fd, size, start)
         fd = os.open(session.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            start = session.starts[k]
-            line = os.pread(fd, session.ends[k] - start, start)
+            return os.pread(fd, size, start)
         finally:
             os.close(fd)
-        return self._decode(session, k, line)
+
+    def _find(self, event_id: str) -> tuple[_Session, int] | None:
+        where = self._by_id.get(event_id)
+        if where is None:
+            return None
+        return self._numbered[where >> _LINE_BITS], where & _LINE_MASK
+
+    def _read_event(self, session: _Session, k: int) -> Event:
+        """Line ``k`` of ``session``, checked against the index."""
+        start = session.starts[k]
+        return self._decode(session, k, self._pread(session, start, session.ends[k] - start, False))
 
     def _decode(self, session: _Session, k: int, line: bytes) -> Event:
         lineno = k + 2
@@ -1059,15 +1193,17 @@ class JSONLStore(FeedStore):
             )
         return event
 
-    def _read_range(self, session: _Session, first: int, stop: int) -> list[Event]:
+    def _read_range(
+        self, session: _Session, first: int, stop: int, cache: bool = False
+    ) -> list[Event]:
         """Lines ``first`` to ``stop - 1`` of ``session``, with one read."""
-        fd = os.open(session.path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            base = session.starts[first]
-            data = os.pread(fd, session.ends[stop - 1] - base, base)
-        finally:
-            os.close(fd)
         starts, ends = session.starts, session.ends
+        base = starts[first]
+        data = self._pread(session, base, ends[stop - 1] - base, cache)
+        events = _decode_page(data, session, first, stop)
+        if events is not None:
+            return events
+        # Something is wrong: line by line, to name the line.
         return [
             self._decode(session, k, data[starts[k] - base : ends[k] - base])
             for k in range(first, stop)
@@ -1078,12 +1214,12 @@ class JSONLStore(FeedStore):
             return []
         with _translate(session.path, session.session_id):
             if session.ends[stop - 1] - session.starts[first] <= _INLINE_BYTES:
-                return self._read_range(session, first, stop)
+                return self._read_range(session, first, stop, True)
             return await asyncio.to_thread(self._read_range, session, first, stop)
 
     async def get(self, event_id: str) -> Event:
         await self._refresh()
-        found = self._by_id.get(event_id)
+        found = self._find(event_id)
         if found is None:
             raise EventNotFoundError(event_id)
         return (await self._events_between(found[0], found[1], found[1] + 1))[0]
@@ -1107,7 +1243,7 @@ class JSONLStore(FeedStore):
         await self._refresh()
         if limit is not None and limit <= 0:
             return []
-        found = self._by_id.get(event_id)
+        found = self._find(event_id)
         if found is None:
             raise EventNotFoundError(event_id)
         session, k = found
@@ -1116,7 +1252,7 @@ class JSONLStore(FeedStore):
         out = [lines[k]]
         while out[-1].parent is not None and (limit is None or len(out) < limit):
             child = out[-1]
-            parent = self._by_id.get(child.parent) if child.parent else None
+            parent = self._find(child.parent) if child.parent else None
             if parent is None or parent[0] is not session or parent[1] >= k:
                 raise IntegrityError(
                     f"Parent of event {child.id!r} is missing from "
