@@ -1,4 +1,4 @@
-"""Benchmarks of the session ledger: against raw aiosqlite, Aixgo's figures and peers.
+"""Benchmarks of the session ledger: against raw aiosqlite and raw files, Aixgo's figures, peers.
 
 Run ``python -m bench.run [--quick] [--out bench/RESULTS.md]``. Every figure of
 the table is measured in the same run, on the same disk: per-operation times
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import orjson
 
 from ledger import Ledger
 from ledger.events import SessionCreated, TurnAdded, encode_event, make_event, new_session_id
@@ -338,6 +339,138 @@ async def bench_replay(tmp: Path, n: int) -> None:
         )
 
 
+# --- 4b. the JSONL store ------------------------------------------------------------
+
+
+async def bench_jsonl_append(tmp: Path, n: int) -> None:
+    """add_turn on the JSONL store (fsync on) against a raw append + fsync of the same bytes."""
+    async with Ledger.open(f"jsonl:///{tmp}/jsonl-append") as led:
+        s = await led.create(user_id="u", agent="a")
+        sid = s.session_id
+        probe = make_event(
+            session=sid,
+            parent=s.head,
+            seq=1,
+            branch="main",
+            at=time.time_ns(),
+            actor="u",
+            body=TurnAdded(role="user", content=CONTENT, tokens_in=12),
+        )
+        line = b'{"pos":%d,"batch":[1,1],"event":%s}\n' % (2, encode_event(probe))
+        raw_path = tmp / "raw-append.jsonl"
+
+        async def ledger_op() -> None:
+            await led.add_turn(sid, role="user", content=CONTENT, tokens_in=12)
+
+        def raw_append() -> None:
+            with open(raw_path, "ab") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+
+        async def raw_op() -> None:
+            raw_append()  # on the loop, as our small appends are
+
+        times = await interleaved({"ours": ledger_op, "raw": raw_op}, n)
+    ours, raw = times["ours"], times["raw"]
+    add(
+        "JSONL add_turn, fsync on",
+        spread(ours),
+        "µs median / p95",
+        f"raw open('ab') + write + fsync of the same line {spread(raw)} µs; "
+        f"ratio {med(ours) / med(raw):.2f}x",
+        "≤ 1.3x raw",
+    )
+
+
+async def bench_jsonl_read_turns(tmp: Path, n: int) -> None:
+    url = f"jsonl:///{tmp}/jsonl-turns"
+    async with Ledger.open(url) as led:
+        sid = (await led.create(user_id="u", agent="a")).session_id
+        for i in range(100):
+            await led.add_turn(
+                sid, role="user" if i % 2 else "assistant", content=f"{CONTENT} #{i}"
+            )
+    path = tmp / "jsonl-turns" / "sessions" / f"{sid}.jsonl"
+
+    def read_lines() -> None:
+        with open(path, "rb") as f:
+            [orjson.loads(line) for line in f.read().splitlines()[1:]]
+
+    async def raw_read() -> None:
+        read_lines()
+
+    async with Ledger.open(url) as led:
+        assert len(await led.turns(sid)) == 100
+        times = await interleaved({"ours": lambda: led.turns(sid), "raw": raw_read}, n)
+    ours, raw = times["ours"], times["raw"]
+    add(
+        "JSONL turns() of 100 turns, warm",
+        spread(ours, 1000),
+        "ms median / p95",
+        f"raw read + orjson.loads of the 101 lines {spread(raw, 1000)} ms; "
+        f"ratio {med(ours) / med(raw):.2f}x",
+        "Aixgo 10 ms",
+    )
+
+
+async def bench_jsonl_replay(tmp: Path, n: int) -> None:
+    url = f"jsonl:///{tmp}/jsonl-replay"
+    store = open_store(url, fsync="off")
+    async with store:
+        start = time.perf_counter_ns()
+        sid, _ = await build_session(store, n, batch=10_000)
+        build = (time.perf_counter_ns() - start) / 1e9
+    size = (tmp / "jsonl-replay" / "sessions" / f"{sid}.jsonl").stat().st_size
+    add(
+        f"JSONL build {n:,} events (make_event + store.append, 10,000 per batch)",
+        f"{n / build:,.0f}",
+        "events/s",
+        f"{build:.1f} s; fsync off (building only); {mib(size)} file",
+    )
+    store = open_store(url)
+    start = time.perf_counter_ns()
+    await store.open()
+    opening = (time.perf_counter_ns() - start) / 1e9
+    try:
+        add(
+            f"JSONL open a store of {n:,} events (scan and index every line)",
+            f"{n / opening:,.0f}",
+            "events/s",
+            f"{opening:.2f} s",
+        )
+
+        async def events() -> int:
+            count = 0
+            async for _ in store.events(sid):
+                count += 1
+            return count
+
+        seconds, peak, count = await timed_with_memory(events)
+        assert count == n, count
+        add(
+            f"JSONL replay {n:,} events (store.events)",
+            f"{n / seconds:,.0f}",
+            "events/s",
+            f"{seconds:.2f} s",
+            "> 500,000/s",
+            f"{mib(peak)} tracemalloc peak",
+        )
+        gc.collect()
+        start = time.perf_counter_ns()
+        count = await replay(store, sid)
+        seconds = (time.perf_counter_ns() - start) / 1e9
+        assert count == n, count
+        add(
+            f"JSONL replay {n:,} events (store.events + SESSION fold)",
+            f"{n / seconds:,.0f}",
+            "events/s",
+            f"{seconds:.2f} s",
+        )
+    finally:
+        await store.close()
+
+
 # --- 5. Aixgo's floor ---------------------------------------------------------------
 
 
@@ -514,6 +647,9 @@ async def main(args: argparse.Namespace) -> None:
         read = await bench_read_turns(tmp, ops)
         await bench_state(tmp, long_n, points)
         await bench_replay(tmp, replay_n)
+        await bench_jsonl_append(tmp, ops)
+        await bench_jsonl_read_turns(tmp, ops)
+        await bench_jsonl_replay(tmp, replay_n)
         await bench_aixgo(tmp, ops, "full", durable, read)
         await bench_aixgo(tmp, ops, "normal", normal, read)
         await bench_peers(tmp, ops)
