@@ -658,13 +658,16 @@ class PostgresStore(FeedStore):
         """One statement on a pooled connection; a connection found broken is thrown away.
 
         The pool would otherwise hand a connection the server terminated (or
-        that asyncpg lost track of) to the next caller.
+        that asyncpg lost track of) to the next caller. When one is broken the
+        others likely are too (a restart, a failover): all are replaced.
         """
-        async with self._pool.acquire() as conn:
+        pool = self._pool
+        async with pool.acquire() as conn:
             try:
                 return await getattr(conn, method)(sql, *args)
             except _CONNECTION_LOST:
                 conn.terminate()
+                await pool.expire_connections()
                 raise
 
     async def _fetch(self, sql: str, *args: Any) -> list[_Row]:

@@ -16,13 +16,14 @@ run, never skip.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import importlib
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -46,15 +47,12 @@ class Backend:
 DURABLE = {"memory": False, "sqlite": True, "jsonl": True, "postgres": True}
 
 
-def store_factory(
-    name: str, tmp_path: Path, postgres_url: str | None = None
-) -> Callable[[], FeedStore]:
+def store_factory(name: str, tmp_path: Path) -> Callable[[], FeedStore]:
     """A zero-argument callable returning a new, unopened store over one test's data.
 
     Every call returns a new store object over the same data, so a durable
-    backend can be closed and reopened. Add a backend here. ``postgres_url``
-    is the run's database (the ``postgres_url`` fixture); each factory gets a
-    schema of its own in it.
+    backend can be closed and reopened. Add a backend here. PostgreSQL: each
+    factory gets a schema of its own in the run's database.
     """
     from stores import open_store
 
@@ -69,8 +67,7 @@ def store_factory(
         url = f"jsonl:///{tmp_path / 'jsonl'}"
         return lambda: open_store(url)
     if name == "postgres":
-        if not postgres_url:
-            raise pytest.UsageError(f"the postgres backend needs {POSTGRES_URL_ENV}")
+        postgres_url = run_database_url()
         # A schema of its own: the facade tests (the sweeper, listings) expect
         # a store holding only their own sessions.
         sep = "&" if "?" in postgres_url else "?"
@@ -140,6 +137,38 @@ def pytest_configure(config: pytest.Config) -> None:
 
 # --- the run's PostgreSQL database ---------------------------------------------------
 
+_RUN_DATABASE: dict[str, str] = {}
+"""``server``, ``name`` and ``url`` of the run's database, once made."""
+
+
+def _run(coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run ``coroutine`` to the end, even from code already inside an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(coroutine)
+        return
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, coroutine).result()
+
+
+def run_database_url() -> str:
+    """The URL of the run's own database, ``ledger_test_<random>``: made at first use."""
+    if "url" not in _RUN_DATABASE:
+        server = os.environ.get(POSTGRES_URL_ENV)
+        if not server:
+            raise pytest.UsageError(f"the postgres backend needs {POSTGRES_URL_ENV}")
+        name = f"ledger_test_{uuid.uuid4().hex[:12]}"
+        _run(create_database(server, name))
+        _RUN_DATABASE.update(server=server, name=name, url=with_database(server, name))
+    return _RUN_DATABASE["url"]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if "url" in _RUN_DATABASE:
+        _run(drop_database(_RUN_DATABASE["server"], _RUN_DATABASE["name"]))
+        _RUN_DATABASE.clear()
+
 
 def with_database(server_url: str, database: str) -> str:
     """``server_url`` pointing at ``database`` instead (its query string kept)."""
@@ -183,14 +212,9 @@ def postgres_server() -> str:
 
 
 @pytest.fixture(scope="session")
-def postgres_url(postgres_server: str) -> Iterator[str]:
-    """A database of this run's own, ``ledger_test_<random>``, dropped at the end."""
-    database = f"ledger_test_{uuid.uuid4().hex[:12]}"
-    asyncio.run(create_database(postgres_server, database))
-    try:
-        yield with_database(postgres_server, database)
-    finally:
-        asyncio.run(drop_database(postgres_server, database))
+def postgres_url(postgres_server: str) -> str:
+    """The run's own database, ``ledger_test_<random>``, dropped when the run ends."""
+    return run_database_url()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -208,9 +232,5 @@ def backend(request: pytest.FixtureRequest) -> Backend:
 
 
 @pytest.fixture
-def make_store(
-    backend: Backend, tmp_path: Path, request: pytest.FixtureRequest
-) -> Callable[[], FeedStore]:
-    # The run's database is made only when a PostgreSQL test first asks for it.
-    pg_url = request.getfixturevalue("postgres_url") if backend.name == "postgres" else None
-    return store_factory(backend.name, tmp_path, pg_url)
+def make_store(backend: Backend, tmp_path: Path) -> Callable[[], FeedStore]:
+    return store_factory(backend.name, tmp_path)

@@ -13,12 +13,15 @@ import collections
 import contextlib
 import itertools
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -426,6 +429,116 @@ async def test_subscriber_survives_terminated_connections(url: str, postgres_url
                 await asyncio.sleep(0.05)
         await asyncio.wait_for(task, TIMEOUT)
         assert kills >= 6
+        events = [item.event for item in got]
+        assert events == [e async for e in writer.events(root.session)]
+        assert len({e.id for e in events}) == total
+        assert [i.position for i in got] == sorted({i.position for i in got})
+
+
+def _pg_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    return found[-1].parent if found else None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def private_server() -> Iterator[tuple[str, Callable[[], None]]]:
+    """A throwaway PostgreSQL cluster of this test's own: its URL, and how to restart it.
+
+    Restarting the shared server would cut off everyone else using it.
+    """
+    bin_dir = _pg_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found")
+    # Not under pytest's tmp_path: the server's user must be able to reach it.
+    home = Path(tempfile.mkdtemp(prefix="ledger-pg-"))
+    as_postgres: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        shutil.chown(home, "postgres")
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+    data, port, log = home / "data", _free_port(), str(home / "log")
+    options = f"-p {port} -k {home} -c listen_addresses=127.0.0.1 -c fsync=off"
+
+    def pg_ctl(*args: str, check: bool = True) -> None:
+        subprocess.run(
+            [*as_postgres, str(bin_dir / "pg_ctl"), "-D", str(data), *args],
+            check=check,
+            # the server must not inherit our pipes: its output goes to the log
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+        )
+
+    try:
+        subprocess.run(
+            [
+                *as_postgres,
+                str(bin_dir / "initdb"),
+                "-D",
+                str(data),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        pg_ctl("-o", options, "-l", log, "-w", "start")
+        yield (
+            f"postgresql://postgres@127.0.0.1:{port}/postgres",
+            lambda: pg_ctl("-o", options, "-l", log, "-m", "fast", "-w", "restart"),
+        )
+    finally:
+        try:
+            pg_ctl("-m", "immediate", "-w", "stop", check=False)
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.slow
+async def test_subscriber_survives_a_server_restart(
+    private_server: tuple[str, Callable[[], None]],
+) -> None:
+    url, restart = private_server
+    async with (
+        PostgresStore.from_url(url) as reader,
+        PostgresStore.from_url(url) as writer,
+    ):
+        root = create()
+        await writer.append(append_request([root], None))
+        got: list[FeedItem] = []
+        total = 1 + 30
+
+        async def follow() -> None:
+            async for item in reader.subscribe(after=0):
+                got.append(item)
+                if len(got) == total:
+                    return
+
+        task = asyncio.ensure_future(follow())
+        head = root
+        for n in range(30):
+            event = turn(head, f"turn {n}", key=f"t{n}")
+            while True:
+                try:
+                    await writer.append(append_request([event], head.id))
+                except StoreError:
+                    await asyncio.sleep(0.05)
+                    continue  # the server is away: retry with the same key
+                break
+            head = event
+            if n in (10, 20):
+                await asyncio.to_thread(restart)
+        await asyncio.wait_for(task, TIMEOUT)
         events = [item.event for item in got]
         assert events == [e async for e in writer.events(root.session)]
         assert len({e.id for e in events}) == total
