@@ -258,7 +258,7 @@ def _event(parsed: _Line, path: Path | str, lineno: int) -> Event:
         raise _damaged(path, lineno, f"the event does not decode ({exc})") from None
 
 
-class _Envelope(msgspec.Struct, forbid_unknown_fields=True):
+class _Envelope(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     """A whole event line, decoded at once by the readers' fast path."""
 
     pos: Annotated[int, msgspec.Meta(ge=1)]
