@@ -62,6 +62,7 @@ class _Body(
     tag_field="kind",
     omit_defaults=True,
     forbid_unknown_fields=True,
+    gc=False,  # immutable and acyclic: untracked, so a million of them don't slow the GC
 ):
     """Base of every event body; the tag (the class name) is the event's kind."""
 
@@ -147,7 +148,7 @@ Body = (
 )
 
 
-class Event(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Event(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):
     """One immutable entry of a session's tree."""
 
     id: str
