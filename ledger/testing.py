@@ -993,6 +993,7 @@ class EventStoreContract:
 
     # durability
 
+    @pytest.mark.durable
     async def test_everything_survives_close_and_reopen(
         self, make_store: Callable[[], EventStore]
     ) -> None:
@@ -1234,6 +1235,7 @@ class StoreContract(EventStoreContract):
                 await by_session.aclose()
                 await by_kind.aclose()
 
+    @pytest.mark.durable
     async def test_feed_positions_keep_increasing_after_reopen(
         self, make_store: Callable[[], FeedStore]
     ) -> None:

@@ -234,3 +234,17 @@ def backend(request: pytest.FixtureRequest) -> Backend:
 @pytest.fixture
 def make_store(backend: Backend, tmp_path: Path) -> Callable[[], FeedStore]:
     return store_factory(backend.name, tmp_path)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Durable-only tests are not collected for a backend that keeps nothing."""
+    keep: list[pytest.Item] = []
+    dropped: list[pytest.Item] = []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        backend = callspec.params.get("backend") if callspec else None
+        not_durable = isinstance(backend, Backend) and not backend.durable
+        (dropped if not_durable and item.get_closest_marker("durable") else keep).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
