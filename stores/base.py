@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import itertools
 import warnings
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from types import TracebackType
@@ -30,6 +31,7 @@ import msgspec
 from ledger.errors import (
     BranchExistsError,
     ConflictError,
+    IntegrityError,
     InvalidEventError,
     StoreClosedError,
 )
@@ -45,6 +47,7 @@ __all__ = [
     "SessionPage",
     "SessionQuery",
     "SessionRow",
+    "check_ancestry",
     "check_head",
 ]
 
@@ -144,6 +147,26 @@ def validate_request(request: AppendRequest) -> None:
         if previous is not None and (event.parent != previous.id or event.seq != previous.seq + 1):
             raise InvalidEventError(f"Event {event.id!r} does not extend {previous.id!r}")
         previous = event
+
+
+def check_ancestry(events: list[Event], limit: int | None, where: str) -> list[Event]:
+    """A backend's decoded ancestors, newest first: each the parent of the one before it.
+
+    Raises ``IntegrityError`` naming the event whose stored parent link is broken
+    or whose parent is missing from the store (``where`` says which store).
+    """
+    for child, parent in itertools.pairwise(events):
+        if child.parent != parent.id or child.session != parent.session:
+            raise IntegrityError(
+                f"Stored event's parent column disagrees with its data: {child.id!r} {where}",
+                child.id,
+            )
+    tail = events[-1]
+    if tail.parent is not None and (limit is None or len(events) < limit):
+        raise IntegrityError(
+            f"Parent of event {tail.id!r} is missing {where}: {tail.parent!r}", tail.id
+        )
+    return events
 
 
 def page_cursor(row: SessionRow) -> str:

@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import os
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
@@ -88,6 +87,7 @@ from stores.base import (
     SessionPage,
     SessionQuery,
     SessionRow,
+    check_ancestry,
     check_head,
     page_cursor,
     parse_cursor,
@@ -816,20 +816,7 @@ class PostgresStore(FeedStore):
         if not rows:
             raise EventNotFoundError(event_id)
         events = [_decode(row, self.target) for row in rows]
-        for child, parent in itertools.pairwise(events):
-            if child.parent != parent.id or child.session != parent.session:
-                raise IntegrityError(
-                    f"Stored event's parent column disagrees with its data: {child.id!r} "
-                    f"at {self.target}",
-                    child.id,
-                )
-        tail = events[-1]
-        if tail.parent is not None and (limit is None or len(events) < limit):
-            raise IntegrityError(
-                f"Parent of event {tail.id!r} is missing at {self.target}: {tail.parent!r}",
-                tail.id,
-            )
-        return events
+        return check_ancestry(events, limit, f"at {self.target}")
 
     async def events(self, session_id: str, *, page_size: int = 1000) -> AsyncIterator[Event]:
         page_size = max(1, page_size)

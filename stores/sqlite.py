@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
@@ -67,6 +66,7 @@ from stores.base import (
     SessionPage,
     SessionQuery,
     SessionRow,
+    check_ancestry,
     check_head,
     page_cursor,
     parse_cursor,
@@ -616,20 +616,7 @@ class SQLiteStore(FeedStore):
         if not rows:
             raise EventNotFoundError(event_id)
         events = [_decode(row, self.filename) for row in rows]
-        for child, parent in itertools.pairwise(events):
-            if child.parent != parent.id or child.session != parent.session:
-                raise IntegrityError(
-                    f"Stored event's parent column disagrees with its data: {child.id!r} "
-                    f"in {self.filename!r}",
-                    child.id,
-                )
-        tail = events[-1]
-        if tail.parent is not None and (limit is None or len(events) < limit):
-            raise IntegrityError(
-                f"Parent of event {tail.id!r} is missing from {self.filename!r}: {tail.parent!r}",
-                tail.id,
-            )
-        return events
+        return check_ancestry(events, limit, f"in {self.filename!r}")
 
     async def events(self, session_id: str, *, page_size: int = 1000) -> AsyncIterator[Event]:
         page_size = max(1, page_size)
