@@ -45,7 +45,7 @@ _Result = TypeVar("_Result")
 class GroupStats:
     """Counters of one store's group commits, for tests and tuning."""
 
-    __slots__ = ("appends", "groups", "largest")
+    __slots__ = ("appends", "groups", "largest", "split")
 
     def __init__(self) -> None:
         self.groups = 0
@@ -54,9 +54,14 @@ class GroupStats:
         """Requests run in those groups."""
         self.largest = 0
         """The most requests one group has held."""
+        self.split = 0
+        """Groups that failed whole and were run again one request at a time."""
 
     def __repr__(self) -> str:
-        return f"GroupStats(groups={self.groups}, appends={self.appends}, largest={self.largest})"
+        return (
+            f"GroupStats(groups={self.groups}, appends={self.appends}, "
+            f"largest={self.largest}, split={self.split})"
+        )
 
 
 class GroupCommit(Generic[_Request, _Result]):

@@ -844,6 +844,7 @@ class PostgresStore(FeedStore):
             rows = await self._call("fetch", _APPEND_GROUP_SQL, *columns, counts, *events)
         except Exception as exc:
             if len(group) > 1 and isinstance(exc, _ONE_REQUESTS_FAULT):
+                self._group.stats.split += 1
                 return [await self._append_alone(request, args) for request, args in group]
             # The group failed whole (connection lost, server error): each caller
             # gets the error of its own append, naming its session.

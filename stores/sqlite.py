@@ -185,6 +185,18 @@ def _translate(path: str, session_id: str | None = None) -> Iterator[None]:
         raise
 
 
+def _translated(error: Exception, path: str, session_id: str) -> LedgerError:
+    """``error`` as ``_translate`` turns it into the ledger's, for an append to ``session_id``."""
+    if isinstance(error, LedgerError):
+        return error
+    try:
+        with _translate(path, session_id):
+            raise error
+    except LedgerError as translated:
+        return translated
+    raise AssertionError("unreachable")  # _translate raised something else
+
+
 async def _in_thread(
     db: aiosqlite.Connection,
     fn: Callable[Concatenate[sqlite3.Connection, _P], _T],
@@ -378,14 +390,14 @@ def _group_tx(
     try:
         for request, rows in group:
             try:
-                with _translate(path, request.session_id):
-                    outcomes.append(_append_tx(conn, request, rows))
-            except LedgerError as exc:
-                # The store's own failures (I/O, a full disk, corruption) are the
-                # group's; so is any error after which SQLite ended the transaction.
-                if isinstance(exc, StoreError | IntegrityError) or not conn.in_transaction:
+                outcomes.append(_append_tx(conn, request, rows))
+            except (LedgerError, sqlite3.IntegrityError) as exc:
+                # A refusal, or a constraint only this batch broke, is its own;
+                # any other error (I/O, a full disk, corruption) is the group's,
+                # and so is any after which SQLite ended the transaction.
+                if not conn.in_transaction:
                     raise
-                outcomes.append(exc)
+                outcomes.append(_translated(exc, path, request.session_id))
         conn.execute("COMMIT")
     except BaseException:
         _rollback(conn)
@@ -638,8 +650,11 @@ class SQLiteStore(FeedStore):
         """One group commit (``stores.group``): one transaction, one WAL sync."""
         self._check_open_for_group()
         assert self._writer is not None
-        with _translate(self.filename):
+        try:
             outcomes = await _in_thread(self._writer, _group_tx, self.filename, group)
+        except (sqlite3.Error, ValueError) as exc:
+            # Nothing of the group was written; each caller hears of its own append.
+            return [_translated(exc, self.filename, request.session_id) for request, _ in group]
         # Wake this process's feed waiters now; other processes' are polled.
         self._appended.set()
         self._appended = asyncio.Event()
