@@ -831,6 +831,10 @@ class PostgresStore(FeedStore):
         """
         if self._pool is None:
             raise StoreClosedError(f"Store was closed: PostgreSQL at {self.target}")
+        if len(group) == 1:
+            # Alone, a request needs neither the group's locking up front nor its
+            # loop: ledger_append itself costs less (about 0.2 ms of server time).
+            return [await self._append_alone(*group[0])]
         columns: list[list[Any]] = [[] for _ in range(_REQUEST_FIELDS)]
         counts: list[int] = []
         events: list[list[Any]] = [[] for _ in range(len(group[0][1]) - _REQUEST_FIELDS)]
@@ -843,7 +847,7 @@ class PostgresStore(FeedStore):
         try:
             rows = await self._call("fetch", _APPEND_GROUP_SQL, *columns, counts, *events)
         except Exception as exc:
-            if len(group) > 1 and isinstance(exc, _ONE_REQUESTS_FAULT):
+            if isinstance(exc, _ONE_REQUESTS_FAULT):
                 self._group.stats.split += 1
                 return [await self._append_alone(request, args) for request, args in group]
             # The group failed whole (connection lost, server error): each caller
