@@ -25,6 +25,15 @@ mirrors ``MemoryStore.append`` check for check:
   ``max_open_sessions`` cannot be overrun; a second create of one session id
   loses on the primary key (``INSERT ... ON CONFLICT DO NOTHING``).
 
+Group commit (``stores.group``). Appends queued together run as one
+statement, ``ledger_append_group``, which first takes every user lock and
+session row lock they need in one global order (so groups of different
+processes cannot deadlock), then calls ``ledger_append`` for each in turn; a
+refused request writes nothing, so it needs no subtransaction. One commit, one
+WAL flush for the group. If the statement fails because of one request (a batch
+repeating an event id) or a deadlock, it is rolled back whole and each request
+runs alone. A group of one calls ``ledger_append`` directly.
+
 Nothing is checked in one transaction and written in another. If the
 connection drops during an append, the caller gets ``StoreError`` and the
 batch either committed whole or not at all: retrying with the same idempotency

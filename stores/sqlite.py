@@ -16,10 +16,12 @@ loss or system crash. Transactions are durable across application crashes
 regardless of the synchronous setting").
 
 Concurrency. Several processes may open the same file and append to the same
-session. Each append is one ``BEGIN IMMEDIATE`` transaction: it takes SQLite's
-single write lock first, then checks idempotency, the session and the branch
-head (``stores.base.check_head``), and writes; nothing is checked in one
-transaction and written in another. A process waits up to ``busy_timeout``
+session. Appends are committed in groups (``stores.group``): the appends that
+one process has queued run in one ``BEGIN IMMEDIATE`` transaction, each in a
+savepoint of its own, and share one commit and one WAL sync. The transaction
+takes SQLite's single write lock first; then each append checks idempotency,
+the session and the branch head (``stores.base.check_head``) and writes;
+nothing is checked in one transaction and written in another. A process waits up to ``busy_timeout``
 seconds for another's write lock. Within a process, appends go through one
 write connection whose transactions each run whole in its worker thread; reads
 go through a second connection, so a read never sees a write that has not

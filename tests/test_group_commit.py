@@ -397,6 +397,8 @@ async def test_postgres_connection_lost_fails_every_caller_of_the_group(
             )
             pid = None
             for _ in range(1000):
+                # Inside a transaction pg_stat_activity is read once, then cached.
+                await admin.execute("SELECT pg_stat_clear_snapshot()")
                 pid = await admin.fetchval(
                     "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
                     "AND wait_event_type = 'Lock' AND query LIKE '%ledger_append_group%'"
