@@ -148,6 +148,8 @@ class Ledger:
         self._engine = FoldEngine(store, snapshot_every=self.config.snapshot_every)
         self._heads: dict[tuple[str, str], str] = {}
         self._projections: dict[str, Projection[Any]] = {}
+        # (session, branch) -> its writers' lock and how many hold or await it.
+        self._branch_writers: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = {}
 
     @classmethod
     def open(
@@ -691,6 +693,35 @@ class Ledger:
         return events[0]
 
     async def _write(
+        self,
+        session_id: str,
+        branch: str,
+        plan: Callable[[_Batch, SessionState], None],
+        *,
+        actor: str | None,
+        key: str | None,
+        expected: str | None,
+    ) -> list[Event]:
+        """``_write_on_head``, one task of this ledger at a time per branch.
+
+        Tasks writing to one branch at once would all plan on the same head and
+        all but one lose the compare-and-swap, again and again (64 tasks: some
+        ran out of retries). In turn, each plans on the head the last one made.
+        Other processes still race through the compare-and-swap.
+        """
+        lock, users = self._branch_writers.setdefault((session_id, branch), (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                return await self._write_on_head(
+                    session_id, branch, plan, actor=actor, key=key, expected=expected
+                )
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._branch_writers[(session_id, branch)]
+
+    async def _write_on_head(
         self,
         session_id: str,
         branch: str,

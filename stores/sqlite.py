@@ -16,10 +16,12 @@ loss or system crash. Transactions are durable across application crashes
 regardless of the synchronous setting").
 
 Concurrency. Several processes may open the same file and append to the same
-session. Each append is one ``BEGIN IMMEDIATE`` transaction: it takes SQLite's
-single write lock first, then checks idempotency, the session and the branch
-head (``stores.base.check_head``), and writes; nothing is checked in one
-transaction and written in another. A process waits up to ``busy_timeout``
+session. Appends are committed in groups (``stores.group``): the appends that
+one process has queued run in one ``BEGIN IMMEDIATE`` transaction, each in a
+savepoint of its own, and share one commit and one WAL sync. The transaction
+takes SQLite's single write lock first; then each append checks idempotency,
+the session and the branch head (``stores.base.check_head``) and writes;
+nothing is checked in one transaction and written in another. A process waits up to ``busy_timeout``
 seconds for another's write lock. Within a process, appends go through one
 write connection whose transactions each run whole in its worker thread; reads
 go through a second connection, so a read never sees a write that has not
@@ -51,6 +53,7 @@ from ledger.errors import (
     EventNotFoundError,
     IntegrityError,
     InvalidEventError,
+    LedgerError,
     SessionCapacityError,
     SessionNotFoundError,
     StoreClosedError,
@@ -72,11 +75,15 @@ from stores.base import (
     parse_cursor,
     validate_request,
 )
+from stores.group import GroupCommit, GroupStats
 
-__all__ = ["SCHEMA_VERSION", "SQLiteStore"]
+__all__ = ["DEFAULT_GROUP_SIZE", "SCHEMA_VERSION", "SQLiteStore"]
 
 SCHEMA_VERSION: Final = 1
 """``PRAGMA user_version`` of the files this code writes."""
+
+DEFAULT_GROUP_SIZE: Final = 64
+"""The most appends one group commit holds, unless ``group_size`` says otherwise."""
 
 _SCHEMA: Final = (
     """CREATE TABLE IF NOT EXISTS events (
@@ -180,6 +187,18 @@ def _translate(path: str, session_id: str | None = None) -> Iterator[None]:
         raise
 
 
+def _translated(error: Exception, path: str, session_id: str) -> LedgerError:
+    """``error`` as ``_translate`` turns it into the ledger's, for an append to ``session_id``."""
+    if isinstance(error, LedgerError):
+        return error
+    try:
+        with _translate(path, session_id):
+            raise error
+    except LedgerError as translated:
+        return translated
+    raise AssertionError("unreachable")  # _translate raised something else
+
+
 async def _in_thread(
     db: aiosqlite.Connection,
     fn: Callable[Concatenate[sqlite3.Connection, _P], _T],
@@ -247,17 +266,27 @@ def _rollback(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
 
 
-def _append_tx(conn: sqlite3.Connection, request: AppendRequest, rows: list[_Row]) -> _Row | None:
-    """The whole append as one write transaction; the original's row on a replay.
+def _rollback_to(conn: sqlite3.Connection, savepoint: str) -> None:
+    """Undo and end ``savepoint``, unless SQLite already rolled the whole transaction back."""
+    if conn.in_transaction:
+        conn.execute(f"ROLLBACK TO {savepoint}")
+        conn.execute(f"RELEASE {savepoint}")
 
-    Mirrors ``MemoryStore.append`` check for check, in the same order; it also
-    refuses a ``SessionCreated`` for a session id that exists on another branch.
+
+def _append_tx(conn: sqlite3.Connection, request: AppendRequest, rows: list[_Row]) -> _Row | None:
+    """One append, whole or not at all, inside its group's transaction; the original's
+    row on a replay.
+
+    It runs in a savepoint of its own: when it raises, everything it wrote is
+    rolled back and the rest of the group stands. Mirrors ``MemoryStore.append``
+    check for check, in the same order; it also refuses a ``SessionCreated`` for
+    a session id that exists on another branch.
     """
     session_id, branch = request.session_id, request.branch
     first, last = request.events[0], request.events[-1]
     created = first.body if isinstance(first.body, SessionCreated) else None
     key = first.idempotency_key
-    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("SAVEPOINT append")
     try:
         if key is not None:
             if created is not None:
@@ -275,7 +304,7 @@ def _append_tx(conn: sqlite3.Connection, request: AppendRequest, rows: list[_Row
                     (session_id, key),
                 ).fetchone()
             if original is not None:
-                conn.execute("ROLLBACK")
+                conn.execute("RELEASE append")
                 return tuple(original)
         if created is not None:
             limit = request.max_open_sessions
@@ -340,11 +369,42 @@ def _append_tx(conn: sqlite3.Connection, request: AppendRequest, rows: list[_Row
             "ON CONFLICT (session_id, branch) DO UPDATE SET head = excluded.head",
             (session_id, branch, last.id),
         )
+        conn.execute("RELEASE append")
+    except BaseException:
+        _rollback_to(conn, "append")
+        raise
+    return None
+
+
+def _group_tx(
+    conn: sqlite3.Connection, path: str, group: list[tuple[AppendRequest, list[_Row]]]
+) -> list[_Row | LedgerError | None]:
+    """A group of appends as one write transaction and one commit (one WAL sync).
+
+    Each append runs whole in its own savepoint (``_append_tx``); one that is
+    refused (conflict, unknown session, a limit, a constraint) is rolled back
+    alone and its error returned in its place. Any other failure, and a failed
+    commit, raises: SQLite then rolls the whole transaction back, and nothing
+    of the group is written.
+    """
+    outcomes: list[_Row | LedgerError | None] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for request, rows in group:
+            try:
+                outcomes.append(_append_tx(conn, request, rows))
+            except (LedgerError, sqlite3.IntegrityError) as exc:
+                # A refusal, or a constraint only this batch broke, is its own;
+                # any other error (I/O, a full disk, corruption) is the group's,
+                # and so is any after which SQLite ended the transaction.
+                if not conn.in_transaction:
+                    raise
+                outcomes.append(_translated(exc, path, request.session_id))
         conn.execute("COMMIT")
     except BaseException:
         _rollback(conn)
         raise
-    return None
+    return outcomes
 
 
 def _put_snapshots_tx(conn: sqlite3.Connection, rows: list[_Row]) -> None:
@@ -423,6 +483,9 @@ class SQLiteStore(FeedStore):
             module docstring.
         busy_timeout: Seconds an append waits for another process's write
             lock before raising ``StoreError`` (default 30).
+        group_size: The most concurrent appends committed together in one
+            transaction (default 64; 1: one transaction per append). See
+            ``stores.group``.
 
     Example::
 
@@ -436,6 +499,7 @@ class SQLiteStore(FeedStore):
         *,
         synchronous: str = "full",
         busy_timeout: float = 30.0,
+        group_size: int = DEFAULT_GROUP_SIZE,
         url: str | None = None,
     ) -> None:
         if str(synchronous).lower() not in _SYNCHRONOUS:
@@ -448,6 +512,8 @@ class SQLiteStore(FeedStore):
             timeout = -1.0
         if not timeout >= 0:
             raise ConfigError(f"Invalid SQLite busy_timeout: {busy_timeout!r} (seconds, >= 0)")
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ConfigError(f"Invalid SQLite group_size: {group_size!r} (an integer >= 1)")
         # Resolved now, so that a later chdir does not move the store.
         self._path = Path(path).expanduser().absolute()
         self.filename = str(self._path)
@@ -457,22 +523,29 @@ class SQLiteStore(FeedStore):
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         # Each transaction already runs whole in the writer's thread; the lock
-        # also keeps appends of one process in arrival order and lets close()
-        # wait for the one in flight.
+        # lets close() wait for a snapshot write in flight.
         self._write_lock = asyncio.Lock()
         self._appended = asyncio.Event()
+        self._group: GroupCommit[tuple[AppendRequest, list[_Row]], _Row | None] = GroupCommit(
+            self._run_group, max_size=group_size, name=repr(self.filename)
+        )
 
     @classmethod
     def from_url(
-        cls, url: str, *, synchronous: str | None = None, busy_timeout: float | None = None
+        cls,
+        url: str,
+        *,
+        synchronous: str | None = None,
+        busy_timeout: float | None = None,
+        group_size: int | None = None,
     ) -> SQLiteStore:
         """``sqlite:///relative/path.db`` (from the working directory) or ``sqlite:////abs.db``.
 
         The options may also be given in the query string
-        (``?synchronous=normal&busy_timeout=5``); keywords win.
+        (``?synchronous=normal&busy_timeout=5&group_size=1``); keywords win.
         """
         path, query = _parse_url(url)
-        unknown = set(query) - {"synchronous", "busy_timeout"}
+        unknown = set(query) - {"synchronous", "busy_timeout", "group_size"}
         if unknown:
             raise ConfigError(f"Unknown SQLite URL option(s) in {url!r}: {sorted(unknown)}")
         if synchronous is None:
@@ -482,7 +555,20 @@ class SQLiteStore(FeedStore):
                 busy_timeout = float(query.get("busy_timeout", 30.0))
             except ValueError:
                 raise ConfigError(f"Invalid SQLite busy_timeout in {url!r}") from None
-        return cls(path, synchronous=synchronous, busy_timeout=busy_timeout, url=url)
+        if group_size is None:
+            try:
+                group_size = int(query.get("group_size", DEFAULT_GROUP_SIZE))
+            except ValueError:
+                raise ConfigError(
+                    f"Invalid SQLite group_size in {url!r} (an integer >= 1)"
+                ) from None
+        return cls(
+            path,
+            synchronous=synchronous,
+            busy_timeout=busy_timeout,
+            group_size=group_size,
+            url=url,
+        )
 
     # lifecycle
 
@@ -511,6 +597,9 @@ class SQLiteStore(FeedStore):
         self._writer, self._reader = writer, reader
 
     async def _close(self) -> None:
+        # Appends already queued are committed (or fail) first; new ones are
+        # refused, the store being marked closed.
+        await self._group.close()
         async with self._write_lock:
             reader, writer = self._reader, self._writer
             self._reader = self._writer = None
@@ -547,17 +636,36 @@ class SQLiteStore(FeedStore):
             )
             for e in request.events
         ]
-        async with self._write_lock:
-            self._check_open()
-            assert self._writer is not None
-            with _translate(self.filename, session_id):
-                original = await _in_thread(self._writer, _append_tx, request, rows)
+        original = await self._group.submit((request, rows))
         if original is not None:
             return AppendResult([_decode(original, self.filename)], replayed=True)
+        return AppendResult(list(request.events))
+
+    @property
+    def group_stats(self) -> GroupStats:
+        """How many groups this store has committed, and how many appends they held."""
+        return self._group.stats
+
+    async def _run_group(
+        self, group: list[tuple[AppendRequest, list[_Row]]]
+    ) -> list[_Row | LedgerError | None]:
+        """One group commit (``stores.group``): one transaction, one WAL sync."""
+        self._check_open_for_group()
+        assert self._writer is not None
+        try:
+            outcomes = await _in_thread(self._writer, _group_tx, self.filename, group)
+        except (sqlite3.Error, ValueError) as exc:
+            # Nothing of the group was written; each caller hears of its own append.
+            return [_translated(exc, self.filename, request.session_id) for request, _ in group]
         # Wake this process's feed waiters now; other processes' are polled.
         self._appended.set()
         self._appended = asyncio.Event()
-        return AppendResult(list(request.events))
+        return outcomes
+
+    def _check_open_for_group(self) -> None:
+        # The group drains while close() waits: only a missing connection stops it.
+        if self._writer is None:
+            raise StoreClosedError(f"Store was closed: {self.filename!r}")
 
     async def put_snapshots(
         self, session_id: str, key: str, states: Sequence[tuple[str, bytes]]
