@@ -306,6 +306,8 @@ async def test_connection_terminated_mid_append_writes_nothing_and_retry_is_safe
             pending = asyncio.ensure_future(store.append(append_request(batch, root.id)))
 
             async def blocked_pid() -> int | None:
+                # Inside a transaction pg_stat_activity is read once, then cached.
+                await blocker.execute("SELECT pg_stat_clear_snapshot()")
                 pid: int | None = await blocker.fetchval(
                     "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
                     "AND wait_event_type = 'Lock' AND query LIKE '%ledger_append%'"
