@@ -11,12 +11,14 @@ from typing import Any, Self, TypeVar, overload
 
 from ledger.config import LedgerConfig
 from ledger.errors import (
+    AlreadyRedactedError,
     BranchNotFoundError,
     CheckpointNotFoundError,
     ConflictError,
     EventNotFoundError,
     EventTooLargeError,
     IntegrityError,
+    InvalidEventError,
     SessionCapacityError,
     SessionClosedError,
     SessionExpiredError,
@@ -29,16 +31,19 @@ from ledger.events import (
     Branched,
     Checkpointed,
     Closed,
+    Erased,
     Event,
     Expired,
     MetadataSet,
     Recorded,
+    Redacted,
     Restored,
     Resumed,
     SessionCreated,
     Suspended,
     TurnAdded,
     encode_event,
+    erase,
     make_event,
     new_session_id,
     validate_name,
@@ -531,6 +536,63 @@ class Ledger:
                     break
         return expired
 
+    async def redact(self, event_id: str, *, reason: str, actor: str | None = None) -> Event:
+        """Erase a turn's or a record's body and salt; return the ``Redacted`` record.
+
+        The event keeps its id and ``body_digest``, so ids, the chain, checksums
+        and anchors still verify; its body becomes ``Erased`` (the kind and the
+        tokens and cost a session's state folds). The ``Redacted`` event (who:
+        ``actor``, when, why: ``reason``) is appended at the head of the erased
+        event's branch, whatever the branch's status, in the same transaction
+        as the overwrite. The store then makes the old bytes unreadable from its
+        files (see the README for what each store guarantees).
+
+        Raises:
+            EventNotFoundError: no event has this id.
+            EventNotRedactableError: the event is not a ``TurnAdded`` or ``Recorded``.
+            AlreadyRedactedError: the event was redacted before (naming the redaction).
+            InvalidEventError: an empty reason.
+
+        Example::
+
+            record = await led.redact(turn.id, reason="user asked to erase their address")
+        """
+        if not isinstance(reason, str) or not reason.strip():
+            raise InvalidEventError(f"A redaction needs a reason: event {event_id!r}")
+        target = await self.store.get(event_id)
+        if isinstance(target.body, Erased):
+            raise AlreadyRedactedError(event_id, await self._redaction_of(target))
+        erased = erase(target)
+        body = Redacted(event=event_id, reason=reason)
+
+        def plan(batch: _Batch, state: SessionState) -> None:
+            batch.add(body, branch=target.branch)
+
+        try:
+            events = await self._write(
+                target.session,
+                target.branch,
+                plan,
+                actor=actor,
+                key=None,
+                expected=None,
+                erase=[erased],
+            )
+        finally:
+            # Cached folds of this session may hold the erased content.
+            self._engine.forget(target.session)
+        return events[0]
+
+    async def redactions(self, session_id: str) -> list[Event]:
+        """The session's ``Redacted`` records, in append order."""
+        return [e async for e in self.events(session_id) if isinstance(e.body, Redacted)]
+
+    async def _redaction_of(self, target: Event) -> str | None:
+        async for event in self.store.events(target.session):
+            if isinstance(event.body, Redacted) and event.body.event == target.id:
+                return event.id
+        return None
+
     # ------------------------------------------------------------------ reads
 
     async def get(self, event_id: str) -> Event:
@@ -699,11 +761,14 @@ class Ledger:
         actor: str | None,
         key: str | None,
         expected: str | None,
+        erase: Sequence[Event] = (),
     ) -> list[Event]:
         """Plan a batch on the branch head and append it with compare-and-swap.
 
         Without ``expected`` the head is whatever it is at commit: on a conflict the
         batch is planned again on the new head (the lifecycle checks run again too).
+        A batch that erases (a redaction) is an audit annotation: it does not expire
+        an idle branch first.
         """
         if key is not None:
             found = await self.store.find_by_key(session_id, key)
@@ -712,7 +777,7 @@ class Ledger:
         head = expected or await self._head(session_id, branch)
         for attempt in range(self.config.max_retries):
             state = await self._engine.state_at(SESSION, session_id, head)
-            if self._idle(state) is not None:
+            if not erase and self._idle(state) is not None:
                 try:
                     await self._expire(state, branch)
                 except ConflictError as exc:
@@ -722,7 +787,7 @@ class Ledger:
             batch = _Batch(self, state, actor or state.user_id, key)
             plan(batch, state)
             try:
-                return await self._commit(batch, branch, expected=head)
+                return await self._commit(batch, branch, expected=head, erase=erase)
             except ConflictError as exc:
                 head = self._retry_head(exc, expected)
                 await asyncio.sleep(random.random() * 0.001 * min(attempt, 10))
@@ -734,7 +799,9 @@ class Ledger:
         self._heads[(exc.session_id, exc.branch)] = exc.current
         return exc.current
 
-    async def _commit(self, batch: _Batch, branch: str, *, expected: str | None) -> list[Event]:
+    async def _commit(
+        self, batch: _Batch, branch: str, *, expected: str | None, erase: Sequence[Event] = ()
+    ) -> list[Event]:
         last = batch.state
         request = AppendRequest(
             session_id=last.session_id,
@@ -743,6 +810,7 @@ class Ledger:
             events=batch.events,
             status=last.status if branch == MAIN else None,
             max_branches=self.config.max_branches_per_session or None,
+            erase=erase,
         )
         result = await self.store.append(request)
         if not result.replayed:

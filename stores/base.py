@@ -29,13 +29,15 @@ from typing import Self
 import msgspec
 
 from ledger.errors import (
+    AlreadyRedactedError,
     BranchExistsError,
     ConflictError,
+    EventNotFoundError,
     IntegrityError,
     InvalidEventError,
     StoreClosedError,
 )
-from ledger.events import Event, SessionCreated
+from ledger.events import Erased, Event, SessionCreated, event_problem
 
 __all__ = [
     "OPEN_STATUSES",
@@ -48,6 +50,7 @@ __all__ = [
     "SessionQuery",
     "SessionRow",
     "check_ancestry",
+    "check_erase",
     "check_head",
 ]
 
@@ -74,6 +77,12 @@ class AppendRequest(msgspec.Struct, frozen=True, kw_only=True):
     """For a ``SessionCreated`` batch: refuse when the user has this many open sessions."""
     max_branches: int | None = None
     """For a batch that creates a branch: refuse when the session has this many."""
+    erase: Sequence[Event] = ()
+    """Stored events of this session to overwrite, in the batch's transaction, with
+    their redacted form (``ledger.events.erase``: same id, an ``Erased`` body, no
+    salt). Each must exist and not be erased yet, or nothing is written. The store
+    also drops the session's snapshots (they may hold folded content) and makes
+    the old bytes unreadable from its files as far as it can (see each backend)."""
 
 
 class AppendResult(msgspec.Struct, frozen=True):
@@ -147,6 +156,36 @@ def validate_request(request: AppendRequest) -> None:
         if previous is not None and (event.parent != previous.id or event.seq != previous.seq + 1):
             raise InvalidEventError(f"Event {event.id!r} does not extend {previous.id!r}")
         previous = event
+    for erased in request.erase:
+        if (
+            erased.session != request.session_id
+            or not isinstance(erased.body, Erased)
+            or event_problem(erased) is not None
+        ):
+            raise InvalidEventError(
+                f"Not the redacted form of an event of session {request.session_id!r}: "
+                f"{erased.id!r}"
+            )
+
+
+def check_erase(request: AppendRequest, stored: Event | None, erased: Event) -> None:
+    """What every backend checks inside its write transaction before overwriting ``stored``.
+
+    Raises:
+        EventNotFoundError: no such event in the request's session.
+        AlreadyRedactedError: its body is erased already.
+        IntegrityError: the stored event's header differs from the redacted form's.
+    """
+    if stored is None or stored.session != request.session_id:
+        raise EventNotFoundError(erased.id, request.session_id)
+    if isinstance(stored.body, Erased):
+        raise AlreadyRedactedError(erased.id)
+    if stored.body_digest != erased.body_digest or stored.kind != erased.kind:
+        raise IntegrityError(
+            f"Stored event differs from its redacted form: {erased.id!r} "
+            f"(session {request.session_id!r})",
+            erased.id,
+        )
 
 
 def check_ancestry(events: list[Event], limit: int | None, where: str) -> list[Event]:

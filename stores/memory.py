@@ -21,6 +21,7 @@ from stores.base import (
     SessionPage,
     SessionQuery,
     SessionRow,
+    check_erase,
     check_head,
     is_create,
     page_cursor,
@@ -82,7 +83,11 @@ class MemoryStore(FeedStore):
             raise SessionCapacityError(
                 f"session {request.session_id!r}", "branches", request.max_branches
             )
+        for erased in request.erase:
+            check_erase(request, self._by_id.get(erased.id), erased)
         self._write(request)
+        if request.erase:
+            self._erase(request)
         async with self._changed:
             self._changed.notify_all()
         return AppendResult(list(request.events))
@@ -140,6 +145,18 @@ class MemoryStore(FeedStore):
             last_activity_at=max(row.last_activity_at, last.at),
             event_count=row.event_count + len(request.events),
         )
+
+    def _erase(self, request: AppendRequest) -> None:
+        """Put the redacted forms in place of the originals, and drop the session's snapshots."""
+        session_id = request.session_id
+        wanted = {erased.id: erased for erased in request.erase}
+        for position in self._by_session[session_id]:
+            erased = wanted.get(self._feed[position - 1].id)
+            if erased is not None:
+                self._feed[position - 1] = erased
+                self._by_id[erased.id] = erased
+        for key in [k for k in self._snapshots if k[0] == session_id]:
+            del self._snapshots[key]
 
     async def get(self, event_id: str) -> Event:
         self._check_open()

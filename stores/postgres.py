@@ -88,6 +88,7 @@ from stores.base import (
     SessionQuery,
     SessionRow,
     check_ancestry,
+    check_erase,
     check_head,
     page_cursor,
     parse_cursor,
@@ -712,7 +713,10 @@ class PostgresStore(FeedStore):
             [encode_event(e) for e in events],
         )
         with self._translated(request.session_id, "append"):
-            row = await self._call("fetchrow", _APPEND_SQL, *args)
+            if request.erase:
+                row = await self._append_erasing(request, args)
+            else:
+                row = await self._call("fetchrow", _APPEND_SQL, *args)
         outcome: str = row[0]
         if outcome == "ok":
             self._wake()
@@ -742,6 +746,47 @@ class PostgresStore(FeedStore):
             f"Unexpected answer from ledger_append at {self.target} "
             f"(session {request.session_id!r}): {outcome!r}"
         )
+
+    async def _append_erasing(self, request: AppendRequest, args: tuple[Any, ...]) -> _Row:
+        """``ledger_append`` and the overwrite of ``request.erase`` in one transaction.
+
+        The session's row is locked first (as ``ledger_append`` does), so the checks
+        see the latest commit. An UPDATE leaves the old tuple in the table's pages
+        (and its TOAST table) until VACUUM reclaims the space, and in the server's
+        write-ahead log until that is recycled: see the README.
+        """
+        session_id = request.session_id
+        pool = self._pool
+        async with pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    await conn.execute(
+                        "SELECT 1 FROM ledger_sessions WHERE session_id = $1 FOR UPDATE",
+                        session_id,
+                    )
+                    rows = await conn.fetch(
+                        f"SELECT {_EVENT_COLUMNS} FROM ledger_events "
+                        "WHERE session_id = $1 AND id = ANY($2::text[]) FOR UPDATE",
+                        session_id,
+                        [erased.id for erased in request.erase],
+                    )
+                    stored = {row[1]: _decode(row, self.target) for row in rows}
+                    for erased in request.erase:
+                        check_erase(request, stored.get(erased.id), erased)
+                    row = await conn.fetchrow(_APPEND_SQL, *args)
+                    if row[0] == "ok":
+                        await conn.executemany(
+                            "UPDATE ledger_events SET data = $3 WHERE session_id = $1 AND id = $2",
+                            [(session_id, e.id, encode_event(e)) for e in request.erase],
+                        )
+                        await conn.execute(
+                            "DELETE FROM ledger_snapshots WHERE session_id = $1", session_id
+                        )
+                    return row
+            except _CONNECTION_LOST:
+                conn.terminate()
+                await pool.expire_connections()
+                raise
 
     async def put_snapshots(
         self, session_id: str, key: str, states: Sequence[tuple[str, bytes]]

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
@@ -67,6 +68,7 @@ from stores.base import (
     SessionQuery,
     SessionRow,
     check_ancestry,
+    check_erase,
     check_head,
     page_cursor,
     parse_cursor,
@@ -138,6 +140,8 @@ _SESSION_COLUMNS: Final = (
 _OPEN_STATUSES_SQL: Final = ", ".join(f"'{status}'" for status in OPEN_STATUSES)
 _SYNCHRONOUS: Final = {"full": "FULL", "normal": "NORMAL"}
 _NO_LIMIT: Final = 2**63 - 1
+
+log = logging.getLogger(__name__)
 
 _Row = tuple[Any, ...]
 _P = ParamSpec("_P")
@@ -211,6 +215,9 @@ def _setup_writer(conn: sqlite3.Connection, path: str, synchronous: str) -> None
     if str(mode).lower() != "wal":
         raise StoreError(f"Cannot put {path!r} in WAL mode (journal mode is {mode!r})")
     conn.execute(f"PRAGMA synchronous={synchronous}")
+    # Freed bytes are zeroed, so a redaction or a purge leaves no copy of what it
+    # erased in the file's free space (appends free almost nothing: cheap).
+    conn.execute("PRAGMA secure_delete=ON")
     # IMMEDIATE: two processes opening a new file at once create the schema one
     # after the other, and the second sees the first's user_version.
     conn.execute("BEGIN IMMEDIATE")
@@ -340,11 +347,44 @@ def _append_tx(conn: sqlite3.Connection, request: AppendRequest, rows: list[_Row
             "ON CONFLICT (session_id, branch) DO UPDATE SET head = excluded.head",
             (session_id, branch, last.id),
         )
+        if request.erase:
+            _erase_rows(conn, request)
         conn.execute("COMMIT")
     except BaseException:
         _rollback(conn)
         raise
     return None
+
+
+def _erase_rows(conn: sqlite3.Connection, request: AppendRequest) -> None:
+    """Overwrite events with their redacted forms, inside the append's transaction.
+
+    ``secure_delete`` (set on the writer) zeroes the bytes the old rows leave in
+    their pages and freed overflow pages; the WAL frames that still hold them are
+    dropped by the checkpoint that follows the commit (``_truncate_wal``).
+    """
+    session_id = request.session_id
+    for erased in request.erase:
+        row = conn.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = ?", (erased.id,)
+        ).fetchone()
+        stored = None
+        if row is not None:
+            stored = _decode(tuple(row), conn.execute("PRAGMA database_list").fetchone()[2])
+        check_erase(request, stored, erased)
+        conn.execute("UPDATE events SET data = ? WHERE id = ?", (encode_event(erased), erased.id))
+    # Snapshots are folds of the session's paths: they may hold the erased content.
+    conn.execute("DELETE FROM snapshots WHERE session_id = ?", (session_id,))
+
+
+def _truncate_wal(conn: sqlite3.Connection) -> bool:
+    """Checkpoint the whole WAL into the database and truncate it to zero bytes.
+
+    Waits (the busy timeout) for readers of other connections to move past the
+    old frames; False when one still holds them, and the WAL file keeps its bytes.
+    """
+    busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    return not busy
 
 
 def _put_snapshots_tx(conn: sqlite3.Connection, rows: list[_Row]) -> None:
@@ -552,12 +592,26 @@ class SQLiteStore(FeedStore):
             assert self._writer is not None
             with _translate(self.filename, session_id):
                 original = await _in_thread(self._writer, _append_tx, request, rows)
+            if original is None and request.erase:
+                await self._after_erase()
         if original is not None:
             return AppendResult([_decode(original, self.filename)], replayed=True)
         # Wake this process's feed waiters now; other processes' are polled.
         self._appended.set()
         self._appended = asyncio.Event()
         return AppendResult(list(request.events))
+
+    async def _after_erase(self) -> None:
+        """Drop the WAL frames that held erased bytes (holds the write lock)."""
+        assert self._writer is not None
+        with _translate(self.filename):
+            truncated = await _in_thread(self._writer, _truncate_wal)
+        if not truncated:
+            log.warning(
+                "%s: a reader of another connection kept the WAL from being truncated "
+                "after a redaction; its old frames go at the next full checkpoint",
+                self.filename,
+            )
 
     async def put_snapshots(
         self, session_id: str, key: str, states: Sequence[tuple[str, bytes]]
