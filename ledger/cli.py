@@ -7,6 +7,7 @@
     ledger log SESSION               # the tree of a session, like git log --graph
     ledger state SESSION --at EVENT  # the state of a session at any event
     ledger verify                    # recompute every id and checksum
+    ledger redact EVENT --reason WHY # erase a turn's or a record's content
 
 Every command takes ``--store URL`` (default: ``LEDGER_URL``, else
 ``sqlite:///ledger.db``) and ``--json`` (one JSON document on stdout). Exit
@@ -32,10 +33,12 @@ from ledger.events import (
     Branched,
     Checkpointed,
     Closed,
+    Erased,
     Event,
     Expired,
     MetadataSet,
     Recorded,
+    Redacted,
     Restored,
     Resumed,
     SessionCreated,
@@ -248,6 +251,10 @@ def summary(event: Event, labels: dict[str, str]) -> str:
             return clip(", ".join(f"{k}={_text(v)}" for k, v in metadata.items()))
         case Recorded(type=kind):
             return clip(kind)
+        case Erased():
+            return "(erased)"
+        case Redacted(event=erased, reason=reason):
+            return clip(f"{short(erased)} by {event.actor} at {iso(event.at)}: {reason}")
     return ""  # pragma: no cover - every kind is matched above
 
 
@@ -261,6 +268,8 @@ def log_lines(events: Sequence[Event], tree: Tree, out: Output) -> list[str]:
             label = body.label or short(event.id)
             labels[event.id] = label
             marks.setdefault(body.entry, []).append(f"[checkpoint {label}]")
+        elif isinstance(body, Redacted):
+            marks.setdefault(body.event, []).append(f"[redacted by {short(event.id)}]")
     heads = {info.head: name for name, info in tree.branches.items()}
     kind_width = max((len(e.kind) for e in events), default=0)
     branch_width = max((len(e.branch) for e in events), default=0)
@@ -299,6 +308,7 @@ def event_json(event: Event) -> dict[str, Any]:
         "at": event.at,
         "actor": event.actor,
         "body": msgspec.to_builtins(event.body),
+        "redacted": isinstance(event.body, Erased),
     }
 
 
@@ -445,6 +455,23 @@ async def cmd_verify(led: Ledger, args: argparse.Namespace, out: Output) -> int:
         for line in report_lines(report, out):
             out.line(line)
     return 0 if report.ok else 1
+
+
+async def cmd_redact(led: Ledger, args: argparse.Namespace, out: Output) -> int:
+    event_id = args.event.strip().lower()
+    if args.session is not None:
+        event_id = await _resolve_event(led, args.session, event_id)
+    target = await led.get(event_id)
+    record = await led.redact(event_id, reason=args.reason, actor=args.actor)
+    if out.as_json:
+        out.json({"redaction": event_json(record), "erased": event_json(await led.get(event_id))})
+        return 0
+    out.line(
+        f"Erased {out.paint(short(event_id), 'id')} ({target.kind}) of session "
+        f"{target.session}; recorded as {out.paint(short(record.id), 'id')} "
+        f"on branch {record.branch}"
+    )
+    return 0
 
 
 async def cmd_demo(led: Ledger, args: argparse.Namespace, out: Output) -> int:
@@ -652,6 +679,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("verify", "recompute every id and checksum; exit 1 when anything is wrong", cmd_verify)
     p.add_argument("session", metavar="SESSION", nargs="?", help="only this session")
+
+    p = add(
+        "redact",
+        "erase a turn's or a record's content; its id, digest and the chain still verify",
+        cmd_redact,
+    )
+    p.add_argument("event", metavar="EVENT", help="the event id (a unique prefix with --session)")
+    p.add_argument("--reason", required=True, help="why: kept in the redaction record")
+    p.add_argument("--actor", help="who: kept in the redaction record (default: the user)")
+    p.add_argument("--session", metavar="SESSION", help="resolve EVENT as a prefix in it")
     return parser
 
 
