@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Sequence
+from datetime import timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar, overload
 
+import msgspec
+
+from ledger.anchors import make_anchor
 from ledger.config import LedgerConfig
 from ledger.errors import (
     AlreadyRedactedError,
     BranchNotFoundError,
     CheckpointNotFoundError,
+    ConfigError,
     ConflictError,
     EventNotFoundError,
     EventTooLargeError,
@@ -64,7 +70,19 @@ from projections.session import (
 from projections.transcript import Turn, context_window, turns_of
 from projections.tree import TREE, Tree
 from stores import open_store
-from stores.base import AppendRequest, FeedItem, FeedStore, SessionPage, SessionQuery
+from stores.base import (
+    AppendRequest,
+    FeedItem,
+    FeedStore,
+    PurgePage,
+    PurgeRecord,
+    PurgeRequest,
+    PurgeStore,
+    SessionPage,
+    SessionQuery,
+    SessionRow,
+    page_cursor,
+)
 
 __all__ = ["Ledger"]
 
@@ -592,6 +610,118 @@ class Ledger:
             if isinstance(event.body, Redacted) and event.body.event == target.id:
                 return event.id
         return None
+
+    # ------------------------------------------------------------------ retention
+
+    async def purge(
+        self,
+        *,
+        older_than: float | timedelta,
+        user_id: str | None = None,
+        batch_size: int = 100,
+        reason: str = "retention",
+        actor: str = "ledger",
+        dry_run: bool = False,
+    ) -> list[PurgeRecord]:
+        """Delete whole sessions idle longer than ``older_than``; return their records.
+
+        Sessions (of ``user_id``, or of everyone) whose last activity is older
+        than ``older_than`` seconds (or a ``timedelta``) are deleted whole,
+        ``batch_size`` sessions per store transaction, whatever their status.
+        Each leaves a ``PurgeRecord``: ids, user, agent, times, event count,
+        bytes, who purged it, when and why, and its final anchor (the Merkle root
+        of its event ids, a MAC with the ledger's key), listed by ``purged``.
+        A session written to while it is being purged is kept (it is not idle);
+        a write that comes after it is gone raises ``SessionNotFoundError``.
+        ``dry_run``: the records that would be written, and nothing is deleted.
+
+        Raises:
+            ConfigError: a retention period or batch size that is not positive, or
+                a store that cannot purge.
+
+        Example::
+
+            purged = await led.purge(older_than=timedelta(days=90), reason="90-day retention")
+        """
+        store = self._purge_store()
+        seconds = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
+        if not isinstance(seconds, int | float) or not math.isfinite(seconds) or seconds <= 0:
+            raise ConfigError(f"Invalid retention period: {older_than!r} (seconds, > 0)")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"Invalid purge batch size: {batch_size!r} (at least 1)")
+        if not isinstance(reason, str) or not reason.strip():
+            raise ConfigError("A purge needs a reason")
+        now = _now()
+        cutoff = now - int(seconds * 1e9)
+        purged: list[PurgeRecord] = []
+        after: str | None = None
+        while True:
+            rows = await store.idle_sessions(cutoff, user_id=user_id, limit=batch_size, after=after)
+            if not rows:
+                return purged
+            after = page_cursor(rows[-1])
+            requests = [
+                PurgeRequest(record=record)
+                for row in rows
+                if (record := await self._purge_record(row, now, actor, reason)) is not None
+            ]
+            if dry_run:
+                purged.extend(request.record for request in requests)
+            else:
+                done = await store.purge(requests)
+                for record in done:
+                    self._forget_session(record.session_id)
+                purged.extend(done)
+            if len(rows) < batch_size:
+                return purged
+
+    async def purged(
+        self, *, user_id: str | None = None, limit: int = 50, cursor: str | None = None
+    ) -> PurgePage:
+        """A page of purge records, most recent first; ``page.next_cursor`` gives the next.
+
+        Raises:
+            ConfigError: a store that cannot purge.
+        """
+        return await self._purge_store().purges(user_id=user_id, limit=limit, cursor=cursor)
+
+    def _purge_store(self) -> PurgeStore:
+        if not isinstance(self.store, PurgeStore):
+            raise ConfigError(f"This store cannot purge sessions: {self.store.url!r}")
+        return self.store
+
+    async def _purge_record(
+        self, row: SessionRow, now: int, actor: str, reason: str
+    ) -> PurgeRecord | None:
+        """The record of a session about to be purged; None when it moved meanwhile."""
+        ids: list[str] = []
+        size = 0
+        async for event in self.store.events(row.session_id):
+            ids.append(event.id)
+            size += len(encode_event(event))
+        if len(ids) != row.event_count:
+            return None  # written to since it was listed: not idle, the store keeps it
+        anchor = make_anchor(row.session_id, ids, key=self._key, at=now)
+        return PurgeRecord(
+            session_id=row.session_id,
+            user_id=row.user_id,
+            agent=row.agent,
+            status=row.status,
+            created_at=row.created_at,
+            last_activity_at=row.last_activity_at,
+            event_count=row.event_count,
+            bytes=size,
+            purged_at=now,
+            actor=actor,
+            reason=reason,
+            anchor=msgspec.to_builtins(anchor),
+        )
+
+    def _forget_session(self, session_id: str) -> None:
+        """Drop what this ledger caches of a session (its folds and its heads)."""
+        self._engine.forget(session_id)
+        for key in [key for key in self._heads if key[0] == session_id]:
+            del self._heads[key]
 
     # ------------------------------------------------------------------ reads
 

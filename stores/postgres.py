@@ -83,7 +83,10 @@ from stores.base import (
     AppendRequest,
     AppendResult,
     FeedItem,
-    FeedStore,
+    PurgePage,
+    PurgeRecord,
+    PurgeRequest,
+    PurgeStore,
     SessionPage,
     SessionQuery,
     SessionRow,
@@ -92,6 +95,7 @@ from stores.base import (
     check_head,
     page_cursor,
     parse_cursor,
+    purge_cursor,
     validate_request,
 )
 
@@ -100,7 +104,13 @@ __all__ = ["SCHEMA_VERSION", "SESSION_TABLES", "PostgresStore"]
 SCHEMA_VERSION: Final = 1
 """The version row of ``ledger_schema`` that this code writes."""
 
-SESSION_TABLES: Final = ("ledger_events", "ledger_heads", "ledger_sessions", "ledger_snapshots")
+SESSION_TABLES: Final = (
+    "ledger_events",
+    "ledger_heads",
+    "ledger_sessions",
+    "ledger_snapshots",
+    "ledger_purges",
+)
 """The tables of session data: each is keyed by (and distributable on) ``session_id``."""
 
 FEED_CHANNEL: Final = "ledger_feed"
@@ -299,6 +309,18 @@ END
 $$;
 """
 
+_PURGE_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS ledger_purges (
+    session_id text NOT NULL PRIMARY KEY,
+    user_id text NOT NULL,
+    purged_at bigint NOT NULL,
+    record bytea NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_purges_time ON ledger_purges (purged_at, session_id);
+CREATE INDEX IF NOT EXISTS ledger_purges_user ON ledger_purges (user_id, purged_at, session_id);
+"""
+"""Created at every open, after the schema lock (databases made before retention get it)."""
+
 _APPEND_SQL: Final = (
     "SELECT o_outcome, o_detail, o_position, o_id, o_data "
     "FROM ledger_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
@@ -410,6 +432,39 @@ def _decode(row: _Row, target: _Target) -> Event:
     return event
 
 
+async def _purge_one(conn: Any, record: PurgeRecord) -> bool:
+    """Delete one session whole and write its record, in the caller's transaction."""
+    session_id = record.session_id
+    # The session's row lock: appends to it wait, then find it gone.
+    row = await conn.fetchrow(
+        "SELECT event_count, last_activity_at FROM ledger_sessions "
+        "WHERE session_id = $1 FOR UPDATE",
+        session_id,
+    )
+    if row is None or (row[0], row[1]) != (record.event_count, record.last_activity_at):
+        return False  # gone, or written to since the purge was planned: kept
+    for table in ("ledger_events", "ledger_heads", "ledger_snapshots", "ledger_sessions"):
+        await conn.execute(f"DELETE FROM {table} WHERE session_id = $1", session_id)
+    await conn.execute(
+        "INSERT INTO ledger_purges (session_id, user_id, purged_at, record) "
+        "VALUES ($1, $2, $3, $4)",
+        session_id,
+        record.user_id,
+        record.purged_at,
+        msgspec.json.encode(record),
+    )
+    return True
+
+
+def _purge_record(row: _Row, target: _Target) -> PurgeRecord:
+    try:
+        return msgspec.json.decode(bytes(row[1]), type=PurgeRecord)
+    except msgspec.MsgspecError as exc:
+        raise IntegrityError(
+            f"Stored purge record does not decode: session {row[0]!r} at {target}: {exc}"
+        ) from None
+
+
 def _session_row(row: _Row) -> SessionRow:
     return SessionRow(
         session_id=row[0],
@@ -475,7 +530,7 @@ async def _no_reset(connection: Any) -> None:
     """
 
 
-class PostgresStore(FeedStore):
+class PostgresStore(PurgeStore):
     """The PostgreSQL store: one server, many processes and machines.
 
     Args:
@@ -589,6 +644,7 @@ class PostgresStore(FeedStore):
                 )
                 async with pool.acquire() as conn, conn.transaction():
                     await self._create_schema(conn)
+                    await conn.execute(_PURGE_SCHEMA)
         except BaseException:
             if pool is not None:
                 pool.terminate()
@@ -787,6 +843,71 @@ class PostgresStore(FeedStore):
                 conn.terminate()
                 await pool.expire_connections()
                 raise
+
+    # retention
+
+    async def idle_sessions(
+        self,
+        before: int,
+        *,
+        user_id: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[SessionRow]:
+        if limit <= 0:
+            return []
+        start = parse_cursor(after) if after is not None else (None, None)
+        rows = await self._fetch(
+            f"SELECT {_SESSION_COLUMNS} FROM ledger_sessions "
+            "WHERE last_activity_at < $1 AND ($2::text IS NULL OR user_id = $2) "
+            "AND ($3::bigint IS NULL OR (last_activity_at, session_id) > ($3, $4::text)) "
+            "ORDER BY last_activity_at, session_id LIMIT $5",
+            before,
+            user_id,
+            start[0],
+            start[1],
+            limit,
+        )
+        return [_session_row(row) for row in rows]
+
+    async def purge(self, requests: Sequence[PurgeRequest]) -> list[PurgeRecord]:
+        self._check_open()
+        if not requests:
+            return []
+        done: list[PurgeRecord] = []
+        pool = self._pool
+        with self._translated(doing="purge"):
+            async with pool.acquire() as conn:
+                try:
+                    async with conn.transaction():
+                        for request in requests:
+                            if await _purge_one(conn, request.record):
+                                done.append(request.record)
+                except _CONNECTION_LOST:
+                    conn.terminate()
+                    await pool.expire_connections()
+                    raise
+        return done
+
+    async def purges(
+        self, *, user_id: str | None = None, limit: int = 50, cursor: str | None = None
+    ) -> PurgePage:
+        limit = max(0, limit)
+        if limit == 0:
+            return PurgePage([])
+        after = parse_cursor(cursor) if cursor is not None else (None, None)
+        rows = await self._fetch(
+            "SELECT session_id, record FROM ledger_purges "
+            "WHERE ($1::text IS NULL OR user_id = $1) "
+            "AND ($2::bigint IS NULL OR (purged_at, session_id) < ($2, $3::text)) "
+            "ORDER BY purged_at DESC, session_id DESC LIMIT $4",
+            user_id,
+            after[0],
+            after[1],
+            limit + 1,
+        )
+        records = [_purge_record(row, self.target) for row in rows[:limit]]
+        return PurgePage(records, purge_cursor(records[-1]) if len(rows) > limit else None)
 
     async def put_snapshots(
         self, session_id: str, key: str, states: Sequence[tuple[str, bytes]]

@@ -63,7 +63,10 @@ from stores.base import (
     AppendRequest,
     AppendResult,
     FeedItem,
-    FeedStore,
+    PurgePage,
+    PurgeRecord,
+    PurgeRequest,
+    PurgeStore,
     SessionPage,
     SessionQuery,
     SessionRow,
@@ -72,6 +75,7 @@ from stores.base import (
     check_head,
     page_cursor,
     parse_cursor,
+    purge_cursor,
     validate_request,
 )
 
@@ -131,6 +135,19 @@ _SCHEMA: Final = (
         state BLOB NOT NULL,
         PRIMARY KEY (session_id, key, event_id)
     ) WITHOUT ROWID""",
+)
+
+_PURGE_SCHEMA: Final = (
+    # Created at every open (not only with the schema): files written before
+    # retention existed get it too.
+    """CREATE TABLE IF NOT EXISTS purges (
+        session_id TEXT NOT NULL PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        purged_at INTEGER NOT NULL,
+        record BLOB NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS purges_time ON purges (purged_at, session_id)",
+    "CREATE INDEX IF NOT EXISTS purges_user ON purges (user_id, purged_at, session_id)",
 )
 
 _EVENT_COLUMNS: Final = "position, id, session_id, data"
@@ -237,6 +254,8 @@ def _setup_writer(conn: sqlite3.Connection, path: str, synchronous: str) -> None
             for statement in _SCHEMA:
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        for statement in _PURGE_SCHEMA:
+            conn.execute(statement)
         conn.execute("COMMIT")
     except BaseException:
         _rollback(conn)
@@ -387,6 +406,34 @@ def _truncate_wal(conn: sqlite3.Connection) -> bool:
     return not busy
 
 
+def _purge_tx(conn: sqlite3.Connection, requests: Sequence[PurgeRequest]) -> list[PurgeRecord]:
+    """Delete whole sessions and write their records, in one write transaction."""
+    done: list[PurgeRecord] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for request in requests:
+            record = request.record
+            session_id = record.session_id
+            row = conn.execute(
+                "SELECT event_count, last_activity_at FROM sessions WHERE session_id = ?",
+                (session_id,),
+            ).fetchone()
+            if row is None or tuple(row) != (record.event_count, record.last_activity_at):
+                continue  # gone, or written to since the purge was planned: kept
+            for table in ("events", "heads", "snapshots", "sessions"):
+                conn.execute(f"DELETE FROM {table} WHERE session_id = ?", (session_id,))
+            conn.execute(
+                "INSERT INTO purges (session_id, user_id, purged_at, record) VALUES (?, ?, ?, ?)",
+                (session_id, record.user_id, record.purged_at, msgspec.json.encode(record)),
+            )
+            done.append(record)
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+    return done
+
+
 def _put_snapshots_tx(conn: sqlite3.Connection, rows: list[_Row]) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -424,6 +471,15 @@ def _decode(row: _Row, path: str) -> Event:
     return event
 
 
+def _purge_record(row: _Row, path: str) -> PurgeRecord:
+    try:
+        return msgspec.json.decode(row[1], type=PurgeRecord)
+    except msgspec.MsgspecError as exc:
+        raise IntegrityError(
+            f"Stored purge record does not decode: session {row[0]!r} in {path!r}: {exc}"
+        ) from None
+
+
 def _session_row(row: _Row) -> SessionRow:
     return SessionRow(
         session_id=row[0],
@@ -452,7 +508,7 @@ def _parse_url(url: str) -> tuple[Path, dict[str, str]]:
     return Path(rest), dict(parse_qsl(query, keep_blank_values=True))
 
 
-class SQLiteStore(FeedStore):
+class SQLiteStore(PurgeStore):
     """The embedded default store: one SQLite file in WAL mode, many processes.
 
     Args:
@@ -602,16 +658,87 @@ class SQLiteStore(FeedStore):
         return AppendResult(list(request.events))
 
     async def _after_erase(self) -> None:
-        """Drop the WAL frames that held erased bytes (holds the write lock)."""
+        """Drop the WAL frames that held erased bytes (holds the write lock).
+
+        The erase has committed: a failure here is logged, not raised.
+        """
         assert self._writer is not None
-        with _translate(self.filename):
-            truncated = await _in_thread(self._writer, _truncate_wal)
+        try:
+            with _translate(self.filename):
+                truncated = await _in_thread(self._writer, _truncate_wal)
+        except StoreError as exc:
+            log.warning("%s: the WAL checkpoint after an erase failed: %s", self.filename, exc)
+            return
         if not truncated:
             log.warning(
                 "%s: a reader of another connection kept the WAL from being truncated "
-                "after a redaction; its old frames go at the next full checkpoint",
+                "after an erase; its old frames go at the next full checkpoint",
                 self.filename,
             )
+
+    # retention
+
+    async def idle_sessions(
+        self,
+        before: int,
+        *,
+        user_id: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[SessionRow]:
+        self._check_open()
+        if limit <= 0:
+            return []
+        where = "last_activity_at < ?"
+        params: list[Any] = [before]
+        if user_id is not None:
+            where, params = "user_id = ? AND " + where, [user_id, before]
+        if after is not None:
+            where += " AND (last_activity_at, session_id) > (?, ?)"
+            params.extend(parse_cursor(after))
+        rows = await self._fetch(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE {where} "
+            "ORDER BY last_activity_at, session_id LIMIT ?",
+            (*params, limit),
+        )
+        return [_session_row(row) for row in rows]
+
+    async def purge(self, requests: Sequence[PurgeRequest]) -> list[PurgeRecord]:
+        self._check_open()
+        if not requests:
+            return []
+        async with self._write_lock:
+            self._check_open()
+            assert self._writer is not None
+            with _translate(self.filename):
+                done = await _in_thread(self._writer, _purge_tx, requests)
+            if done:
+                await self._after_erase()
+        return done
+
+    async def purges(
+        self, *, user_id: str | None = None, limit: int = 50, cursor: str | None = None
+    ) -> PurgePage:
+        self._check_open()
+        where: list[str] = []
+        params: list[Any] = []
+        if user_id is not None:
+            where.append("user_id = ?")
+            params.append(user_id)
+        if cursor is not None:
+            where.append("(purged_at, session_id) < (?, ?)")
+            params.extend(parse_cursor(cursor))
+        limit = max(0, limit)
+        if limit == 0:
+            return PurgePage([])
+        clause = f"WHERE {' AND '.join(where)} " if where else ""
+        rows = await self._fetch(
+            f"SELECT session_id, record FROM purges {clause}"
+            "ORDER BY purged_at DESC, session_id DESC LIMIT ?",
+            (*params, limit + 1),
+        )
+        records = [_purge_record(row, self.filename) for row in rows[:limit]]
+        return PurgePage(records, purge_cursor(records[-1]) if len(rows) > limit else None)
 
     async def put_snapshots(
         self, session_id: str, key: str, states: Sequence[tuple[str, bytes]]
