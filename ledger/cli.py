@@ -8,6 +8,8 @@
     ledger state SESSION --at EVENT  # the state of a session at any event
     ledger verify                    # recompute every id and checksum
     ledger redact EVENT --reason WHY # erase a turn's or a record's content
+    ledger purge --older-than 90d    # delete sessions idle that long (--dry-run first)
+    ledger purged                    # the records purges left
 
 Every command takes ``--store URL`` (default: ``LEDGER_URL``, else
 ``sqlite:///ledger.db``) and ``--json`` (one JSON document on stdout). Exit
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
@@ -49,7 +52,7 @@ from ledger.ledger import Ledger
 from ledger.verify import VerifyReport
 from projections.session import SessionState
 from projections.tree import Tree
-from stores.base import SessionRow
+from stores.base import PurgeRecord, SessionRow
 
 __all__ = ["main", "render_graph"]
 
@@ -474,6 +477,64 @@ async def cmd_redact(led: Ledger, args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+def purge_lines(records: Sequence[PurgeRecord], out: Output) -> list[str]:
+    header = ("SESSION", "USER", "AGENT", "EVENTS", "BYTES", "LAST ACTIVITY", "PURGED", "ROOT")
+    body = [
+        (
+            r.session_id,
+            r.user_id,
+            r.agent,
+            str(r.event_count),
+            str(r.bytes),
+            iso(r.last_activity_at),
+            iso(r.purged_at),
+            short(str(r.anchor.get("root", ""))),
+        )
+        for r in records
+    ]
+    return table([header, *body], right=frozenset({3, 4}))
+
+
+async def cmd_purge(led: Ledger, args: argparse.Namespace, out: Output) -> int:
+    records = await led.purge(
+        older_than=args.older_than,
+        user_id=args.user,
+        batch_size=args.batch_size,
+        reason=args.reason,
+        actor=args.actor,
+        dry_run=args.dry_run,
+    )
+    if out.as_json:
+        out.json({"dry_run": args.dry_run, "purged": records})
+        return 0
+    verb = "Would purge" if args.dry_run else "Purged"
+    out.line(f"{verb} {plural(len(records), 'session')}.")
+    if records:
+        for line in purge_lines(records, out):
+            out.line(line)
+    return 0
+
+
+async def cmd_purged(led: Ledger, args: argparse.Namespace, out: Output) -> int:
+    records: list[PurgeRecord] = []
+    cursor: str | None = None
+    while len(records) < args.limit:
+        page = await led.purged(user_id=args.user, limit=args.limit - len(records), cursor=cursor)
+        records.extend(page.items)
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    if out.as_json:
+        out.json(records)
+        return 0
+    if not records:
+        out.line("No purge records.")
+        return 0
+    for line in purge_lines(records, out):
+        out.line(line)
+    return 0
+
+
 async def cmd_demo(led: Ledger, args: argparse.Namespace, out: Output) -> int:
     """A scripted support conversation that goes through every kind of event."""
 
@@ -622,6 +683,23 @@ def _positive(text: str) -> int:
     return value
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _duration(text: str) -> float:
+    """``90d``, ``12h``, ``30m``, ``45s``, ``2w`` or a sum of them (``1d12h``), in seconds."""
+    parts = _DURATION.findall(text.strip().lower())
+    if not parts or "".join(n + u for n, u in parts) != text.strip().lower():
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (like 90d, 12h, 30m, 45s, 2w or 1d12h)"
+        )
+    seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be longer than zero: {text!r}")
+    return seconds
+
+
 def _common(*, suppress: bool) -> _Parser:
     """--store and --json, accepted before and after the command.
 
@@ -689,6 +767,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", required=True, help="why: kept in the redaction record")
     p.add_argument("--actor", help="who: kept in the redaction record (default: the user)")
     p.add_argument("--session", metavar="SESSION", help="resolve EVENT as a prefix in it")
+
+    p = add("purge", "delete whole sessions idle longer than a retention period", cmd_purge)
+    p.add_argument(
+        "--older-than",
+        metavar="DURATION",
+        type=_duration,
+        required=True,
+        help="idle at least this long: 90d, 12h, 30m, 45s, 2w, 1d12h",
+    )
+    p.add_argument("--user", help="only this user's sessions")
+    p.add_argument("--reason", default="retention", help="kept in each purge record")
+    p.add_argument("--actor", default="ledger", help="who purges: kept in each record")
+    p.add_argument(
+        "--batch-size", type=_positive, default=100, help="sessions per transaction (100)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="list what would go; delete nothing")
+
+    p = add("purged", "list purge records, most recent first", cmd_purged)
+    p.add_argument("--user", help="only this user's")
+    p.add_argument("--limit", type=_positive, default=50, help="at most N (default: 50)")
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import uuid
 from collections.abc import Callable
@@ -293,3 +294,42 @@ async def test_the_jsonl_store_cannot_purge(tmp_path: Path) -> None:
             await led.purge(older_than=1)
         with pytest.raises(ConfigError, match="cannot purge"):
             await led.purged()
+
+
+# --- the command ----------------------------------------------------------------------
+
+
+def test_the_purge_and_purged_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ledger.cli import main
+
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+
+    async def setup() -> list[str]:
+        async with Ledger.open(url) as led:
+            ids = [await _session(led, "u1"), await _session(led, "u2")]
+            return [(await led.get(i[0])).session for i in ids]
+
+    sessions = asyncio.run(setup())
+
+    def cli(*argv: str) -> tuple[int, str, str]:
+        code = main(["--store", url, *argv])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    assert cli("purge", "--older-than", "1d")[1] == "Purged 0 sessions.\n"
+    asyncio.run(asyncio.sleep(IDLE))
+    code, out, err = cli("purge", "--older-than", "0.1s", "--dry-run", "--user", "u1")
+    assert code == 0 and out.startswith("Would purge 1 session.") and sessions[0] in out, err
+    code, out, err = cli("--json", "purge", "--older-than", "0.1s", "--reason", "policy")
+    assert code == 0, err
+    result = json.loads(out)
+    assert not result["dry_run"]
+    assert sorted(r["session_id"] for r in result["purged"]) == sorted(sessions)
+    assert {r["reason"] for r in result["purged"]} == {"policy"}
+    code, out, err = cli("purged", "--user", "u2")
+    assert code == 0 and sessions[1] in out and sessions[0] not in out, err
+    code, out, _ = cli("--json", "purged", "--limit", "1")
+    assert len(json.loads(out)) == 1
+    for bad in ("90", "d", "-1d", "0s", "1y"):
+        code, _, err = cli("purge", "--older-than", bad)
+        assert code == 2 and "--older-than" in err

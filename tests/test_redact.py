@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -552,3 +553,52 @@ async def test_verify_names_a_redaction_of_an_event_that_is_not_erased(
         report = await led.verify(s.session_id)
         assert report.first_bad == forged.id
         assert "not an erased event before it" in report.problems[0].message
+
+
+# --- the command ----------------------------------------------------------------------
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    from ledger.cli import main
+
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_the_redact_command_and_the_log(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    secret = marker()
+
+    async def setup() -> tuple[str, str]:
+        async with Ledger.open(url) as led:
+            s = await led.create(user_id="u", agent="a")
+            turn = await led.add_turn(s.session_id, role="user", content=secret)
+            return s.session_id, turn.id
+
+    session_id, turn_id = asyncio.run(setup())
+    code, out, err = _cli(
+        capsys, "--store", url, "redact", turn_id[:10], "--session", session_id, "--reason",
+        "asked to forget", "--actor", "dpo",
+    )  # fmt: skip
+    assert code == 0, err
+    assert f"Erased {turn_id[:12]} (TurnAdded) of session {session_id}" in out
+    code, out, err = _cli(capsys, "--store", url, "log", session_id)
+    assert code == 0, err
+    lines = out.splitlines()
+    redaction = next(line for line in lines if "Redacted" in line)
+    assert f"{turn_id[:12]} by dpo at " in redaction and "asked to forget" in redaction
+    erased = next(line for line in lines if turn_id[:12] in line and "TurnAdded" in line)
+    assert "(erased)" in erased and "[redacted by " in erased
+    assert secret not in out
+    code, out, _ = _cli(capsys, "--store", url, "--json", "log", session_id)
+    events = json.loads(out)["events"]
+    assert [e["redacted"] for e in events] == [False, True, False]
+    assert (events[1]["kind"], events[1]["body"]["kind"]) == ("TurnAdded", "Erased")
+    # Bad input: a clear message naming what failed, exit status 1.
+    code, _, err = _cli(capsys, "--store", url, "redact", turn_id, "--reason", "again")
+    assert code == 1 and f"Event already redacted: {turn_id!r}" in err
+    code, _, err = _cli(capsys, "--store", url, "redact", "f" * 64, "--reason", "x")
+    assert code == 1 and "Event not found" in err
+    code, _, err = _cli(capsys, "--store", url, "redact", turn_id)
+    assert code == 2 and "--reason" in err
