@@ -311,7 +311,6 @@ def event_json(event: Event) -> dict[str, Any]:
         "at": event.at,
         "actor": event.actor,
         "body": msgspec.to_builtins(event.body),
-        "redacted": isinstance(event.body, Erased),
     }
 
 

@@ -593,7 +593,7 @@ def test_the_redact_command_and_the_log(tmp_path: Path, capsys: pytest.CaptureFi
     assert secret not in out
     code, out, _ = _cli(capsys, "--store", url, "--json", "log", session_id)
     events = json.loads(out)["events"]
-    assert [e["redacted"] for e in events] == [False, True, False]
+    assert [e["body"]["kind"] for e in events] == ["SessionCreated", "Erased", "Redacted"]
     assert (events[1]["kind"], events[1]["body"]["kind"]) == ("TurnAdded", "Erased")
     # Bad input: a clear message naming what failed, exit status 1.
     code, _, err = _cli(capsys, "--store", url, "redact", turn_id, "--reason", "again")
