@@ -49,6 +49,7 @@ __all__ = [
     "decode_event",
     "encode_event",
     "erase",
+    "erased_digest",
     "event_problem",
     "make_event",
     "new_session_id",
@@ -157,6 +158,9 @@ class Redacted(_Body, frozen=True):
     event: str
     """The id of the erased event."""
     reason: str
+    erased: str | None = None
+    """``erased_digest`` of the body the redaction left: this event's id commits to
+    it, so ``verify`` catches a change to the erased body's kept accounting."""
 
 
 Body = (
@@ -365,6 +369,11 @@ def erase(event: Event) -> Event:
     else:
         raise EventNotRedactableError(event.id, event.kind)
     return msgspec.structs.replace(event, body=erased, salt="")
+
+
+def erased_digest(body: Erased) -> str:
+    """The digest a ``Redacted`` record keeps of the ``Erased`` body it left."""
+    return blake3.blake3(canonical(body)).hexdigest()
 
 
 def new_session_id() -> str:

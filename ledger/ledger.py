@@ -50,6 +50,7 @@ from ledger.events import (
     TurnAdded,
     encode_event,
     erase,
+    erased_digest,
     make_event,
     new_session_id,
     validate_name,
@@ -581,7 +582,8 @@ class Ledger:
         if isinstance(target.body, Erased):
             raise AlreadyRedactedError(event_id, await self._redaction_of(target))
         erased = erase(target)
-        body = Redacted(event=event_id, reason=reason)
+        assert isinstance(erased.body, Erased)
+        body = Redacted(event=event_id, reason=reason, erased=erased_digest(erased.body))
 
         def plan(batch: _Batch, state: SessionState) -> None:
             batch.add(body, branch=target.branch)

@@ -21,6 +21,7 @@ from ledger.events import (
     Redacted,
     Restored,
     SessionCreated,
+    erased_digest,
     event_problem,
 )
 from projections.base import fold
@@ -85,6 +86,7 @@ async def verify_session(
     heads: dict[str, SessionState] = {}
     checked = 0
     erased: dict[str, str | None] = {}  # erased event id -> the Redacted event naming it
+    kept: dict[str, str] = {}  # erased event id -> erased_digest of its body
     try:
         async for event in store.events(session_id):
             checked += 1
@@ -93,7 +95,11 @@ async def verify_session(
                     state = _check_linear(session_id, event, heads, key)
                 else:
                     state = await _check(store, session_id, event, heads, key, root=checked == 1)
-                _check_redaction(event, erased)
+                changed = _check_redaction(event, erased, kept)
+                if changed is not None:
+                    problems.append(
+                        Problem(session_id, changed, f"erased body differs from {event.id!r}'s")
+                    )
             except _Bad as bad:
                 problems.append(Problem(session_id, event.id, str(bad)))
                 if len(problems) >= MAX_PROBLEMS:
@@ -166,17 +172,26 @@ async def _check(
     return _check_step(parent, event, key)
 
 
-def _check_redaction(event: Event, erased: dict[str, str | None]) -> None:
-    """Erased bodies and Redacted records pair up: one record per erased event, after it."""
+def _check_redaction(
+    event: Event, erased: dict[str, str | None], kept: dict[str, str]
+) -> str | None:
+    """Erased bodies and Redacted records pair up: one record per erased event, after it.
+
+    Returns the id of an erased event whose body no longer matches its record.
+    """
     body = event.body
     if isinstance(body, Erased):
         erased[event.id] = None
+        kept[event.id] = erased_digest(body)
     elif isinstance(body, Redacted):
         if body.event not in erased:
             raise _Bad(f"redacts {body.event!r}, not an erased event before it in this session")
         if erased[body.event] is not None:
             raise _Bad(f"redacts {body.event!r} a second time (after {erased[body.event]!r})")
         erased[body.event] = event.id
+        if body.erased is not None and body.erased != kept[body.event]:
+            return body.event
+    return None
 
 
 def _check_envelope(session_id: str, event: Event) -> None:

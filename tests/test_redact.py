@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import sys
 import textwrap
 import uuid
@@ -31,7 +32,7 @@ from ledger import (
     Redacted,
     TurnAdded,
 )
-from ledger.events import erase, event_problem, make_event
+from ledger.events import encode_event, erase, event_problem, make_event
 from ledger.testing import append_request, create_event, next_event
 from projections.transcript import REDACTED_ROLE, TRANSCRIPT, context_window
 from stores.base import AppendRequest, FeedStore, SessionQuery
@@ -602,3 +603,53 @@ def test_the_redact_command_and_the_log(tmp_path: Path, capsys: pytest.CaptureFi
     assert code == 1 and "Event not found" in err
     code, _, err = _cli(capsys, "--store", url, "redact", turn_id)
     assert code == 2 and "--reason" in err
+
+
+async def test_verify_names_an_erased_body_changed_after_the_redaction(tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+    async with Ledger.open(f"sqlite:///{db}") as led:
+        s = await led.create(user_id="u", agent="a")
+        turn = await led.add_turn(s.session_id, role="user", content="x", tokens_in=5)
+        record = await led.redact(turn.id, reason="x")
+        assert isinstance(record.body, Redacted) and record.body.erased is not None
+        assert (await led.verify(s.session_id)).ok
+    # The erased body is not covered by the event's digest; the record's id covers it.
+    forged = msgspec.structs.replace(
+        await _get(db, turn.id), body=Erased(original="TurnAdded", tokens_in=1)
+    )
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE events SET data = ? WHERE id = ?", (encode_event(forged), turn.id))
+    async with Ledger.open(f"sqlite:///{db}") as led:
+        report = await led.verify(s.session_id)
+        assert [(p.event_id, p.message) for p in report.problems] == [
+            (turn.id, f"erased body differs from {record.id!r}'s")
+        ]
+
+
+async def _get(db: Path, event_id: str) -> Any:
+    async with Ledger.open(f"sqlite:///{db}") as led:
+        return await led.get(event_id)
+
+
+async def test_sqlite_a_reader_holding_old_wal_frames_delays_their_removal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The documented limit: another connection's open read transaction keeps the WAL."""
+    secret = marker()
+    db = tmp_path / "ledger.db"
+    async with Ledger.open(f"sqlite:///{db}?busy_timeout=0.2") as led:
+        s = await led.create(user_id="u", agent="a")
+        turn = await led.add_turn(s.session_id, role="user", content=secret)
+        other = await led.add_turn(s.session_id, role="user", content="second")
+        reader = sqlite3.connect(db, isolation_level=None)
+        try:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM events").fetchone()  # a snapshot held
+            with caplog.at_level("WARNING", logger="stores.sqlite"):
+                await led.redact(turn.id, reason="x")
+            assert "kept the WAL from being truncated" in caplog.text
+            assert _files_holding(tmp_path, secret.encode()) == ["ledger.db-wal"]
+        finally:
+            reader.close()
+        await led.redact(other.id, reason="the next erase truncates the WAL")
+        assert _files_holding(tmp_path, secret.encode()) == []
