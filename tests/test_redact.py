@@ -653,3 +653,43 @@ async def test_sqlite_a_reader_holding_old_wal_frames_delays_their_removal(
             reader.close()
         await led.redact(other.id, reason="the next erase truncates the WAL")
         assert _files_holding(tmp_path, secret.encode()) == []
+
+
+@given(
+    contents=st.lists(st.tuples(st.booleans(), json_values), min_size=1, max_size=8),
+    chosen=st.sets(st.integers(0, 7)),
+)
+@settings(max_examples=30, deadline=None)
+def test_any_set_of_redactions_keeps_every_id_and_verifies(
+    contents: list[tuple[bool, Any]], chosen: set[int]
+) -> None:
+    from stores.memory import MemoryStore
+
+    async def run() -> None:
+        async with Ledger(MemoryStore()) as led:
+            s = await led.create(user_id="u", agent="a")
+            written = []
+            for i, (is_turn, content) in enumerate(contents):
+                if is_turn:
+                    written.append(
+                        await led.add_turn(s.session_id, role="user", content=content, tokens_in=i)
+                    )
+                else:
+                    written.append(await led.record(s.session_id, "r", content))
+                if i % 3 == 2:
+                    await led.checkpoint(s.session_id)
+            before = [e.id async for e in led.events(s.session_id)]
+            state = await led.state(s.session_id)
+            targets = [written[i] for i in sorted(chosen) if i < len(written)]
+            for event in targets:
+                await led.redact(event.id, reason="law")
+            after = [e.id async for e in led.events(s.session_id)]
+            assert after[: len(before)] == before and len(after) == len(before) + len(targets)
+            for event in targets:
+                assert (await led.get(event.id)).body == erase(event).body
+            now = await led.state(s.session_id)
+            assert (now.turn_count, now.tokens_in) == (state.turn_count, state.tokens_in)
+            report = await led.verify(s.session_id)
+            assert report.ok, report.problems
+
+    asyncio.run(run())
