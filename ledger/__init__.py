@@ -9,12 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 from ledger.config import LedgerConfig
 from ledger.errors import (
+    AlreadyRedactedError,
     BranchExistsError,
     BranchNotFoundError,
     CheckpointNotFoundError,
     ConfigError,
     ConflictError,
     EventNotFoundError,
+    EventNotRedactableError,
     EventTooLargeError,
     IntegrityError,
     InvalidEventError,
@@ -34,10 +36,12 @@ from ledger.events import (
     Branched,
     Checkpointed,
     Closed,
+    Erased,
     Event,
     Expired,
     MetadataSet,
     Recorded,
+    Redacted,
     Restored,
     Resumed,
     SessionCreated,
@@ -83,6 +87,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "AlreadyRedactedError",
     "BranchExistsError",
     "BranchInfo",
     "BranchNotFoundError",
@@ -93,8 +98,10 @@ __all__ = [
     "Closed",
     "ConfigError",
     "ConflictError",
+    "Erased",
     "Event",
     "EventNotFoundError",
+    "EventNotRedactableError",
     "EventTooLargeError",
     "Expired",
     "FeedItem",
@@ -108,6 +115,7 @@ __all__ = [
     "Problem",
     "Projection",
     "Recorded",
+    "Redacted",
     "Restored",
     "Resumed",
     "SessionCapacityError",

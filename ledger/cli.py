@@ -7,6 +7,9 @@
     ledger log SESSION               # the tree of a session, like git log --graph
     ledger state SESSION --at EVENT  # the state of a session at any event
     ledger verify                    # recompute every id and checksum
+    ledger redact EVENT --reason WHY # erase a turn's or a record's content
+    ledger purge --older-than 90d    # delete sessions idle that long (--dry-run first)
+    ledger purged                    # the records purges left
 
 Every command takes ``--store URL`` (default: ``LEDGER_URL``, else
 ``sqlite:///ledger.db``) and ``--json`` (one JSON document on stdout). Exit
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
@@ -32,10 +36,12 @@ from ledger.events import (
     Branched,
     Checkpointed,
     Closed,
+    Erased,
     Event,
     Expired,
     MetadataSet,
     Recorded,
+    Redacted,
     Restored,
     Resumed,
     SessionCreated,
@@ -46,7 +52,7 @@ from ledger.ledger import Ledger
 from ledger.verify import VerifyReport
 from projections.session import SessionState
 from projections.tree import Tree
-from stores.base import SessionRow
+from stores.base import PurgeRecord, SessionRow
 
 __all__ = ["main", "render_graph"]
 
@@ -248,6 +254,10 @@ def summary(event: Event, labels: dict[str, str]) -> str:
             return clip(", ".join(f"{k}={_text(v)}" for k, v in metadata.items()))
         case Recorded(type=kind):
             return clip(kind)
+        case Erased():
+            return "(erased)"
+        case Redacted(event=erased, reason=reason):
+            return clip(f"{short(erased)} by {event.actor} at {iso(event.at)}: {reason}")
     return ""  # pragma: no cover - every kind is matched above
 
 
@@ -261,6 +271,8 @@ def log_lines(events: Sequence[Event], tree: Tree, out: Output) -> list[str]:
             label = body.label or short(event.id)
             labels[event.id] = label
             marks.setdefault(body.entry, []).append(f"[checkpoint {label}]")
+        elif isinstance(body, Redacted):
+            marks.setdefault(body.event, []).append(f"[redacted by {short(event.id)}]")
     heads = {info.head: name for name, info in tree.branches.items()}
     kind_width = max((len(e.kind) for e in events), default=0)
     branch_width = max((len(e.branch) for e in events), default=0)
@@ -447,6 +459,81 @@ async def cmd_verify(led: Ledger, args: argparse.Namespace, out: Output) -> int:
     return 0 if report.ok else 1
 
 
+async def cmd_redact(led: Ledger, args: argparse.Namespace, out: Output) -> int:
+    event_id = args.event.strip().lower()
+    if args.session is not None:
+        event_id = await _resolve_event(led, args.session, event_id)
+    target = await led.get(event_id)
+    record = await led.redact(event_id, reason=args.reason, actor=args.actor)
+    if out.as_json:
+        out.json({"redaction": event_json(record), "erased": event_json(await led.get(event_id))})
+        return 0
+    out.line(
+        f"Erased {out.paint(short(event_id), 'id')} ({target.kind}) of session "
+        f"{target.session}; recorded as {out.paint(short(record.id), 'id')} "
+        f"on branch {record.branch}"
+    )
+    return 0
+
+
+def purge_lines(records: Sequence[PurgeRecord], out: Output) -> list[str]:
+    header = ("SESSION", "USER", "AGENT", "EVENTS", "BYTES", "LAST ACTIVITY", "PURGED", "ROOT")
+    body = [
+        (
+            r.session_id,
+            r.user_id,
+            r.agent,
+            str(r.event_count),
+            str(r.bytes),
+            iso(r.last_activity_at),
+            iso(r.purged_at),
+            short(str(r.anchor.get("root", ""))),
+        )
+        for r in records
+    ]
+    return table([header, *body], right=frozenset({3, 4}))
+
+
+async def cmd_purge(led: Ledger, args: argparse.Namespace, out: Output) -> int:
+    records = await led.purge(
+        older_than=args.older_than,
+        user_id=args.user,
+        batch_size=args.batch_size,
+        reason=args.reason,
+        actor=args.actor,
+        dry_run=args.dry_run,
+    )
+    if out.as_json:
+        out.json({"dry_run": args.dry_run, "purged": records})
+        return 0
+    verb = "Would purge" if args.dry_run else "Purged"
+    out.line(f"{verb} {plural(len(records), 'session')}.")
+    if records:
+        for line in purge_lines(records, out):
+            out.line(line)
+    return 0
+
+
+async def cmd_purged(led: Ledger, args: argparse.Namespace, out: Output) -> int:
+    records: list[PurgeRecord] = []
+    cursor: str | None = None
+    while len(records) < args.limit:
+        page = await led.purged(user_id=args.user, limit=args.limit - len(records), cursor=cursor)
+        records.extend(page.items)
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    if out.as_json:
+        out.json(records)
+        return 0
+    if not records:
+        out.line("No purge records.")
+        return 0
+    for line in purge_lines(records, out):
+        out.line(line)
+    return 0
+
+
 async def cmd_demo(led: Ledger, args: argparse.Namespace, out: Output) -> int:
     """A scripted support conversation that goes through every kind of event."""
 
@@ -595,6 +682,23 @@ def _positive(text: str) -> int:
     return value
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _duration(text: str) -> float:
+    """``90d``, ``12h``, ``30m``, ``45s``, ``2w`` or a sum of them (``1d12h``), in seconds."""
+    parts = _DURATION.findall(text.strip().lower())
+    if not parts or "".join(n + u for n, u in parts) != text.strip().lower():
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (like 90d, 12h, 30m, 45s, 2w or 1d12h)"
+        )
+    seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be longer than zero: {text!r}")
+    return seconds
+
+
 def _common(*, suppress: bool) -> _Parser:
     """--store and --json, accepted before and after the command.
 
@@ -652,6 +756,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("verify", "recompute every id and checksum; exit 1 when anything is wrong", cmd_verify)
     p.add_argument("session", metavar="SESSION", nargs="?", help="only this session")
+
+    p = add(
+        "redact",
+        "erase a turn's or a record's content; its id, digest and the chain still verify",
+        cmd_redact,
+    )
+    p.add_argument("event", metavar="EVENT", help="the event id (a unique prefix with --session)")
+    p.add_argument("--reason", required=True, help="why: kept in the redaction record")
+    p.add_argument("--actor", help="who: kept in the redaction record (default: the user)")
+    p.add_argument("--session", metavar="SESSION", help="resolve EVENT as a prefix in it")
+
+    p = add("purge", "delete whole sessions idle longer than a retention period", cmd_purge)
+    p.add_argument(
+        "--older-than",
+        metavar="DURATION",
+        type=_duration,
+        required=True,
+        help="idle at least this long: 90d, 12h, 30m, 45s, 2w, 1d12h",
+    )
+    p.add_argument("--user", help="only this user's sessions")
+    p.add_argument("--reason", default="retention", help="kept in each purge record")
+    p.add_argument("--actor", default="ledger", help="who purges: kept in each record")
+    p.add_argument(
+        "--batch-size", type=_positive, default=100, help="sessions per transaction (100)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="list what would go; delete nothing")
+
+    p = add("purged", "list purge records, most recent first", cmd_purged)
+    p.add_argument("--user", help="only this user's")
+    p.add_argument("--limit", type=_positive, default=50, help="at most N (default: 50)")
     return parser
 
 

@@ -10,7 +10,9 @@ LedgerError
 │   ├── CheckpointNotFoundError
 │   └── EventNotFoundError
 ├── InvalidEventError(ValueError)        content that cannot be encoded, a bad name
-│   └── EventTooLargeError
+│   ├── EventTooLargeError
+│   ├── EventNotRedactableError          only TurnAdded and Recorded bodies can be erased
+│   └── AlreadyRedactedError             the event's body was erased before
 ├── ConflictError                        the branch head moved (compare-and-swap)
 │   └── BranchExistsError
 ├── SessionStateError                    the session's lifecycle refuses the write
@@ -28,12 +30,14 @@ Every refused operation writes nothing.
 from __future__ import annotations
 
 __all__ = [
+    "AlreadyRedactedError",
     "BranchExistsError",
     "BranchNotFoundError",
     "CheckpointNotFoundError",
     "ConfigError",
     "ConflictError",
     "EventNotFoundError",
+    "EventNotRedactableError",
     "EventTooLargeError",
     "IntegrityError",
     "InvalidEventError",
@@ -111,6 +115,24 @@ class EventTooLargeError(InvalidEventError):
         self.session_id = session_id
         self.size = size
         self.limit = limit
+
+
+class EventNotRedactableError(InvalidEventError):
+    def __init__(self, event_id: str, kind: str) -> None:
+        super().__init__(
+            f"Event cannot be redacted: {event_id!r} is a {kind} "
+            "(only TurnAdded and Recorded events can be)"
+        )
+        self.event_id = event_id
+        self.kind = kind
+
+
+class AlreadyRedactedError(InvalidEventError):
+    def __init__(self, event_id: str, redaction_id: str | None = None) -> None:
+        by = f" (by {redaction_id!r})" if redaction_id else ""
+        super().__init__(f"Event already redacted: {event_id!r}{by}")
+        self.event_id = event_id
+        self.redaction_id = redaction_id
 
 
 class ConflictError(LedgerError):

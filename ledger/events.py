@@ -23,18 +23,21 @@ from typing import Any, Final
 import blake3
 import msgspec
 
-from ledger.errors import InvalidEventError
+from ledger.errors import AlreadyRedactedError, EventNotRedactableError, InvalidEventError
 
 __all__ = [
     "FORMAT_VERSION",
+    "REDACTABLE",
     "Body",
     "Branched",
     "Checkpointed",
     "Closed",
+    "Erased",
     "Event",
     "Expired",
     "MetadataSet",
     "Recorded",
+    "Redacted",
     "Restored",
     "Resumed",
     "SessionCreated",
@@ -45,6 +48,8 @@ __all__ = [
     "compute_id",
     "decode_event",
     "encode_event",
+    "erase",
+    "erased_digest",
     "event_problem",
     "make_event",
     "new_session_id",
@@ -133,6 +138,31 @@ class Recorded(_Body, frozen=True):
     data: Any = None
 
 
+class Erased(_Body, frozen=True):
+    """What a redaction leaves of a body: its kind and the accounting a session's state folds.
+
+    The tokens and cost of an erased turn are kept so that turn counts, token
+    totals and checkpoint checksums, which cover the session state, still verify.
+    """
+
+    original: str
+    """The erased body's kind: ``TurnAdded`` or ``Recorded``."""
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost: float = 0.0
+
+
+class Redacted(_Body, frozen=True):
+    """The record of a redaction, appended to the erased event's branch."""
+
+    event: str
+    """The id of the erased event."""
+    reason: str
+    erased: str | None = None
+    """``erased_digest`` of the body the redaction left: this event's id commits to
+    it, so ``verify`` catches a change to the erased body's kept accounting."""
+
+
 Body = (
     SessionCreated
     | TurnAdded
@@ -145,7 +175,13 @@ Body = (
     | Expired
     | MetadataSet
     | Recorded
+    | Erased
+    | Redacted
 )
+
+REDACTABLE: Final = frozenset({"TurnAdded", "Recorded"})
+"""The kinds whose body a redaction may erase: the others carry the session's
+state or its tree, which checkpoints and branches depend on."""
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, gc=False):
@@ -166,7 +202,11 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
 
     @property
     def kind(self) -> str:
-        return type(self.body).__name__
+        """The body's tag; for an erased body, the kind it had (the id commits to it)."""
+        body = self.body
+        if type(body) is Erased:
+            return body.original
+        return type(body).__name__
 
 
 _canonical = msgspec.json.Encoder(order="deterministic")
@@ -257,7 +297,14 @@ def make_event(
     body: Body,
     idempotency_key: str | None = None,
 ) -> Event:
-    """Build a new event: normalize its body, salt and digest it, and address it."""
+    """Build a new event: normalize its body, salt and digest it, and address it.
+
+    Raises ``InvalidEventError`` for an ``Erased`` body: only a redaction makes one.
+    """
+    if isinstance(body, Erased):
+        raise InvalidEventError(
+            f"Invalid event for session {session!r}: an Erased body is made only by a redaction"
+        )
     normal, raw = normalize_body(body, session)
     salt = os.urandom(16).hex()
     draft = Event(
@@ -280,6 +327,15 @@ def event_problem(event: Event) -> str | None:
     """Why this event does not verify on its own, or None when it does."""
     if event.format != FORMAT_VERSION:
         return f"unknown format version {event.format}"
+    if isinstance(event.body, Erased):
+        # A redacted event: its body and salt are gone, its digest (and so its id) stays.
+        if event.salt != "":
+            return "an erased body must have an empty salt"
+        if event.body.original not in REDACTABLE:
+            return f"a {event.body.original} body cannot be erased"
+        if compute_id(event) != event.id:
+            return "id does not match its header"
+        return None
     if not _SALT.fullmatch(event.salt):
         # Exactly one spelling: fromhex() would read an upper-case twin the same.
         return "salt is not 32 lower-case hex digits"
@@ -289,6 +345,35 @@ def event_problem(event: Event) -> str | None:
     if compute_id(event) != event.id:
         return "id does not match its header"
     return None
+
+
+def erase(event: Event) -> Event:
+    """The redacted form of ``event``: same id and digest, an ``Erased`` body, no salt.
+
+    Raises:
+        EventNotRedactableError: its kind is not one of ``REDACTABLE``.
+        AlreadyRedactedError: its body is erased already.
+    """
+    body = event.body
+    if isinstance(body, Erased):
+        raise AlreadyRedactedError(event.id)
+    if isinstance(body, TurnAdded):
+        erased = Erased(
+            original="TurnAdded",
+            tokens_in=body.tokens_in,
+            tokens_out=body.tokens_out,
+            cost=body.cost,
+        )
+    elif isinstance(body, Recorded):
+        erased = Erased(original="Recorded")
+    else:
+        raise EventNotRedactableError(event.id, event.kind)
+    return msgspec.structs.replace(event, body=erased, salt="")
+
+
+def erased_digest(body: Erased) -> str:
+    """The digest a ``Redacted`` record keeps of the ``Erased`` body it left."""
+    return blake3.blake3(canonical(body)).hexdigest()
 
 
 def new_session_id() -> str:

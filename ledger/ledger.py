@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Sequence
+from datetime import timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar, overload
 
+import msgspec
+
+from ledger.anchors import make_anchor
 from ledger.config import LedgerConfig
 from ledger.errors import (
+    AlreadyRedactedError,
     BranchNotFoundError,
     CheckpointNotFoundError,
+    ConfigError,
     ConflictError,
     EventNotFoundError,
     EventTooLargeError,
     IntegrityError,
+    InvalidEventError,
     SessionCapacityError,
     SessionClosedError,
     SessionExpiredError,
@@ -29,16 +37,20 @@ from ledger.events import (
     Branched,
     Checkpointed,
     Closed,
+    Erased,
     Event,
     Expired,
     MetadataSet,
     Recorded,
+    Redacted,
     Restored,
     Resumed,
     SessionCreated,
     Suspended,
     TurnAdded,
     encode_event,
+    erase,
+    erased_digest,
     make_event,
     new_session_id,
     validate_name,
@@ -59,7 +71,19 @@ from projections.session import (
 from projections.transcript import Turn, context_window, turns_of
 from projections.tree import TREE, Tree
 from stores import open_store
-from stores.base import AppendRequest, FeedItem, FeedStore, SessionPage, SessionQuery
+from stores.base import (
+    AppendRequest,
+    FeedItem,
+    FeedStore,
+    PurgePage,
+    PurgeRecord,
+    PurgeRequest,
+    PurgeStore,
+    SessionPage,
+    SessionQuery,
+    SessionRow,
+    page_cursor,
+)
 
 __all__ = ["Ledger"]
 
@@ -533,6 +557,176 @@ class Ledger:
                     break
         return expired
 
+    async def redact(self, event_id: str, *, reason: str, actor: str | None = None) -> Event:
+        """Erase a turn's or a record's body and salt; return the ``Redacted`` record.
+
+        The event keeps its id and ``body_digest``, so ids, the chain, checksums
+        and anchors still verify; its body becomes ``Erased`` (the kind and the
+        tokens and cost a session's state folds). The ``Redacted`` event (who:
+        ``actor``, when, why: ``reason``) is appended at the head of the erased
+        event's branch, whatever the branch's status, in the same transaction
+        as the overwrite. The store then makes the old bytes unreadable from its
+        files (see the README for what each store guarantees).
+
+        Raises:
+            EventNotFoundError: no event has this id.
+            EventNotRedactableError: the event is not a ``TurnAdded`` or ``Recorded``.
+            AlreadyRedactedError: the event was redacted before (naming the redaction).
+            InvalidEventError: an empty reason.
+
+        Example::
+
+            record = await led.redact(turn.id, reason="user asked to erase their address")
+        """
+        if not isinstance(reason, str) or not reason.strip():
+            raise InvalidEventError(f"A redaction needs a reason: event {event_id!r}")
+        target = await self.store.get(event_id)
+        if isinstance(target.body, Erased):
+            raise AlreadyRedactedError(event_id, await self._redaction_of(target))
+        erased = erase(target)
+        assert isinstance(erased.body, Erased)
+        body = Redacted(event=event_id, reason=reason, erased=erased_digest(erased.body))
+
+        def plan(batch: _Batch, state: SessionState) -> None:
+            batch.add(body, branch=target.branch)
+
+        try:
+            events = await self._write(
+                target.session,
+                target.branch,
+                plan,
+                actor=actor,
+                key=None,
+                expected=None,
+                erase=[erased],
+            )
+        finally:
+            # Cached folds of this session may hold the erased content.
+            self._engine.forget(target.session)
+        return events[0]
+
+    async def redactions(self, session_id: str) -> list[Event]:
+        """The session's ``Redacted`` records, in append order."""
+        return [e async for e in self.events(session_id) if isinstance(e.body, Redacted)]
+
+    async def _redaction_of(self, target: Event) -> str | None:
+        async for event in self.store.events(target.session):
+            if isinstance(event.body, Redacted) and event.body.event == target.id:
+                return event.id
+        return None
+
+    # ------------------------------------------------------------------ retention
+
+    async def purge(
+        self,
+        *,
+        older_than: float | timedelta,
+        user_id: str | None = None,
+        batch_size: int = 100,
+        reason: str = "retention",
+        actor: str = "ledger",
+        dry_run: bool = False,
+    ) -> list[PurgeRecord]:
+        """Delete whole sessions idle longer than ``older_than``; return their records.
+
+        Sessions (of ``user_id``, or of everyone) whose last activity is older
+        than ``older_than`` seconds (or a ``timedelta``) are deleted whole,
+        ``batch_size`` sessions per store transaction, whatever their status.
+        Each leaves a ``PurgeRecord``: ids, user, agent, times, event count,
+        bytes, who purged it, when and why, and its final anchor (the Merkle root
+        of its event ids, a MAC with the ledger's key), listed by ``purged``.
+        A session written to while it is being purged is kept (it is not idle);
+        a write that comes after it is gone raises ``SessionNotFoundError``.
+        ``dry_run``: the records that would be written, and nothing is deleted.
+
+        Raises:
+            ConfigError: a retention period or batch size that is not positive, or
+                a store that cannot purge.
+
+        Example::
+
+            purged = await led.purge(older_than=timedelta(days=90), reason="90-day retention")
+        """
+        store = self._purge_store()
+        seconds = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
+        if not isinstance(seconds, int | float) or not math.isfinite(seconds) or seconds <= 0:
+            raise ConfigError(f"Invalid retention period: {older_than!r} (seconds, > 0)")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"Invalid purge batch size: {batch_size!r} (at least 1)")
+        if not isinstance(reason, str) or not reason.strip():
+            raise ConfigError("A purge needs a reason")
+        now = _now()
+        cutoff = now - int(seconds * 1e9)
+        purged: list[PurgeRecord] = []
+        after: str | None = None
+        while True:
+            rows = await store.idle_sessions(cutoff, user_id=user_id, limit=batch_size, after=after)
+            if not rows:
+                return purged
+            after = page_cursor(rows[-1])
+            requests = [
+                PurgeRequest(record=record)
+                for row in rows
+                if (record := await self._purge_record(row, now, actor, reason)) is not None
+            ]
+            if dry_run:
+                purged.extend(request.record for request in requests)
+            else:
+                done = await store.purge(requests)
+                for record in done:
+                    self._forget_session(record.session_id)
+                purged.extend(done)
+            if len(rows) < batch_size:
+                return purged
+
+    async def purged(
+        self, *, user_id: str | None = None, limit: int = 50, cursor: str | None = None
+    ) -> PurgePage:
+        """A page of purge records, most recent first; ``page.next_cursor`` gives the next.
+
+        Raises:
+            ConfigError: a store that cannot purge.
+        """
+        return await self._purge_store().purges(user_id=user_id, limit=limit, cursor=cursor)
+
+    def _purge_store(self) -> PurgeStore:
+        if not isinstance(self.store, PurgeStore):
+            raise ConfigError(f"This store cannot purge sessions: {self.store.url!r}")
+        return self.store
+
+    async def _purge_record(
+        self, row: SessionRow, now: int, actor: str, reason: str
+    ) -> PurgeRecord | None:
+        """The record of a session about to be purged; None when it moved meanwhile."""
+        ids: list[str] = []
+        size = 0
+        async for event in self.store.events(row.session_id):
+            ids.append(event.id)
+            size += len(encode_event(event))
+        if len(ids) != row.event_count:
+            return None  # written to since it was listed: not idle, the store keeps it
+        anchor = make_anchor(row.session_id, ids, key=self._key, at=now)
+        return PurgeRecord(
+            session_id=row.session_id,
+            user_id=row.user_id,
+            agent=row.agent,
+            status=row.status,
+            created_at=row.created_at,
+            last_activity_at=row.last_activity_at,
+            event_count=row.event_count,
+            bytes=size,
+            purged_at=now,
+            actor=actor,
+            reason=reason,
+            anchor=msgspec.to_builtins(anchor),
+        )
+
+    def _forget_session(self, session_id: str) -> None:
+        """Drop what this ledger caches of a session (its folds and its heads)."""
+        self._engine.forget(session_id)
+        for key in [key for key in self._heads if key[0] == session_id]:
+            del self._heads[key]
+
     # ------------------------------------------------------------------ reads
 
     async def get(self, event_id: str) -> Event:
@@ -701,6 +895,7 @@ class Ledger:
         actor: str | None,
         key: str | None,
         expected: str | None,
+        erase: Sequence[Event] = (),
     ) -> list[Event]:
         """``_write_on_head``, one task of this ledger at a time per branch.
 
@@ -714,7 +909,7 @@ class Ledger:
         try:
             async with lock:
                 return await self._write_on_head(
-                    session_id, branch, plan, actor=actor, key=key, expected=expected
+                    session_id, branch, plan, actor=actor, key=key, expected=expected, erase=erase
                 )
         finally:
             users[0] -= 1
@@ -730,11 +925,14 @@ class Ledger:
         actor: str | None,
         key: str | None,
         expected: str | None,
+        erase: Sequence[Event] = (),
     ) -> list[Event]:
         """Plan a batch on the branch head and append it with compare-and-swap.
 
         Without ``expected`` the head is whatever it is at commit: on a conflict the
         batch is planned again on the new head (the lifecycle checks run again too).
+        A batch that erases (a redaction) is an audit annotation: it does not expire
+        an idle branch first.
         """
         if key is not None:
             found = await self.store.find_by_key(session_id, key)
@@ -743,7 +941,7 @@ class Ledger:
         head = expected or await self._head(session_id, branch)
         for attempt in range(self.config.max_retries):
             state = await self._engine.state_at(SESSION, session_id, head)
-            if self._idle(state) is not None:
+            if not erase and self._idle(state) is not None:
                 try:
                     await self._expire(state, branch)
                 except ConflictError as exc:
@@ -753,7 +951,7 @@ class Ledger:
             batch = _Batch(self, state, actor or state.user_id, key)
             plan(batch, state)
             try:
-                return await self._commit(batch, branch, expected=head)
+                return await self._commit(batch, branch, expected=head, erase=erase)
             except ConflictError as exc:
                 head = self._retry_head(exc, expected)
                 await asyncio.sleep(random.random() * 0.001 * min(attempt, 10))
@@ -765,7 +963,9 @@ class Ledger:
         self._heads[(exc.session_id, exc.branch)] = exc.current
         return exc.current
 
-    async def _commit(self, batch: _Batch, branch: str, *, expected: str | None) -> list[Event]:
+    async def _commit(
+        self, batch: _Batch, branch: str, *, expected: str | None, erase: Sequence[Event] = ()
+    ) -> list[Event]:
         last = batch.state
         request = AppendRequest(
             session_id=last.session_id,
@@ -774,6 +974,7 @@ class Ledger:
             events=batch.events,
             status=last.status if branch == MAIN else None,
             max_branches=self.config.max_branches_per_session or None,
+            erase=erase,
         )
         result = await self.store.append(request)
         if not result.replayed:

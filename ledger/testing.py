@@ -17,8 +17,8 @@ and enable the plugin (it runs ``async def`` tests) with
 Two layers, as in ``stores.base``: ``EventStoreContract`` holds what every
 ``EventStore`` promises; ``StoreContract`` adds the global feed of a
 ``FeedStore``. The helpers ``create_event``, ``next_event``, ``branch_event``,
-``turns`` and ``append_request`` build valid chains, for these tests and for
-anyone else's.
+``turns``, ``append_request``, ``redaction_event`` and ``erase_request`` build
+valid chains, for these tests and for anyone else's.
 
 Every test uses fresh random session and user ids and measures the feed from
 where it stood when the test began, so the suite also runs against a shared,
@@ -39,6 +39,7 @@ import msgspec
 import pytest
 
 from ledger.errors import (
+    AlreadyRedactedError,
     BranchExistsError,
     ConflictError,
     EventNotFoundError,
@@ -53,10 +54,12 @@ from ledger.events import (
     Closed,
     Event,
     Recorded,
+    Redacted,
     SessionCreated,
     Suspended,
     TurnAdded,
     compute_id,
+    erase,
     make_event,
     new_session_id,
 )
@@ -77,8 +80,10 @@ __all__ = [
     "append_request",
     "branch_event",
     "create_event",
+    "erase_request",
     "next_event",
     "pytest_pyfunc_call",
+    "redaction_event",
     "turns",
 ]
 
@@ -178,6 +183,24 @@ def turns(parent: Event, count: int, *, branch: str | None = None) -> list[Event
         parent = next_event(parent, branch=branch if not out else None)
         out.append(parent)
     return out
+
+
+def redaction_event(parent: Event, *erased: Event, reason: str = "test") -> Event:
+    """A ``Redacted`` event after ``parent`` naming the first of ``erased``."""
+    return next_event(parent, Redacted(event=erased[0].id, reason=reason))
+
+
+def erase_request(
+    redaction: Event, expected_head: str | None, erased: Sequence[Event]
+) -> AppendRequest:
+    """The request appending ``redaction`` and overwriting ``erased`` with their redacted form."""
+    return AppendRequest(
+        session_id=redaction.session,
+        branch=redaction.branch,
+        expected_head=expected_head,
+        events=[redaction],
+        erase=[erase(e) for e in erased],
+    )
 
 
 def append_request(
@@ -1040,6 +1063,129 @@ class EventStoreContract:
         async with make_store() as store:
             assert await store.heads(root.session) == {"main": resumed.id, "alt": fork.id}
             assert (await store.session(root.session)).event_count == 6
+
+    # redaction: the erase of an append request
+
+    async def test_erase_overwrites_events_with_their_redacted_form(
+        self, make_store: Callable[[], EventStore]
+    ) -> None:
+        async with make_store() as store:
+            root, first, second = await _session(store, n_turns=2)
+            record = next_event(second, Recorded(type="note", data={"secret": 1}))
+            await store.append(append_request([record], second.id))
+            redaction = redaction_event(record, first)
+            result = await store.append(erase_request(redaction, record.id, [first]))
+            assert result.events == [redaction]
+            gone = erase(first)
+            assert await store.get(first.id) == gone
+            assert await _collect(store.events(root.session, page_size=2)) == [
+                root,
+                gone,
+                second,
+                record,
+                redaction,
+            ]
+            assert await store.path(redaction.id) == [root, gone, second, record, redaction]
+            assert (await store.heads(root.session))["main"] == redaction.id
+            both = redaction_event(redaction, second, record)
+            await store.append(erase_request(both, redaction.id, [second, record]))
+            assert await store.get(second.id) == erase(second)
+            assert await store.get(record.id) == erase(record)
+            if isinstance(store, FeedStore):
+                feed = {item.event.id: item.event for item in await _feed_from(store, 0)}
+                assert feed[first.id] == gone and feed[record.id] == erase(record)
+
+    async def test_erase_of_an_unknown_event_writes_nothing(
+        self, make_store: Callable[[], EventStore]
+    ) -> None:
+        async with make_store() as store:
+            root, turn = await _session(store, n_turns=1)
+            stranger = next_event(turn)  # never appended
+            before = await _snapshot_of(store, root.session)
+            redaction = redaction_event(turn, stranger)
+            with pytest.raises(EventNotFoundError) as info:
+                await store.append(erase_request(redaction, turn.id, [stranger]))
+            assert repr(stranger.id) in str(info.value)
+            assert repr(root.session) in str(info.value)
+            assert await _snapshot_of(store, root.session) == before
+
+    async def test_a_second_erase_of_an_event_writes_nothing(
+        self, make_store: Callable[[], EventStore]
+    ) -> None:
+        async with make_store() as store:
+            root, turn = await _session(store, n_turns=1)
+            first = redaction_event(turn, turn)
+            await store.append(erase_request(first, turn.id, [turn]))
+            before = await _snapshot_of(store, root.session)
+            with pytest.raises(AlreadyRedactedError, match=repr(turn.id)):
+                await store.append(erase_request(redaction_event(first, turn), first.id, [turn]))
+            assert await _snapshot_of(store, root.session) == before
+
+    async def test_erase_with_a_stale_head_writes_nothing(
+        self, make_store: Callable[[], EventStore]
+    ) -> None:
+        async with make_store() as store:
+            root, turn, head = await _session(store, n_turns=2)
+            before = await _snapshot_of(store, root.session)
+            with pytest.raises(ConflictError):
+                await store.append(erase_request(redaction_event(turn, turn), turn.id, [turn]))
+            assert await _snapshot_of(store, root.session) == before
+            assert await store.get(turn.id) == turn
+            assert (await store.heads(root.session))["main"] == head.id
+
+    async def test_erase_requests_of_the_wrong_shape_are_invalid(
+        self, make_store: Callable[[], EventStore]
+    ) -> None:
+        async with make_store() as store:
+            root, turn = await _session(store, n_turns=1)
+            _, foreign = await _session(store, n_turns=1)
+            before = await _snapshot_of(store, root.session)
+            bad = [
+                turn,  # not erased
+                msgspec.structs.replace(erase(turn), salt="0" * 32),
+                erase(foreign),  # another session's
+            ]
+            for target in bad:
+                request = msgspec.structs.replace(
+                    erase_request(redaction_event(turn, turn), turn.id, []), erase=[target]
+                )
+                with pytest.raises(InvalidEventError, match=repr(target.id)):
+                    await store.append(request)
+            assert await _snapshot_of(store, root.session) == before
+
+    async def test_erase_drops_that_sessions_snapshots_only(
+        self, make_store: Callable[[], EventStore]
+    ) -> None:
+        async with make_store() as store:
+            root, turn = await _session(store, n_turns=1)
+            other, _ = await _session(store, n_turns=1)
+            await store.put_snapshots(root.session, "p@1", [(turn.id, b"state")])
+            await store.put_snapshots(other.session, "p@1", [(other.id, b"kept")])
+            await store.append(erase_request(redaction_event(turn, turn), turn.id, [turn]))
+            assert await store.get_snapshot(root.session, "p@1", turn.id) is None
+            assert await store.get_snapshot(other.session, "p@1", other.id) == b"kept"
+
+    @pytest.mark.durable
+    async def test_an_erase_survives_close_and_reopen(
+        self, make_store: Callable[[], EventStore]
+    ) -> None:
+        if not self.durable:
+            pytest.skip("not durable: data does not outlive the store")
+        async with make_store() as store:
+            root, turn, last = await _session(store, n_turns=2)
+            redaction = redaction_event(last, turn)
+            await store.append(erase_request(redaction, last.id, [turn]))
+        async with make_store() as store:
+            assert await _collect(store.events(root.session)) == [
+                root,
+                erase(turn),
+                last,
+                redaction,
+            ]
+            with pytest.raises(AlreadyRedactedError):
+                await store.append(
+                    erase_request(redaction_event(redaction, turn), redaction.id, [turn])
+                )
 
     # concurrency
 

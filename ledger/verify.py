@@ -16,9 +16,12 @@ from ledger.errors import IntegrityError, NotFoundError
 from ledger.events import (
     Branched,
     Checkpointed,
+    Erased,
     Event,
+    Redacted,
     Restored,
     SessionCreated,
+    erased_digest,
     event_problem,
 )
 from projections.base import fold
@@ -82,6 +85,8 @@ async def verify_session(
     problems: list[Problem] = []
     heads: dict[str, SessionState] = {}
     checked = 0
+    erased: dict[str, str | None] = {}  # erased event id -> the Redacted event naming it
+    kept: dict[str, str] = {}  # erased event id -> erased_digest of its body
     try:
         async for event in store.events(session_id):
             checked += 1
@@ -90,6 +95,11 @@ async def verify_session(
                     state = _check_linear(session_id, event, heads, key)
                 else:
                     state = await _check(store, session_id, event, heads, key, root=checked == 1)
+                changed = _check_redaction(event, erased, kept)
+                if changed is not None:
+                    problems.append(
+                        Problem(session_id, changed, f"erased body differs from {event.id!r}'s")
+                    )
             except _Bad as bad:
                 problems.append(Problem(session_id, event.id, str(bad)))
                 if len(problems) >= MAX_PROBLEMS:
@@ -100,6 +110,9 @@ async def verify_session(
         problems.append(Problem(session_id, exc.event_id, str(exc)))
     if checked == 0:
         problems.append(Problem(session_id, None, "the session has no events"))
+    for event_id, redaction in erased.items():
+        if redaction is None and len(problems) < MAX_PROBLEMS:
+            problems.append(Problem(session_id, event_id, "erased, but no Redacted event names it"))
     return VerifyReport(
         events_checked=checked, sessions_checked=1, problems=problems, keyed=key is not None
     )
@@ -159,6 +172,28 @@ async def _check(
     return _check_step(parent, event, key)
 
 
+def _check_redaction(
+    event: Event, erased: dict[str, str | None], kept: dict[str, str]
+) -> str | None:
+    """Erased bodies and Redacted records pair up: one record per erased event, after it.
+
+    Returns the id of an erased event whose body no longer matches its record.
+    """
+    body = event.body
+    if isinstance(body, Erased):
+        erased[event.id] = None
+        kept[event.id] = erased_digest(body)
+    elif isinstance(body, Redacted):
+        if body.event not in erased:
+            raise _Bad(f"redacts {body.event!r}, not an erased event before it in this session")
+        if erased[body.event] is not None:
+            raise _Bad(f"redacts {body.event!r} a second time (after {erased[body.event]!r})")
+        erased[body.event] = event.id
+        if body.erased is not None and body.erased != kept[body.event]:
+            return body.event
+    return None
+
+
 def _check_envelope(session_id: str, event: Event) -> None:
     problem = event_problem(event)
     if problem:
@@ -184,6 +219,8 @@ def _check_step(parent: SessionState, event: Event, key: bytes | None) -> Sessio
 
 
 def _check_lifecycle(parent: SessionState, event: Event) -> None:
+    if isinstance(event.body, Redacted):
+        return  # an audit annotation: allowed whatever the branch's status
     if parent.status == ACTIVE:
         allowed = event.kind != "Resumed"
     elif parent.status == SUSPENDED:

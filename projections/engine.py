@@ -57,9 +57,14 @@ class FoldEngine:
         state: S | None = self._cache.get((projection.key, session_id, event_id))
         return state
 
-    def forget(self) -> None:
-        """Drop every cached state (after a redaction changed what a fold sees)."""
-        self._cache.clear()
+    def forget(self, session_id: str | None = None) -> None:
+        """Drop the cached states of a session, or of all (after a redaction changed what
+        a fold sees)."""
+        if session_id is None:
+            self._cache.clear()
+            return
+        for key in [key for key in self._cache if key[1] == session_id]:
+            del self._cache[key]
 
     async def state_at(self, projection: Projection[S], session_id: str, event_id: str) -> S:
         """The projection's state right after ``event_id``, an event of ``session_id``.

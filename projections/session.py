@@ -11,6 +11,7 @@ from msgspec.structs import replace
 from ledger.events import (
     Checkpointed,
     Closed,
+    Erased,
     Event,
     Expired,
     MetadataSet,
@@ -109,7 +110,9 @@ def apply(state: SessionState, event: Event) -> SessionState:
             metadata=dict(body.metadata),
             ttl_s=body.ttl_s,
         )
-    if isinstance(body, TurnAdded):  # the common event, without the generic dict below
+    # The common event, without the generic dict below. An erased turn is still
+    # a turn: its kept accounting folds as the original did.
+    if isinstance(body, TurnAdded) or (isinstance(body, Erased) and body.original == "TurnAdded"):
         return replace(
             state,
             branch=event.branch,

@@ -10,6 +10,11 @@ A path (root first) holds turns among other events; ``turns_of`` picks them out,
 A path fold sees exactly one branch's history, so ``Branched`` and ``Restored``
 need no special handling here: the turns a restore abandoned are simply not on
 the new path.
+
+A redacted turn (an erased ``TurnAdded``) stays in the transcript as a
+placeholder: ``redacted=True``, ``role="redacted"``, ``content=None``, no name,
+model, tool calls, turn id or metadata; its tokens and cost are kept.
+``context_window`` leaves it out: there is nothing in it to send a model.
 """
 
 from __future__ import annotations
@@ -19,10 +24,13 @@ from typing import Any
 
 import msgspec
 
-from ledger.events import Event, TurnAdded
+from ledger.events import Erased, Event, TurnAdded
 from projections.base import Projection
 
-__all__ = ["TRANSCRIPT", "Turn", "context_window", "turns_of"]
+__all__ = ["REDACTED_ROLE", "TRANSCRIPT", "Turn", "context_window", "turns_of"]
+
+REDACTED_ROLE = "redacted"
+"""The ``role`` of a redacted turn's placeholder."""
 
 
 class Turn(msgspec.Struct, frozen=True, kw_only=True):
@@ -42,6 +50,8 @@ class Turn(msgspec.Struct, frozen=True, kw_only=True):
     at: int
     branch: str
     seq: int
+    redacted: bool = False
+    """The turn's body was erased by a redaction: role and content are placeholders."""
 
     @property
     def tokens(self) -> int:
@@ -50,18 +60,31 @@ class Turn(msgspec.Struct, frozen=True, kw_only=True):
 
     @classmethod
     def from_event(cls, event: Event) -> Turn:
-        """The turn a ``TurnAdded`` event records.
+        """The turn a ``TurnAdded`` event records (a placeholder when it is redacted).
 
         Raises:
             ValueError: the event is of another kind.
         """
-        body = event.body
-        if not isinstance(body, TurnAdded):
+        if event.kind != "TurnAdded":
             raise ValueError(f"Not a TurnAdded event: {event.id!r} is {event.kind}")
-        return _turn(event, body)
+        return _turn(event, event.body)
 
 
-def _turn(event: Event, body: TurnAdded) -> Turn:
+def _turn(event: Event, body: object) -> Turn:
+    if not isinstance(body, TurnAdded):
+        assert isinstance(body, Erased)
+        return Turn(
+            event_id=event.id,
+            role=REDACTED_ROLE,
+            content=None,
+            tokens_in=body.tokens_in,
+            tokens_out=body.tokens_out,
+            cost=body.cost,
+            at=event.at,
+            branch=event.branch,
+            seq=event.seq,
+            redacted=True,
+        )
     return Turn(
         event_id=event.id,
         role=body.role,
@@ -87,7 +110,14 @@ def turns_of(events: Iterable[Event]) -> list[Turn]:
 
         [t.role for t in turns_of(path)]   # ['system', 'user', 'assistant']
     """
-    return [_turn(event, event.body) for event in events if isinstance(event.body, TurnAdded)]
+    return [_turn(event, event.body) for event in events if _is_turn(event)]
+
+
+def _is_turn(event: Event) -> bool:
+    body = event.body
+    return isinstance(body, TurnAdded) or (
+        isinstance(body, Erased) and body.original == "TurnAdded"
+    )
 
 
 def _initial() -> tuple[Turn, ...]:
@@ -95,9 +125,9 @@ def _initial() -> tuple[Turn, ...]:
 
 
 def _apply(state: tuple[Turn, ...], event: Event) -> tuple[Turn, ...]:
-    body = event.body
-    if not isinstance(body, TurnAdded):
+    if not _is_turn(event):
         return state
+    body = event.body
     # A new tuple rather than a list append: apply must not mutate a state that a
     # snapshot or another caller may hold. The copy makes a cold fold quadratic
     # in turns, which the engine's snapshots bound to the tail of the path.
@@ -129,6 +159,8 @@ def context_window(
     what is left of ``max_tokens``; an older turn is never taken to fill a gap
     that a newer one did not fit. The result keeps the original order.
 
+    Redacted turns are left out before anything else: they have nothing to send.
+
     Args:
         turns: a transcript, oldest first.
         last: keep at most this many non-system turns (``None``: no limit).
@@ -156,7 +188,7 @@ def context_window(
         raise ValueError(f"last must be >= 0, got {last}")
     if max_tokens is not None and max_tokens < 0:
         raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
-    items = list(turns)
+    items = [turn for turn in turns if not turn.redacted]
     measure = count_tokens if count_tokens is not None else _recorded_tokens
     pinned = [keep_system and turn.role == "system" for turn in items]
     budget = None

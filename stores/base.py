@@ -10,6 +10,8 @@ Two layers, as capabilities rather than optional methods that raise:
 - ``FeedStore(EventStore)``: adds a total order over all sessions, the global
   feed, that a reader can tail without ever skipping an event, and a live
   subscription to it.
+- ``PurgeStore(FeedStore)``: adds retention: whole sessions deleted in bounded
+  batches, each leaving a ``PurgeRecord`` (the feed then has gaps where they were).
 
 Backends live beside this module (``memory``, ``sqlite``, ...); each maps its
 driver's errors to the ledger's in one place. Users do not call stores: they
@@ -24,18 +26,20 @@ import itertools
 import warnings
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import msgspec
 
 from ledger.errors import (
+    AlreadyRedactedError,
     BranchExistsError,
     ConflictError,
+    EventNotFoundError,
     IntegrityError,
     InvalidEventError,
     StoreClosedError,
 )
-from ledger.events import Event, SessionCreated
+from ledger.events import Erased, Event, SessionCreated, event_problem
 
 __all__ = [
     "OPEN_STATUSES",
@@ -44,10 +48,15 @@ __all__ = [
     "EventStore",
     "FeedItem",
     "FeedStore",
+    "PurgePage",
+    "PurgeRecord",
+    "PurgeRequest",
+    "PurgeStore",
     "SessionPage",
     "SessionQuery",
     "SessionRow",
     "check_ancestry",
+    "check_erase",
     "check_head",
 ]
 
@@ -74,6 +83,12 @@ class AppendRequest(msgspec.Struct, frozen=True, kw_only=True):
     """For a ``SessionCreated`` batch: refuse when the user has this many open sessions."""
     max_branches: int | None = None
     """For a batch that creates a branch: refuse when the session has this many."""
+    erase: Sequence[Event] = ()
+    """Stored events of this session to overwrite, in the batch's transaction, with
+    their redacted form (``ledger.events.erase``: same id, an ``Erased`` body, no
+    salt). Each must exist and not be erased yet, or nothing is written. The store
+    also drops the session's snapshots (they may hold folded content) and makes
+    the old bytes unreadable from its files as far as it can (see each backend)."""
 
 
 class AppendResult(msgspec.Struct, frozen=True):
@@ -147,6 +162,36 @@ def validate_request(request: AppendRequest) -> None:
         if previous is not None and (event.parent != previous.id or event.seq != previous.seq + 1):
             raise InvalidEventError(f"Event {event.id!r} does not extend {previous.id!r}")
         previous = event
+    for erased in request.erase:
+        if (
+            erased.session != request.session_id
+            or not isinstance(erased.body, Erased)
+            or event_problem(erased) is not None
+        ):
+            raise InvalidEventError(
+                f"Not the redacted form of an event of session {request.session_id!r}: "
+                f"{erased.id!r}"
+            )
+
+
+def check_erase(request: AppendRequest, stored: Event | None, erased: Event) -> None:
+    """What every backend checks inside its write transaction before overwriting ``stored``.
+
+    Raises:
+        EventNotFoundError: no such event in the request's session.
+        AlreadyRedactedError: its body is erased already.
+        IntegrityError: the stored event's header differs from the redacted form's.
+    """
+    if stored is None or stored.session != request.session_id:
+        raise EventNotFoundError(erased.id, request.session_id)
+    if isinstance(stored.body, Erased):
+        raise AlreadyRedactedError(erased.id)
+    if stored.body_digest != erased.body_digest or stored.kind != erased.kind:
+        raise IntegrityError(
+            f"Stored event differs from its redacted form: {erased.id!r} "
+            f"(session {request.session_id!r})",
+            erased.id,
+        )
 
 
 def check_ancestry(events: list[Event], limit: int | None, where: str) -> list[Event]:
@@ -342,3 +387,74 @@ class FeedStore(EventStore):
                 yield item
             if len(items) < page_size:
                 await self.wait_for_feed(position, 1.0)
+
+
+class PurgeRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """What is left of a purged session: who and what it was, and its last anchor."""
+
+    session_id: str
+    user_id: str
+    agent: str
+    status: str
+    created_at: int
+    last_activity_at: int
+    event_count: int
+    bytes: int
+    """The encoded size of its events (``ledger.events.encode_event``), summed."""
+    purged_at: int
+    actor: str
+    reason: str
+    anchor: dict[str, Any]
+    """The session's final anchor (``ledger.anchors.Anchor`` as a dict): its Merkle
+    root over every event id, for checking that a copy kept elsewhere is this session."""
+
+
+class PurgeRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Delete one session whole, if it is still as it was when the purge was planned."""
+
+    record: PurgeRecord
+    """Written when the session is deleted; its ``event_count`` and ``last_activity_at``
+    must still be the session's, else it has moved on (a write landed) and is kept."""
+
+
+class PurgePage(msgspec.Struct, frozen=True):
+    items: list[PurgeRecord]
+    next_cursor: str | None = None
+
+
+def purge_cursor(record: PurgeRecord) -> str:
+    return f"{record.purged_at}:{record.session_id}"
+
+
+class PurgeStore(FeedStore):
+    """A store that can delete whole sessions for retention, and list what it deleted."""
+
+    @abc.abstractmethod
+    async def idle_sessions(
+        self,
+        before: int,
+        *,
+        user_id: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[SessionRow]:
+        """Sessions whose last activity is older than ``before`` (ns), least recent first.
+
+        ``after``: the ``page_cursor`` of the last row of the previous page.
+        """
+
+    @abc.abstractmethod
+    async def purge(self, requests: Sequence[PurgeRequest]) -> list[PurgeRecord]:
+        """Delete the sessions (events, heads, listing row, snapshots, keys) and write their
+        records, all in one transaction; return the records of those deleted.
+
+        A session that is gone, or whose event count or last activity moved since
+        the request was planned, is left as it is and has no record. An append
+        that commits after the purge raises ``SessionNotFoundError``.
+        """
+
+    @abc.abstractmethod
+    async def purges(
+        self, *, user_id: str | None = None, limit: int = 50, cursor: str | None = None
+    ) -> PurgePage:
+        """Purge records, most recent first; ``page.next_cursor`` gives the next page."""

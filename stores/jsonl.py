@@ -126,6 +126,7 @@ from stores.base import (
     SessionPage,
     SessionQuery,
     SessionRow,
+    check_erase,
     check_head,
     page_cursor,
     parse_cursor,
@@ -481,6 +482,7 @@ class JSONLStore(FeedStore):
         self._sessions_dir = self.directory / "sessions"
         self._feed_path = self.directory / "feed.log"
         self._lock_path = self.directory / "lock"
+        self._redo_path = self.directory / "redact.redo"
         self._lock_fd = -1
         self._feed_fd = -1
         self._n = 0  # feed records this process has read and indexed
@@ -545,6 +547,7 @@ class JSONLStore(FeedStore):
                 )
                 with self._locked():
                     self._scan_all()
+                    self._finish_erase()
         except BaseException:
             for fd in (self._feed_fd, self._lock_fd):
                 if fd >= 0:
@@ -891,6 +894,8 @@ class JSONLStore(FeedStore):
                     )
                 root = body
             batch.append(_Pending(offset, offset + length, pos, parsed.status, head, root))
+            if b'"kind":"Redacted"' in line:  # another process redacted: (maybe) stale
+                self._drop_snapshots(session_id)
             if parsed.index == parsed.count:
                 self._apply(session, batch, lineno - len(batch) + 1)
                 self._sessions.setdefault(session_id, session)
@@ -1003,6 +1008,7 @@ class JSONLStore(FeedStore):
             if (
                 self._sync_seconds < _INLINE_SYNC_SECONDS
                 and sum(map(len, payloads)) <= _INLINE_BYTES
+                and not request.erase
             ):
                 with _translate(self.directory, session_id):
                     inline = self._try_lock()
@@ -1064,8 +1070,96 @@ class JSONLStore(FeedStore):
             and len(session.heads) >= request.max_branches
         ):
             raise SessionCapacityError(f"session {session_id!r}", "branches", request.max_branches)
+        if request.erase:
+            assert session is not None
+            self._erase_locked(request, session, payloads, cache)
+            return None
         self._write(request, session, payloads, cache)
         return None
+
+    # redaction: erased lines rewritten in place, through a redo file --------------
+
+    def _erase_locked(
+        self, request: AppendRequest, session: _Session, payloads: list[bytes], cache: bool
+    ) -> None:
+        """Append the batch and overwrite the erased events' lines (holds the lock).
+
+        Each new line is padded with spaces to the old one's length, so every
+        offset (``feed.log``, every process's index) stays right and no file is
+        replaced under another process's open descriptor. The new lines go
+        first to ``redact.redo`` (synced), then the batch is appended (its
+        commit point), then the lines are written in place and synced, then the
+        redo file is removed. A crash in between is finished at the next open
+        or redaction: the redo is applied if the batch committed, dropped if not.
+        """
+        self._finish_erase()
+        lines: list[tuple[int, bytes]] = []
+        for erased in request.erase:
+            found = self._find(erased.id)
+            stored = self._read_event(*found) if found is not None else None
+            check_erase(request, stored, erased)
+            assert found is not None
+            lines.append(self._erased_line(found[0], found[1], erased))
+        redo = orjson.dumps(
+            {
+                "session": session.session_id,
+                "batch": request.events[-1].id,
+                "lines": [[offset, line.decode()] for offset, line in lines],
+            }
+        )
+        tmp = self._redo_path.with_name(self._redo_path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(fd, redo)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self._redo_path)
+        _fsync_dir(self.directory)
+        self._write(request, session, payloads, cache)
+        self._finish_erase()
+
+    def _erased_line(self, session: _Session, k: int, erased: Event) -> tuple[int, bytes]:
+        """Line ``k``'s offset and its redacted form, padded to the old line's length."""
+        start, end = session.starts[k], session.ends[k]
+        old = self._pread(session, start, end - start, False)
+        lineno = k + 2
+        match = _LINE.match(old)
+        if match is None:
+            raise _damaged(session.path, lineno, "not an event line of this format", erased.id)
+        line = old[: match.end()] + encode_event(erased)
+        pad = len(old) - len(line) - 2
+        if pad < 0:  # an Erased body and no salt are always shorter; be sure
+            raise StoreError(f"Redacted line is longer than {erased.id!r} in {str(session.path)!r}")
+        return start, line + b" " * pad + b"}\n"
+
+    def _finish_erase(self) -> None:
+        """Apply ``redact.redo`` if its batch committed, then remove it (holds the lock)."""
+        try:
+            redo = orjson.loads(self._redo_path.read_bytes())
+        except FileNotFoundError:
+            return
+        except orjson.JSONDecodeError:
+            redo = None  # written whole before its rename: never half there
+        session = self._sessions.get(redo["session"]) if isinstance(redo, dict) else None
+        if session is not None and redo["batch"] in self._by_id:
+            fd = os.open(session.path, os.O_WRONLY | os.O_CLOEXEC)  # no O_APPEND: pwrite
+            try:
+                for offset, line in redo["lines"]:
+                    data = line.encode()
+                    k = _bisect(session.starts, offset)
+                    if k < 0 or session.ends[k] - offset != len(data):
+                        raise IntegrityError(
+                            f"{str(self._redo_path)!r} names no line at byte {offset} "
+                            f"of {str(session.path)!r}"
+                        )
+                    os.pwrite(fd, data, offset)
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._drop_snapshots(session.session_id)
+        os.unlink(self._redo_path)
 
     def _write(
         self,
@@ -1154,6 +1248,11 @@ class JSONLStore(FeedStore):
         self._apply(session, pending, len(session.ids) + 2)
         self._sessions[session_id] = session
         self._n = first_pos + count - 1
+
+    def _drop_snapshots(self, session_id: str) -> None:
+        """A redaction changed what folds of this session see: its snapshots go."""
+        for key in [key for key in self._snapshots if key[0] == session_id]:
+            del self._snapshots[key]
 
     async def put_snapshots(
         self, session_id: str, key: str, states: Sequence[tuple[str, bytes]]

@@ -17,26 +17,31 @@ from stores.base import (
     AppendRequest,
     AppendResult,
     FeedItem,
-    FeedStore,
+    PurgePage,
+    PurgeRecord,
+    PurgeRequest,
+    PurgeStore,
     SessionPage,
     SessionQuery,
     SessionRow,
+    check_erase,
     check_head,
     is_create,
     page_cursor,
     parse_cursor,
+    purge_cursor,
     validate_request,
 )
 
 __all__ = ["MemoryStore"]
 
 
-class MemoryStore(FeedStore):
+class MemoryStore(PurgeStore):
     """Every structure a durable backend keeps, as dicts and lists in memory."""
 
     def __init__(self, url: str = "memory://") -> None:
         self.url = url
-        self._feed: list[Event] = []  # position = index + 1
+        self._feed: list[Event | None] = []  # position = index + 1; None: purged
         self._by_id: dict[str, Event] = {}
         self._by_session: dict[str, list[int]] = {}
         self._keys: dict[tuple[str, str], str] = {}
@@ -44,6 +49,7 @@ class MemoryStore(FeedStore):
         self._heads: dict[str, dict[str, str]] = {}
         self._rows: dict[str, SessionRow] = {}
         self._snapshots: dict[tuple[str, str, str], bytes] = {}
+        self._purges: list[PurgeRecord] = []
         self._changed = asyncio.Condition()
 
     @classmethod
@@ -82,7 +88,11 @@ class MemoryStore(FeedStore):
             raise SessionCapacityError(
                 f"session {request.session_id!r}", "branches", request.max_branches
             )
+        for erased in request.erase:
+            check_erase(request, self._by_id.get(erased.id), erased)
         self._write(request)
+        if request.erase:
+            self._erase(request)
         async with self._changed:
             self._changed.notify_all()
         return AppendResult(list(request.events))
@@ -141,6 +151,19 @@ class MemoryStore(FeedStore):
             event_count=row.event_count + len(request.events),
         )
 
+    def _erase(self, request: AppendRequest) -> None:
+        """Put the redacted forms in place of the originals, and drop the session's snapshots."""
+        session_id = request.session_id
+        wanted = {erased.id: erased for erased in request.erase}
+        for position in self._by_session[session_id]:
+            stored = self._feed[position - 1]
+            erased = wanted.get(stored.id) if stored is not None else None
+            if erased is not None:
+                self._feed[position - 1] = erased
+                self._by_id[erased.id] = erased
+        for key in [k for k in self._snapshots if k[0] == session_id]:
+            del self._snapshots[key]
+
     async def get(self, event_id: str) -> Event:
         self._check_open()
         try:
@@ -173,7 +196,9 @@ class MemoryStore(FeedStore):
     async def events(self, session_id: str, *, page_size: int = 1000) -> AsyncIterator[Event]:
         self._check_open()
         for position in list(self._by_session.get(session_id, ())):
-            yield self._feed[position - 1]
+            event = self._feed[position - 1]
+            if event is not None:
+                yield event
 
     async def heads(self, session_id: str) -> dict[str, str]:
         self._check_open()
@@ -216,11 +241,80 @@ class MemoryStore(FeedStore):
 
     async def read_feed(self, after: int = 0, limit: int = 1000) -> list[FeedItem]:
         self._check_open()
-        start = max(after, 0)
-        return [
-            FeedItem(start + i + 1, event)
-            for i, event in enumerate(self._feed[start : start + limit])
+        items: list[FeedItem] = []
+        position = max(after, 0)
+        while position < len(self._feed) and len(items) < limit:
+            event = self._feed[position]
+            position += 1
+            if event is not None:  # a purged session's events leave gaps
+                items.append(FeedItem(position, event))
+        return items
+
+    # retention
+
+    async def idle_sessions(
+        self,
+        before: int,
+        *,
+        user_id: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[SessionRow]:
+        self._check_open()
+        start = parse_cursor(after) if after is not None else (-(2**63), "")
+        rows = [
+            r
+            for r in self._rows.values()
+            if r.last_activity_at < before
+            and (user_id is None or r.user_id == user_id)
+            and (r.last_activity_at, r.session_id) > start
         ]
+        rows.sort(key=lambda r: (r.last_activity_at, r.session_id))
+        return rows[: max(0, limit)]
+
+    async def purge(self, requests: Sequence[PurgeRequest]) -> list[PurgeRecord]:
+        self._check_open()
+        done: list[PurgeRecord] = []
+        for request in requests:
+            record = request.record
+            row = self._rows.get(record.session_id)
+            if row is None or (row.event_count, row.last_activity_at) != (
+                record.event_count,
+                record.last_activity_at,
+            ):
+                continue
+            self._delete_session(row)
+            self._purges.append(record)
+            done.append(record)
+        return done
+
+    def _delete_session(self, row: SessionRow) -> None:
+        session_id = row.session_id
+        for position in self._by_session.pop(session_id, ()):
+            event = self._feed[position - 1]
+            self._feed[position - 1] = None
+            if event is not None:
+                self._by_id.pop(event.id, None)
+        for table in (self._keys, self._created_keys):
+            for pair in [k for k, event_id in table.items() if event_id not in self._by_id]:
+                del table[pair]
+        self._heads.pop(session_id, None)
+        del self._rows[session_id]
+        for key in [k for k in self._snapshots if k[0] == session_id]:
+            del self._snapshots[key]
+
+    async def purges(
+        self, *, user_id: str | None = None, limit: int = 50, cursor: str | None = None
+    ) -> PurgePage:
+        self._check_open()
+        records = [r for r in self._purges if user_id is None or r.user_id == user_id]
+        records.sort(key=lambda r: (r.purged_at, r.session_id), reverse=True)
+        if cursor is not None:
+            after = parse_cursor(cursor)
+            records = [r for r in records if (r.purged_at, r.session_id) < after]
+        page = records[: max(0, limit)]
+        more = len(records) > len(page)
+        return PurgePage(page, purge_cursor(page[-1]) if more and page else None)
 
     async def wait_for_feed(self, after: int, max_wait: float) -> None:
         async with self._changed:

@@ -93,14 +93,19 @@ from stores.base import (
     AppendRequest,
     AppendResult,
     FeedItem,
-    FeedStore,
+    PurgePage,
+    PurgeRecord,
+    PurgeRequest,
+    PurgeStore,
     SessionPage,
     SessionQuery,
     SessionRow,
     check_ancestry,
+    check_erase,
     check_head,
     page_cursor,
     parse_cursor,
+    purge_cursor,
     validate_request,
 )
 from stores.group import GroupCommit, GroupStats
@@ -113,7 +118,13 @@ SCHEMA_VERSION: Final = 1
 DEFAULT_GROUP_SIZE: Final = 64
 """The most appends one group commit holds, unless ``group_size`` says otherwise."""
 
-SESSION_TABLES: Final = ("ledger_events", "ledger_heads", "ledger_sessions", "ledger_snapshots")
+SESSION_TABLES: Final = (
+    "ledger_events",
+    "ledger_heads",
+    "ledger_sessions",
+    "ledger_snapshots",
+    "ledger_purges",
+)
 """The tables of session data: each is keyed by (and distributable on) ``session_id``."""
 
 FEED_CHANNEL: Final = "ledger_feed"
@@ -354,6 +365,18 @@ END
 $$;
 """
 
+_PURGE_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS ledger_purges (
+    session_id text NOT NULL PRIMARY KEY,
+    user_id text NOT NULL,
+    purged_at bigint NOT NULL,
+    record bytea NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_purges_time ON ledger_purges (purged_at, session_id);
+CREATE INDEX IF NOT EXISTS ledger_purges_user ON ledger_purges (user_id, purged_at, session_id);
+"""
+"""Created at every open, after the schema lock (databases made before retention get it)."""
+
 _APPEND_SQL: Final = (
     "SELECT o_outcome, o_detail, o_position, o_id, o_data "
     "FROM ledger_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
@@ -504,6 +527,39 @@ def _append_args(request: AppendRequest) -> _Args:
     )
 
 
+async def _purge_one(conn: Any, record: PurgeRecord) -> bool:
+    """Delete one session whole and write its record, in the caller's transaction."""
+    session_id = record.session_id
+    # The session's row lock: appends to it wait, then find it gone.
+    row = await conn.fetchrow(
+        "SELECT event_count, last_activity_at FROM ledger_sessions "
+        "WHERE session_id = $1 FOR UPDATE",
+        session_id,
+    )
+    if row is None or (row[0], row[1]) != (record.event_count, record.last_activity_at):
+        return False  # gone, or written to since the purge was planned: kept
+    for table in ("ledger_events", "ledger_heads", "ledger_snapshots", "ledger_sessions"):
+        await conn.execute(f"DELETE FROM {table} WHERE session_id = $1", session_id)
+    await conn.execute(
+        "INSERT INTO ledger_purges (session_id, user_id, purged_at, record) "
+        "VALUES ($1, $2, $3, $4)",
+        session_id,
+        record.user_id,
+        record.purged_at,
+        msgspec.json.encode(record),
+    )
+    return True
+
+
+def _purge_record(row: _Row, target: _Target) -> PurgeRecord:
+    try:
+        return msgspec.json.decode(bytes(row[1]), type=PurgeRecord)
+    except msgspec.MsgspecError as exc:
+        raise IntegrityError(
+            f"Stored purge record does not decode: session {row[0]!r} at {target}: {exc}"
+        ) from None
+
+
 def _session_row(row: _Row) -> SessionRow:
     return SessionRow(
         session_id=row[0],
@@ -569,7 +625,7 @@ async def _no_reset(connection: Any) -> None:
     """
 
 
-class PostgresStore(FeedStore):
+class PostgresStore(PurgeStore):
     """The PostgreSQL store: one server, many processes and machines.
 
     Args:
@@ -705,6 +761,7 @@ class PostgresStore(FeedStore):
                 )
                 async with pool.acquire() as conn, conn.transaction():
                     await self._create_schema(conn)
+                    await conn.execute(_PURGE_SCHEMA)
         except BaseException:
             if pool is not None:
                 pool.terminate()
@@ -819,6 +876,10 @@ class PostgresStore(FeedStore):
     async def append(self, request: AppendRequest) -> AppendResult:
         self._check_open()
         validate_request(request)
+        if request.erase:  # rare: a transaction of its own, outside the groups
+            with self._translated(request.session_id, "append"):
+                row = await self._append_erasing(request, _append_args(request))
+            return self._answer(request, row)
         return await self._group.submit((request, _append_args(request)))
 
     @property
@@ -929,6 +990,119 @@ class PostgresStore(FeedStore):
             f"Unexpected answer from ledger_append at {self.target} "
             f"(session {request.session_id!r}): {outcome!r}"
         )
+
+    async def _append_erasing(self, request: AppendRequest, args: tuple[Any, ...]) -> _Row:
+        """``ledger_append`` and the overwrite of ``request.erase`` in one transaction.
+
+        The session's row is locked first (as ``ledger_append`` does), so the checks
+        see the latest commit. An UPDATE leaves the old tuple in the table's pages
+        (and its TOAST table) until VACUUM reclaims the space, and in the server's
+        write-ahead log until that is recycled: see the README.
+        """
+        session_id = request.session_id
+        pool = self._pool
+        async with pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    await conn.execute(
+                        "SELECT 1 FROM ledger_sessions WHERE session_id = $1 FOR UPDATE",
+                        session_id,
+                    )
+                    rows = await conn.fetch(
+                        f"SELECT {_EVENT_COLUMNS} FROM ledger_events "
+                        "WHERE session_id = $1 AND id = ANY($2::text[]) FOR UPDATE",
+                        session_id,
+                        [erased.id for erased in request.erase],
+                    )
+                    stored = {row[1]: _decode(row, self.target) for row in rows}
+                    for erased in request.erase:
+                        check_erase(request, stored.get(erased.id), erased)
+                    row = await conn.fetchrow(_APPEND_SQL, *args)
+                    if row[0] == "ok":
+                        await conn.executemany(
+                            "UPDATE ledger_events SET data = $3 WHERE session_id = $1 AND id = $2",
+                            [(session_id, e.id, encode_event(e)) for e in request.erase],
+                        )
+                        await conn.execute(
+                            "DELETE FROM ledger_snapshots WHERE session_id = $1", session_id
+                        )
+                    return row
+            except _CONNECTION_LOST:
+                conn.terminate()
+                await pool.expire_connections()
+                raise
+
+    # retention
+
+    async def idle_sessions(
+        self,
+        before: int,
+        *,
+        user_id: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[SessionRow]:
+        if limit <= 0:
+            return []
+        start = parse_cursor(after) if after is not None else (None, None)
+        rows = await self._fetch(
+            f"SELECT {_SESSION_COLUMNS} FROM ledger_sessions "
+            "WHERE last_activity_at < $1 AND ($2::text IS NULL OR user_id = $2) "
+            "AND ($3::bigint IS NULL OR (last_activity_at, session_id) > ($3, $4::text)) "
+            "ORDER BY last_activity_at, session_id LIMIT $5",
+            before,
+            user_id,
+            start[0],
+            start[1],
+            limit,
+        )
+        return [_session_row(row) for row in rows]
+
+    async def purge(self, requests: Sequence[PurgeRequest]) -> list[PurgeRecord]:
+        self._check_open()
+        if not requests:
+            return []
+        done: list[PurgeRecord] = []
+        pool = self._pool
+        with self._translated(doing="purge"):
+            async with pool.acquire() as conn:
+                try:
+                    async with conn.transaction():
+                        # The batch's session rows, locked up front in the order group
+                        # commits lock them (by id), so the two never deadlock.
+                        await conn.execute(
+                            "SELECT 1 FROM ledger_sessions WHERE session_id = ANY($1::text[]) "
+                            "ORDER BY session_id FOR UPDATE",
+                            [request.record.session_id for request in requests],
+                        )
+                        for request in requests:
+                            if await _purge_one(conn, request.record):
+                                done.append(request.record)
+                except _CONNECTION_LOST:
+                    conn.terminate()
+                    await pool.expire_connections()
+                    raise
+        return done
+
+    async def purges(
+        self, *, user_id: str | None = None, limit: int = 50, cursor: str | None = None
+    ) -> PurgePage:
+        limit = max(0, limit)
+        if limit == 0:
+            return PurgePage([])
+        after = parse_cursor(cursor) if cursor is not None else (None, None)
+        rows = await self._fetch(
+            "SELECT session_id, record FROM ledger_purges "
+            "WHERE ($1::text IS NULL OR user_id = $1) "
+            "AND ($2::bigint IS NULL OR (purged_at, session_id) < ($2, $3::text)) "
+            "ORDER BY purged_at DESC, session_id DESC LIMIT $4",
+            user_id,
+            after[0],
+            after[1],
+            limit + 1,
+        )
+        records = [_purge_record(row, self.target) for row in rows[:limit]]
+        return PurgePage(records, purge_cursor(records[-1]) if len(rows) > limit else None)
 
     async def put_snapshots(
         self, session_id: str, key: str, states: Sequence[tuple[str, bytes]]

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
@@ -65,14 +66,19 @@ from stores.base import (
     AppendRequest,
     AppendResult,
     FeedItem,
-    FeedStore,
+    PurgePage,
+    PurgeRecord,
+    PurgeRequest,
+    PurgeStore,
     SessionPage,
     SessionQuery,
     SessionRow,
     check_ancestry,
+    check_erase,
     check_head,
     page_cursor,
     parse_cursor,
+    purge_cursor,
     validate_request,
 )
 from stores.group import GroupCommit, GroupStats
@@ -138,6 +144,19 @@ _SCHEMA: Final = (
     ) WITHOUT ROWID""",
 )
 
+_PURGE_SCHEMA: Final = (
+    # Created at every open (not only with the schema): files written before
+    # retention existed get it too.
+    """CREATE TABLE IF NOT EXISTS purges (
+        session_id TEXT NOT NULL PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        purged_at INTEGER NOT NULL,
+        record BLOB NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS purges_time ON purges (purged_at, session_id)",
+    "CREATE INDEX IF NOT EXISTS purges_user ON purges (user_id, purged_at, session_id)",
+)
+
 _EVENT_COLUMNS: Final = "position, id, session_id, data"
 _SESSION_COLUMNS: Final = (
     "session_id, user_id, agent, status, created_at, last_activity_at, event_count"
@@ -145,6 +164,8 @@ _SESSION_COLUMNS: Final = (
 _OPEN_STATUSES_SQL: Final = ", ".join(f"'{status}'" for status in OPEN_STATUSES)
 _SYNCHRONOUS: Final = {"full": "FULL", "normal": "NORMAL"}
 _NO_LIMIT: Final = 2**63 - 1
+
+log = logging.getLogger(__name__)
 
 _Row = tuple[Any, ...]
 _P = ParamSpec("_P")
@@ -230,6 +251,9 @@ def _setup_writer(conn: sqlite3.Connection, path: str, synchronous: str) -> None
     if str(mode).lower() != "wal":
         raise StoreError(f"Cannot put {path!r} in WAL mode (journal mode is {mode!r})")
     conn.execute(f"PRAGMA synchronous={synchronous}")
+    # Freed bytes are zeroed, so a redaction or a purge leaves no copy of what it
+    # erased in the file's free space (appends free almost nothing: cheap).
+    conn.execute("PRAGMA secure_delete=ON")
     # IMMEDIATE: two processes opening a new file at once create the schema one
     # after the other, and the second sees the first's user_version.
     conn.execute("BEGIN IMMEDIATE")
@@ -249,6 +273,8 @@ def _setup_writer(conn: sqlite3.Connection, path: str, synchronous: str) -> None
             for statement in _SCHEMA:
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        for statement in _PURGE_SCHEMA:
+            conn.execute(statement)
         conn.execute("COMMIT")
     except BaseException:
         _rollback(conn)
@@ -369,6 +395,8 @@ def _append_tx(conn: sqlite3.Connection, request: AppendRequest, rows: list[_Row
             "ON CONFLICT (session_id, branch) DO UPDATE SET head = excluded.head",
             (session_id, branch, last.id),
         )
+        if request.erase:
+            _erase_rows(conn, request)
         conn.execute("RELEASE append")
     except BaseException:
         _rollback_to(conn, "append")
@@ -405,6 +433,65 @@ def _group_tx(
         _rollback(conn)
         raise
     return outcomes
+
+
+def _erase_rows(conn: sqlite3.Connection, request: AppendRequest) -> None:
+    """Overwrite events with their redacted forms, inside the append's transaction.
+
+    ``secure_delete`` (set on the writer) zeroes the bytes the old rows leave in
+    their pages and freed overflow pages; the WAL frames that still hold them are
+    dropped by the checkpoint that follows the commit (``_truncate_wal``).
+    """
+    session_id = request.session_id
+    for erased in request.erase:
+        row = conn.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = ?", (erased.id,)
+        ).fetchone()
+        stored = None
+        if row is not None:
+            stored = _decode(tuple(row), conn.execute("PRAGMA database_list").fetchone()[2])
+        check_erase(request, stored, erased)
+        conn.execute("UPDATE events SET data = ? WHERE id = ?", (encode_event(erased), erased.id))
+    # Snapshots are folds of the session's paths: they may hold the erased content.
+    conn.execute("DELETE FROM snapshots WHERE session_id = ?", (session_id,))
+
+
+def _truncate_wal(conn: sqlite3.Connection) -> bool:
+    """Checkpoint the whole WAL into the database and truncate it to zero bytes.
+
+    Waits (the busy timeout) for readers of other connections to move past the
+    old frames; False when one still holds them, and the WAL file keeps its bytes.
+    """
+    busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    return not busy
+
+
+def _purge_tx(conn: sqlite3.Connection, requests: Sequence[PurgeRequest]) -> list[PurgeRecord]:
+    """Delete whole sessions and write their records, in one write transaction."""
+    done: list[PurgeRecord] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for request in requests:
+            record = request.record
+            session_id = record.session_id
+            row = conn.execute(
+                "SELECT event_count, last_activity_at FROM sessions WHERE session_id = ?",
+                (session_id,),
+            ).fetchone()
+            if row is None or tuple(row) != (record.event_count, record.last_activity_at):
+                continue  # gone, or written to since the purge was planned: kept
+            for table in ("events", "heads", "snapshots", "sessions"):
+                conn.execute(f"DELETE FROM {table} WHERE session_id = ?", (session_id,))
+            conn.execute(
+                "INSERT INTO purges (session_id, user_id, purged_at, record) VALUES (?, ?, ?, ?)",
+                (session_id, record.user_id, record.purged_at, msgspec.json.encode(record)),
+            )
+            done.append(record)
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
+    return done
 
 
 def _put_snapshots_tx(conn: sqlite3.Connection, rows: list[_Row]) -> None:
@@ -444,6 +531,15 @@ def _decode(row: _Row, path: str) -> Event:
     return event
 
 
+def _purge_record(row: _Row, path: str) -> PurgeRecord:
+    try:
+        return msgspec.json.decode(row[1], type=PurgeRecord)
+    except msgspec.MsgspecError as exc:
+        raise IntegrityError(
+            f"Stored purge record does not decode: session {row[0]!r} in {path!r}: {exc}"
+        ) from None
+
+
 def _session_row(row: _Row) -> SessionRow:
     return SessionRow(
         session_id=row[0],
@@ -472,7 +568,7 @@ def _parse_url(url: str) -> tuple[Path, dict[str, str]]:
     return Path(rest), dict(parse_qsl(query, keep_blank_values=True))
 
 
-class SQLiteStore(FeedStore):
+class SQLiteStore(PurgeStore):
     """The embedded default store: one SQLite file in WAL mode, many processes.
 
     Args:
@@ -637,6 +733,8 @@ class SQLiteStore(FeedStore):
             for e in request.events
         ]
         original = await self._group.submit((request, rows))
+        if original is None and request.erase:
+            await self._after_erase()
         if original is not None:
             return AppendResult([_decode(original, self.filename)], replayed=True)
         return AppendResult(list(request.events))
@@ -666,6 +764,91 @@ class SQLiteStore(FeedStore):
         # The group drains while close() waits: only a missing connection stops it.
         if self._writer is None:
             raise StoreClosedError(f"Store was closed: {self.filename!r}")
+
+    async def _after_erase(self) -> None:
+        """Drop the WAL frames that held erased bytes.
+
+        The erase has committed: a failure here is logged, not raised. The call
+        queues on the writer's thread, so it runs between two group commits.
+        """
+        if self._writer is None:
+            return  # closed meanwhile: closing checkpoints the WAL
+        try:
+            with _translate(self.filename):
+                truncated = await _in_thread(self._writer, _truncate_wal)
+        except StoreError as exc:
+            log.warning("%s: the WAL checkpoint after an erase failed: %s", self.filename, exc)
+            return
+        if not truncated:
+            log.warning(
+                "%s: a reader of another connection kept the WAL from being truncated "
+                "after an erase; its old frames go at the next full checkpoint",
+                self.filename,
+            )
+
+    # retention
+
+    async def idle_sessions(
+        self,
+        before: int,
+        *,
+        user_id: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[SessionRow]:
+        self._check_open()
+        if limit <= 0:
+            return []
+        where = "last_activity_at < ?"
+        params: list[Any] = [before]
+        if user_id is not None:
+            where, params = "user_id = ? AND " + where, [user_id, before]
+        if after is not None:
+            where += " AND (last_activity_at, session_id) > (?, ?)"
+            params.extend(parse_cursor(after))
+        rows = await self._fetch(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE {where} "
+            "ORDER BY last_activity_at, session_id LIMIT ?",
+            (*params, limit),
+        )
+        return [_session_row(row) for row in rows]
+
+    async def purge(self, requests: Sequence[PurgeRequest]) -> list[PurgeRecord]:
+        self._check_open()
+        if not requests:
+            return []
+        async with self._write_lock:
+            self._check_open()
+            assert self._writer is not None
+            with _translate(self.filename):
+                done = await _in_thread(self._writer, _purge_tx, requests)
+            if done:
+                await self._after_erase()
+        return done
+
+    async def purges(
+        self, *, user_id: str | None = None, limit: int = 50, cursor: str | None = None
+    ) -> PurgePage:
+        self._check_open()
+        where: list[str] = []
+        params: list[Any] = []
+        if user_id is not None:
+            where.append("user_id = ?")
+            params.append(user_id)
+        if cursor is not None:
+            where.append("(purged_at, session_id) < (?, ?)")
+            params.extend(parse_cursor(cursor))
+        limit = max(0, limit)
+        if limit == 0:
+            return PurgePage([])
+        clause = f"WHERE {' AND '.join(where)} " if where else ""
+        rows = await self._fetch(
+            f"SELECT session_id, record FROM purges {clause}"
+            "ORDER BY purged_at DESC, session_id DESC LIMIT ?",
+            (*params, limit + 1),
+        )
+        records = [_purge_record(row, self.filename) for row in rows[:limit]]
+        return PurgePage(records, purge_cursor(records[-1]) if len(rows) > limit else None)
 
     async def put_snapshots(
         self, session_id: str, key: str, states: Sequence[tuple[str, bytes]]
