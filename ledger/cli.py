@@ -484,20 +484,11 @@ async def cmd_verify(led: Ledger, args: argparse.Namespace, out: Output) -> int:
 
 
 async def verify_all(led: Ledger, *, page_size: int = 500) -> VerifyReport:
-    """``led.verify()`` one session at a time, with a progress line on a terminal."""
-    report = VerifyReport(keyed=led.keyed)
+    """``led.verify()`` of every session, with a progress line on a terminal."""
     with Progress("verifying sessions") as progress:
         if progress.enabled:  # a total for the bar costs a pass over the listing
             progress.total = await _count_sessions(led, page_size)
-        cursor: str | None = None
-        while True:
-            page = await led.sessions(limit=page_size, cursor=cursor)
-            for row in page.items:
-                report = report.merge(await led.verify(row.session_id))
-                progress.advance()
-            cursor = page.next_cursor
-            if cursor is None:
-                return report
+        return await led.verify(on_session=lambda _: progress.advance())
 
 
 async def _count_sessions(led: Ledger, page_size: int) -> int:

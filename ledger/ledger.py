@@ -731,10 +731,16 @@ class Ledger:
                 return state
         return await self.create(user_id=user_id, agent=agent, metadata=metadata, ttl_s=ttl_s)
 
-    async def verify(self, session_id: str | None = None) -> VerifyReport:
+    async def verify(
+        self,
+        session_id: str | None = None,
+        *,
+        on_session: Callable[[VerifyReport], object] | None = None,
+    ) -> VerifyReport:
         """Recompute every id and checksum, check links, depths, branches and lifecycle.
 
-        Returns a report naming the first bad event; without ``session_id``, of every session.
+        Returns a report naming the first bad event; without ``session_id``, of every
+        session, calling ``on_session`` with each session's report (for progress).
         """
         if session_id is not None:
             await self.store.session(session_id)
@@ -744,7 +750,10 @@ class Ledger:
         while True:
             page = await self.sessions(limit=500, cursor=cursor)
             for row in page.items:
-                report = report.merge(await verify_session(self.store, row.session_id, self._key))
+                one = await verify_session(self.store, row.session_id, self._key)
+                report = report.merge(one)
+                if on_session is not None:
+                    on_session(one)
             cursor = page.next_cursor
             if cursor is None:
                 return report
