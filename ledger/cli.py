@@ -30,7 +30,7 @@ from typing import Any, NoReturn, TextIO
 import msgspec
 
 from ledger.config import DEFAULT_URL
-from ledger.errors import EventNotFoundError, LedgerError, SessionExpiredError
+from ledger.errors import EventNotFoundError, LedgerError, NotFoundError, SessionExpiredError
 from ledger.events import (
     Branched,
     Checkpointed,
@@ -548,7 +548,7 @@ class Conversation:
     async def _label(self, checkpoint_id: str) -> str:
         if checkpoint_id not in self.labels:
             label = short(checkpoint_id)
-            with contextlib.suppress(LedgerError):
+            with contextlib.suppress(NotFoundError):  # verify names a missing checkpoint
                 body = (await self.led.get(checkpoint_id)).body
                 if isinstance(body, Checkpointed) and body.label:
                     label = body.label
