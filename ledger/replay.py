@@ -143,10 +143,11 @@ async def _call(callback: Callback, event: Event) -> None:
 
 
 async def feed_end(store: FeedStore) -> int:
-    """A position of the global feed that has committed, and the highest one when
-    nothing is appended meanwhile (0 for an empty feed), in O(log n) reads.
+    """The end of the global feed (0 when empty), in O(log n) reads of one item.
 
-    Any event not yet visible when this is called will get a higher position.
+    It is a committed position at least as high as every position visible when
+    the call began (higher when events commit meanwhile); since positions are
+    handed out in commit order, any event not yet visible then gets a higher one.
     """
 
     async def first_after(position: int) -> int | None:

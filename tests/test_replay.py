@@ -285,6 +285,28 @@ async def test_feed_end_is_the_last_position(make_store: MakeStore) -> None:
             assert await feed_end(led.store) == every[-1].position
 
 
+async def test_feed_end_with_a_writer_running(make_store: MakeStore) -> None:
+    """Each answer is a committed position, at least the end seen before the call."""
+    async with ledger(make_store) as led:
+        s = await led.create(user_id="u", agent="a")
+
+        async def write() -> None:
+            for n in range(40):
+                await led.add_turn(s.session_id, role="user", content=str(n))
+                await asyncio.sleep(0)
+
+        writer = asyncio.create_task(write())
+        answers: list[tuple[int, int]] = []
+        while not writer.done():
+            seen = (await led.store.read_feed(0, 10_000))[-1].position
+            answers.append((seen, await feed_end(led.store)))
+            await asyncio.sleep(0)  # the memory store never waits: let the writer run
+        await writer
+        committed = {item.position for item in await led.store.read_feed(0, 10_000)}
+        assert answers
+        assert all(end >= seen and end in committed for seen, end in answers)
+
+
 class Follower:
     """Collects what a follow yields, in a task; ``at_least(n)`` waits for n events."""
 
