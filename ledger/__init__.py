@@ -51,6 +51,7 @@ from ledger.events import (
 
 if TYPE_CHECKING:
     from ledger.ledger import Ledger
+    from ledger.replay import BranchDiff
     from ledger.verify import Problem, VerifyReport
     from projections.base import Projection
     from projections.session import Checkpoint, SessionState
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
 # `projections` and `stores`, which import `ledger.events`, can be imported first.
 _LAZY = {
     "Ledger": "ledger.ledger",
+    "BranchDiff": "ledger.replay",
     "Problem": "ledger.verify",
     "VerifyReport": "ledger.verify",
     "Projection": "projections.base",
@@ -88,6 +90,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AlreadyRedactedError",
+    "BranchDiff",
     "BranchExistsError",
     "BranchInfo",
     "BranchNotFoundError",

@@ -10,6 +10,8 @@
     ledger redact EVENT --reason WHY # erase a turn's or a record's content
     ledger purge --older-than 90d    # delete sessions idle that long (--dry-run first)
     ledger purged                    # the records purges left
+    ledger replay SESSION --follow   # the conversation as it happened, then live
+    ledger diff SESSION main alt     # where two branches part, and what each has alone
 
 Every command takes ``--store URL`` (default: ``LEDGER_URL``, else
 ``sqlite:///ledger.db``) and ``--json`` (one JSON document on stdout). Exit
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import sys
@@ -31,7 +34,7 @@ from typing import Any, NoReturn, TextIO
 import msgspec
 
 from ledger.config import DEFAULT_URL
-from ledger.errors import EventNotFoundError, LedgerError, SessionExpiredError
+from ledger.errors import EventNotFoundError, LedgerError, NotFoundError, SessionExpiredError
 from ledger.events import (
     Branched,
     Checkpointed,
@@ -49,6 +52,8 @@ from ledger.events import (
     TurnAdded,
 )
 from ledger.ledger import Ledger
+from ledger.progress import Progress
+from ledger.replay import MAX_PAUSE
 from ledger.verify import VerifyReport
 from projections.session import SessionState
 from projections.tree import Tree
@@ -261,6 +266,32 @@ def summary(event: Event, labels: dict[str, str]) -> str:
     return ""  # pragma: no cover - every kind is matched above
 
 
+def abandoned(events: Sequence[Event]) -> dict[str, str]:
+    """The events a restore took off their branch's history: event id -> the restore's id.
+
+    Those are the branch's own events on its old path (from its head before the
+    restore) that are not on the new one (through the checkpoint's entry).
+    """
+    by_id = {event.id: event for event in events}
+    heads: dict[str, Event] = {}
+    left: dict[str, str] = {}
+    for event in events:
+        body = event.body
+        old = heads.get(event.branch)
+        heads[event.branch] = event
+        if not isinstance(body, Restored) or old is None:
+            continue
+        kept = by_id.get(body.entry)
+        while old is not None and kept is not None and old.id != kept.id:
+            if old.seq >= kept.seq:  # walk the deeper side up to the common ancestor
+                if old.branch == event.branch:
+                    left.setdefault(old.id, event.id)
+                old = by_id.get(old.parent) if old.parent else None
+            else:
+                kept = by_id.get(kept.parent) if kept.parent else None
+    return left
+
+
 def log_lines(events: Sequence[Event], tree: Tree, out: Output) -> list[str]:
     """The text of ``ledger log``: graph, short id, kind, branch, summary, marks."""
     labels: dict[str, str] = {}
@@ -273,6 +304,8 @@ def log_lines(events: Sequence[Event], tree: Tree, out: Output) -> list[str]:
             marks.setdefault(body.entry, []).append(f"[checkpoint {label}]")
         elif isinstance(body, Redacted):
             marks.setdefault(body.event, []).append(f"[redacted by {short(event.id)}]")
+    for event_id, restore_id in abandoned(events).items():
+        marks.setdefault(event_id, []).append(f"[abandoned by restore {short(restore_id)}]")
     heads = {info.head: name for name, info in tree.branches.items()}
     kind_width = max((len(e.kind) for e in events), default=0)
     branch_width = max((len(e.branch) for e in events), default=0)
@@ -450,7 +483,10 @@ def report_json(report: VerifyReport) -> dict[str, Any]:
 
 
 async def cmd_verify(led: Ledger, args: argparse.Namespace, out: Output) -> int:
-    report = await led.verify(args.session)
+    if args.session is None:
+        report = await verify_all(led)
+    else:
+        report = await led.verify(args.session)
     if out.as_json:
         out.json(report_json(report))
     else:
@@ -531,6 +567,206 @@ async def cmd_purged(led: Ledger, args: argparse.Namespace, out: Output) -> int:
         return 0
     for line in purge_lines(records, out):
         out.line(line)
+    return 0
+
+
+async def verify_all(led: Ledger, *, page_size: int = 500) -> VerifyReport:
+    """``led.verify()`` of every session, with a progress line on a terminal."""
+    with Progress("verifying sessions") as progress:
+        if progress.enabled:  # a total for the bar costs a pass over the listing
+            progress.total = await _count_sessions(led, page_size)
+        return await led.verify(on_session=lambda _: progress.advance())
+
+
+async def _count_sessions(led: Ledger, page_size: int) -> int:
+    count, cursor = 0, None
+    while True:
+        page = await led.sessions(limit=page_size, cursor=cursor)
+        count += len(page.items)
+        cursor = page.next_cursor
+        if cursor is None:
+            return count
+
+
+# ---------------------------------------------------------------------------- replay, diff
+
+STAMP_WIDTH = 10
+"""``HH:MM:SS`` and two spaces: where a replayed event's text starts."""
+DATA_WIDTH = 200
+"""Characters of a ``Recorded`` event's data shown in a replay (``--json`` has it all)."""
+
+
+class Conversation:
+    """Events as a readable conversation: a time, then who said what, or a marker.
+
+    ::
+
+        -- 2026-11-21 (UTC) --
+        15:11:03  user: Hi! Where is my order A-1042?
+        15:11:04  assistant: Let me look that up.
+                    -> lookup_order({"order_id":"A-1042"})
+        15:11:04  * tool_call: {"id":"call-1",...}
+        15:11:05  == checkpoint order-found ==
+    """
+
+    def __init__(self, led: Ledger, out: Output, *, indent: str = "") -> None:
+        self.led = led
+        self.out = out
+        self.indent = indent
+        self.day: str | None = None
+        self.labels: dict[str, str] = {}
+        """Checkpoint id -> its label (a restore names the checkpoint it went back to)."""
+
+    async def lines(self, event: Event) -> list[str]:
+        moment = datetime.fromtimestamp(event.at / 1e9, tz=UTC)
+        day = moment.strftime("%Y-%m-%d")
+        lines = []
+        if day != self.day:
+            self.day = day
+            lines.append(self.out.paint(f"-- {day} (UTC) --", "mark"))
+        first, *more = await self._text(event)
+        lines.append(f"{self.out.paint(moment.strftime('%H:%M:%S'), 'id')}  {first}")
+        lines += [" " * STAMP_WIDTH + line for line in more]
+        return [self.indent + line for line in lines]
+
+    def _marker(self, text: str) -> list[str]:
+        return [self.out.paint(f"== {text} ==", "mark")]
+
+    async def _label(self, checkpoint_id: str) -> str:
+        if checkpoint_id not in self.labels:
+            label = short(checkpoint_id)
+            with contextlib.suppress(NotFoundError):  # verify names a missing checkpoint
+                body = (await self.led.get(checkpoint_id)).body
+                if isinstance(body, Checkpointed) and body.label:
+                    label = body.label
+            self.labels[checkpoint_id] = label
+        return self.labels[checkpoint_id]
+
+    async def _text(self, event: Event) -> list[str]:
+        body = event.body
+        match body:
+            case TurnAdded(role=role, content=content, name=name, tool_calls=calls):
+                who = self.out.paint(f"{role}({name})" if name else role, "branch")
+                first, *more = _text(content).splitlines() or [""]
+                lines = [f"{who}: {first}", *more]
+                return lines + [f"  -> {_call_text(call)}" for call in calls]
+            case SessionCreated(user_id=user, agent=agent, metadata=metadata):
+                about = f"user {user}, agent {agent}"
+                if metadata:
+                    about += " (" + ", ".join(f"{k}={_text(v)}" for k, v in metadata.items()) + ")"
+                return self._marker(f"session {event.session}: {about}")
+            case Checkpointed(label=label):
+                self.labels[event.id] = label or short(event.id)
+                return self._marker(f"checkpoint {self.labels[event.id]}")
+            case Branched(name=name, fork_point=fork):
+                return self._marker(f"branch {name}, from {short(fork)}")
+            case Restored(checkpoint=checkpoint, entry=entry):
+                label = await self._label(checkpoint)
+                return self._marker(f"restored checkpoint {label}: back to {short(entry)}")
+            case Suspended(reason=reason) | Resumed(reason=reason) | Closed(reason=reason):
+                verb = event.kind.lower()
+                return self._marker(f"{verb}: {reason}" if reason else verb)
+            case Expired(idle_s=idle, ttl_s=ttl):
+                return self._marker(f"expired: idle {idle:g}s > ttl {ttl:g}s")
+            case MetadataSet(metadata=metadata):
+                pairs = ", ".join(f"{k}={_text(v)}" for k, v in metadata.items())
+                return [f"* metadata: {pairs}"]
+            case Recorded(type=kind, data=data):
+                return [f"* {kind}: {clip(_text(data), DATA_WIDTH)}"]
+            case Erased(original=original):
+                return [f"[{original} erased by a redaction]"]
+            case Redacted(event=target, reason=reason):
+                return self._marker(f"redacted {short(target)}: {reason}")
+        return [event.kind]  # pragma: no cover - every kind is matched above
+
+
+def _call_text(call: Any) -> str:
+    """A tool call as ``name(arguments)`` when it has the usual shape, else its JSON."""
+    if isinstance(call, dict):
+        function = call.get("function")
+        inner: dict[str, Any] = function if isinstance(function, dict) else call
+        name = inner.get("name")
+        if isinstance(name, str):
+            return f"{name}({_text(inner.get('arguments', ''))})"
+    return _text(call)
+
+
+def _json_line(out: Output, event: Event) -> None:
+    out.stream.write(msgspec.json.encode(event_json(event)).decode() + "\n")
+
+
+async def cmd_replay(led: Ledger, args: argparse.Namespace, out: Output) -> int:
+    if args.follow and args.at:
+        raise UsageError("--follow replays a branch to its head: it cannot take --at")
+    view = Conversation(led, out)
+    live = args.follow or args.speed is not None
+
+    async def show(event: Event) -> None:
+        if out.as_json:
+            _json_line(out, event)
+        else:
+            for line in await view.lines(event):
+                out.line(line)
+        if live:  # a pipe buffers: let the reader see each event as it comes
+            out.stream.flush()
+
+    if not args.follow:
+        at = await _resolve_event(led, args.session, args.at) if args.at else None
+        await led.replay(
+            args.session,
+            into=show,
+            branch=args.branch,
+            at=at,
+            speed=args.speed,
+            max_pause=args.max_pause,
+        )
+        return 0
+    following = led.follow(
+        args.session, branch=args.branch, speed=args.speed, max_pause=args.max_pause
+    )
+    try:
+        async with contextlib.aclosing(following) as events:
+            async for event in events:
+                await show(event)
+    except asyncio.CancelledError:
+        # Ctrl-C: asyncio.run cancels this task. For --follow that is how it is
+        # meant to end, so it ends cleanly, with status 0.
+        return 0
+    return 0
+
+
+async def cmd_diff(led: Ledger, args: argparse.Namespace, out: Output) -> int:
+    diff = await led.diff(args.session, args.a, args.b)
+    fork = await led.get(diff.fork_point)
+    if out.as_json:
+        out.json(
+            {
+                "session_id": diff.session_id,
+                "a": diff.a,
+                "b": diff.b,
+                "fork_point": event_json(fork),
+                "only_a": [event_json(e) for e in diff.only_a],
+                "only_b": [event_json(e) for e in diff.only_b],
+            }
+        )
+        return 0
+    what = summary(fork, {})
+    out.line(
+        f"fork point: {out.paint(short(fork.id), 'id')} {fork.kind} at depth {fork.seq}, "
+        f"{iso(fork.at)}" + (f": {what}" if what else "")
+    )
+    for name, events in ((diff.a, diff.only_a), (diff.b, diff.only_b)):
+        out.line()
+        turns = sum(isinstance(e.body, TurnAdded) for e in events)
+        if not events:
+            out.line(f"only on {out.paint(name, 'branch')}: nothing")
+            continue
+        count = f"{plural(turns, 'turn')}, {plural(len(events), 'event')}"
+        out.line(f"only on {out.paint(name, 'branch')} ({count}):")
+        view = Conversation(led, out, indent="  ")
+        for event in events:
+            for line in await view.lines(event):
+                out.line(line)
     return 0
 
 
@@ -699,6 +935,26 @@ def _duration(text: str) -> float:
     return seconds
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number: {text}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds: {text}")
+    return value
+
+
 def _common(*, suppress: bool) -> _Parser:
     """--store and --json, accepted before and after the command.
 
@@ -786,6 +1042,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("purged", "list purge records, most recent first", cmd_purged)
     p.add_argument("--user", help="only this user's")
     p.add_argument("--limit", type=_positive, default=50, help="at most N (default: 50)")
+
+    p = add("replay", "print a branch's conversation as it happened", cmd_replay)
+    p.add_argument("session", metavar="SESSION")
+    p.add_argument("--branch", default=MAIN, help="the branch (default: main)")
+    p.add_argument("--at", metavar="EVENT", help="stop after this event (id or unique prefix)")
+    p.add_argument(
+        "--speed",
+        type=_positive_float,
+        metavar="X",
+        help="keep the original timing, X times faster (default: as fast as possible)",
+    )
+    p.add_argument(
+        "--max-pause",
+        type=_seconds,
+        default=MAX_PAUSE,
+        metavar="S",
+        help=f"with --speed, pause at most S seconds between events (default: {MAX_PAUSE:g})",
+    )
+    p.add_argument(
+        "--follow",
+        action="store_true",
+        help="then print new events as they are appended, until the branch is closed or Ctrl-C",
+    )
+
+    p = add("diff", "the fork point of two branches and the turns only on each", cmd_diff)
+    p.add_argument("session", metavar="SESSION")
+    p.add_argument("a", metavar="A", help="a branch")
+    p.add_argument("b", metavar="B", help="another branch")
     return parser
 
 

@@ -55,6 +55,7 @@ from ledger.events import (
     new_session_id,
     validate_name,
 )
+from ledger.replay import MAX_PAUSE, BranchDiff, Callback, diff_paths, drive, follow_branch, paced
 from ledger.verify import VerifyReport, verify_session
 from projections.base import Projection
 from projections.engine import FoldEngine
@@ -772,6 +773,95 @@ class Ledger:
             raise EventNotFoundError(event_id, session_id)
         return path
 
+    @overload
+    async def replay(
+        self,
+        session_id: str,
+        *,
+        into: Projection[S],
+        branch: str = ...,
+        at: str | None = ...,
+        speed: float | None = ...,
+        max_pause: float = ...,
+    ) -> S: ...
+
+    @overload
+    async def replay(
+        self,
+        session_id: str,
+        *,
+        into: Callback,
+        branch: str = ...,
+        at: str | None = ...,
+        speed: float | None = ...,
+        max_pause: float = ...,
+    ) -> None: ...
+
+    async def replay(
+        self,
+        session_id: str,
+        *,
+        into: Projection[S] | Callback,
+        branch: str = MAIN,
+        at: str | None = None,
+        speed: float | None = None,
+        max_pause: float = MAX_PAUSE,
+    ) -> S | None:
+        """Drive ``into`` through the history of ``branch`` (to ``at``), root first.
+
+        ``into`` is a callback, sync or async, called with each event (returns
+        ``None``), or a ``Projection`` (returns its state there, as ``project``
+        does). The history is the parent path: a forked branch replays the shared
+        history first; after a restore, the abandoned events are skipped and the
+        ``Restored`` event shows where the branch went back. With ``speed`` the
+        original timing is kept, scaled (2.0: twice as fast), each pause at most
+        ``max_pause`` seconds.
+
+        Example::
+
+            await led.replay(session_id, into=print, branch="alt")
+            state = await led.replay(session_id, into=SESSION)
+
+        Raises:
+            SessionNotFoundError, BranchNotFoundError, EventNotFoundError.
+        """
+        history = await self.history(session_id, branch=branch, at=at)
+        if speed is None:
+            return await drive(history, into)
+        return await drive(paced(history, speed, max_pause=max_pause), into)
+
+    def follow(
+        self,
+        session_id: str,
+        *,
+        branch: str = MAIN,
+        speed: float | None = None,
+        max_pause: float = MAX_PAUSE,
+    ) -> AsyncGenerator[Event, None]:
+        """The history of ``branch`` (paced by ``speed``, as in ``replay``), then each
+        event appended to it as it commits; no gap or duplicate between the two.
+
+        Ends after the branch is closed or expires; else runs until you stop::
+
+            async with contextlib.aclosing(led.follow(session_id)) as events:
+                async for event in events:
+                    print(event.kind)
+
+        Raises:
+            SessionNotFoundError, BranchNotFoundError.
+        """
+        return follow_branch(self.store, session_id, branch, speed=speed, max_pause=max_pause)
+
+    async def diff(self, session_id: str, a: str, b: str) -> BranchDiff:
+        """Where the histories of branches ``a`` and ``b`` part, and the events only on each.
+
+        Raises:
+            SessionNotFoundError, BranchNotFoundError.
+        """
+        path_a = await self.history(session_id, branch=a)
+        path_b = await self.history(session_id, branch=b)
+        return diff_paths(session_id, a, b, path_a, path_b)
+
     async def turns(
         self, session_id: str, *, branch: str = MAIN, at: str | None = None
     ) -> list[Turn]:
@@ -837,10 +927,16 @@ class Ledger:
                 return state
         return await self.create(user_id=user_id, agent=agent, metadata=metadata, ttl_s=ttl_s)
 
-    async def verify(self, session_id: str | None = None) -> VerifyReport:
+    async def verify(
+        self,
+        session_id: str | None = None,
+        *,
+        on_session: Callable[[VerifyReport], object] | None = None,
+    ) -> VerifyReport:
         """Recompute every id and checksum, check links, depths, branches and lifecycle.
 
-        Returns a report naming the first bad event; without ``session_id``, of every session.
+        Returns a report naming the first bad event; without ``session_id``, of every
+        session, calling ``on_session`` with each session's report (for progress).
         """
         if session_id is not None:
             await self.store.session(session_id)
@@ -850,7 +946,10 @@ class Ledger:
         while True:
             page = await self.sessions(limit=500, cursor=cursor)
             for row in page.items:
-                report = report.merge(await verify_session(self.store, row.session_id, self._key))
+                one = await verify_session(self.store, row.session_id, self._key)
+                report = report.merge(one)
+                if on_session is not None:
+                    on_session(one)
             cursor = page.next_cursor
             if cursor is None:
                 return report

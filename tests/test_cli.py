@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
+import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
@@ -535,3 +539,387 @@ def test_installed_command(demo: Demo, tmp_path: Path) -> None:
     assert failed.returncode == 1
     assert failed.stderr == "ledger: error: Session not found: 'missing'\n"
     assert not list(tmp_path.iterdir())  # nothing written to the cwd
+
+
+# ---------------------------------------------------------------------------- replay and diff
+
+
+def stamps_removed(out: str) -> list[str]:
+    """A replay's lines without the ``HH:MM:SS`` stamps and date lines (they vary)."""
+    lines = []
+    for line in out.splitlines():
+        if line.strip().startswith("-- ") and line.rstrip().endswith("(UTC) --"):
+            continue
+        stripped = line.lstrip()
+        indent = line[: len(line) - len(stripped)]
+        if len(stripped) > 10 and stripped[2] == ":" and stripped[5] == ":":
+            stripped = stripped[10:]
+        lines.append(indent + stripped)
+    return lines
+
+
+def history_ids(url: str, session: str, branch: str = "main") -> list[str]:
+    async def read() -> list[str]:
+        async with Ledger.open(url) as led:
+            return [e.id for e in await led.history(session, branch=branch)]
+
+    return asyncio.run(read())
+
+
+def test_replay_of_the_demo(demo: Demo, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "--store", demo.url, "replay", demo.session)
+    assert (code, err) == (0, "")
+    entry = history_ids(demo.url, demo.session)[7][:12]
+    assert out.splitlines()[0].startswith("-- 20") and out.splitlines()[0].endswith(" (UTC) --")
+    assert stamps_removed(out) == [
+        f"== session {demo.session}: user demo-user, agent support-bot "
+        "(channel=web, topic=order) ==",
+        "system: You are a helpful support agent.",
+        "user: Hi! Where is my order A-1042?",
+        "assistant: Let me look that up.",
+        '            -> lookup_order({"order_id":"A-1042"})',
+        '* tool_call: {"arguments":{"order_id":"A-1042"},"id":"call-1","name":"lookup_order"}',
+        '* tool_result: {"call_id":"call-1","eta":"tomorrow","status":"shipped"}',
+        "assistant: Your order A-1042 has shipped and arrives tomorrow.",
+        "* metadata: order_id=A-1042",
+        f"== restored checkpoint order-found: back to {entry} ==",
+        "== suspended: user went away ==",
+        "== resumed: user is back ==",
+        "user: Thanks, that's all!",
+        "== closed: resolved ==",
+    ]
+    assert "cancel" not in out  # abandoned by the restore: not on main's history
+
+
+def test_replay_of_a_branch_shares_the_history_first(
+    demo: Demo, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "--store", demo.url, "replay", demo.session, "--branch", "alt")
+    assert code == 0
+    entry = history_ids(demo.url, demo.session)[7][:12]
+    lines = stamps_removed(out)
+    assert lines[-3:] == [
+        f"== branch alt, from {entry} ==",
+        "user: Can you deliver it to my office instead?",
+        "assistant: Sure: the delivery address is now your office.",
+    ]
+    assert (
+        lines[:9] == stamps_removed(run(capsys, "--store", demo.url, "replay", demo.session)[1])[:9]
+    )
+
+
+def test_replay_json_is_one_event_per_line(demo: Demo, capsys: pytest.CaptureFixture[str]) -> None:
+    for branch in ("main", "alt"):
+        code, out, _ = run(
+            capsys, "--store", demo.url, "replay", demo.session, "--branch", branch, "--json"
+        )
+        assert code == 0
+        events = [json.loads(line) for line in out.splitlines()]
+        assert [e["id"] for e in events] == history_ids(demo.url, demo.session, branch)
+        assert set(events[0]) == {"id", "parent", "seq", "branch", "kind", "at", "actor", "body"}
+
+
+def test_replay_at_an_event(demo: Demo, capsys: pytest.CaptureFixture[str]) -> None:
+    ids = history_ids(demo.url, demo.session)
+    code, out, _ = run(capsys, "--store", demo.url, "replay", demo.session, "--at", ids[2][:12])
+    assert code == 0
+    assert stamps_removed(out)[-1] == "user: Hi! Where is my order A-1042?"
+    assert len(stamps_removed(out)) == 3
+
+
+def test_replay_with_speed_and_follow_of_a_closed_branch(
+    demo: Demo, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """main is closed: --follow prints its history and ends by itself."""
+    plain = run(capsys, "--store", demo.url, "replay", demo.session)
+    paced = run(
+        capsys, "--store", demo.url, "replay", demo.session, "--speed", "1000", "--max-pause", "0"
+    )
+    followed = run(capsys, "--store", demo.url, "replay", demo.session, "--follow")
+    assert plain == paced == followed
+    assert plain[0] == 0
+
+
+def test_replay_help_says_how_long_a_pause_can_be(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "replay", "--help")
+    assert code == 0
+    assert "--speed X" in out and "--follow" in out
+    assert "pause at most S seconds between events (default: 2)" in " ".join(out.split())
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["replay"],
+        ["replay", "s", "--speed", "0"],
+        ["replay", "s", "--speed", "-1"],
+        ["replay", "s", "--speed", "nan"],
+        ["replay", "s", "--speed", "fast"],
+        ["replay", "s", "--max-pause", "-1"],
+        ["diff", "s", "main"],
+    ],
+)
+def test_replay_and_diff_usage_errors_exit_2(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (2, "")
+    assert "ledger: error: " in err and "Traceback" not in err
+
+
+def test_replay_follow_cannot_take_at(demo: Demo, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(
+        capsys, "--store", demo.url, "replay", demo.session, "--follow", "--at", "abc"
+    )
+    assert (code, out) == (1, "")
+    assert err == "ledger: error: --follow replays a branch to its head: it cannot take --at\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["replay", "nope"], "Session not found: 'nope'"),
+        (["replay", "nope", "--follow"], "Session not found: 'nope'"),
+        (["replay", "{s}", "--branch", "zzz"], "Branch not found in session '{s}': 'zzz'"),
+        (
+            ["replay", "{s}", "--branch", "zzz", "--follow"],
+            "Branch not found in session '{s}': 'zzz'",
+        ),
+        (["diff", "nope", "main", "alt"], "Session not found: 'nope'"),
+        (["diff", "{s}", "main", "zzz"], "Branch not found in session '{s}': 'zzz'"),
+        (["diff", "{s}", "zzz", "alt"], "Branch not found in session '{s}': 'zzz'"),
+    ],
+)
+def test_replay_and_diff_of_unknown_session_or_branch(
+    demo: Demo, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    argv = [arg.replace("{s}", demo.session) for arg in argv]
+    code, out, err = run(capsys, "--store", demo.url, *argv)
+    assert (code, out) == (1, "")
+    assert err == f"ledger: error: {message.replace('{s}', demo.session)}\n"
+
+
+def test_diff_of_the_demo(demo: Demo, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--store", demo.url, "diff", demo.session, "main", "alt")
+    assert code == 0
+    entry = history_ids(demo.url, demo.session)[7][:12]
+    lines = stamps_removed(out)
+    assert lines[0].startswith(f"fork point: {entry} MetadataSet at depth 7, 20")
+    assert lines[0].endswith("Z: order_id=A-1042")
+    assert lines[1:] == [
+        "",
+        "only on main (1 turn, 5 events):",
+        f"  == restored checkpoint order-found: back to {entry} ==",
+        "  == suspended: user went away ==",
+        "  == resumed: user is back ==",
+        "  user: Thanks, that's all!",
+        "  == closed: resolved ==",
+        "",
+        "only on alt (2 turns, 3 events):",
+        f"  == branch alt, from {entry} ==",
+        "  user: Can you deliver it to my office instead?",
+        "  assistant: Sure: the delivery address is now your office.",
+    ]
+    code, out, _ = run(capsys, "--store", demo.url, "diff", demo.session, "alt", "alt")
+    assert stamps_removed(out)[1:] == ["", "only on alt: nothing", "", "only on alt: nothing"]
+
+
+def test_diff_json(demo: Demo, capsys: pytest.CaptureFixture[str]) -> None:
+    document = run_json(capsys, "--store", demo.url, "diff", demo.session, "main", "alt")
+    main_ids = history_ids(demo.url, demo.session)
+    alt_ids = history_ids(demo.url, demo.session, "alt")
+    assert (document["session_id"], document["a"], document["b"]) == (demo.session, "main", "alt")
+    assert document["fork_point"]["id"] == main_ids[7] == alt_ids[7]
+    assert [e["id"] for e in document["only_a"]] == main_ids[8:]
+    assert [e["id"] for e in document["only_b"]] == alt_ids[8:]
+    assert document["only_b"][0]["kind"] == "Branched"
+
+
+def log_fields(line: str) -> list[str]:
+    """A ``ledger log`` line without its graph: id, kind, branch, summary and marks."""
+    tokens = line.split()
+    first = next(k for k, token in enumerate(tokens) if re.fullmatch("[0-9a-f]{12}", token))
+    return tokens[first:]
+
+
+def test_log_marks_what_a_restore_abandoned(demo: Demo, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--store", demo.url, "log", demo.session)
+    assert code == 0
+    restore = log_fields(next(line for line in out.splitlines() if " Restored " in line))[0]
+    marked = [line for line in out.splitlines() if "[abandoned by restore" in line]
+    assert [log_fields(line)[1] for line in marked] == ["TurnAdded", "TurnAdded", "Checkpointed"]
+    assert all(line.endswith(f"[abandoned by restore {restore}]") for line in marked)
+    assert "cancel" in marked[1] and "cancelled" in marked[0]
+
+
+def test_log_marks_only_the_restored_branch_own_events(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A restore of b to a checkpoint on main, before b forked: b's own events are
+    abandoned; main's events between the entry and the fork are still main's."""
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+
+    async def build() -> tuple[str, dict[str, str]]:
+        async with Ledger.open(url) as led:
+            s = await led.create(user_id="u", agent="a")
+            sid = s.session_id
+            ids = {"t1": (await led.add_turn(sid, role="user", content="one")).id}
+            cp = await led.checkpoint(sid, label="one")
+            ids["t2"] = (await led.add_turn(sid, role="user", content="two")).id
+            ids["b"] = (await led.branch(sid, "b")).id
+            ids["b1"] = (await led.add_turn(sid, role="user", content="b one", branch="b")).id
+            ids["r"] = (await led.restore(sid, cp.id, branch="b")).id
+            ids["b2"] = (await led.add_turn(sid, role="user", content="b two", branch="b")).id
+            return sid, {k: v[:12] for k, v in ids.items()}
+
+    sid, i = asyncio.run(build())
+    code, out, _ = run(capsys, "--store", url, "log", sid)
+    assert code == 0
+    by_id = {log_fields(line)[0]: line for line in out.splitlines() if "*" in line}
+    abandoned = {key for key, line in by_id.items() if f"[abandoned by restore {i['r']}]" in line}
+    assert abandoned == {i["b"], i["b1"]}
+    for key in ("t1", "t2", "b2", "r"):
+        assert "abandoned" not in by_id[i[key]]
+
+
+def test_verify_draws_progress_on_a_terminal_stderr_and_json_on_stdout(
+    demo: Demo, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ledger.progress import Progress
+
+    class Terminal(StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    ticks = iter(range(1000))
+    monkeypatch.setattr(Progress, "clock", lambda: next(ticks) * 0.6)
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    code = main(["--store", demo.url, "verify", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert json.loads(out)["sessions_checked"] == 2
+    drawn = terminal.getvalue()
+    assert drawn.startswith("\rverifying sessions  [")
+    assert "2/2  100%" in drawn
+    assert drawn.endswith("\r")
+    assert "\n" not in drawn
+
+
+def test_help_lists_replay_and_diff(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    assert "replay" in out and "diff" in out
+
+
+class Running:
+    """``ledger replay --follow`` as a real process, its output read line by line."""
+
+    def __init__(self, url: str, *argv: str) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGER_")}
+        script = Path(sys.executable).with_name("ledger")
+        command = [str(script)] if script.exists() else [sys.executable, "-m", "ledger.cli"]
+        self.process = subprocess.Popen(
+            [*command, "--store", url, *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            # A shell without job control starts background jobs with SIGINT ignored.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def expect(self, count: int) -> list[str]:
+        return [self.lines.get(timeout=60) for _ in range(count)]
+
+    def finish(self) -> tuple[int, str]:
+        _, err = self.process.communicate(timeout=60)
+        return self.process.returncode, err
+
+
+def write(url: str, action: Callable[[Ledger], Awaitable[object]]) -> None:
+    async def run_it() -> None:
+        async with Ledger.open(url) as led:
+            await action(led)
+
+    asyncio.run(run_it())
+
+
+def started_session(url: str) -> str:
+    async def create() -> str:
+        async with Ledger.open(url) as led:
+            s = await led.create(user_id="u", agent="a")
+            await led.add_turn(s.session_id, role="user", content="hello")
+            return s.session_id
+
+    return asyncio.run(create())
+
+
+@pytest.mark.slow
+def test_replay_follow_prints_live_events_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    sid = started_session(url)
+    follower = Running(url, "replay", sid, "--follow")
+    try:
+        date, created, hello = follower.expect(3)
+        assert date.endswith("(UTC) --") and sid in created and hello.endswith("user: hello")
+        write(url, lambda led: led.add_turn(sid, role="assistant", content="live\nand well"))
+        write(url, lambda led: led.branch(sid, "other"))  # another branch: not shown
+        write(url, lambda led: led.add_turn(sid, role="user", content="again"))
+        assert [line[10:] for line in follower.expect(3)] == [
+            "assistant: live",
+            "and well",
+            "user: again",
+        ]
+        follower.process.send_signal(signal.SIGINT)
+        code, err = follower.finish()
+    finally:
+        if follower.process.poll() is None:
+            follower.process.kill()
+    assert (code, err) == (0, "")
+    assert follower.lines.empty()
+
+
+@pytest.mark.slow
+def test_replay_follow_ends_when_the_branch_is_closed(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    sid = started_session(url)
+    follower = Running(url, "replay", sid, "--follow", "--json")
+    try:
+        first = [json.loads(line) for line in follower.expect(2)]
+        assert [e["kind"] for e in first] == ["SessionCreated", "TurnAdded"]
+        write(url, lambda led: led.close(sid, reason="bye"))
+        (closed,) = [json.loads(line) for line in follower.expect(1)]
+        code, err = follower.finish()
+    finally:
+        if follower.process.poll() is None:
+            follower.process.kill()
+    assert (code, err) == (0, "")
+    assert (closed["kind"], closed["body"]["reason"]) == ("Closed", "bye")
+
+
+def test_replay_shows_an_erased_turn_and_its_redaction(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+
+    async def build() -> tuple[str, str]:
+        async with Ledger.open(url) as led:
+            s = await led.create(user_id="u", agent="a")
+            turn = await led.add_turn(s.session_id, role="user", content="my secret address")
+            await led.redact(turn.id, reason="asked to forget")
+            return s.session_id, turn.id
+
+    session_id, turn_id = asyncio.run(build())
+    code, out, err = run(capsys, "--store", url, "replay", session_id)
+    assert code == 0, err
+    assert "my secret address" not in out
+    assert "[TurnAdded erased by a redaction]" in out
+    assert f"redacted {ledger.cli.short(turn_id)}: asked to forget" in out

@@ -135,3 +135,18 @@ def test_any_single_byte_change_is_caught(
     problems = verify(target, session_id)
     assert problems, f"changing byte {at} of {victim} went unnoticed"
     assert problems[0] == victim, (ids.index(victim), at, bytes(raw), problems)
+
+
+async def test_verify_of_every_session_reports_each_one_as_it_goes(tmp_path: Path) -> None:
+    """``on_session`` (progress lines use it) sees one report per session; they add up."""
+    async with Ledger.open(f"sqlite:///{tmp_path / 'many.db'}") as led:
+        for n in range(3):
+            s = await led.create(user_id="u", agent="a")
+            for i in range(n):
+                await led.add_turn(s.session_id, role="user", content=str(i))
+        seen: list[tuple[int, int]] = []
+        total = await led.verify(
+            on_session=lambda r: seen.append((r.sessions_checked, r.events_checked))
+        )
+    assert sorted(seen) == [(1, 1), (1, 2), (1, 3)]
+    assert (total.ok, total.sessions_checked, total.events_checked) == (True, 3, 6)
