@@ -99,7 +99,13 @@ __all__ = ["SCHEMA_VERSION", "SESSION_TABLES", "PostgresStore"]
 SCHEMA_VERSION: Final = 1
 """The version row of ``ledger_schema`` that this code writes."""
 
-SESSION_TABLES: Final = ("ledger_events", "ledger_heads", "ledger_sessions", "ledger_snapshots")
+SESSION_TABLES: Final = (
+    "ledger_events",
+    "ledger_heads",
+    "ledger_sessions",
+    "ledger_snapshots",
+    "ledger_anchors",
+)
 """The tables of session data: each is keyed by (and distributable on) ``session_id``."""
 
 FEED_CHANNEL: Final = "ledger_feed"
@@ -115,6 +121,17 @@ _USER_LOCK_NS: Final = _LOCK_NS + 1  # second key: hashtext(user_id)
 _OPTIONS: Final = ("pool_size", "connect_timeout", "schema")
 _SCHEMA_NAME: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _NO_LIMIT: Final = 2**63 - 1
+
+# The anchors the ledger issued (ledger.anchors), in the order it issued them.
+# Also created on opening a database of this schema version made before it existed.
+_ANCHORS_TABLE: Final = """
+CREATE TABLE IF NOT EXISTS ledger_anchors (
+    session_id text NOT NULL,
+    n bigint GENERATED ALWAYS AS IDENTITY,
+    data bytea NOT NULL,
+    PRIMARY KEY (session_id, n)
+);
+"""
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS ledger_schema (
@@ -174,7 +191,7 @@ CREATE TABLE IF NOT EXISTS ledger_snapshots (
     state bytea NOT NULL,
     PRIMARY KEY (session_id, key, event_id)
 );
-
+{anchors_table}
 CREATE OR REPLACE FUNCTION ledger_append(
     p_session text, p_branch text, p_expected text, p_status text,
     p_user text, p_agent text, p_max_open bigint, p_max_branches bigint,
@@ -609,6 +626,7 @@ class PostgresStore(FeedStore):
                     "ledger to open it"
                 )
             if version == SCHEMA_VERSION:
+                await conn.execute(_ANCHORS_TABLE)
                 return
         elif await conn.fetchval("SELECT to_regclass('ledger_events') IS NOT NULL"):
             raise StoreError(
@@ -621,6 +639,7 @@ class PostgresStore(FeedStore):
                 lock_ns=_LOCK_NS,
                 feed_lock=_FEED_LOCK,
                 channel=self.channel,
+                anchors_table=_ANCHORS_TABLE,
             )
         )
         await conn.execute("INSERT INTO ledger_schema (version) VALUES ($1)", SCHEMA_VERSION)
@@ -762,6 +781,22 @@ class PostgresStore(FeedStore):
                 list(latest),
                 list(latest.values()),
             )
+
+    async def put_anchor(self, session_id: str, anchor: bytes) -> None:
+        self._check_open()
+        with self._translated(session_id):
+            await self._call(
+                "execute",
+                "INSERT INTO ledger_anchors (session_id, data) VALUES ($1, $2)",
+                session_id,
+                bytes(anchor),
+            )
+
+    async def anchors(self, session_id: str) -> list[bytes]:
+        rows = await self._fetch(
+            "SELECT data FROM ledger_anchors WHERE session_id = $1 ORDER BY n", session_id
+        )
+        return [bytes(row[0]) for row in rows]
 
     # reads
 

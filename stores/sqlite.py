@@ -129,6 +129,13 @@ _SCHEMA: Final = (
         state BLOB NOT NULL,
         PRIMARY KEY (session_id, key, event_id)
     ) WITHOUT ROWID""",
+    # The anchors the ledger issued, in the order it issued them (ledger.anchors).
+    """CREATE TABLE IF NOT EXISTS anchors (
+        n INTEGER PRIMARY KEY AUTOINCREMENT,
+        session_id TEXT NOT NULL,
+        data BLOB NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS anchors_session ON anchors (session_id, n)",
 )
 
 _EVENT_COLUMNS: Final = "position, id, session_id, data"
@@ -345,6 +352,16 @@ def _append_tx(conn: sqlite3.Connection, request: AppendRequest, rows: list[_Row
         _rollback(conn)
         raise
     return None
+
+
+def _put_anchor_tx(conn: sqlite3.Connection, session_id: str, data: bytes) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("INSERT INTO anchors (session_id, data) VALUES (?, ?)", (session_id, data))
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
 
 
 def _put_snapshots_tx(conn: sqlite3.Connection, rows: list[_Row]) -> None:
@@ -571,6 +588,20 @@ class SQLiteStore(FeedStore):
             assert self._writer is not None
             with _translate(self.filename, session_id):
                 await _in_thread(self._writer, _put_snapshots_tx, rows)
+
+    async def put_anchor(self, session_id: str, anchor: bytes) -> None:
+        self._check_open()
+        async with self._write_lock:
+            self._check_open()
+            assert self._writer is not None
+            with _translate(self.filename, session_id):
+                await _in_thread(self._writer, _put_anchor_tx, session_id, bytes(anchor))
+
+    async def anchors(self, session_id: str) -> list[bytes]:
+        rows = await self._fetch(
+            "SELECT data FROM anchors WHERE session_id = ? ORDER BY n", (session_id,)
+        )
+        return [bytes(row[0]) for row in rows]
 
     # reads
 
