@@ -148,8 +148,7 @@ def decode_anchor(data: bytes | str, *, source: str = "anchor") -> Anchor:
 def describe(anchor: Anchor) -> str:
     """``anchor of session 's-1' at 12 events (root 3f2a9c1b04d5...)``: for messages."""
     return (
-        f"anchor of session {anchor.session!r} at {anchor.size} events "
-        f"(root {anchor.root[:12]}...)"
+        f"anchor of session {anchor.session!r} at {anchor.size} events (root {anchor.root[:12]}...)"
     )
 
 

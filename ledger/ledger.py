@@ -9,14 +9,25 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, 
 from types import TracebackType
 from typing import Any, Self, TypeVar, overload
 
+from ledger.anchors import (
+    Anchor,
+    anchor_of,
+    check_anchor_mac,
+    decode_anchor,
+    describe,
+    encode_anchor,
+    key_id,
+)
 from ledger.config import LedgerConfig
 from ledger.errors import (
+    AnchorError,
     BranchNotFoundError,
     CheckpointNotFoundError,
     ConflictError,
     EventNotFoundError,
     EventTooLargeError,
     IntegrityError,
+    ProofError,
     SessionCapacityError,
     SessionClosedError,
     SessionExpiredError,
@@ -43,6 +54,8 @@ from ledger.events import (
     new_session_id,
     validate_name,
 )
+from ledger.logs import SessionLogs
+from ledger.proofs import ConsistencyProof, InclusionProof, consistency_proof, inclusion_proof
 from ledger.verify import VerifyReport, verify_session
 from projections.base import Projection
 from projections.engine import FoldEngine
@@ -148,6 +161,7 @@ class Ledger:
         self._engine = FoldEngine(store, snapshot_every=self.config.snapshot_every)
         self._heads: dict[tuple[str, str], str] = {}
         self._projections: dict[str, Projection[Any]] = {}
+        self._logs = SessionLogs()
 
     @classmethod
     def open(
@@ -187,6 +201,11 @@ class Ledger:
     @property
     def keyed(self) -> bool:
         return self._key is not None
+
+    @property
+    def key_id(self) -> str | None:
+        """The public id of this ledger's key (see ``ledger.anchors.key_id``), if it has one."""
+        return key_id(self._key) if self._key is not None else None
 
     # ------------------------------------------------------------------ writes
 
@@ -641,15 +660,27 @@ class Ledger:
                 return state
         return await self.create(user_id=user_id, agent=agent, metadata=metadata, ttl_s=ttl_s)
 
-    async def verify(self, session_id: str | None = None) -> VerifyReport:
+    async def verify(
+        self, session_id: str | None = None, *, anchors: Sequence[Anchor] = ()
+    ) -> VerifyReport:
         """Recompute every id and checksum, check links, depths, branches and lifecycle.
 
-        Returns a report naming the first bad event; without ``session_id``, of every session.
+        Returns a report naming the first bad event; without ``session_id``, of every
+        session. Each session's recorded anchors are checked too, and ``anchors``
+        (kept by you, of ``session_id``): the session must still extend each of them.
+
+        Raises:
+            AnchorError: an anchor of another session, a MAC that does not match, or
+                an anchor made under another key (nothing is checked then).
         """
         if session_id is not None:
             await self.store.session(session_id)
-            return await verify_session(self.store, session_id, self._key)
-        report = VerifyReport(keyed=self.keyed)
+            for anchor in anchors:
+                self._check_given(anchor, session_id)
+            return await verify_session(self.store, session_id, self._key, anchors)
+        if anchors:
+            raise AnchorError("Anchors are checked against one session: name it", reason="session")
+        report = VerifyReport(keyed=self.keyed, key_id=self.key_id)
         cursor: str | None = None
         while True:
             page = await self.sessions(limit=500, cursor=cursor)
@@ -658,6 +689,94 @@ class Ledger:
             cursor = page.next_cursor
             if cursor is None:
                 return report
+
+    # ------------------------------------------------------------------ anchors and proofs
+
+    async def anchor(self, session_id: str, *, record: bool = True) -> Anchor:
+        """The session's Merkle tree head now: an anchor, with a MAC under the ledger's key.
+
+        Keep it elsewhere; ``verify(session_id, anchors=[it])`` later proves that the
+        session still extends it. ``record``: the ledger also keeps it (``anchors``),
+        and every later ``verify`` checks it.
+
+        Raises:
+            SessionNotFoundError.
+        """
+        log = await self._logs.get(self.store, session_id)
+        anchor = anchor_of(session_id, log.log, key=self._key, at=_now())
+        if record:
+            await self.store.put_anchor(session_id, encode_anchor(anchor))
+        return anchor
+
+    async def anchors(self, session_id: str) -> list[Anchor]:
+        """The anchors the ledger issued (and recorded) for the session, oldest first.
+
+        Raises:
+            SessionNotFoundError; AnchorError: a recorded anchor that does not parse.
+        """
+        await self.store.session(session_id)
+        return [
+            decode_anchor(data, source=f"recorded anchor #{n} of session {session_id!r}")
+            for n, data in enumerate(await self.store.anchors(session_id), start=1)
+        ]
+
+    async def prove(self, event_id: str, *, anchor: Anchor | None = None) -> InclusionProof:
+        """An inclusion proof: the event belongs to its session at ``anchor`` (default: now).
+
+        The proof carries the event, its index, the audit path and the anchor:
+        ``ledger.proofs.check_proof`` checks it with nothing else.
+
+        Raises:
+            EventNotFoundError; AnchorError: ``anchor`` is of another session, forged,
+            or under another key; ProofError: the event came after the anchor, or the
+            session no longer extends the anchor.
+        """
+        event = await self.store.get(event_id)
+        session_id = event.session
+        log, index = await self._logs.locate(self.store, session_id, event_id)
+        if anchor is None:
+            anchor = anchor_of(session_id, log.log, key=self._key, at=_now())
+        else:
+            self._check_given(anchor, session_id)
+            if index >= anchor.size:
+                raise ProofError(
+                    f"Event {event_id!r} (index {index}) was appended after the "
+                    f"{describe(anchor)}",
+                    reason="index",
+                    event_id=event_id,
+                )
+            if anchor.size > log.size:
+                raise ProofError(
+                    f"Session {session_id!r} has {log.size} events, fewer than the "
+                    f"{describe(anchor)}: run verify with this anchor",
+                    reason="extends",
+                )
+        return inclusion_proof(event, index, log.log, anchor)
+
+    async def prove_consistency(self, anchor: Anchor) -> ConsistencyProof:
+        """A consistency proof: the session now extends ``anchor`` (to a new anchor).
+
+        Raises:
+            AnchorError: as for ``prove``; ProofError: the session does not extend it.
+        """
+        self._check_given(anchor, anchor.session)
+        log = await self._logs.get(self.store, anchor.session)
+        if anchor.size > log.size or log.log.root(anchor.size).hex() != anchor.root:
+            raise ProofError(
+                f"Session {anchor.session!r} does not extend the {describe(anchor)}: "
+                "run verify with this anchor to see what changed",
+                reason="extends",
+            )
+        now = anchor_of(anchor.session, log.log, key=self._key, at=_now())
+        return consistency_proof(anchor, log.log, now)
+
+    def _check_given(self, anchor: Anchor, session_id: str) -> None:
+        if anchor.session != session_id:
+            raise AnchorError(
+                f"Anchor of session {anchor.session!r} given for session {session_id!r}",
+                reason="session",
+            )
+        check_anchor_mac(anchor, self._key)
 
     def subscribe(
         self,

@@ -6,13 +6,24 @@ linear), except a ``Branched`` event (its parent is the fork point) and a
 ``Restored`` event (its parent is the checkpoint's entry); those rare events
 fold their parent's path from the root. Nothing read here is trusted: not the
 store's snapshots, not the fold engine's cache.
+
+With anchors (given by the caller, and those the ledger recorded), the same
+pass builds the session's Merkle log, and each anchor is checked: its MAC
+under the ledger's key, then a consistency proof that today's session extends
+it. A failure says which: a truncated session, or a prefix that no longer
+hashes to the anchored root, narrowed down by the other anchors and by the
+chain's own findings to the event that changed when they can tell.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Literal
+
 import msgspec
 
-from ledger.errors import IntegrityError, NotFoundError
+from ledger.anchors import Anchor, check_anchor_mac, decode_anchor, describe, key_id
+from ledger.errors import AnchorError, IntegrityError, NotFoundError
 from ledger.events import (
     Branched,
     Checkpointed,
@@ -21,11 +32,12 @@ from ledger.events import (
     SessionCreated,
     event_problem,
 )
+from ledger.merkle import MerkleLog, verify_consistency
 from projections.base import fold
 from projections.session import ACTIVE, SESSION, SUSPENDED, SessionState, state_checksum
 from stores.base import EventStore
 
-__all__ = ["Problem", "VerifyReport", "verify_session"]
+__all__ = ["AnchorCheck", "Problem", "VerifyReport", "verify_session"]
 
 MAX_PROBLEMS = 100
 
@@ -45,6 +57,25 @@ class Problem(msgspec.Struct, frozen=True):
         return f"Session {self.session_id!r}, {where}: {self.message}"
 
 
+class AnchorCheck(msgspec.Struct, frozen=True, kw_only=True):
+    """One anchor checked against the session as it is now."""
+
+    source: Literal["given", "recorded"]
+    session: str
+    size: int
+    root: str
+    at: int
+    key_id: str | None
+    mac: Literal["ok", "unsigned", "unchecked", "other-key", "mismatch"]
+    """``ok``: matches under this ledger's key; ``unsigned``: the anchor has none;
+    ``unchecked``: this ledger has no key; ``other-key``: made with another key;
+    ``mismatch``: altered or forged (a problem)."""
+    extended: bool | None
+    """True: the session extends it (a consistency proof checked); False: it does
+    not (a problem); None: not checked (a forged or unreadable anchor)."""
+    message: str
+
+
 class VerifyReport(msgspec.Struct, frozen=True, kw_only=True):
     """What ``Ledger.verify`` found. ``problems[0]`` names the first bad event."""
 
@@ -53,6 +84,10 @@ class VerifyReport(msgspec.Struct, frozen=True, kw_only=True):
     problems: list[Problem] = []
     keyed: bool = False
     """False: checksums are plain digests, so this checked integrity, not authenticity."""
+    key_id: str | None = None
+    """The id of the ledger's key (``ledger.anchors.key_id``), when it has one."""
+    anchors: list[AnchorCheck] = []
+    """Every anchor checked: those given, then those the ledger recorded."""
 
     @property
     def ok(self) -> bool:
@@ -68,6 +103,8 @@ class VerifyReport(msgspec.Struct, frozen=True, kw_only=True):
             sessions_checked=self.sessions_checked + other.sessions_checked,
             problems=(self.problems + other.problems)[:MAX_PROBLEMS],
             keyed=self.keyed,
+            key_id=self.key_id,
+            anchors=self.anchors + other.anchors,
         )
 
 
@@ -76,15 +113,27 @@ class _Bad(Exception):
 
 
 async def verify_session(
-    store: EventStore, session_id: str, key: bytes | None = None
+    store: EventStore,
+    session_id: str,
+    key: bytes | None = None,
+    anchors: Sequence[Anchor] = (),
 ) -> VerifyReport:
-    """Verify one session of ``store``; checksums are MACs under ``key`` when given."""
+    """Verify one session of ``store``; checksums are MACs under ``key`` when given.
+
+    ``anchors`` (of this session, their MACs already checked by the caller) and
+    the anchors the store recorded are checked against the session's Merkle log.
+    """
     problems: list[Problem] = []
     heads: dict[str, SessionState] = {}
     checked = 0
+    recorded = await store.anchors(session_id)
+    leaves = bytearray() if anchors or recorded else None
+    bad_at: dict[str, int] = {}  # event id -> index, for the events the chain found bad
     try:
         async for event in store.events(session_id):
             checked += 1
+            if leaves is not None:
+                leaves += bytes.fromhex(event.id)
             try:
                 if checked > 1 and not isinstance(event.body, Branched | Restored):
                     state = _check_linear(session_id, event, heads, key)
@@ -92,6 +141,7 @@ async def verify_session(
                     state = await _check(store, session_id, event, heads, key, root=checked == 1)
             except _Bad as bad:
                 problems.append(Problem(session_id, event.id, str(bad)))
+                bad_at[event.id] = checked - 1
                 if len(problems) >= MAX_PROBLEMS:
                     break
                 continue
@@ -100,8 +150,119 @@ async def verify_session(
         problems.append(Problem(session_id, exc.event_id, str(exc)))
     if checked == 0:
         problems.append(Problem(session_id, None, "the session has no events"))
+    checks: list[AnchorCheck] = []
+    if leaves is not None:
+        log = MerkleLog.from_leaves(leaves)
+        checks = _check_anchors(session_id, log, anchors, recorded, key, bad_at, problems)
     return VerifyReport(
-        events_checked=checked, sessions_checked=1, problems=problems, keyed=key is not None
+        events_checked=checked,
+        sessions_checked=1,
+        problems=problems[:MAX_PROBLEMS],
+        keyed=key is not None,
+        key_id=key_id(key) if key is not None else None,
+        anchors=checks,
+    )
+
+
+def _check_anchors(
+    session_id: str,
+    log: MerkleLog,
+    given: Sequence[Anchor],
+    recorded: Sequence[bytes],
+    key: bytes | None,
+    bad_at: dict[str, int],
+    problems: list[Problem],
+) -> list[AnchorCheck]:
+    """Check each anchor's MAC and that the session extends it; problems for the failures."""
+    found: list[tuple[Literal["given", "recorded"], Anchor, str]] = []
+    for anchor in given:
+        found.append(("given", anchor, check_anchor_mac(anchor, key)))
+    checks: list[AnchorCheck] = []
+    for n, data in enumerate(recorded, start=1):
+        try:
+            anchor = decode_anchor(data, source=f"recorded anchor #{n} of session {session_id!r}")
+        except AnchorError as exc:
+            problems.append(Problem(session_id, None, str(exc)))
+            continue
+        if anchor in given:
+            continue  # checked once, as given
+        if anchor.session != session_id:
+            problems.append(
+                Problem(session_id, None, f"recorded anchor #{n} is an {describe(anchor)}")
+            )
+            continue
+        try:
+            found.append(("recorded", anchor, check_anchor_mac(anchor, key)))
+        except AnchorError as exc:
+            if exc.reason == "key":
+                found.append(("recorded", anchor, "other-key"))
+                continue
+            problems.append(Problem(session_id, None, f"recorded anchor #{n}: {exc}"))
+            checks.append(_anchor_check("recorded", anchor, "mismatch", None, str(exc)))
+    # The anchors the session still extends bound where a change can be.
+    matching = [a.size for _, a, _ in found if a.size <= log.size and _extends(log, a)]
+    for source, anchor, mac in found:
+        if anchor.size <= log.size and _extends(log, anchor):
+            message = f"the session ({log.size} events) extends the {describe(anchor)}"
+            checks.append(_anchor_check(source, anchor, mac, True, message))
+            continue
+        message = _not_extended(log, anchor, matching, bad_at)
+        problems.append(Problem(session_id, None, message))
+        checks.append(_anchor_check(source, anchor, mac, False, message))
+    return checks
+
+
+def _extends(log: MerkleLog, anchor: Anchor) -> bool:
+    """The RFC 9162 consistency check of today's log against the anchor's tree head."""
+    proof = log.consistency_proof(anchor.size)
+    root = log.root()
+    return verify_consistency(anchor.size, log.size, bytes.fromhex(anchor.root), root, proof)
+
+
+def _not_extended(
+    log: MerkleLog, anchor: Anchor, matching: list[int], bad_at: dict[str, int]
+) -> str:
+    """What a user can act on: what changed, and where, as closely as can be told."""
+    what = f"the session does not extend the {describe(anchor)}"
+    low = max((size for size in matching if size < anchor.size), default=0)
+    if anchor.size > log.size:
+        what += (
+            f": truncated to {log.size} of {anchor.size} events "
+            "(a cut tail, or removed events or branches)"
+        )
+    else:
+        what += (
+            f": its first {anchor.size} events no longer hash to the anchored root "
+            "(an event was rewritten, reordered or removed)"
+        )
+    if low:
+        what += f"; the first {low} events still match an earlier anchor"
+    suspects = sorted(
+        (index, event_id) for event_id, index in bad_at.items() if low <= index < anchor.size
+    )
+    if suspects:
+        index, event_id = suspects[0]
+        what += f"; the first bad event, at index {index}, is {event_id!r}"
+    return what
+
+
+def _anchor_check(
+    source: Literal["given", "recorded"],
+    anchor: Anchor,
+    mac: str,
+    extended: bool | None,
+    message: str,
+) -> AnchorCheck:
+    return AnchorCheck(
+        source=source,
+        session=anchor.session,
+        size=anchor.size,
+        root=anchor.root,
+        at=anchor.at,
+        key_id=anchor.key_id,
+        mac=mac,  # type: ignore[arg-type]
+        extended=extended,
+        message=message,
     )
 
 

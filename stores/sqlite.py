@@ -129,7 +129,10 @@ _SCHEMA: Final = (
         state BLOB NOT NULL,
         PRIMARY KEY (session_id, key, event_id)
     ) WITHOUT ROWID""",
-    # The anchors the ledger issued, in the order it issued them (ledger.anchors).
+)
+# The anchors the ledger issued, in the order it issued them (ledger.anchors); also
+# created on opening a file of this schema version made before they existed.
+_ANCHORS: Final = (
     """CREATE TABLE IF NOT EXISTS anchors (
         n INTEGER PRIMARY KEY AUTOINCREMENT,
         session_id TEXT NOT NULL,
@@ -237,6 +240,8 @@ def _setup_writer(conn: sqlite3.Connection, path: str, synchronous: str) -> None
             for statement in _SCHEMA:
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        for statement in _ANCHORS:
+            conn.execute(statement)
         conn.execute("COMMIT")
     except BaseException:
         _rollback(conn)
