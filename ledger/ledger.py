@@ -740,8 +740,7 @@ class Ledger:
             self._check_given(anchor, session_id)
             if index >= anchor.size:
                 raise ProofError(
-                    f"Event {event_id!r} (index {index}) was appended after the "
-                    f"{describe(anchor)}",
+                    f"Event {event_id!r} (index {index}) was appended after the {describe(anchor)}",
                     reason="index",
                     event_id=event_id,
                 )

@@ -109,7 +109,15 @@ class VerifyReport(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class _Bad(Exception):
-    """One event's problem, raised inside the checks to stop checking that event."""
+    """One event's problem, raised inside the checks to stop checking that event.
+
+    ``state``: the state after the event when only its content is wrong (a
+    checksum), so that the events after it are checked as usual.
+    """
+
+    def __init__(self, message: str, state: SessionState | None = None) -> None:
+        super().__init__(message)
+        self.state = state
 
 
 async def verify_session(
@@ -142,6 +150,8 @@ async def verify_session(
             except _Bad as bad:
                 problems.append(Problem(session_id, event.id, str(bad)))
                 bad_at[event.id] = checked - 1
+                if bad.state is not None:
+                    heads[event.branch] = bad.state
                 if len(problems) >= MAX_PROBLEMS:
                     break
                 continue
@@ -154,6 +164,16 @@ async def verify_session(
     if leaves is not None:
         log = MerkleLog.from_leaves(leaves)
         checks = _check_anchors(session_id, log, anchors, recorded, key, bad_at, problems)
+        others = {c.key_id for c in checks if c.mac == "other-key"}
+        if key is not None and others and not any(c.mac == "ok" for c in checks):
+            problems.append(
+                Problem(
+                    session_id,
+                    None,
+                    f"wrong key? this ledger holds key {key_id(key)}, the session's recorded "
+                    f"anchors were made under key {', '.join(sorted(map(str, others)))}",
+                )
+            )
     return VerifyReport(
         events_checked=checked,
         sessions_checked=1,
@@ -340,8 +360,21 @@ def _check_step(parent: SessionState, event: Event, key: bytes | None) -> Sessio
         if body.entry != event.parent:
             raise _Bad("a checkpoint's entry must be its parent")
         if state_checksum(parent, key) != body.checksum:
-            raise _Bad("checkpoint checksum does not match the state of its entry")
+            raise _Bad(_checksum_problem(parent, body, key), SESSION.apply(parent, event))
     return SESSION.apply(parent, event)
+
+
+def _checksum_problem(parent: SessionState, body: Checkpointed, key: bytes | None) -> str:
+    """Why a checksum does not match, when a wrong (or missing) key explains it."""
+    problem = "checkpoint checksum does not match the state of its entry"
+    if key is None:
+        return problem + " (a checksum taken under a key is checked only with that key)"
+    if state_checksum(parent, None) == body.checksum:
+        return problem + (
+            f" under key {key_id(key)}: it is an unkeyed digest, taken by a ledger "
+            "without a key (or rewritten by someone without it)"
+        )
+    return problem + f" under key {key_id(key)} (a wrong key, or a forged checkpoint)"
 
 
 def _check_lifecycle(parent: SessionState, event: Event) -> None:
