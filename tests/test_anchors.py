@@ -114,7 +114,7 @@ async def test_refused_anchors_name_what_failed_and_write_nothing(
 
 
 async def test_an_anchor_that_does_not_parse_is_named(tmp_path: Path) -> None:
-    with pytest.raises(AnchorError, match="Not an anchor: 'a.json'") as info:
+    with pytest.raises(AnchorError, match=r"Not an anchor: 'a\.json'") as info:
         decode_anchor(b'{"session": "s", "size": -1}', source="'a.json'")
     assert info.value.reason == "format"
     good = Anchor(session="s", size=1, root="ab" * 32, at=1)
@@ -280,7 +280,7 @@ async def test_a_wrong_key_is_named_once_not_as_a_pile_of_checksums(tmp_path: Pa
 
 async def test_prove_consistency_refuses_a_session_that_no_longer_extends(tmp_path: Path) -> None:
     path = tmp_path / "l.db"
-    sid, ids, anchor = await built(path)
+    _, ids, anchor = await built(path)
     tamper.delete(path, ids[-1:])
     async with Ledger.open(f"sqlite:///{path}") as led:
         with pytest.raises(ProofError, match="does not extend") as info:
