@@ -75,19 +75,27 @@ class MerkleLog:
     def from_leaves(
         cls, packed: bytes | bytearray, *, width: int = HASH_SIZE, hash: Hash = blake3_hash
     ) -> MerkleLog:
-        """A log of leaves packed back to back, ``width`` bytes each (event ids: 32).
-
-        Builds level by level, which costs about half as much as appending one by one.
-        """
+        """A log of leaves packed back to back, ``width`` bytes each (event ids: 32)."""
         if len(packed) % width:
             raise ValueError(f"{len(packed)} bytes are not a whole number of {width}-byte leaves")
-        log = cls(hash=hash)
         data = memoryview(packed)
-        level = bytearray(
-            b"".join([hash(b"\x00" + data[i : i + width]) for i in range(0, len(data), width)])
-        )
-        log._levels = [level]
+        leaves = [hash(b"\x00" + data[i : i + width]) for i in range(0, len(data), width)]
+        return cls.from_subtrees([b"".join(leaves)], hash=hash)
+
+    @classmethod
+    def from_subtrees(
+        cls, levels: Sequence[bytes | bytearray], *, hash: Hash = blake3_hash
+    ) -> MerkleLog:
+        """A log from its lowest levels, as ``levels`` gives them; the rest is hashed here.
+
+        ``levels[h]`` holds the hashes of every complete subtree of ``2**h`` leaves,
+        in order (so ``levels[0]`` holds the leaf hashes): the lower levels can be
+        hashed elsewhere, in pieces that start at a multiple of a power of two.
+        """
+        log = cls(hash=hash)
+        log._levels = [bytearray(level) for level in levels] or [bytearray()]
         pair = 2 * HASH_SIZE
+        level = log._levels[-1]
         while len(level) >= pair:
             view = memoryview(level)
             end = len(level) - len(level) % pair
@@ -96,6 +104,11 @@ class MerkleLog:
             )
             log._levels.append(level)
         return log
+
+    @property
+    def levels(self) -> list[bytearray]:
+        """Every level of complete subtrees (see ``from_subtrees``)."""
+        return self._levels
 
     @property
     def size(self) -> int:

@@ -17,8 +17,13 @@ chain's own findings to the event that changed when they can tell.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import sys
 from collections.abc import Sequence
-from typing import Literal
+from pathlib import Path
+from typing import Final, Literal
 
 import msgspec
 
@@ -29,10 +34,13 @@ from ledger.events import (
     Checkpointed,
     Event,
     Restored,
+    Resumed,
     SessionCreated,
+    encode_event,
     event_problem,
 )
 from ledger.merkle import MerkleLog, verify_consistency
+from ledger.verify_worker import read_answer, write_request
 from projections.base import fold
 from projections.session import ACTIVE, SESSION, SUSPENDED, SessionState, state_checksum
 from stores.base import EventStore
@@ -40,6 +48,13 @@ from stores.base import EventStore
 __all__ = ["AnchorCheck", "Problem", "VerifyReport", "verify_session"]
 
 MAX_PROBLEMS = 100
+PARALLEL_FROM: Final = 50_000
+"""Sessions of at least this many events are verified on two cores."""
+CHUNK: Final = 4096
+"""Events per request to the worker process: a power of two (see ``ledger.verify_worker``)."""
+
+_FORKS: Final = frozenset({Branched, Restored})
+"""The events whose parent need not be their branch's head."""
 
 # What each status lets a branch append next (anything on an active branch but Resumed).
 _SUSPENDED_ALLOWS = frozenset(
@@ -125,44 +140,31 @@ async def verify_session(
     session_id: str,
     key: bytes | None = None,
     anchors: Sequence[Anchor] = (),
+    *,
+    parallel: bool | None = None,
 ) -> VerifyReport:
     """Verify one session of ``store``; checksums are MACs under ``key`` when given.
 
     ``anchors`` (of this session, their MACs already checked by the caller) and
     the anchors the store recorded are checked against the session's Merkle log.
+    ``parallel``: recompute digests, ids and the Merkle log in a second process
+    while this one checks the structure (default: for sessions of at least
+    ``PARALLEL_FROM`` events on a machine with more than one core).
     """
-    problems: list[Problem] = []
-    heads: dict[str, SessionState] = {}
-    checked = 0
     recorded = await store.anchors(session_id)
-    leaves = bytearray() if anchors or recorded else None
-    bad_at: dict[str, int] = {}  # event id -> index, for the events the chain found bad
-    try:
-        async for event in store.events(session_id):
-            checked += 1
-            if leaves is not None:
-                leaves += bytes.fromhex(event.id)
-            try:
-                if checked > 1 and not isinstance(event.body, Branched | Restored):
-                    state = _check_linear(session_id, event, heads, key)
-                else:
-                    state = await _check(store, session_id, event, heads, key, root=checked == 1)
-            except _Bad as bad:
-                problems.append(Problem(session_id, event.id, str(bad)))
-                bad_at[event.id] = checked - 1
-                if bad.state is not None:
-                    heads[event.branch] = bad.state
-                if len(problems) >= MAX_PROBLEMS:
-                    break
-                continue
-            heads[event.branch] = state
-    except IntegrityError as exc:
-        problems.append(Problem(session_id, exc.event_id, str(exc)))
+    need_log = bool(anchors or recorded)
+    if parallel is None:
+        parallel = (os.cpu_count() or 1) > 1 and await _event_count(store, session_id) >= (
+            PARALLEL_FROM
+        )
+    result = await _walk_parallel(store, session_id, key, need_log) if parallel else None
+    if result is None:  # sequential, or a worker found a bad event: the exact report
+        result = await _walk(store, session_id, key, need_log)
+    checked, problems, log, bad_at = result
     if checked == 0:
         problems.append(Problem(session_id, None, "the session has no events"))
     checks: list[AnchorCheck] = []
-    if leaves is not None:
-        log = MerkleLog.from_leaves(leaves)
+    if log is not None:
         checks = _check_anchors(session_id, log, anchors, recorded, key, bad_at, problems)
         others = {c.key_id for c in checks if c.mac == "other-key"}
         if key is not None and others and not any(c.mac == "ok" for c in checks):
@@ -182,6 +184,146 @@ async def verify_session(
         key_id=key_id(key) if key is not None else None,
         anchors=checks,
     )
+
+
+_Walk = tuple[int, list[Problem], MerkleLog | None, dict[str, int]]
+"""Events checked, problems, the Merkle log (when asked for), bad event id -> index."""
+
+
+async def _event_count(store: EventStore, session_id: str) -> int:
+    try:
+        return (await store.session(session_id)).event_count
+    except NotFoundError:
+        return 0
+
+
+async def _walk(store: EventStore, session_id: str, key: bytes | None, need_log: bool) -> _Walk:
+    """Every check of every event, in append order, in this process."""
+    problems: list[Problem] = []
+    heads: dict[str, SessionState] = {}
+    checked = 0
+    leaves = bytearray() if need_log else None
+    bad_at: dict[str, int] = {}
+    try:
+        async for event in store.events(session_id):
+            checked += 1
+            if leaves is not None:
+                leaves += bytes.fromhex(event.id)
+            try:
+                if checked > 1 and type(event.body) not in _FORKS:
+                    state = _check_linear(session_id, event, heads, key)
+                else:
+                    state = await _check(store, session_id, event, heads, key, root=checked == 1)
+            except _Bad as bad:
+                problems.append(Problem(session_id, event.id, str(bad)))
+                bad_at[event.id] = checked - 1
+                if bad.state is not None:
+                    heads[event.branch] = bad.state
+                if len(problems) >= MAX_PROBLEMS:
+                    break
+                continue
+            heads[event.branch] = state
+    except IntegrityError as exc:
+        problems.append(Problem(session_id, exc.event_id, str(exc)))
+    log = MerkleLog.from_leaves(leaves) if leaves is not None else None
+    return checked, problems, log, bad_at
+
+
+async def _walk_parallel(
+    store: EventStore, session_id: str, key: bytes | None, need_log: bool
+) -> _Walk | None:
+    """``_walk`` on two cores: a worker process (``ledger.verify_worker``) recomputes
+    each event's digest and id and hashes the Merkle log, chunk by chunk, while
+    this process checks the structure.
+
+    None when the worker finds a bad event (the caller then walks again in one
+    process, so that the report is exactly the sequential one), or cannot run.
+    """
+    try:
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "ledger.verify_worker",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": _IMPORT_ROOT},
+        )
+    except OSError:
+        return None
+    assert worker.stdin is not None and worker.stdout is not None
+    answers = asyncio.ensure_future(_answers(worker.stdout))
+    problems: list[Problem] = []
+    heads: dict[str, SessionState] = {}
+    checked = 0
+    bad_at: dict[str, int] = {}
+    chunk: list[bytes] = []
+    try:
+        try:
+            async for event in store.events(session_id):
+                checked += 1
+                chunk.append(encode_event(event))
+                if len(chunk) == CHUNK:
+                    worker.stdin.write(write_request(b"\n".join(chunk)))
+                    await worker.stdin.drain()
+                    chunk = []
+                try:
+                    if checked > 1 and type(event.body) not in _FORKS:
+                        state = _check_linear(session_id, event, heads, key, False)
+                    else:
+                        state = await _check(
+                            store, session_id, event, heads, key, root=checked == 1, content=False
+                        )
+                except _Bad as bad:
+                    problems.append(Problem(session_id, event.id, str(bad)))
+                    bad_at[event.id] = checked - 1
+                    if bad.state is not None:
+                        heads[event.branch] = bad.state
+                    if len(problems) >= MAX_PROBLEMS:
+                        break
+                    continue
+                heads[event.branch] = state
+        except IntegrityError as exc:
+            problems.append(Problem(session_id, exc.event_id, str(exc)))
+        if chunk:
+            worker.stdin.write(write_request(b"\n".join(chunk)))
+        worker.stdin.write(write_request(b""))
+        await worker.stdin.drain()
+        results = await answers
+    except (OSError, EOFError, asyncio.IncompleteReadError):
+        return None  # the worker died: walk in this process
+    finally:
+        if worker.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                worker.kill()
+        answers.cancel()
+        await worker.wait()
+    if not all(ok for ok, _ in results):
+        return None
+    log = None
+    if need_log:
+        depth = max((len(levels) for _, levels in results), default=1)
+        log = MerkleLog.from_subtrees(
+            [b"".join(levels[h] for _, levels in results if h < len(levels)) for h in range(depth)]
+        )
+    return checked, problems, log, bad_at
+
+
+_IMPORT_ROOT: Final = os.pathsep.join(
+    [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+).rstrip(os.pathsep)
+"""Where the worker finds this package, installed or not."""
+
+
+async def _answers(stdout: asyncio.StreamReader) -> list[tuple[bool, list[bytes]]]:
+    """The worker's answers, read as they come, until it closes its stdout."""
+    results = []
+    while True:
+        try:
+            results.append(await read_answer(stdout.readexactly))
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial:
+                raise
+            return results
 
 
 def _check_anchors(
@@ -287,11 +429,18 @@ def _anchor_check(
 
 
 def _check_linear(
-    session_id: str, event: Event, heads: dict[str, SessionState], key: bytes | None
+    session_id: str,
+    event: Event,
+    heads: dict[str, SessionState],
+    key: bytes | None,
+    content: bool = True,
 ) -> SessionState:
-    """The common case, without a coroutine: an event whose parent is its branch's head."""
-    _check_envelope(session_id, event)
-    if isinstance(event.body, SessionCreated):
+    """The common case, without a coroutine: an event whose parent is its branch's head.
+
+    ``content=False`` leaves out recomputing the event's digest and id (a worker does).
+    """
+    _check_envelope(session_id, event, content)
+    if type(event.body) is SessionCreated:
         raise _Bad("a session has exactly one root, its first event, SessionCreated")
     head = heads.get(event.branch)
     if head is None:
@@ -312,11 +461,12 @@ async def _check(
     key: bytes | None,
     *,
     root: bool,
+    content: bool = True,
 ) -> SessionState:
     """The root, a fork or a restore: the events whose parent need not be a head."""
     if not root and not isinstance(event.body, Branched | Restored):
-        return _check_linear(session_id, event, heads, key)
-    _check_envelope(session_id, event)
+        return _check_linear(session_id, event, heads, key, content)
+    _check_envelope(session_id, event, content)
     body = event.body
     if root:
         if not isinstance(body, SessionCreated):
@@ -340,8 +490,8 @@ async def _check(
     return _check_step(parent, event, key)
 
 
-def _check_envelope(session_id: str, event: Event) -> None:
-    problem = event_problem(event)
+def _check_envelope(session_id: str, event: Event, content: bool = True) -> None:
+    problem = event_problem(event) if content else None
     if problem:
         raise _Bad(problem)
     if event.session != session_id:
@@ -354,9 +504,10 @@ def _check_step(parent: SessionState, event: Event, key: bytes | None) -> Sessio
         raise _Bad(f"depth {event.seq} after a parent of depth {parent.seq}")
     if event.at < parent.last_activity_at:
         raise _Bad("its time is before its parent's")
-    _check_lifecycle(parent, event)
     body = event.body
-    if isinstance(body, Checkpointed):
+    if parent.status != ACTIVE or type(body) is Resumed:  # the common case, without a call
+        _check_lifecycle(parent, event)
+    if type(body) is Checkpointed:
         if body.entry != event.parent:
             raise _Bad("a checkpoint's entry must be its parent")
         if state_checksum(parent, key) != body.checksum:

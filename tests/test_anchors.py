@@ -286,3 +286,82 @@ async def test_prove_consistency_refuses_a_session_that_no_longer_extends(tmp_pa
         with pytest.raises(ProofError, match="does not extend") as info:
             await led.prove_consistency(anchor)
         assert info.value.reason == "extends"
+
+
+# --- verify on two cores -------------------------------------------------------------
+
+
+async def long_session(path: Path, n: int) -> tuple[str, list[str], Anchor]:
+    """A session of ``n`` events (more than one worker chunk), with a branch and a checkpoint."""
+    url = f"sqlite:///{path}"
+    config = LedgerConfig(url=url, key=KEY.hex(), max_turns_per_session=0)
+    async with Ledger.open(url, config=config, synchronous="normal") as led:
+        sid = (await led.create(user_id="u", agent="a")).session_id
+        for i in range(n - 4):
+            await led.add_turn(sid, role="user", content=f"turn {i}")
+        cp = await led.checkpoint(sid, label="late")
+        await led.branch(sid, "alt", at=cp.entry)
+        anchor = await led.anchor(sid, record=False)
+        await led.add_turn(sid, role="user", content="after the anchor", branch="alt")
+        return sid, [e.id async for e in led.events(sid)], anchor
+
+
+async def both_ways(path: Path, sid: str, anchors: list[Anchor]) -> tuple[Any, Any]:
+    from ledger.verify import verify_session
+
+    async with Ledger.open(f"sqlite:///{path}", key=KEY) as led:
+        one = await verify_session(led.store, sid, KEY, anchors, parallel=False)
+        two = await verify_session(led.store, sid, KEY, anchors, parallel=True)
+        return one, two
+
+
+@pytest.fixture(scope="module")
+def long_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, list[str], Anchor]:
+    import asyncio
+
+    path = tmp_path_factory.mktemp("long") / "long.db"
+    from ledger.verify import CHUNK
+
+    sid, ids, anchor = asyncio.run(long_session(path, 2 * CHUNK + 5))
+    return path, sid, ids, anchor
+
+
+async def test_verify_on_two_cores_reports_exactly_what_one_core_does(
+    long_file: tuple[Path, str, list[str], Anchor], tmp_path: Path
+) -> None:
+    import shutil
+
+    source, sid, ids, anchor = long_file
+    path = tmp_path / "l.db"
+    shutil.copy(source, path)
+    one, two = await both_ways(path, sid, [anchor])
+    assert one.ok and one == two
+    assert two.anchors[0].extended and two.events_checked == len(ids)
+    # A reordering: the worker sees nothing wrong, the structure check does.
+    tamper.swap_positions(path, ids[100], ids[101])
+    one, two = await both_ways(path, sid, [anchor])
+    assert not one.ok and one == two and one.first_bad == ids[101]
+    # A changed turn: the worker finds it, and the exact report is the one-core one.
+    path = tmp_path / "l2.db"  # a fresh copy (the old one has its -wal beside it)
+    shutil.copy(source, path)
+    position, event = tamper.rows(path, sid)[5000]
+    body = msgspec.structs.replace(event.body, content="changed")  # type: ignore[arg-type]
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "UPDATE events SET data = ? WHERE position = ?",
+            (msgspec.json.encode(msgspec.structs.replace(event, body=body)), position),
+        )
+    one, two = await both_ways(path, sid, [anchor])
+    assert one == two and event.id in [p.event_id for p in two.problems]
+
+
+async def test_verify_falls_back_to_one_core_without_a_worker(
+    long_file: tuple[Path, str, list[str], Anchor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    path, sid, _, anchor = long_file
+    one, _ = await both_ways(path, sid, [anchor])
+    monkeypatch.setattr(sys, "executable", str(path.parent / "no-such-python"))
+    _, two = await both_ways(path, sid, [anchor])
+    assert one == two and two.ok
