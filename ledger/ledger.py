@@ -733,7 +733,8 @@ class Ledger:
         """
         event = await self.store.get(event_id)
         session_id = event.session
-        log, index = await self._logs.locate(self.store, session_id, event_id)
+        size = anchor.size if anchor is not None else None
+        log, index = await self._logs.locate(self.store, session_id, event_id, size=size)
         if anchor is None:
             anchor = anchor_of(session_id, log.log, key=self._key, at=_now())
         else:

@@ -90,9 +90,18 @@ class SessionLogs:
         return cached
 
     async def locate(
-        self, store: EventStore, session_id: str, event_id: str
+        self, store: EventStore, session_id: str, event_id: str, *, size: int | None = None
     ) -> tuple[SessionLog, int]:
-        """The session's log and the event's index in it (read again if the cache is stale)."""
+        """The session's log and the event's index in it (read again if the cache is stale).
+
+        ``size``: any cached log of at least this many events will do (a proof at an
+        anchor checks the anchor's root against it), without asking the store.
+        """
+        cached = self._logs.get(session_id)
+        if size is not None and cached is not None and cached.size >= size:
+            index = cached.index_of(event_id)
+            if index is not None:
+                return cached, index
         log = await self.get(store, session_id)
         index = log.index_of(event_id)
         if index is None:
