@@ -301,7 +301,6 @@ class EventStore(abc.ABC):
     ) -> None:
         """Keep encoded projection states keyed by (key, event id); overwrites are harmless."""
 
-
     # anchors: the tree heads the ledger issued, kept for audit (opaque bytes here)
 
     @abc.abstractmethod
