@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from ledger.config import LedgerConfig
 from ledger.errors import (
+    AnchorError,
     BranchExistsError,
     BranchNotFoundError,
     CheckpointNotFoundError,
@@ -20,6 +21,7 @@ from ledger.errors import (
     InvalidEventError,
     LedgerError,
     NotFoundError,
+    ProofError,
     SessionCapacityError,
     SessionClosedError,
     SessionExpiredError,
@@ -46,8 +48,10 @@ from ledger.events import (
 )
 
 if TYPE_CHECKING:
+    from ledger.anchors import Anchor
     from ledger.ledger import Ledger
-    from ledger.verify import Problem, VerifyReport
+    from ledger.proofs import ConsistencyProof, InclusionProof, ProofCheck, check_proof
+    from ledger.verify import AnchorCheck, Problem, VerifyReport
     from projections.base import Projection
     from projections.session import Checkpoint, SessionState
     from projections.transcript import Turn, context_window
@@ -57,6 +61,12 @@ if TYPE_CHECKING:
 # Names from the layers above the event model load on first use (PEP 562), so that
 # `projections` and `stores`, which import `ledger.events`, can be imported first.
 _LAZY = {
+    "Anchor": "ledger.anchors",
+    "AnchorCheck": "ledger.verify",
+    "ConsistencyProof": "ledger.proofs",
+    "InclusionProof": "ledger.proofs",
+    "ProofCheck": "ledger.proofs",
+    "check_proof": "ledger.proofs",
     "Ledger": "ledger.ledger",
     "Problem": "ledger.verify",
     "VerifyReport": "ledger.verify",
@@ -83,6 +93,9 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "Anchor",
+    "AnchorCheck",
+    "AnchorError",
     "BranchExistsError",
     "BranchInfo",
     "BranchNotFoundError",
@@ -93,11 +106,13 @@ __all__ = [
     "Closed",
     "ConfigError",
     "ConflictError",
+    "ConsistencyProof",
     "Event",
     "EventNotFoundError",
     "EventTooLargeError",
     "Expired",
     "FeedItem",
+    "InclusionProof",
     "IntegrityError",
     "InvalidEventError",
     "Ledger",
@@ -107,6 +122,8 @@ __all__ = [
     "NotFoundError",
     "Problem",
     "Projection",
+    "ProofCheck",
+    "ProofError",
     "Recorded",
     "Restored",
     "Resumed",
@@ -128,5 +145,6 @@ __all__ = [
     "Turn",
     "TurnAdded",
     "VerifyReport",
+    "check_proof",
     "context_window",
 ]
