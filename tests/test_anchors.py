@@ -365,3 +365,56 @@ async def test_verify_falls_back_to_one_core_without_a_worker(
     monkeypatch.setattr(sys, "executable", str(path.parent / "no-such-python"))
     _, two = await both_ways(path, sid, [anchor])
     assert one == two and two.ok
+
+
+# --- the stores' anchor records -------------------------------------------------------
+
+
+async def test_a_sqlite_file_made_before_anchors_gets_their_table(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    async with Ledger.open(f"sqlite:///{path}") as led:
+        sid, _ = await story(led)
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE anchors")
+    async with Ledger.open(f"sqlite:///{path}") as led:
+        anchor = await led.anchor(sid)
+        assert await led.anchors(sid) == [anchor]
+
+
+async def test_a_postgres_schema_made_before_anchors_gets_their_table(postgres_url: str) -> None:
+    import uuid
+
+    import asyncpg
+
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    url = f"{postgres_url}?schema={schema}"
+    async with Ledger.open(url) as led:
+        sid, _ = await story(led)
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute(f'DROP TABLE "{schema}".ledger_anchors')
+    finally:
+        await conn.close()
+    async with Ledger.open(url) as led:
+        anchor = await led.anchor(sid)
+        assert await led.anchors(sid) == [anchor]
+
+
+async def test_a_jsonl_anchor_line_cut_short_is_not_read_and_is_cut_off(tmp_path: Path) -> None:
+    url = f"jsonl:///{tmp_path / 'j'}"
+    async with Ledger.open(url) as led:
+        sid, _ = await story(led)
+        first = await led.anchor(sid)
+    path = tmp_path / "j" / "anchors" / f"{sid}.jsonl"
+    assert stat_mode(path) == 0o600 and stat_mode(path.parent) == 0o700
+    with path.open("ab") as file:
+        file.write(encode_anchor(first)[:40])  # a writer killed mid-line
+    async with Ledger.open(url) as led:
+        assert await led.anchors(sid) == [first]
+        second = await led.anchor(sid)
+        assert await led.anchors(sid) == [first, second]
+    assert path.read_bytes() == encode_anchor(first) + b"\n" + encode_anchor(second) + b"\n"
+
+
+def stat_mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
