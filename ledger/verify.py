@@ -257,6 +257,7 @@ async def _walk_parallel(
     checked = 0
     bad_at: dict[str, int] = {}
     chunk: list[bytes] = []
+    sent = 0
     try:
         try:
             async for event in store.events(session_id):
@@ -266,6 +267,7 @@ async def _walk_parallel(
                     worker.stdin.write(write_request(b"\n".join(chunk)))
                     await worker.stdin.drain()
                     chunk = []
+                    sent += 1
                 try:
                     if checked > 1 and type(event.body) not in _FORKS:
                         state = _check_linear(session_id, event, heads, key, False)
@@ -286,9 +288,11 @@ async def _walk_parallel(
             problems.append(Problem(session_id, exc.event_id, str(exc)))
         if chunk:
             worker.stdin.write(write_request(b"\n".join(chunk)))
+            sent += 1
         worker.stdin.write(write_request(b""))
         await worker.stdin.drain()
         results = await answers
+        await worker.wait()  # it ends after the empty request
     except (OSError, EOFError, asyncio.IncompleteReadError):
         return None  # the worker died: walk in this process
     finally:
@@ -297,7 +301,7 @@ async def _walk_parallel(
                 worker.kill()
         answers.cancel()
         await worker.wait()
-    if not all(ok for ok, _ in results):
+    if worker.returncode != 0 or len(results) != sent or not all(ok for ok, _ in results):
         return None
     log = None
     if need_log:

@@ -337,6 +337,14 @@ async def test_verify_on_two_cores_reports_exactly_what_one_core_does(
     one, two = await both_ways(path, sid, [anchor])
     assert one.ok and one == two
     assert two.anchors[0].extended and two.events_checked == len(ids)
+    from ledger.verify import _walk_parallel
+
+    async with Ledger.open(f"sqlite:///{path}") as led:  # the worker did run, and agreed
+        walked = await _walk_parallel(led.store, sid, KEY, True)
+    assert walked is not None
+    checked, problems, log, _ = walked
+    assert (checked, problems) == (len(ids), [])
+    assert log is not None and log.root(anchor.size).hex() == anchor.root
     # A reordering: the worker sees nothing wrong, the structure check does.
     tamper.swap_positions(path, ids[100], ids[101])
     one, two = await both_ways(path, sid, [anchor])
