@@ -72,6 +72,9 @@ class Problem(msgspec.Struct, frozen=True):
         return f"Session {self.session_id!r}, {where}: {self.message}"
 
 
+AnchorMac = Literal["ok", "unsigned", "unchecked", "other-key", "mismatch"]
+
+
 class AnchorCheck(msgspec.Struct, frozen=True, kw_only=True):
     """One anchor checked against the session as it is now."""
 
@@ -81,7 +84,7 @@ class AnchorCheck(msgspec.Struct, frozen=True, kw_only=True):
     root: str
     at: int
     key_id: str | None
-    mac: Literal["ok", "unsigned", "unchecked", "other-key", "mismatch"]
+    mac: AnchorMac
     """``ok``: matches under this ledger's key; ``unsigned``: the anchor has none;
     ``unchecked``: this ledger has no key; ``other-key``: made with another key;
     ``mismatch``: altered or forged (a problem)."""
@@ -340,7 +343,7 @@ def _check_anchors(
     problems: list[Problem],
 ) -> list[AnchorCheck]:
     """Check each anchor's MAC and that the session extends it; problems for the failures."""
-    found: list[tuple[Literal["given", "recorded"], Anchor, str]] = []
+    found: list[tuple[Literal["given", "recorded"], Anchor, AnchorMac]] = []
     for anchor in given:
         found.append(("given", anchor, check_anchor_mac(anchor, key)))
     checks: list[AnchorCheck] = []
@@ -415,7 +418,7 @@ def _not_extended(
 def _anchor_check(
     source: Literal["given", "recorded"],
     anchor: Anchor,
-    mac: str,
+    mac: AnchorMac,
     extended: bool | None,
     message: str,
 ) -> AnchorCheck:
@@ -426,7 +429,7 @@ def _anchor_check(
         root=anchor.root,
         at=anchor.at,
         key_id=anchor.key_id,
-        mac=mac,  # type: ignore[arg-type]
+        mac=mac,
         extended=extended,
         message=message,
     )
