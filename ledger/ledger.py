@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Sequence
@@ -56,7 +57,7 @@ from ledger.events import (
 )
 from ledger.logs import SessionLogs
 from ledger.proofs import ConsistencyProof, InclusionProof, consistency_proof, inclusion_proof
-from ledger.verify import VerifyReport, verify_session
+from ledger.verify import PARALLEL_FROM, VerifyReport, verify_session
 from projections.base import Projection
 from projections.engine import FoldEngine
 from projections.session import (
@@ -685,7 +686,11 @@ class Ledger:
         while True:
             page = await self.sessions(limit=500, cursor=cursor)
             for row in page.items:
-                report = report.merge(await verify_session(self.store, row.session_id, self._key))
+                parallel = row.event_count >= PARALLEL_FROM and (os.cpu_count() or 1) > 1
+                checked = await verify_session(
+                    self.store, row.session_id, self._key, parallel=parallel
+                )
+                report = report.merge(checked)
             cursor = page.next_cursor
             if cursor is None:
                 return report
