@@ -57,7 +57,7 @@ from ledger.events import (
 )
 from ledger.ledger import Ledger
 from ledger.proofs import ProofCheck, check_proof, decode_proof, encode_proof
-from ledger.verify import AnchorCheck, VerifyReport
+from ledger.verify import VerifyReport
 from projections.session import SessionState
 from projections.tree import Tree
 from stores.base import SessionRow
@@ -453,14 +453,14 @@ def report_lines(report: VerifyReport, out: Output) -> list[str]:
         line = f"{out.paint('OK', 'ok')}: {checked}"
         keyed = f" (keyed: key {report.key_id})" if report.key_id else ""
         line = line + keyed if report.keyed else f"{line} (integrity only: no key)"
-        return [line, *anchor_lines(report.anchors)]
+        return [line, *anchor_lines(report)]
     lines = [
         f"{out.paint('FAILED', 'bad')}: {plural(len(report.problems), 'problem')} in "
         f"{plural(report.events_checked, 'event')} of "
         f"{plural(report.sessions_checked, 'session')}"
     ]
     lines += [f"  {problem}" for problem in report.problems]
-    return lines + anchor_lines(report.anchors)
+    return lines + anchor_lines(report)
 
 
 def report_json(report: VerifyReport) -> dict[str, Any]:
@@ -610,7 +610,8 @@ def anchor_mark(anchor: Anchor) -> str:
     return f"[anchor {plural(anchor.size, 'event')}{signed}]"
 
 
-def anchor_lines(checks: Sequence[AnchorCheck]) -> list[str]:
+def anchor_lines(report: VerifyReport) -> list[str]:
+    """One line per anchor checked (naming its session when several were verified)."""
     mac_words = {
         "ok": "MAC ok",
         "unsigned": "unsigned",
@@ -619,10 +620,11 @@ def anchor_lines(checks: Sequence[AnchorCheck]) -> list[str]:
         "mismatch": "MAC does not match",
     }
     lines = []
-    for check in checks:
+    for check in report.anchors:
         verdict = {True: "extended", False: "NOT extended", None: "not checked"}[check.extended]
+        of = f" of session {check.session}" if report.sessions_checked > 1 else ""
         lines.append(
-            f"  {check.source} anchor at {plural(check.size, 'event')} "
+            f"  {check.source} anchor{of} at {plural(check.size, 'event')} "
             f"({mac_words[check.mac]}{f', key {check.key_id}' if check.key_id else ''}): "
             f"{verdict}"
         )
