@@ -716,7 +716,14 @@ async def cmd_keygen(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+def _refuse_existing(path: str | None) -> None:
+    """Before anything is recorded: a kept anchor or proof is never overwritten."""
+    if path is not None and os.path.lexists(path):
+        raise UsageError(f"Not overwriting {path!r}: it exists")
+
+
 async def cmd_anchor(led: Ledger, args: argparse.Namespace, out: Output) -> int:
+    _refuse_existing(args.out)
     anchor = await led.anchor(args.session, record=not args.no_record)
     signed = f"signed with key {anchor.key_id}" if anchor.key_id else "unsigned (no key)"
     summary = f"Anchored session {anchor.session} at {plural(anchor.size, 'event')}, {signed}"
@@ -725,6 +732,7 @@ async def cmd_anchor(led: Ledger, args: argparse.Namespace, out: Output) -> int:
 
 
 async def cmd_prove(led: Ledger, args: argparse.Namespace, out: Output) -> int:
+    _refuse_existing(args.out)
     anchor = read_anchor(args.anchor) if args.anchor else None
     proof = await led.prove(args.event.strip().lower(), anchor=anchor)
     summary = (

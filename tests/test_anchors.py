@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -426,3 +427,48 @@ async def test_a_jsonl_anchor_line_cut_short_is_not_read_and_is_cut_off(tmp_path
 
 def stat_mode(path: Path) -> int:
     return path.stat().st_mode & 0o777
+
+
+# --- the command -------------------------------------------------------------------------
+
+
+def test_anchor_prove_and_log_on_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from ledger.cli import main
+    from ledger.proofs import decode_proof
+
+    for name in list(os.environ):
+        if name.startswith("LEDGER_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    store = ["--store", f"sqlite:///{tmp_path / 'l.db'}"]
+    assert main([*store, "demo", "--json"]) == 0
+    sid = json.loads(capsys.readouterr().out)["sessions"][0]
+    assert main([*store, "anchor", sid, "--no-record"]) == 0  # the anchor itself, on stdout
+    printed = decode_anchor(capsys.readouterr().out)
+    assert printed.session == sid and printed.mac is None
+    assert main([*store, "log", sid, "--json"]) == 0
+    logged = json.loads(capsys.readouterr().out)
+    assert logged["anchors"] == []
+    assert main([*store, "anchor", sid, "--out", "a.json", "--json"]) == 0
+    written = json.loads(capsys.readouterr().out)
+    assert written["file"] == "a.json" and written["anchor"]["size"] == printed.size
+    assert main([*store, "anchor", sid, "--out", "a.json"]) == 1  # never overwritten
+    assert "Not overwriting 'a.json'" in capsys.readouterr().err
+    assert main([*store, "log", sid, "--json"]) == 0
+    assert [a["size"] for a in json.loads(capsys.readouterr().out)["anchors"]] == [printed.size]
+    assert main([*store, "log", sid]) == 0
+    assert f"[anchor {printed.size} events, unsigned]" in capsys.readouterr().out
+    event = logged["events"][1]["id"]
+    assert main([*store, "prove", event]) == 0
+    proof = decode_proof(capsys.readouterr().out)
+    assert proof.event.id == event and proof.index == 1
+    assert main([*store, "verify", "--anchor", "a.json"]) == 1
+    assert "needs a SESSION" in capsys.readouterr().err
+    assert main([*store, "verify", sid, "--anchor", "missing.json"]) == 1
+    assert "Cannot read the anchor file 'missing.json'" in capsys.readouterr().err
+    assert main([*store, "prove", "f" * 64]) == 1
+    assert f"Event not found: {'f' * 64!r}" in capsys.readouterr().err
