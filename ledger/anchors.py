@@ -9,12 +9,13 @@ root. An anchor is that root at one size, with a MAC when the ledger has a key;
 a user keeps anchors elsewhere, and a consistency proof later shows that the
 session still extends them. Redaction keeps ids, so it keeps roots.
 
-    mac    = blake3(key=key, canonical([format, session, size, root, at, key_id]))
+    mac    = blake3(key=key, canonical([format, session, size, root, at, key_id, heads]))
     key_id = blake3(key=key, "session-ledger key id").hex()[:16]
 
 The key id is public: it names a key without revealing it, so that a check
-under the wrong key says so instead of reporting a forgery. (An anchor without
-a key id, as written before there was one, is signed without it.)
+under the wrong key says so instead of reporting a forgery. ``heads`` (each
+branch's head at that size) lets a failed check name the branch or event that
+is gone. (An anchor without a key id or heads is signed without them.)
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ class Anchor(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     format: int = ANCHOR_FORMAT
     key_id: _Hex16 | None = None
     """The id of the key that made ``mac`` (see ``key_id``)."""
+    heads: dict[str, _Hex64] | None = None
+    """Each branch's head at ``size`` events: what verify names when one is gone."""
 
 
 def new_key() -> bytes:
@@ -86,8 +89,10 @@ def key_id(key: bytes) -> str:
 
 def anchor_mac(anchor: Anchor, key: bytes) -> str:
     fields: list[object] = [anchor.format, anchor.session, anchor.size, anchor.root, anchor.at]
-    if anchor.key_id is not None:
+    if anchor.key_id is not None or anchor.heads is not None:
         fields.append(anchor.key_id)
+    if anchor.heads is not None:
+        fields.append(anchor.heads)
     return blake3.blake3(canonical(fields), key=key).hexdigest()
 
 
@@ -106,11 +111,19 @@ def make_anchor(session_id: str, event_ids: Sequence[str], *, key: bytes | None,
 
 
 def anchor_of(
-    session_id: str, log: MerkleLog, *, key: bytes | None, at: int, size: int | None = None
+    session_id: str,
+    log: MerkleLog,
+    *,
+    key: bytes | None,
+    at: int,
+    size: int | None = None,
+    heads: dict[str, str] | None = None,
 ) -> Anchor:
-    """The anchor of the first ``size`` leaves (all of them by default) of a session's log."""
+    """The anchor of the first ``size`` leaves (all of them by default) of a session's log,
+    whose branch heads are then ``heads``."""
     size = log.size if size is None else size
-    anchor = Anchor(session=session_id, size=size, root=log.root(size).hex(), at=at)
+    root = log.root(size).hex()
+    anchor = Anchor(session=session_id, size=size, root=root, at=at, heads=heads)
     if key is None:
         return anchor
     anchor = msgspec.structs.replace(anchor, key_id=key_id(key))

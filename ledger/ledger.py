@@ -708,7 +708,7 @@ class Ledger:
             SessionNotFoundError.
         """
         log = await self._logs.get(self.store, session_id)
-        anchor = anchor_of(session_id, log.log, key=self._key, at=_now())
+        anchor = anchor_of(session_id, log.log, key=self._key, at=_now(), heads=log.heads)
         if record:
             await self.store.put_anchor(session_id, encode_anchor(anchor))
         return anchor
@@ -741,7 +741,7 @@ class Ledger:
         size = anchor.size if anchor is not None else None
         log, index = await self._logs.locate(self.store, session_id, event_id, size=size)
         if anchor is None:
-            anchor = anchor_of(session_id, log.log, key=self._key, at=_now())
+            anchor = anchor_of(session_id, log.log, key=self._key, at=_now(), heads=log.heads)
         else:
             self._check_given(anchor, session_id)
             if index >= anchor.size:
@@ -772,7 +772,7 @@ class Ledger:
                 "run verify with this anchor to see what changed",
                 reason="extends",
             )
-        now = anchor_of(anchor.session, log.log, key=self._key, at=_now())
+        now = anchor_of(anchor.session, log.log, key=self._key, at=_now(), heads=log.heads)
         return consistency_proof(anchor, log.log, now)
 
     def _check_given(self, anchor: Anchor, session_id: str) -> None:

@@ -23,10 +23,14 @@ _PREFIX = 8  # bytes of an id that sort the index; equal prefixes are told apart
 class SessionLog:
     """One session's Merkle log, with the ids of its leaves sorted for lookup."""
 
-    __slots__ = ("_ids", "_keys", "_order", "log", "session_id")
+    __slots__ = ("_ids", "_keys", "_order", "heads", "log", "session_id")
 
-    def __init__(self, session_id: str, ids: bytes | bytearray) -> None:
+    def __init__(
+        self, session_id: str, ids: bytes | bytearray, heads: dict[str, str] | None = None
+    ) -> None:
         self.session_id = session_id
+        self.heads = heads or {}
+        """Each branch's newest event (its head), in the log's append order."""
         self.log = MerkleLog.from_leaves(ids)
         self._ids = bytes(ids)
         self._keys: array[int] | None = None
@@ -67,9 +71,11 @@ class SessionLog:
 async def read_log(store: EventStore, session_id: str) -> SessionLog:
     """The session's log as the store holds it now (its events in append order)."""
     ids = bytearray()
+    heads: dict[str, str] = {}
     async for event in store.events(session_id):
         ids += bytes.fromhex(event.id)
-    return SessionLog(session_id, ids)
+        heads[event.branch] = event.id
+    return SessionLog(session_id, ids, heads)
 
 
 class SessionLogs:

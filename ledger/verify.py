@@ -168,7 +168,9 @@ async def verify_session(
         problems.append(Problem(session_id, None, "the session has no events"))
     checks: list[AnchorCheck] = []
     if log is not None:
-        checks = _check_anchors(session_id, log, anchors, recorded, key, bad_at, problems)
+        checks = await _check_anchors(
+            store, session_id, log, anchors, recorded, key, bad_at, problems
+        )
         others = {c.key_id for c in checks if c.mac == "other-key"}
         if key is not None and others and not any(c.mac == "ok" for c in checks):
             problems.append(
@@ -333,7 +335,8 @@ async def _answers(stdout: asyncio.StreamReader) -> list[tuple[bool, list[bytes]
             return results
 
 
-def _check_anchors(
+async def _check_anchors(
+    store: EventStore,
     session_id: str,
     log: MerkleLog,
     given: Sequence[Anchor],
@@ -375,7 +378,8 @@ def _check_anchors(
             message = f"the session ({log.size} events) extends the {describe(anchor)}"
             checks.append(_anchor_check(source, anchor, mac, True, message))
             continue
-        message = _not_extended(log, anchor, matching, bad_at)
+        gone = await _heads_gone(store, anchor)
+        message = _not_extended(log, anchor, matching, bad_at, gone)
         problems.append(Problem(session_id, None, message))
         checks.append(_anchor_check(source, anchor, mac, False, message))
     return checks
@@ -388,8 +392,21 @@ def _extends(log: MerkleLog, anchor: Anchor) -> bool:
     return verify_consistency(anchor.size, log.size, bytes.fromhex(anchor.root), root, proof)
 
 
+async def _heads_gone(store: EventStore, anchor: Anchor) -> list[str]:
+    """The anchored branch heads that are no longer events of the session."""
+    gone = []
+    for branch, head in sorted((anchor.heads or {}).items()):
+        try:
+            there = (await store.get(head)).session == anchor.session
+        except NotFoundError:
+            there = False
+        if not there:
+            gone.append(f"the head of branch {branch!r} at the anchor, {head!r}, is gone")
+    return gone
+
+
 def _not_extended(
-    log: MerkleLog, anchor: Anchor, matching: list[int], bad_at: dict[str, int]
+    log: MerkleLog, anchor: Anchor, matching: list[int], bad_at: dict[str, int], gone: list[str]
 ) -> str:
     """What a user can act on: what changed, and where, as closely as can be told."""
     what = f"the session does not extend the {describe(anchor)}"
@@ -412,7 +429,7 @@ def _not_extended(
     if suspects:
         index, event_id = suspects[0]
         what += f"; the first bad event, at index {index}, is {event_id!r}"
-    return what
+    return "; ".join([what, *gone])
 
 
 def _anchor_check(

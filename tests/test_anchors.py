@@ -159,6 +159,10 @@ async def test_a_truncated_tail_is_seen_only_with_an_anchor(tmp_path: Path) -> N
     (problem,) = report.problems
     assert f"truncated to {len(ids) - 2} of {len(ids)} events" in problem.message
     assert sid in problem.message
+    assert anchor.heads is not None
+    assert f"the head of branch 'main' at the anchor, {anchor.heads['main']!r}, is gone" in (
+        problem.message
+    )
     assert report.anchors[0].extended is False
 
 
@@ -169,7 +173,10 @@ async def test_a_removed_branch_is_named(tmp_path: Path) -> None:
     tamper.delete(path, alt[::-1])
     assert (await verify(path, sid, [])).ok
     report = await verify(path, sid, [anchor])
-    assert f"truncated to {len(ids) - 2} of {len(ids)}" in report.problems[0].message
+    message = report.problems[0].message
+    assert f"truncated to {len(ids) - 2} of {len(ids)}" in message
+    assert f"the head of branch 'alt' at the anchor, {alt[-1]!r}, is gone" in message
+    assert "branch 'main'" not in message
 
 
 async def test_a_reordering_is_named_and_narrowed_by_an_earlier_anchor(tmp_path: Path) -> None:

@@ -231,6 +231,12 @@ INCLUSION_TAMPERS: dict[
         "mac",
         "MAC does not match",
     ),
+    "the anchored heads": (
+        lambda p, n: _anchor(p, heads={**(p.anchor.heads or {}), "main": n.event.id}),
+        AnchorError,
+        "mac",
+        "MAC does not match",
+    ),
     "the anchor's key id": (
         lambda p, n: _anchor(p, key_id=key_id(OTHER_KEY)),
         AnchorError,
