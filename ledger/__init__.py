@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from ledger.config import LedgerConfig
 from ledger.errors import (
     AlreadyRedactedError,
+    AnchorError,
     BranchExistsError,
     BranchNotFoundError,
     CheckpointNotFoundError,
@@ -22,6 +23,7 @@ from ledger.errors import (
     InvalidEventError,
     LedgerError,
     NotFoundError,
+    ProofError,
     SessionCapacityError,
     SessionClosedError,
     SessionExpiredError,
@@ -50,9 +52,11 @@ from ledger.events import (
 )
 
 if TYPE_CHECKING:
+    from ledger.anchors import Anchor
     from ledger.ledger import Ledger
+    from ledger.proofs import ConsistencyProof, InclusionProof, ProofCheck, check_proof
     from ledger.replay import BranchDiff
-    from ledger.verify import Problem, VerifyReport
+    from ledger.verify import AnchorCheck, Problem, VerifyReport
     from projections.base import Projection
     from projections.session import Checkpoint, SessionState
     from projections.transcript import Turn, context_window
@@ -62,6 +66,12 @@ if TYPE_CHECKING:
 # Names from the layers above the event model load on first use (PEP 562), so that
 # `projections` and `stores`, which import `ledger.events`, can be imported first.
 _LAZY = {
+    "Anchor": "ledger.anchors",
+    "AnchorCheck": "ledger.verify",
+    "ConsistencyProof": "ledger.proofs",
+    "InclusionProof": "ledger.proofs",
+    "ProofCheck": "ledger.proofs",
+    "check_proof": "ledger.proofs",
     "Ledger": "ledger.ledger",
     "BranchDiff": "ledger.replay",
     "Problem": "ledger.verify",
@@ -90,6 +100,9 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AlreadyRedactedError",
+    "Anchor",
+    "AnchorCheck",
+    "AnchorError",
     "BranchDiff",
     "BranchExistsError",
     "BranchInfo",
@@ -101,6 +114,7 @@ __all__ = [
     "Closed",
     "ConfigError",
     "ConflictError",
+    "ConsistencyProof",
     "Erased",
     "Event",
     "EventNotFoundError",
@@ -108,6 +122,7 @@ __all__ = [
     "EventTooLargeError",
     "Expired",
     "FeedItem",
+    "InclusionProof",
     "IntegrityError",
     "InvalidEventError",
     "Ledger",
@@ -117,6 +132,8 @@ __all__ = [
     "NotFoundError",
     "Problem",
     "Projection",
+    "ProofCheck",
+    "ProofError",
     "Recorded",
     "Redacted",
     "Restored",
@@ -139,5 +156,6 @@ __all__ = [
     "Turn",
     "TurnAdded",
     "VerifyReport",
+    "check_proof",
     "context_window",
 ]

@@ -12,6 +12,11 @@
     ledger purged                    # the records purges left
     ledger replay SESSION --follow   # the conversation as it happened, then live
     ledger diff SESSION main alt     # where two branches part, and what each has alone
+    ledger keygen --out ledger.key   # a key: checksums and anchors become MACs
+    ledger anchor SESSION > a.json   # the session's signed tree head, to keep elsewhere
+    ledger verify SESSION --anchor a.json   # does the session still extend it?
+    ledger prove EVENT > p.json      # one event belongs to its session (at an anchor)
+    ledger check-proof p.json        # checked offline, with nothing else
 
 Every command takes ``--store URL`` (default: ``LEDGER_URL``, else
 ``sqlite:///ledger.db``) and ``--json`` (one JSON document on stdout). Exit
@@ -33,8 +38,17 @@ from typing import Any, NoReturn, TextIO
 
 import msgspec
 
+from ledger.anchors import Anchor, decode_anchor, encode_anchor, key_id, new_key
 from ledger.config import DEFAULT_URL
-from ledger.errors import EventNotFoundError, LedgerError, NotFoundError, SessionExpiredError
+from ledger.errors import (
+    AnchorError,
+    ConfigError,
+    EventNotFoundError,
+    LedgerError,
+    NotFoundError,
+    ProofError,
+    SessionExpiredError,
+)
 from ledger.events import (
     Branched,
     Checkpointed,
@@ -53,6 +67,7 @@ from ledger.events import (
 )
 from ledger.ledger import Ledger
 from ledger.progress import Progress
+from ledger.proofs import ProofCheck, check_proof, decode_proof, encode_proof
 from ledger.replay import MAX_PAUSE
 from ledger.verify import VerifyReport
 from projections.session import SessionState
@@ -292,10 +307,15 @@ def abandoned(events: Sequence[Event]) -> dict[str, str]:
     return left
 
 
-def log_lines(events: Sequence[Event], tree: Tree, out: Output) -> list[str]:
+def log_lines(
+    events: Sequence[Event], tree: Tree, out: Output, anchors: Sequence[Anchor] = ()
+) -> list[str]:
     """The text of ``ledger log``: graph, short id, kind, branch, summary, marks."""
     labels: dict[str, str] = {}
     marks: dict[str, list[str]] = {}
+    for anchor in anchors:  # on the last event it covers, in append order
+        if 0 < anchor.size <= len(events):
+            marks.setdefault(events[anchor.size - 1].id, []).append(anchor_mark(anchor))
     for event in events:
         body = event.body
         if isinstance(body, Checkpointed):
@@ -412,11 +432,21 @@ async def cmd_sessions(led: Ledger, args: argparse.Namespace, out: Output) -> in
 async def cmd_log(led: Ledger, args: argparse.Namespace, out: Output) -> int:
     tree = await led.tree(args.session)
     events = [event async for event in led.events(args.session)]
+    anchors = await led.anchors(args.session)
     if out.as_json:
-        out.json({"events": [event_json(e) for e in events], "tree": tree_json(tree)})
+        out.json(
+            {
+                "events": [event_json(e) for e in events],
+                "tree": tree_json(tree),
+                "anchors": anchors,
+            }
+        )
         return 0
-    for line in log_lines(events, tree, out):
+    for line in log_lines(events, tree, out, anchors):
         out.line(line)
+    for anchor in anchors:
+        if anchor.size > len(events):
+            out.line(f"{anchor_mark(anchor)} beyond the session's {len(events)} events")
     return 0
 
 
@@ -467,14 +497,16 @@ def report_lines(report: VerifyReport, out: Output) -> list[str]:
         checked = f"{plural(report.events_checked, 'event')} in "
         checked += f"{plural(report.sessions_checked, 'session')} verified"
         line = f"{out.paint('OK', 'ok')}: {checked}"
-        return [line if report.keyed else f"{line} (integrity only: no key)"]
+        keyed = f" (keyed: key {report.key_id})" if report.key_id else ""
+        line = line + keyed if report.keyed else f"{line} (integrity only: no key)"
+        return [line, *anchor_lines(report)]
     lines = [
         f"{out.paint('FAILED', 'bad')}: {plural(len(report.problems), 'problem')} in "
         f"{plural(report.events_checked, 'event')} of "
         f"{plural(report.sessions_checked, 'session')}"
     ]
     lines += [f"  {problem}" for problem in report.problems]
-    return lines
+    return lines + anchor_lines(report)
 
 
 def report_json(report: VerifyReport) -> dict[str, Any]:
@@ -483,10 +515,13 @@ def report_json(report: VerifyReport) -> dict[str, Any]:
 
 
 async def cmd_verify(led: Ledger, args: argparse.Namespace, out: Output) -> int:
+    anchors = [read_anchor(path) for path in args.anchor or ()]
+    if anchors and args.session is None:
+        raise UsageError("--anchor needs a SESSION: anchors are checked against one session")
     if args.session is None:
         report = await verify_all(led)
     else:
-        report = await led.verify(args.session)
+        report = await led.verify(args.session, anchors=anchors)
     if out.as_json:
         out.json(report_json(report))
     else:
@@ -891,11 +926,192 @@ async def cmd_demo(led: Ledger, args: argparse.Namespace, out: Output) -> int:
     return 0 if report.ok else 1
 
 
+# ---------------------------------------------------------------------------- keys, anchors, proofs
+
+
+def anchor_mark(anchor: Anchor) -> str:
+    signed = f", key {anchor.key_id}" if anchor.key_id else ", unsigned"
+    return f"[anchor {plural(anchor.size, 'event')}{signed}]"
+
+
+def anchor_lines(report: VerifyReport) -> list[str]:
+    """One line per anchor checked (naming its session when several were verified)."""
+    mac_words = {
+        "ok": "MAC ok",
+        "unsigned": "unsigned",
+        "unchecked": "MAC not checked: no key",
+        "other-key": "MAC not checked: another key",
+        "mismatch": "MAC does not match",
+    }
+    lines = []
+    for check in report.anchors:
+        verdict = {True: "extended", False: "NOT extended", None: "not checked"}[check.extended]
+        of = f" of session {check.session}" if report.sessions_checked > 1 else ""
+        lines.append(
+            f"  {check.source} anchor{of} at {plural(check.size, 'event')} "
+            f"({mac_words[check.mac]}{f', key {check.key_id}' if check.key_id else ''}): "
+            f"{verdict}"
+        )
+    return lines
+
+
+def read_key_file(path: str) -> bytes:
+    """A key file: 64 hex digits (what ``ledger keygen --out`` writes)."""
+    try:
+        with open(path, encoding="ascii") as file:
+            key = bytes.fromhex(file.read().strip())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"Cannot read a key from {path!r}: {exc}") from None
+    if len(key) != 32:
+        raise ConfigError(f"Invalid key in {path!r}: expected 32 bytes as 64 hex digits")
+    return key
+
+
+def _key(args: argparse.Namespace) -> bytes | None:
+    """``--key-file``, else ``LEDGER_KEY``, else no key."""
+    if getattr(args, "key_file", None):
+        return read_key_file(args.key_file)
+    raw = os.environ.get("LEDGER_KEY")
+    if raw:
+        try:
+            key = bytes.fromhex(raw.strip())
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            raise ConfigError("Invalid LEDGER_KEY: expected 32 bytes as 64 hex digits")
+        return key
+    return None
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        raise UsageError(f"Cannot read the {what} {path!r}: {exc.strerror}") from None
+
+
+def read_anchor(path: str) -> Anchor:
+    return decode_anchor(_read(path, "anchor file"), source=repr(path))
+
+
+def _write_new(path: str, data: bytes, *, mode: int = 0o644) -> None:
+    """Write a file that must not exist yet (a kept anchor or key is never overwritten)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        raise UsageError(f"Not overwriting {path!r}: it exists") from None
+    except OSError as exc:
+        raise UsageError(f"Cannot write {path!r}: {exc.strerror}") from None
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
+
+
+def _document(
+    out: Output, data: bytes, path: str | None, summary: str, extra: dict[str, Any]
+) -> None:
+    """An anchor or a proof: to ``path`` (and a summary), or as the output itself."""
+    if path is None:
+        out.stream.write(data.decode() + "\n")
+        return
+    _write_new(path, data + b"\n")
+    if out.as_json:
+        out.json({"file": path, **extra})
+    else:
+        out.line(f"{summary} -> {path}")
+
+
+async def cmd_keygen(args: argparse.Namespace, out: Output) -> int:
+    key = new_key()
+    kid = key_id(key)
+    if args.out is None:
+        if out.as_json:
+            out.json({"key": key.hex(), "key_id": kid})
+        else:
+            out.line(key.hex())
+            print(f"key id {kid}: keep the key secret (LEDGER_KEY or --key-file)", file=sys.stderr)
+        return 0
+    _write_new(args.out, key.hex().encode() + b"\n", mode=0o600)
+    if out.as_json:
+        out.json({"file": args.out, "key_id": kid})
+    else:
+        out.line(f"Wrote a new key to {args.out} (key id {kid}, mode 0600).")
+        out.line(f"Use it with --key-file {args.out}, or LEDGER_KEY=$(cat {args.out}).")
+    return 0
+
+
+def _refuse_existing(path: str | None) -> None:
+    """Before anything is recorded: a kept anchor or proof is never overwritten."""
+    if path is not None and os.path.lexists(path):
+        raise UsageError(f"Not overwriting {path!r}: it exists")
+
+
+async def cmd_anchor(led: Ledger, args: argparse.Namespace, out: Output) -> int:
+    _refuse_existing(args.out)
+    anchor = await led.anchor(args.session, record=not args.no_record)
+    signed = f"signed with key {anchor.key_id}" if anchor.key_id else "unsigned (no key)"
+    summary = f"Anchored session {anchor.session} at {plural(anchor.size, 'event')}, {signed}"
+    _document(out, encode_anchor(anchor), args.out, summary, {"anchor": anchor})
+    return 0
+
+
+async def cmd_prove(led: Ledger, args: argparse.Namespace, out: Output) -> int:
+    _refuse_existing(args.out)
+    anchor = read_anchor(args.anchor) if args.anchor else None
+    proof = await led.prove(args.event.strip().lower(), anchor=anchor)
+    summary = (
+        f"Proof that event {short(proof.event.id)} ({proof.event.kind}, index {proof.index}) "
+        f"is in session {proof.anchor.session} at {plural(proof.anchor.size, 'event')}"
+    )
+    _document(out, encode_proof(proof), args.out, summary, {"proof": proof})
+    return 0
+
+
+def proof_lines(check: ProofCheck) -> list[str]:
+    if check.proof == "inclusion":
+        what = (
+            f"event {check.event_id} ({check.kind}) is at index {check.index} of the "
+            f"{plural(check.size, 'event')} of session {check.session}"
+        )
+    else:
+        what = (
+            f"session {check.session} at {plural(check.size, 'event')} extends its "
+            f"first {plural(check.old_size or 0, 'event')}"
+        )
+    trust = {
+        "ok": f"the anchor's MAC matches under key {check.key_id}",
+        "unsigned": "integrity only: the anchor is unsigned",
+        "unchecked": "integrity only: no key, the anchor's MAC was not checked",
+    }[check.mac]
+    return [f"OK: {what} (root {check.root[:12]}...)", f"  {trust}"]
+
+
+async def cmd_check_proof(args: argparse.Namespace, out: Output) -> int:
+    key = _key(args)
+    trusted = read_anchor(args.anchor) if args.anchor else None
+    try:
+        proof = decode_proof(_read(args.proof, "proof file"), source=repr(args.proof))
+        check = check_proof(proof, key=key, trusted=trusted)
+    except (AnchorError, ProofError) as exc:
+        if not out.as_json:
+            raise
+        out.json({"ok": False, "reason": exc.reason, "error": str(exc)})
+        return 1
+    if out.as_json:
+        out.json({"ok": True, **msgspec.to_builtins(check)})
+    else:
+        for line in proof_lines(check):
+            out.line(line)
+    return 0
+
+
 Command = Callable[[Ledger, argparse.Namespace, Output], Coroutine[Any, Any, int]]
+Offline = Callable[[argparse.Namespace, Output], Coroutine[Any, Any, int]]
+"""A command that opens no store (``keygen``, ``check-proof``)."""
 
 
 async def _run(command: Command, args: argparse.Namespace, out: Output) -> int:
-    async with Ledger.open(args.store) as led:
+    async with Ledger.open(args.store, key=_key(args)) as led:
         return await command(led, args, out)
 
 
@@ -1012,6 +1228,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("verify", "recompute every id and checksum; exit 1 when anything is wrong", cmd_verify)
     p.add_argument("session", metavar="SESSION", nargs="?", help="only this session")
+    p.add_argument(
+        "--anchor", metavar="FILE", action="append", help="the session must extend it (repeatable)"
+    )
+    _key_option(p)
+
+    p = sub.add_parser(
+        "keygen", help="make a 32-byte key", description="make a 32-byte key", parents=common
+    )
+    p.set_defaults(offline=cmd_keygen)
+    p.add_argument("--out", metavar="FILE", help="write it to a new file (mode 0600)")
+
+    p = add("anchor", "print the session's signed tree head, to keep elsewhere", cmd_anchor)
+    p.add_argument("session", metavar="SESSION")
+    p.add_argument("--out", metavar="FILE", help="write it to a new file")
+    p.add_argument("--no-record", action="store_true", help="do not record it in the ledger")
+    _key_option(p)
+
+    p = add("prove", "print a proof that an event belongs to its session", cmd_prove)
+    p.add_argument("event", metavar="EVENT", help="the event's full id")
+    p.add_argument("--anchor", metavar="FILE", help="prove it at this anchor (default: now)")
+    p.add_argument("--out", metavar="FILE", help="write it to a new file")
+    _key_option(p)
+
+    help = "check a proof offline; exit 1 when it does not check"
+    p = sub.add_parser("check-proof", help=help, description=help, parents=common)
+    p.set_defaults(offline=cmd_check_proof)
+    p.add_argument("proof", metavar="FILE")
+    p.add_argument("--anchor", metavar="FILE", help="the proof must be against this kept anchor")
+    _key_option(p)
 
     p = add(
         "redact",
@@ -1073,6 +1318,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _key_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--key-file", metavar="FILE", help="the ledger's key (default: $LEDGER_KEY, else none)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``ledger`` command; returns its exit status.
 
@@ -1087,7 +1338,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
     out = Output(sys.stdout, as_json=args.json)
     try:
-        return asyncio.run(_run(args.handler, args, out))
+        offline: Offline | None = getattr(args, "offline", None)
+        return asyncio.run(offline(args, out) if offline else _run(args.handler, args, out))
     except (LedgerError, UsageError) as exc:
         print(f"ledger: error: {exc}", file=sys.stderr)
         return 1

@@ -22,6 +22,8 @@ LedgerError
 │   └── SessionTransitionError
 ├── SessionCapacityError                 a configured limit would be exceeded
 └── IntegrityError                       stored data does not verify (tampered or corrupt)
+    ├── AnchorError                      an anchor that does not check (MAC, key, session, format)
+    └── ProofError                       a proof that does not check, or cannot be made
 
 Every message names the ids involved, in the form ``Session not found: 'abc-123'``.
 Every refused operation writes nothing.
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 __all__ = [
     "AlreadyRedactedError",
+    "AnchorError",
     "BranchExistsError",
     "BranchNotFoundError",
     "CheckpointNotFoundError",
@@ -43,6 +46,7 @@ __all__ = [
     "InvalidEventError",
     "LedgerError",
     "NotFoundError",
+    "ProofError",
     "SessionCapacityError",
     "SessionClosedError",
     "SessionExpiredError",
@@ -213,3 +217,23 @@ class IntegrityError(LedgerError):
     def __init__(self, message: str, event_id: str | None = None) -> None:
         super().__init__(message)
         self.event_id = event_id
+
+
+class AnchorError(IntegrityError):
+    """An anchor that does not check: unreadable, of another session, forged, or another key.
+
+    ``reason`` says which, for programs: ``format``, ``session``, ``mac``, ``key``,
+    ``unsigned`` or ``extends`` (the session no longer extends it).
+    """
+
+    def __init__(self, message: str, *, reason: str, event_id: str | None = None) -> None:
+        super().__init__(message, event_id)
+        self.reason = reason
+
+
+class ProofError(IntegrityError):
+    """A proof that does not check, or that cannot be made; ``reason`` says which."""
+
+    def __init__(self, message: str, *, reason: str, event_id: str | None = None) -> None:
+        super().__init__(message, event_id)
+        self.reason = reason

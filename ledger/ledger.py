@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Sequence
@@ -13,10 +14,20 @@ from typing import Any, Self, TypeVar, overload
 
 import msgspec
 
-from ledger.anchors import make_anchor
+from ledger.anchors import (
+    Anchor,
+    anchor_of,
+    check_anchor_mac,
+    decode_anchor,
+    describe,
+    encode_anchor,
+    key_id,
+    make_anchor,
+)
 from ledger.config import LedgerConfig
 from ledger.errors import (
     AlreadyRedactedError,
+    AnchorError,
     BranchNotFoundError,
     CheckpointNotFoundError,
     ConfigError,
@@ -25,6 +36,7 @@ from ledger.errors import (
     EventTooLargeError,
     IntegrityError,
     InvalidEventError,
+    ProofError,
     SessionCapacityError,
     SessionClosedError,
     SessionExpiredError,
@@ -55,8 +67,10 @@ from ledger.events import (
     new_session_id,
     validate_name,
 )
+from ledger.logs import SessionLogs
+from ledger.proofs import ConsistencyProof, InclusionProof, consistency_proof, inclusion_proof
 from ledger.replay import MAX_PAUSE, BranchDiff, Callback, diff_paths, drive, follow_branch, paced
-from ledger.verify import VerifyReport, verify_session
+from ledger.verify import PARALLEL_FROM, VerifyReport, verify_session
 from projections.base import Projection
 from projections.engine import FoldEngine
 from projections.session import (
@@ -175,6 +189,7 @@ class Ledger:
         self._projections: dict[str, Projection[Any]] = {}
         # (session, branch) -> its writers' lock and how many hold or await it.
         self._branch_writers: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = {}
+        self._logs = SessionLogs()
 
     @classmethod
     def open(
@@ -214,6 +229,11 @@ class Ledger:
     @property
     def keyed(self) -> bool:
         return self._key is not None
+
+    @property
+    def key_id(self) -> str | None:
+        """The public id of this ledger's key (see ``ledger.anchors.key_id``), if it has one."""
+        return key_id(self._key) if self._key is not None else None
 
     # ------------------------------------------------------------------ writes
 
@@ -931,28 +951,130 @@ class Ledger:
         self,
         session_id: str | None = None,
         *,
+        anchors: Sequence[Anchor] = (),
         on_session: Callable[[VerifyReport], object] | None = None,
     ) -> VerifyReport:
         """Recompute every id and checksum, check links, depths, branches and lifecycle.
 
         Returns a report naming the first bad event; without ``session_id``, of every
         session, calling ``on_session`` with each session's report (for progress).
+        Each session's recorded anchors are checked too, and ``anchors``
+        (kept by you, of ``session_id``): the session must still extend each of them.
+
+        Raises:
+            AnchorError: an anchor of another session, a MAC that does not match, or
+                an anchor made under another key (nothing is checked then).
         """
         if session_id is not None:
             await self.store.session(session_id)
-            return await verify_session(self.store, session_id, self._key)
-        report = VerifyReport(keyed=self.keyed)
+            for anchor in anchors:
+                self._check_given(anchor, session_id)
+            return await verify_session(self.store, session_id, self._key, anchors)
+        if anchors:
+            raise AnchorError("Anchors are checked against one session: name it", reason="session")
+        report = VerifyReport(keyed=self.keyed, key_id=self.key_id)
         cursor: str | None = None
         while True:
             page = await self.sessions(limit=500, cursor=cursor)
             for row in page.items:
-                one = await verify_session(self.store, row.session_id, self._key)
-                report = report.merge(one)
+                parallel = row.event_count >= PARALLEL_FROM and (os.cpu_count() or 1) > 1
+                checked = await verify_session(
+                    self.store, row.session_id, self._key, parallel=parallel
+                )
+                report = report.merge(checked)
                 if on_session is not None:
-                    on_session(one)
+                    on_session(checked)
             cursor = page.next_cursor
             if cursor is None:
                 return report
+
+    # ------------------------------------------------------------------ anchors and proofs
+
+    async def anchor(self, session_id: str, *, record: bool = True) -> Anchor:
+        """The session's Merkle tree head now: an anchor, with a MAC under the ledger's key.
+
+        Keep it elsewhere; ``verify(session_id, anchors=[it])`` later proves that the
+        session still extends it. ``record``: the ledger also keeps it (``anchors``),
+        and every later ``verify`` checks it.
+
+        Raises:
+            SessionNotFoundError.
+        """
+        log = await self._logs.get(self.store, session_id)
+        anchor = anchor_of(session_id, log.log, key=self._key, at=_now(), heads=log.heads)
+        if record:
+            await self.store.put_anchor(session_id, encode_anchor(anchor))
+        return anchor
+
+    async def anchors(self, session_id: str) -> list[Anchor]:
+        """The anchors the ledger issued (and recorded) for the session, oldest first.
+
+        Raises:
+            SessionNotFoundError; AnchorError: a recorded anchor that does not parse.
+        """
+        await self.store.session(session_id)
+        return [
+            decode_anchor(data, source=f"recorded anchor #{n} of session {session_id!r}")
+            for n, data in enumerate(await self.store.anchors(session_id), start=1)
+        ]
+
+    async def prove(self, event_id: str, *, anchor: Anchor | None = None) -> InclusionProof:
+        """An inclusion proof: the event belongs to its session at ``anchor`` (default: now).
+
+        The proof carries the event, its index, the audit path and the anchor:
+        ``ledger.proofs.check_proof`` checks it with nothing else.
+
+        Raises:
+            EventNotFoundError; AnchorError: ``anchor`` is of another session, forged,
+            or under another key; ProofError: the event came after the anchor, or the
+            session no longer extends the anchor.
+        """
+        event = await self.store.get(event_id)
+        session_id = event.session
+        size = anchor.size if anchor is not None else None
+        log, index = await self._logs.locate(self.store, session_id, event_id, size=size)
+        if anchor is None:
+            anchor = anchor_of(session_id, log.log, key=self._key, at=_now(), heads=log.heads)
+        else:
+            self._check_given(anchor, session_id)
+            if index >= anchor.size:
+                raise ProofError(
+                    f"Event {event_id!r} (index {index}) was appended after the {describe(anchor)}",
+                    reason="index",
+                    event_id=event_id,
+                )
+            if anchor.size > log.size:
+                raise ProofError(
+                    f"Session {session_id!r} has {log.size} events, fewer than the "
+                    f"{describe(anchor)}: run verify with this anchor",
+                    reason="extends",
+                )
+        return inclusion_proof(event, index, log.log, anchor)
+
+    async def prove_consistency(self, anchor: Anchor) -> ConsistencyProof:
+        """A consistency proof: the session now extends ``anchor`` (to a new anchor).
+
+        Raises:
+            AnchorError: as for ``prove``; ProofError: the session does not extend it.
+        """
+        self._check_given(anchor, anchor.session)
+        log = await self._logs.get(self.store, anchor.session)
+        if anchor.size > log.size or log.log.root(anchor.size).hex() != anchor.root:
+            raise ProofError(
+                f"Session {anchor.session!r} does not extend the {describe(anchor)}: "
+                "run verify with this anchor to see what changed",
+                reason="extends",
+            )
+        now = anchor_of(anchor.session, log.log, key=self._key, at=_now(), heads=log.heads)
+        return consistency_proof(anchor, log.log, now)
+
+    def _check_given(self, anchor: Anchor, session_id: str) -> None:
+        if anchor.session != session_id:
+            raise AnchorError(
+                f"Anchor of session {anchor.session!r} given for session {session_id!r}",
+                reason="session",
+            )
+        check_anchor_mac(anchor, self._key)
 
     def subscribe(
         self,

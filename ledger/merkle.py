@@ -27,6 +27,7 @@ __all__ = [
     "HASH_SIZE",
     "MerkleLog",
     "blake3_hash",
+    "leaf_hash",
     "root_from_inclusion",
     "verify_consistency",
     "verify_inclusion",
@@ -38,6 +39,11 @@ Hash = Callable[[bytes], bytes]
 
 def blake3_hash(data: bytes) -> bytes:
     return blake3.blake3(data).digest()
+
+
+def leaf_hash(data: bytes, *, hash: Hash = blake3_hash) -> bytes:
+    """The RFC's leaf hash, ``HASH(0x00 || data)``."""
+    return hash(b"\x00" + data)
 
 
 def _split(n: int) -> int:
@@ -65,12 +71,57 @@ class MerkleLog:
         self._levels: list[bytearray] = [bytearray()]
         self.extend(leaves)
 
+    @classmethod
+    def from_leaves(
+        cls, packed: bytes | bytearray, *, width: int = HASH_SIZE, hash: Hash = blake3_hash
+    ) -> MerkleLog:
+        """A log of leaves packed back to back, ``width`` bytes each (event ids: 32)."""
+        if len(packed) % width:
+            raise ValueError(f"{len(packed)} bytes are not a whole number of {width}-byte leaves")
+        data = memoryview(packed)
+        leaves = [hash(b"\x00" + data[i : i + width]) for i in range(0, len(data), width)]
+        return cls.from_subtrees([b"".join(leaves)], hash=hash)
+
+    @classmethod
+    def from_subtrees(
+        cls, levels: Sequence[bytes | bytearray], *, hash: Hash = blake3_hash
+    ) -> MerkleLog:
+        """A log from its lowest levels, as ``levels`` gives them; the rest is hashed here.
+
+        ``levels[h]`` holds the hashes of every complete subtree of ``2**h`` leaves,
+        in order (so ``levels[0]`` holds the leaf hashes): the lower levels can be
+        hashed elsewhere, in pieces that start at a multiple of a power of two.
+        """
+        log = cls(hash=hash)
+        log._levels = [bytearray(level) for level in levels] or [bytearray()]
+        pair = 2 * HASH_SIZE
+        level = log._levels[-1]
+        while len(level) >= pair:
+            view = memoryview(level)
+            end = len(level) - len(level) % pair
+            level = bytearray(
+                b"".join([hash(b"\x01" + view[i : i + pair]) for i in range(0, end, pair)])
+            )
+            log._levels.append(level)
+        return log
+
+    @property
+    def levels(self) -> list[bytearray]:
+        """Every level of complete subtrees (see ``from_subtrees``)."""
+        return self._levels
+
     @property
     def size(self) -> int:
         return len(self._levels[0]) // HASH_SIZE
 
     def leaf_hash(self, data: bytes) -> bytes:
         return self._hash(b"\x00" + data)
+
+    def leaf(self, index: int) -> bytes:
+        """The stored hash of leaf ``index``."""
+        if not 0 <= index < self.size:
+            raise IndexError(f"Leaf {index} is not in a tree of {self.size} leaves")
+        return self._node(0, index)
 
     def node_hash(self, left: bytes, right: bytes) -> bytes:
         return self._hash(b"\x01" + left + right)

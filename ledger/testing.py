@@ -952,6 +952,31 @@ class EventStoreContract:
             await store.put_snapshots(sid, "state:1", [])
             assert await store.get_snapshot(sid, "state:1", root.id) == b"\x00zero"
 
+    # anchors
+
+    async def test_anchors_are_kept_per_session_in_the_order_put(
+        self, make_store: Callable[[], EventStore]
+    ) -> None:
+        async with make_store() as store:
+            (root, *_), (other, *_) = await _session(store), await _session(store)
+            assert await store.anchors(root.session) == []
+            for data in (b'{"size":1}', b'{"size":3}', b'{"size":2}'):
+                await store.put_anchor(root.session, data)
+            await store.put_anchor(other.session, b'{"size":9}')
+            await store.put_anchor(root.session, b'{"size":1}')  # a repeat is kept again
+            assert await store.anchors(root.session) == [
+                b'{"size":1}',
+                b'{"size":3}',
+                b'{"size":2}',
+                b'{"size":1}',
+            ]
+            assert await store.anchors(other.session) == [b'{"size":9}']
+            assert await store.anchors(new_session_id()) == []
+        if self.durable:
+            async with make_store() as store:
+                assert len(await store.anchors(root.session)) == 4
+                assert await store.anchors(other.session) == [b'{"size":9}']
+
     # lifecycle
 
     async def test_every_method_raises_store_closed_after_close(
@@ -991,6 +1016,8 @@ class EventStoreContract:
             lambda: store.sessions(SessionQuery()),
             lambda: store.get_snapshot(sid, "k", root.id),
             lambda: store.put_snapshots(sid, "k", [(root.id, b"x")]),
+            lambda: store.put_anchor(sid, b"{}"),
+            lambda: store.anchors(sid),
             *self._more_calls(store),
         ]
         for call in calls:

@@ -6,13 +6,29 @@ linear), except a ``Branched`` event (its parent is the fork point) and a
 ``Restored`` event (its parent is the checkpoint's entry); those rare events
 fold their parent's path from the root. Nothing read here is trusted: not the
 store's snapshots, not the fold engine's cache.
+
+With anchors (given by the caller, and those the ledger recorded), the same
+pass builds the session's Merkle log, and each anchor is checked: its MAC
+under the ledger's key, then a consistency proof that today's session extends
+it. A failure says which: a truncated session, or a prefix that no longer
+hashes to the anchored root, narrowed down by the other anchors and by the
+chain's own findings to the event that changed when they can tell.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final, Literal
+
 import msgspec
 
-from ledger.errors import IntegrityError, NotFoundError
+from ledger.anchors import Anchor, check_anchor_mac, decode_anchor, describe, key_id
+from ledger.errors import AnchorError, IntegrityError, NotFoundError
 from ledger.events import (
     Branched,
     Checkpointed,
@@ -20,17 +36,28 @@ from ledger.events import (
     Event,
     Redacted,
     Restored,
+    Resumed,
     SessionCreated,
+    encode_event,
     erased_digest,
     event_problem,
 )
+from ledger.merkle import MerkleLog, verify_consistency
+from ledger.verify_worker import read_answer, write_request
 from projections.base import fold
 from projections.session import ACTIVE, SESSION, SUSPENDED, SessionState, state_checksum
 from stores.base import EventStore
 
-__all__ = ["Problem", "VerifyReport", "verify_session"]
+__all__ = ["AnchorCheck", "Problem", "VerifyReport", "verify_session"]
 
 MAX_PROBLEMS = 100
+PARALLEL_FROM: Final = 50_000
+"""Sessions of at least this many events are verified on two cores."""
+CHUNK: Final = 4096
+"""Events per request to the worker process: a power of two (see ``ledger.verify_worker``)."""
+
+_FORKS: Final = frozenset({Branched, Restored})
+"""The events whose parent need not be their branch's head."""
 
 # What each status lets a branch append next (anything on an active branch but Resumed).
 _SUSPENDED_ALLOWS = frozenset(
@@ -48,6 +75,28 @@ class Problem(msgspec.Struct, frozen=True):
         return f"Session {self.session_id!r}, {where}: {self.message}"
 
 
+AnchorMac = Literal["ok", "unsigned", "unchecked", "other-key", "mismatch"]
+
+
+class AnchorCheck(msgspec.Struct, frozen=True, kw_only=True):
+    """One anchor checked against the session as it is now."""
+
+    source: Literal["given", "recorded"]
+    session: str
+    size: int
+    root: str
+    at: int
+    key_id: str | None
+    mac: AnchorMac
+    """``ok``: matches under this ledger's key; ``unsigned``: the anchor has none;
+    ``unchecked``: this ledger has no key; ``other-key``: made with another key;
+    ``mismatch``: altered or forged (a problem)."""
+    extended: bool | None
+    """True: the session extends it (a consistency proof checked); False: it does
+    not (a problem); None: not checked (a forged or unreadable anchor)."""
+    message: str
+
+
 class VerifyReport(msgspec.Struct, frozen=True, kw_only=True):
     """What ``Ledger.verify`` found. ``problems[0]`` names the first bad event."""
 
@@ -56,6 +105,10 @@ class VerifyReport(msgspec.Struct, frozen=True, kw_only=True):
     problems: list[Problem] = []
     keyed: bool = False
     """False: checksums are plain digests, so this checked integrity, not authenticity."""
+    key_id: str | None = None
+    """The id of the ledger's key (``ledger.anchors.key_id``), when it has one."""
+    anchors: list[AnchorCheck] = []
+    """Every anchor checked: those given, then those the ledger recorded."""
 
     @property
     def ok(self) -> bool:
@@ -71,59 +124,360 @@ class VerifyReport(msgspec.Struct, frozen=True, kw_only=True):
             sessions_checked=self.sessions_checked + other.sessions_checked,
             problems=(self.problems + other.problems)[:MAX_PROBLEMS],
             keyed=self.keyed,
+            key_id=self.key_id,
+            anchors=self.anchors + other.anchors,
         )
 
 
 class _Bad(Exception):
-    """One event's problem, raised inside the checks to stop checking that event."""
+    """One event's problem, raised inside the checks to stop checking that event.
+
+    ``state``: the state after the event when only its content is wrong (a
+    checksum), so that the events after it are checked as usual.
+    """
+
+    def __init__(self, message: str, state: SessionState | None = None) -> None:
+        super().__init__(message)
+        self.state = state
 
 
 async def verify_session(
-    store: EventStore, session_id: str, key: bytes | None = None
+    store: EventStore,
+    session_id: str,
+    key: bytes | None = None,
+    anchors: Sequence[Anchor] = (),
+    *,
+    parallel: bool | None = None,
 ) -> VerifyReport:
-    """Verify one session of ``store``; checksums are MACs under ``key`` when given."""
+    """Verify one session of ``store``; checksums are MACs under ``key`` when given.
+
+    ``anchors`` (of this session, their MACs already checked by the caller) and
+    the anchors the store recorded are checked against the session's Merkle log.
+    ``parallel``: recompute digests, ids and the Merkle log in a second process
+    while this one checks the structure (default: for sessions of at least
+    ``PARALLEL_FROM`` events on a machine with more than one core).
+    """
+    recorded = await store.anchors(session_id)
+    need_log = bool(anchors or recorded)
+    if parallel is None:
+        parallel = (os.cpu_count() or 1) > 1 and await _event_count(store, session_id) >= (
+            PARALLEL_FROM
+        )
+    result = await _walk_parallel(store, session_id, key, need_log) if parallel else None
+    if result is None:  # sequential, or a worker found a bad event: the exact report
+        result = await _walk(store, session_id, key, need_log)
+    checked, problems, log, bad_at = result
+    if checked == 0:
+        problems.append(Problem(session_id, None, "the session has no events"))
+    checks: list[AnchorCheck] = []
+    if log is not None:
+        checks = await _check_anchors(
+            store, session_id, log, anchors, recorded, key, bad_at, problems
+        )
+        others = {c.key_id for c in checks if c.mac == "other-key"}
+        if key is not None and others and not any(c.mac == "ok" for c in checks):
+            problems.append(
+                Problem(
+                    session_id,
+                    None,
+                    f"wrong key? this ledger holds key {key_id(key)}, the session's recorded "
+                    f"anchors were made under key {', '.join(sorted(map(str, others)))}",
+                )
+            )
+    return VerifyReport(
+        events_checked=checked,
+        sessions_checked=1,
+        problems=problems[:MAX_PROBLEMS],
+        keyed=key is not None,
+        key_id=key_id(key) if key is not None else None,
+        anchors=checks,
+    )
+
+
+_Walk = tuple[int, list[Problem], MerkleLog | None, dict[str, int]]
+"""Events checked, problems, the Merkle log (when asked for), bad event id -> index."""
+
+
+async def _event_count(store: EventStore, session_id: str) -> int:
+    try:
+        return (await store.session(session_id)).event_count
+    except NotFoundError:
+        return 0
+
+
+async def _walk(store: EventStore, session_id: str, key: bytes | None, need_log: bool) -> _Walk:
+    """Every check of every event, in append order, in this process."""
     problems: list[Problem] = []
+    redactions = _Redactions(session_id)
     heads: dict[str, SessionState] = {}
     checked = 0
-    erased: dict[str, str | None] = {}  # erased event id -> the Redacted event naming it
-    kept: dict[str, str] = {}  # erased event id -> erased_digest of its body
+    leaves = bytearray() if need_log else None
+    bad_at: dict[str, int] = {}
     try:
         async for event in store.events(session_id):
             checked += 1
+            if leaves is not None:
+                leaves += bytes.fromhex(event.id)
             try:
-                if checked > 1 and not isinstance(event.body, Branched | Restored):
+                if checked > 1 and type(event.body) not in _FORKS:
                     state = _check_linear(session_id, event, heads, key)
                 else:
                     state = await _check(store, session_id, event, heads, key, root=checked == 1)
-                changed = _check_redaction(event, erased, kept)
+                changed = redactions.see(event)
                 if changed is not None:
-                    problems.append(
-                        Problem(session_id, changed, f"erased body differs from {event.id!r}'s")
-                    )
+                    problems.append(changed)
             except _Bad as bad:
                 problems.append(Problem(session_id, event.id, str(bad)))
+                bad_at[event.id] = checked - 1
+                if bad.state is not None:
+                    heads[event.branch] = bad.state
                 if len(problems) >= MAX_PROBLEMS:
                     break
                 continue
             heads[event.branch] = state
     except IntegrityError as exc:
         problems.append(Problem(session_id, exc.event_id, str(exc)))
-    if checked == 0:
-        problems.append(Problem(session_id, None, "the session has no events"))
-    for event_id, redaction in erased.items():
-        if redaction is None and len(problems) < MAX_PROBLEMS:
-            problems.append(Problem(session_id, event_id, "erased, but no Redacted event names it"))
-    return VerifyReport(
-        events_checked=checked, sessions_checked=1, problems=problems, keyed=key is not None
+    log = MerkleLog.from_leaves(leaves) if leaves is not None else None
+    problems += redactions.unpaired()
+    return checked, problems, log, bad_at
+
+
+async def _walk_parallel(
+    store: EventStore, session_id: str, key: bytes | None, need_log: bool
+) -> _Walk | None:
+    """``_walk`` on two cores: a worker process (``ledger.verify_worker``) recomputes
+    each event's digest and id and hashes the Merkle log, chunk by chunk, while
+    this process checks the structure.
+
+    None when the worker finds a bad event (the caller then walks again in one
+    process, so that the report is exactly the sequential one), or cannot run.
+    """
+    try:
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "ledger.verify_worker",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": _IMPORT_ROOT},
+        )
+    except OSError:
+        return None
+    assert worker.stdin is not None and worker.stdout is not None
+    answers = asyncio.ensure_future(_answers(worker.stdout))
+    problems: list[Problem] = []
+    redactions = _Redactions(session_id)
+    heads: dict[str, SessionState] = {}
+    checked = 0
+    bad_at: dict[str, int] = {}
+    chunk: list[bytes] = []
+    sent = 0
+    try:
+        try:
+            async for event in store.events(session_id):
+                checked += 1
+                chunk.append(encode_event(event))
+                if len(chunk) == CHUNK:
+                    worker.stdin.write(write_request(b"\n".join(chunk)))
+                    await worker.stdin.drain()
+                    chunk = []
+                    sent += 1
+                try:
+                    if checked > 1 and type(event.body) not in _FORKS:
+                        state = _check_linear(session_id, event, heads, key, False)
+                    else:
+                        state = await _check(
+                            store, session_id, event, heads, key, root=checked == 1, content=False
+                        )
+                    changed = redactions.see(event)
+                    if changed is not None:
+                        problems.append(changed)
+                except _Bad as bad:
+                    problems.append(Problem(session_id, event.id, str(bad)))
+                    bad_at[event.id] = checked - 1
+                    if bad.state is not None:
+                        heads[event.branch] = bad.state
+                    if len(problems) >= MAX_PROBLEMS:
+                        break
+                    continue
+                heads[event.branch] = state
+        except IntegrityError as exc:
+            problems.append(Problem(session_id, exc.event_id, str(exc)))
+        if chunk:
+            worker.stdin.write(write_request(b"\n".join(chunk)))
+            sent += 1
+        worker.stdin.write(write_request(b""))
+        await worker.stdin.drain()
+        results = await answers
+        await worker.wait()  # it ends after the empty request
+    except (OSError, EOFError, asyncio.IncompleteReadError):
+        return None  # the worker died: walk in this process
+    finally:
+        if worker.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                worker.kill()
+        answers.cancel()
+        await worker.wait()
+    if worker.returncode != 0 or len(results) != sent or not all(ok for ok, _ in results):
+        return None
+    log = None
+    if need_log:
+        depth = max((len(levels) for _, levels in results), default=1)
+        log = MerkleLog.from_subtrees(
+            [b"".join(levels[h] for _, levels in results if h < len(levels)) for h in range(depth)]
+        )
+    problems += redactions.unpaired()
+    return checked, problems, log, bad_at
+
+
+_IMPORT_ROOT: Final = os.pathsep.join(
+    [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+).rstrip(os.pathsep)
+"""Where the worker finds this package, installed or not."""
+
+
+async def _answers(stdout: asyncio.StreamReader) -> list[tuple[bool, list[bytes]]]:
+    """The worker's answers, read as they come, until it closes its stdout."""
+    results = []
+    while True:
+        try:
+            results.append(await read_answer(stdout.readexactly))
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial:
+                raise
+            return results
+
+
+async def _check_anchors(
+    store: EventStore,
+    session_id: str,
+    log: MerkleLog,
+    given: Sequence[Anchor],
+    recorded: Sequence[bytes],
+    key: bytes | None,
+    bad_at: dict[str, int],
+    problems: list[Problem],
+) -> list[AnchorCheck]:
+    """Check each anchor's MAC and that the session extends it; problems for the failures."""
+    found: list[tuple[Literal["given", "recorded"], Anchor, AnchorMac]] = []
+    for anchor in given:
+        found.append(("given", anchor, check_anchor_mac(anchor, key)))
+    checks: list[AnchorCheck] = []
+    for n, data in enumerate(recorded, start=1):
+        try:
+            anchor = decode_anchor(data, source=f"recorded anchor #{n} of session {session_id!r}")
+        except AnchorError as exc:
+            problems.append(Problem(session_id, None, str(exc)))
+            continue
+        if anchor in given:
+            continue  # checked once, as given
+        if anchor.session != session_id:
+            problems.append(
+                Problem(session_id, None, f"recorded anchor #{n} is an {describe(anchor)}")
+            )
+            continue
+        try:
+            found.append(("recorded", anchor, check_anchor_mac(anchor, key)))
+        except AnchorError as exc:
+            if exc.reason == "key":
+                found.append(("recorded", anchor, "other-key"))
+                continue
+            problems.append(Problem(session_id, None, f"recorded anchor #{n}: {exc}"))
+            checks.append(_anchor_check("recorded", anchor, "mismatch", None, str(exc)))
+    # The anchors the session still extends bound where a change can be.
+    matching = [a.size for _, a, _ in found if a.size <= log.size and _extends(log, a)]
+    for source, anchor, mac in found:
+        if anchor.size <= log.size and _extends(log, anchor):
+            message = f"the session ({log.size} events) extends the {describe(anchor)}"
+            checks.append(_anchor_check(source, anchor, mac, True, message))
+            continue
+        gone = await _heads_gone(store, anchor)
+        message = _not_extended(log, anchor, matching, bad_at, gone)
+        problems.append(Problem(session_id, None, message))
+        checks.append(_anchor_check(source, anchor, mac, False, message))
+    return checks
+
+
+def _extends(log: MerkleLog, anchor: Anchor) -> bool:
+    """The RFC 9162 consistency check of today's log against the anchor's tree head."""
+    proof = log.consistency_proof(anchor.size)
+    root = log.root()
+    return verify_consistency(anchor.size, log.size, bytes.fromhex(anchor.root), root, proof)
+
+
+async def _heads_gone(store: EventStore, anchor: Anchor) -> list[str]:
+    """The anchored branch heads that are no longer events of the session."""
+    gone = []
+    for branch, head in sorted((anchor.heads or {}).items()):
+        try:
+            there = (await store.get(head)).session == anchor.session
+        except NotFoundError:
+            there = False
+        if not there:
+            gone.append(f"the head of branch {branch!r} at the anchor, {head!r}, is gone")
+    return gone
+
+
+def _not_extended(
+    log: MerkleLog, anchor: Anchor, matching: list[int], bad_at: dict[str, int], gone: list[str]
+) -> str:
+    """What a user can act on: what changed, and where, as closely as can be told."""
+    what = f"the session does not extend the {describe(anchor)}"
+    low = max((size for size in matching if size < anchor.size), default=0)
+    if anchor.size > log.size:
+        what += (
+            f": truncated to {log.size} of {anchor.size} events "
+            "(a cut tail, or removed events or branches)"
+        )
+    else:
+        what += (
+            f": its first {anchor.size} events no longer hash to the anchored root "
+            "(an event was rewritten, reordered or removed)"
+        )
+    if low:
+        what += f"; the first {low} events still match an earlier anchor"
+    suspects = sorted(
+        (index, event_id) for event_id, index in bad_at.items() if low <= index < anchor.size
+    )
+    if suspects:
+        index, event_id = suspects[0]
+        what += f"; the first bad event, at index {index}, is {event_id!r}"
+    return "; ".join([what, *gone])
+
+
+def _anchor_check(
+    source: Literal["given", "recorded"],
+    anchor: Anchor,
+    mac: AnchorMac,
+    extended: bool | None,
+    message: str,
+) -> AnchorCheck:
+    return AnchorCheck(
+        source=source,
+        session=anchor.session,
+        size=anchor.size,
+        root=anchor.root,
+        at=anchor.at,
+        key_id=anchor.key_id,
+        mac=mac,
+        extended=extended,
+        message=message,
     )
 
 
 def _check_linear(
-    session_id: str, event: Event, heads: dict[str, SessionState], key: bytes | None
+    session_id: str,
+    event: Event,
+    heads: dict[str, SessionState],
+    key: bytes | None,
+    content: bool = True,
 ) -> SessionState:
-    """The common case, without a coroutine: an event whose parent is its branch's head."""
-    _check_envelope(session_id, event)
-    if isinstance(event.body, SessionCreated):
+    """The common case, without a coroutine: an event whose parent is its branch's head.
+
+    ``content=False`` leaves out recomputing the event's digest and id (a worker does).
+    """
+    _check_envelope(session_id, event, content)
+    if type(event.body) is SessionCreated:
         raise _Bad("a session has exactly one root, its first event, SessionCreated")
     head = heads.get(event.branch)
     if head is None:
@@ -144,11 +498,12 @@ async def _check(
     key: bytes | None,
     *,
     root: bool,
+    content: bool = True,
 ) -> SessionState:
     """The root, a fork or a restore: the events whose parent need not be a head."""
     if not root and not isinstance(event.body, Branched | Restored):
-        return _check_linear(session_id, event, heads, key)
-    _check_envelope(session_id, event)
+        return _check_linear(session_id, event, heads, key, content)
+    _check_envelope(session_id, event, content)
     body = event.body
     if root:
         if not isinstance(body, SessionCreated):
@@ -172,30 +527,42 @@ async def _check(
     return _check_step(parent, event, key)
 
 
-def _check_redaction(
-    event: Event, erased: dict[str, str | None], kept: dict[str, str]
-) -> str | None:
-    """Erased bodies and Redacted records pair up: one record per erased event, after it.
+class _Redactions:
+    """Erased bodies and Redacted records pair up: one record per erased event, after it."""
 
-    Returns the id of an erased event whose body no longer matches its record.
-    """
-    body = event.body
-    if isinstance(body, Erased):
-        erased[event.id] = None
-        kept[event.id] = erased_digest(body)
-    elif isinstance(body, Redacted):
-        if body.event not in erased:
-            raise _Bad(f"redacts {body.event!r}, not an erased event before it in this session")
-        if erased[body.event] is not None:
-            raise _Bad(f"redacts {body.event!r} a second time (after {erased[body.event]!r})")
-        erased[body.event] = event.id
-        if body.erased is not None and body.erased != kept[body.event]:
-            return body.event
-    return None
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        self.erased: dict[str, str | None] = {}  # erased event id -> the Redacted naming it
+        self.kept: dict[str, str] = {}  # erased event id -> erased_digest of its body
+
+    def see(self, event: Event) -> Problem | None:
+        """Raises ``_Bad`` for a stray record; a problem for an erased body changed since."""
+        body = event.body
+        if isinstance(body, Erased):
+            self.erased[event.id] = None
+            self.kept[event.id] = erased_digest(body)
+        elif isinstance(body, Redacted):
+            erased = self.erased
+            if body.event not in erased:
+                raise _Bad(f"redacts {body.event!r}, not an erased event before it in this session")
+            if erased[body.event] is not None:
+                raise _Bad(f"redacts {body.event!r} a second time (after {erased[body.event]!r})")
+            erased[body.event] = event.id
+            if body.erased is not None and body.erased != self.kept[body.event]:
+                message = f"erased body differs from {event.id!r}'s"
+                return Problem(self.session_id, body.event, message)
+        return None
+
+    def unpaired(self) -> list[Problem]:
+        return [
+            Problem(self.session_id, event_id, "erased, but no Redacted event names it")
+            for event_id, record in self.erased.items()
+            if record is None
+        ]
 
 
-def _check_envelope(session_id: str, event: Event) -> None:
-    problem = event_problem(event)
+def _check_envelope(session_id: str, event: Event, content: bool = True) -> None:
+    problem = event_problem(event) if content else None
     if problem:
         raise _Bad(problem)
     if event.session != session_id:
@@ -208,14 +575,28 @@ def _check_step(parent: SessionState, event: Event, key: bytes | None) -> Sessio
         raise _Bad(f"depth {event.seq} after a parent of depth {parent.seq}")
     if event.at < parent.last_activity_at:
         raise _Bad("its time is before its parent's")
-    _check_lifecycle(parent, event)
     body = event.body
-    if isinstance(body, Checkpointed):
+    if parent.status != ACTIVE or type(body) is Resumed:  # the common case, without a call
+        _check_lifecycle(parent, event)
+    if type(body) is Checkpointed:
         if body.entry != event.parent:
             raise _Bad("a checkpoint's entry must be its parent")
         if state_checksum(parent, key) != body.checksum:
-            raise _Bad("checkpoint checksum does not match the state of its entry")
+            raise _Bad(_checksum_problem(parent, body, key), SESSION.apply(parent, event))
     return SESSION.apply(parent, event)
+
+
+def _checksum_problem(parent: SessionState, body: Checkpointed, key: bytes | None) -> str:
+    """Why a checksum does not match, when a wrong (or missing) key explains it."""
+    problem = "checkpoint checksum does not match the state of its entry"
+    if key is None:
+        return problem + " (a checksum taken under a key is checked only with that key)"
+    if state_checksum(parent, None) == body.checksum:
+        return problem + (
+            f" under key {key_id(key)}: it is an unkeyed digest, taken by a ledger "
+            "without a key (or rewritten by someone without it)"
+        )
+    return problem + f" under key {key_id(key)} (a wrong key, or a forged checkpoint)"
 
 
 def _check_lifecycle(parent: SessionState, event: Event) -> None:

@@ -5,8 +5,8 @@ Two layers, as capabilities rather than optional methods that raise:
 - ``EventStore``: one session's data. Atomic batch append with the branch-head
   compare-and-swap and idempotency keys; an event by id; the ancestors of an
   event; a session's events in append order; its branch heads; the paged
-  listing of sessions (written in the same transaction as the append); and
-  projection snapshots.
+  listing of sessions (written in the same transaction as the append);
+  projection snapshots; and the anchors the ledger issued (``ledger.anchors``).
 - ``FeedStore(EventStore)``: adds a total order over all sessions, the global
   feed, that a reader can tail without ever skipping an event, and a live
   subscription to it.
@@ -345,6 +345,16 @@ class EventStore(abc.ABC):
         self, session_id: str, key: str, states: Sequence[tuple[str, bytes]]
     ) -> None:
         """Keep encoded projection states keyed by (key, event id); overwrites are harmless."""
+
+    # anchors: the tree heads the ledger issued, kept for audit (opaque bytes here)
+
+    @abc.abstractmethod
+    async def put_anchor(self, session_id: str, anchor: bytes) -> None:
+        """Keep an encoded anchor of the session, after those already kept; durable."""
+
+    @abc.abstractmethod
+    async def anchors(self, session_id: str) -> list[bytes]:
+        """The session's encoded anchors, in the order they were put."""
 
 
 class FeedStore(EventStore):

@@ -9,6 +9,8 @@ Layout. ``jsonl:///path/to/dir`` keeps everything under one directory (mode
       sessions/
         <session-id>.jsonl            one per session, append-only
         <session-id>.jsonl.torn-<n>   a cut-short tail moved aside by recovery
+      anchors/
+        <session-id>.jsonl            the anchors the ledger issued, one JSON line each
 
 Session files. The first line is a header naming the format, its version and
 the session::
@@ -81,6 +83,11 @@ The global feed is in commit order: positions are assigned under the lock, in
 the order the batches are written, and a reader only takes a position once
 every record up to it is complete, so a tailing reader never skips one.
 Projection snapshots are kept in memory only (derived data, safe to lose).
+
+Anchors. ``anchors/<session-id>.jsonl`` holds the anchors the ledger issued
+for a session, one per line, appended under the writers' lock and synced like
+events. A last line without its newline is a write that never returned: it is
+not read, and the next writer cuts it off.
 """
 
 from __future__ import annotations
@@ -356,6 +363,13 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _read_if_there(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return b""
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -1260,6 +1274,63 @@ class JSONLStore(FeedStore):
         self._check_open()
         for event_id, state in states:
             self._snapshots[(session_id, key, event_id)] = bytes(state)
+
+    def _anchors_path(self, session_id: str) -> Path:
+        if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
+            raise InvalidEventError(
+                f"Invalid session id for the JSONL store: {session_id!r} "
+                "(a lower-case uuid4 string)"
+            )
+        return self.directory / "anchors" / (session_id + _SUFFIX)
+
+    async def put_anchor(self, session_id: str, anchor: bytes) -> None:
+        self._check_open()
+        path = self._anchors_path(session_id)
+        line = bytes(anchor)
+        if b"\n" in line:
+            raise InvalidEventError(f"Anchor of session {session_id!r} encodes with a newline")
+        async with self._write_lock:
+            self._check_open()
+            with _translate(path, session_id):
+                await asyncio.to_thread(self._put_anchor_sync, path, line + b"\n")
+
+    def _put_anchor_sync(self, path: Path, line: bytes) -> None:
+        with self._locked():
+            folder = path.parent
+            if not folder.is_dir():
+                folder.mkdir(mode=0o700, exist_ok=True)
+                if self.fsync:
+                    _fsync_dir(folder.parent)
+            new = not path.exists()
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                size = os.fstat(fd).st_size
+                if size:  # cut off a line a killed writer left without its newline
+                    tail = os.pread(fd, min(size, 1 << 16), max(0, size - (1 << 16)))
+                    if not tail.endswith(b"\n"):
+                        cut = tail.rfind(b"\n")
+                        if cut < 0 and size > len(tail):
+                            raise IntegrityError(f"Damaged anchor file: {str(path)!r}")
+                        size = size - len(tail) + cut + 1
+                        os.ftruncate(fd, size)
+                view = memoryview(line)
+                while view:
+                    written = os.pwrite(fd, view, size)
+                    view, size = view[written:], size + written
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            if new and self.fsync:
+                _fsync_dir(folder)
+
+    async def anchors(self, session_id: str) -> list[bytes]:
+        self._check_open()
+        path = self._anchors_path(session_id)
+        with _translate(path, session_id):
+            data = await asyncio.to_thread(_read_if_there, path)
+        lines = data.split(b"\n")
+        return lines[:-1]  # the last piece is empty, or a write still in flight
 
     # reads -------------------------------------------------------------------------
 

@@ -50,6 +50,7 @@ class MemoryStore(PurgeStore):
         self._rows: dict[str, SessionRow] = {}
         self._snapshots: dict[tuple[str, str, str], bytes] = {}
         self._purges: list[PurgeRecord] = []
+        self._anchors: dict[str, list[bytes]] = {}
         self._changed = asyncio.Condition()
 
     @classmethod
@@ -239,6 +240,14 @@ class MemoryStore(PurgeStore):
         for event_id, state in states:
             self._snapshots[(session_id, key, event_id)] = state
 
+    async def put_anchor(self, session_id: str, anchor: bytes) -> None:
+        self._check_open()
+        self._anchors.setdefault(session_id, []).append(bytes(anchor))
+
+    async def anchors(self, session_id: str) -> list[bytes]:
+        self._check_open()
+        return list(self._anchors.get(session_id, ()))
+
     async def read_feed(self, after: int = 0, limit: int = 1000) -> list[FeedItem]:
         self._check_open()
         items: list[FeedItem] = []
@@ -284,6 +293,7 @@ class MemoryStore(PurgeStore):
             ):
                 continue
             self._delete_session(row)
+            self._anchors.pop(record.session_id, None)
             self._purges.append(record)
             done.append(record)
         return done

@@ -124,6 +124,7 @@ SESSION_TABLES: Final = (
     "ledger_sessions",
     "ledger_snapshots",
     "ledger_purges",
+    "ledger_anchors",
 )
 """The tables of session data: each is keyed by (and distributable on) ``session_id``."""
 
@@ -140,6 +141,17 @@ _USER_LOCK_NS: Final = _LOCK_NS + 1  # second key: hashtext(user_id)
 _OPTIONS: Final = ("pool_size", "connect_timeout", "schema", "group_size")
 _SCHEMA_NAME: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _NO_LIMIT: Final = 2**63 - 1
+
+# The anchors the ledger issued (ledger.anchors), in the order it issued them.
+# Also created on opening a database of this schema version made before it existed.
+_ANCHORS_TABLE: Final = """
+CREATE TABLE IF NOT EXISTS ledger_anchors (
+    session_id text NOT NULL,
+    n bigint GENERATED ALWAYS AS IDENTITY,
+    data bytea NOT NULL,
+    PRIMARY KEY (session_id, n)
+);
+"""
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS ledger_schema (
@@ -199,7 +211,7 @@ CREATE TABLE IF NOT EXISTS ledger_snapshots (
     state bytea NOT NULL,
     PRIMARY KEY (session_id, key, event_id)
 );
-
+{anchors_table}
 CREATE OR REPLACE FUNCTION ledger_append(
     p_session text, p_branch text, p_expected text, p_status text,
     p_user text, p_agent text, p_max_open bigint, p_max_branches bigint,
@@ -538,7 +550,13 @@ async def _purge_one(conn: Any, record: PurgeRecord) -> bool:
     )
     if row is None or (row[0], row[1]) != (record.event_count, record.last_activity_at):
         return False  # gone, or written to since the purge was planned: kept
-    for table in ("ledger_events", "ledger_heads", "ledger_snapshots", "ledger_sessions"):
+    for table in (
+        "ledger_events",
+        "ledger_heads",
+        "ledger_snapshots",
+        "ledger_anchors",
+        "ledger_sessions",
+    ):
         await conn.execute(f"DELETE FROM {table} WHERE session_id = $1", session_id)
     await conn.execute(
         "INSERT INTO ledger_purges (session_id, user_id, purged_at, record) "
@@ -788,6 +806,7 @@ class PostgresStore(PurgeStore):
             if version == SCHEMA_VERSION and await conn.fetchval(
                 "SELECT to_regproc('ledger_append_group') IS NOT NULL"
             ):
+                await conn.execute(_ANCHORS_TABLE)
                 return
         elif await conn.fetchval("SELECT to_regclass('ledger_events') IS NOT NULL"):
             raise StoreError(
@@ -800,6 +819,7 @@ class PostgresStore(PurgeStore):
                 lock_ns=_LOCK_NS,
                 feed_lock=_FEED_LOCK,
                 channel=self.channel,
+                anchors_table=_ANCHORS_TABLE,
             )
         )
         if version is None:
@@ -1123,6 +1143,22 @@ class PostgresStore(PurgeStore):
                 list(latest),
                 list(latest.values()),
             )
+
+    async def put_anchor(self, session_id: str, anchor: bytes) -> None:
+        self._check_open()
+        with self._translated(session_id):
+            await self._call(
+                "execute",
+                "INSERT INTO ledger_anchors (session_id, data) VALUES ($1, $2)",
+                session_id,
+                bytes(anchor),
+            )
+
+    async def anchors(self, session_id: str) -> list[bytes]:
+        rows = await self._fetch(
+            "SELECT data FROM ledger_anchors WHERE session_id = $1 ORDER BY n", session_id
+        )
+        return [bytes(row[0]) for row in rows]
 
     # reads
 

@@ -143,6 +143,16 @@ _SCHEMA: Final = (
         PRIMARY KEY (session_id, key, event_id)
     ) WITHOUT ROWID""",
 )
+# The anchors the ledger issued, in the order it issued them (ledger.anchors); also
+# created on opening a file of this schema version made before they existed.
+_ANCHORS: Final = (
+    """CREATE TABLE IF NOT EXISTS anchors (
+        n INTEGER PRIMARY KEY AUTOINCREMENT,
+        session_id TEXT NOT NULL,
+        data BLOB NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS anchors_session ON anchors (session_id, n)",
+)
 
 _PURGE_SCHEMA: Final = (
     # Created at every open (not only with the schema): files written before
@@ -273,7 +283,7 @@ def _setup_writer(conn: sqlite3.Connection, path: str, synchronous: str) -> None
             for statement in _SCHEMA:
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        for statement in _PURGE_SCHEMA:
+        for statement in (*_PURGE_SCHEMA, *_ANCHORS):
             conn.execute(statement)
         conn.execute("COMMIT")
     except BaseException:
@@ -480,7 +490,7 @@ def _purge_tx(conn: sqlite3.Connection, requests: Sequence[PurgeRequest]) -> lis
             ).fetchone()
             if row is None or tuple(row) != (record.event_count, record.last_activity_at):
                 continue  # gone, or written to since the purge was planned: kept
-            for table in ("events", "heads", "snapshots", "sessions"):
+            for table in ("events", "heads", "snapshots", "anchors", "sessions"):
                 conn.execute(f"DELETE FROM {table} WHERE session_id = ?", (session_id,))
             conn.execute(
                 "INSERT INTO purges (session_id, user_id, purged_at, record) VALUES (?, ?, ?, ?)",
@@ -492,6 +502,16 @@ def _purge_tx(conn: sqlite3.Connection, requests: Sequence[PurgeRequest]) -> lis
         _rollback(conn)
         raise
     return done
+
+
+def _put_anchor_tx(conn: sqlite3.Connection, session_id: str, data: bytes) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("INSERT INTO anchors (session_id, data) VALUES (?, ?)", (session_id, data))
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
 
 
 def _put_snapshots_tx(conn: sqlite3.Connection, rows: list[_Row]) -> None:
@@ -862,6 +882,20 @@ class SQLiteStore(PurgeStore):
             assert self._writer is not None
             with _translate(self.filename, session_id):
                 await _in_thread(self._writer, _put_snapshots_tx, rows)
+
+    async def put_anchor(self, session_id: str, anchor: bytes) -> None:
+        self._check_open()
+        async with self._write_lock:
+            self._check_open()
+            assert self._writer is not None
+            with _translate(self.filename, session_id):
+                await _in_thread(self._writer, _put_anchor_tx, session_id, bytes(anchor))
+
+    async def anchors(self, session_id: str) -> list[bytes]:
+        rows = await self._fetch(
+            "SELECT data FROM anchors WHERE session_id = ? ORDER BY n", (session_id,)
+        )
+        return [bytes(row[0]) for row in rows]
 
     # reads
 

@@ -23,6 +23,7 @@ import pytest
 
 import ledger.cli
 from ledger import Ledger
+from ledger.anchors import key_id
 from ledger.cli import main
 
 EVERY_KIND = {
@@ -286,7 +287,8 @@ def test_verify_with_a_key(
     assert main(["--store", url, "demo", "--json"]) == 0
     capsys.readouterr()
     code, out, _ = run(capsys, "--store", url, "verify")
-    assert (code, out) == (0, "OK: 22 events in 2 sessions verified\n")
+    kid = key_id(bytes.fromhex("ab" * 32))
+    assert (code, out) == (0, f"OK: 22 events in 2 sessions verified (keyed: key {kid})\n")
 
 
 def test_global_options_before_or_after_the_command(

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ledger.anchors import Anchor, anchor_mac, mac_matches, make_anchor
+from ledger.anchors import anchor_mac, key_id, mac_matches, make_anchor
 from ledger.merkle import (
     MerkleLog,
     blake3_hash,
@@ -208,9 +209,42 @@ def test_an_anchor_is_a_tree_head_with_a_mac_only_under_a_key() -> None:
     assert plain.root == MerkleLog(bytes.fromhex(i) for i in ids).root().hex()
     key = bytes(range(32))
     signed = make_anchor("s-1", ids, key=key, at=7)
-    assert signed.root == plain.root and signed.mac == anchor_mac(plain, key)
+    assert signed.root == plain.root and signed.key_id == key_id(key)
+    assert signed.mac == anchor_mac(msgspec.structs.replace(plain, key_id=key_id(key)), key)
     assert mac_matches(signed, key)
     assert not mac_matches(signed, bytes(32))
     assert not mac_matches(plain, key)
-    forged = Anchor(session="s-1", size=4, root=signed.root, at=7, mac=signed.mac)
+    forged = msgspec.structs.replace(signed, size=4)
     assert not mac_matches(forged, key)
+
+
+def test_a_log_built_level_by_level_matches_the_rfc_definition() -> None:
+    for size in range(len(CT_LEAVES) + 1):
+        # The CT leaves have different lengths: pad them to one width, as ids are.
+        width = max(len(leaf) for leaf in CT_LEAVES) + 1
+        padded = [leaf.ljust(width - 1, b"\x00") + bytes([len(leaf)]) for leaf in CT_LEAVES]
+        whole = MerkleLog.from_leaves(b"".join(padded[:size]), width=width, hash=sha256)
+        assert whole.root() == ref_mth(padded[:size])
+        assert whole.levels == MerkleLog(padded[:size], hash=sha256).levels
+
+
+@given(st.lists(st.binary(min_size=32, max_size=32), max_size=70), st.integers(0, 5))
+def test_a_log_from_subtrees_hashed_in_aligned_pieces_is_the_same_log(
+    leaves: list[bytes], power: int
+) -> None:
+    piece = 1 << power
+    whole = MerkleLog(leaves)
+    parts = [
+        MerkleLog.from_leaves(b"".join(leaves[i : i + piece])) for i in range(0, len(leaves), piece)
+    ]
+    depth = max((len(p.levels) for p in parts), default=1)
+    joined = MerkleLog.from_subtrees(
+        [b"".join(p.levels[h] for p in parts if h < len(p.levels)) for h in range(depth)]
+    )
+    assert joined.levels == whole.levels and joined.root() == whole.root()
+    if leaves:
+        assert MerkleLog.from_leaves(b"".join(leaves)).inclusion_proof(0) == whole.inclusion_proof(
+            0
+        )
+    with pytest.raises(ValueError, match="whole number"):
+        MerkleLog.from_leaves(b"x" * 33)

@@ -333,3 +333,19 @@ def test_the_purge_and_purged_commands(tmp_path: Path, capsys: pytest.CaptureFix
     for bad in ("90", "d", "-1d", "0s", "1y"):
         code, _, err = cli("purge", "--older-than", bad)
         assert code == 2 and "--older-than" in err
+
+
+async def test_a_purge_takes_the_sessions_recorded_anchors_with_it(purging: MakeStore) -> None:
+    async with ledger(purging, key=KEY) as led:
+        ids = await _session(led, "u1")
+        session_id = (await led.get(ids[0])).session
+        kept = await _session(led, "u2")
+        kept_id = (await led.get(kept[0])).session
+        await led.anchor(session_id)
+        await led.anchor(kept_id)
+        await asyncio.sleep(IDLE)
+        [record] = await led.purge(older_than=IDLE / 2, user_id="u1")
+        assert record.session_id == session_id
+        assert await led.store.anchors(session_id) == []
+        assert len(await led.store.anchors(kept_id)) == 1
+        assert (await led.verify(kept_id)).ok

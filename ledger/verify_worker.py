@@ -1,0 +1,79 @@
+"""The second process of a parallel ``verify``: each event's digest and id, and the Merkle log.
+
+Run as ``python -m ledger.verify_worker`` by ``ledger.verify``, which writes
+chunks of encoded events to its stdin and reads one answer per chunk from its
+stdout. A plain subprocess rather than ``multiprocessing``: nothing of the
+caller's ``__main__`` is imported again, so any script can verify.
+
+Request: an 8-byte big-endian length, then that many bytes of events encoded
+one per line (``ledger.events.encode_event``); length 0 ends. Answer: one byte
+(1: every event verifies on its own, 0: one does not), one byte the number of
+Merkle levels, then each level as an 8-byte length and its bytes: the hashes of
+the complete subtrees of the chunk's ids (a chunk starts at a multiple of a
+power of two, so they are subtrees of the session's log).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Awaitable, Callable
+from typing import BinaryIO
+
+from ledger.events import decode_event, event_problem
+from ledger.merkle import MerkleLog
+
+__all__ = ["check_chunk", "main", "read_answer", "write_request"]
+
+
+def check_chunk(blob: bytes) -> tuple[bool, list[bytes]]:
+    """Do these events verify on their own? And the Merkle levels of their ids."""
+    ids = bytearray()
+    ok = True
+    for line in blob.split(b"\n"):
+        event = decode_event(line)
+        if event_problem(event) is not None:
+            ok = False
+        ids += bytes.fromhex(event.id)
+    return ok, [bytes(level) for level in MerkleLog.from_leaves(ids).levels]
+
+
+def write_request(blob: bytes) -> bytes:
+    return len(blob).to_bytes(8, "big") + blob
+
+
+def _answer(ok: bool, levels: list[bytes]) -> bytes:
+    parts = [bytes([int(ok), len(levels)])]
+    for level in levels:
+        parts += [len(level).to_bytes(8, "big"), level]
+    return b"".join(parts)
+
+
+async def read_answer(readexactly: Callable[[int], Awaitable[bytes]]) -> tuple[bool, list[bytes]]:
+    """One answer, read with an ``asyncio.StreamReader``'s ``readexactly``."""
+    head = await readexactly(2)
+    levels = []
+    for _ in range(head[1]):
+        size = int.from_bytes(await readexactly(8), "big")
+        levels.append(await readexactly(size))
+    return bool(head[0]), levels
+
+
+def _read(stream: BinaryIO, size: int) -> bytes:
+    data = stream.read(size)
+    if len(data) != size:
+        raise EOFError("the verifying process closed the pipe")
+    return data
+
+
+def main() -> None:
+    source, sink = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        size = int.from_bytes(_read(source, 8), "big")
+        if size == 0:
+            return
+        sink.write(_answer(*check_chunk(_read(source, size))))
+        sink.flush()
+
+
+if __name__ == "__main__":
+    main()
