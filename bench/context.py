@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import uuid
@@ -23,7 +24,7 @@ class Sizes:
     """How much each scenario does: the full run, or ``--quick``."""
 
     append_samples: int = 300
-    concurrency_seconds: float = 1.5
+    concurrency_seconds: float = 1.0
     batch_samples: int = 30
     read_samples: int = 200
     turns: int = 200
@@ -32,6 +33,8 @@ class Sizes:
     sessions: int = 100_000
     peer_replay: int = 100_000
     list_samples: int = 100
+    limit_seconds: float = 45.0
+    """The most one system may spend on one measurement; past it, it is stopped."""
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -45,6 +48,7 @@ class Sizes:
             sessions=2_000,
             peer_replay=5_000,
             list_samples=20,
+            limit_seconds=20.0,
         )
 
 
@@ -147,11 +151,17 @@ class Context:
         else:
             self.add(scenario, system, f"error: {describe(exc)}")
 
-    @contextlib.contextmanager
-    def guard(self, scenario: str, system: str) -> Iterator[None]:
-        """A failure of one system in one scenario becomes its row; the rest goes on."""
+    @contextlib.asynccontextmanager
+    async def guard(self, scenario: str, system: str) -> AsyncIterator[None]:
+        """A failure of one system in one scenario becomes its row; the rest goes on.
+
+        So does a measurement that outlasts ``sizes.limit_seconds``: it is cancelled.
+        """
         try:
-            yield
+            async with asyncio.timeout(self.sizes.limit_seconds):
+                yield
+        except TimeoutError:
+            self.add(scenario, system, f"stopped: over {self.sizes.limit_seconds:g} s")
         except Exception as exc:
             self.fail(scenario, system, exc)
 
@@ -167,7 +177,7 @@ class Context:
                 if reason:
                     self.add(scenario, system.name, reason)
                     continue
-                with self.guard(scenario, system.name):
+                async with self.guard(scenario, system.name):
                     instances[system] = await system.open(self)
                     self.notes.settings.setdefault(system.name, instances[system].settings)
             yield instances

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import os
 import platform
@@ -90,6 +91,8 @@ def render(ctx: Context, seconds: float, command: str) -> str:
 
 async def run(args: argparse.Namespace) -> Context:
     sizes = Sizes.quick() if args.quick else Sizes()
+    if args.limit is not None:
+        sizes = dataclasses.replace(sizes, limit_seconds=args.limit)
     wanted = set(args.only.split(",")) if args.only else None
     unknown = (wanted or set()) - {s.name for s in SCENARIOS}
     if unknown:
@@ -138,6 +141,12 @@ def main(argv: list[str] | None = None) -> None:
         "--only", help=f"comma-separated scenarios: {','.join(s.name for s in SCENARIOS)}"
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="default: %(default)s")
+    parser.add_argument(
+        "--limit",
+        type=float,
+        help="seconds one system may spend on one measurement before it is stopped "
+        "(default: 45, or 20 with --quick)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     parser.add_argument("--dir", help="scratch directory for the files (default: the system's)")
     parser.add_argument(
