@@ -31,22 +31,22 @@ class Sizes:
     large_session: int = 1_000_000
     state_points: int = 200
     sessions: int = 100_000
-    peer_replay: int = 100_000
+    peer_replay: int = 50_000
     list_samples: int = 100
-    limit_seconds: float = 45.0
+    limit_seconds: float = 30.0
     """The most one system may spend on one measurement; past it, it is stopped."""
 
     @classmethod
     def quick(cls) -> Sizes:
         return cls(
-            append_samples=30,
-            concurrency_seconds=0.25,
-            batch_samples=5,
+            append_samples=20,
+            concurrency_seconds=0.2,
+            batch_samples=4,
             read_samples=20,
-            large_session=20_000,
+            large_session=10_000,
             state_points=20,
-            sessions=2_000,
-            peer_replay=5_000,
+            sessions=1_000,
+            peer_replay=2_000,
             list_samples=20,
             limit_seconds=20.0,
         )
