@@ -566,14 +566,16 @@ def purge_lines(records: Sequence[PurgeRecord], out: Output) -> list[str]:
 
 
 async def cmd_purge(led: Ledger, args: argparse.Namespace, out: Output) -> int:
-    records = await led.purge(
-        older_than=args.older_than,
-        user_id=args.user,
-        batch_size=args.batch_size,
-        reason=args.reason,
-        actor=args.actor,
-        dry_run=args.dry_run,
-    )
+    with Progress("purging sessions") as progress:
+        records = await led.purge(
+            older_than=args.older_than,
+            user_id=args.user,
+            batch_size=args.batch_size,
+            reason=args.reason,
+            actor=args.actor,
+            dry_run=args.dry_run,
+            on_batch=progress.advance,
+        )
     if out.as_json:
         out.json({"dry_run": args.dry_run, "purged": records})
         return 0

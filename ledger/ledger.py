@@ -647,6 +647,7 @@ class Ledger:
         reason: str = "retention",
         actor: str = "ledger",
         dry_run: bool = False,
+        on_batch: Callable[[int], object] | None = None,
     ) -> list[PurgeRecord]:
         """Delete whole sessions idle longer than ``older_than``; return their records.
 
@@ -659,6 +660,8 @@ class Ledger:
         A session written to while it is being purged is kept (it is not idle);
         a write that comes after it is gone raises ``SessionNotFoundError``.
         ``dry_run``: the records that would be written, and nothing is deleted.
+        ``on_batch(n)`` is called after each batch with the sessions it examined
+        (for progress).
 
         Raises:
             ConfigError: a retention period or batch size that is not positive, or
@@ -697,6 +700,8 @@ class Ledger:
                 for record in done:
                     self._forget_session(record.session_id)
                 purged.extend(done)
+            if on_batch is not None:
+                on_batch(len(rows))
             if len(rows) < batch_size:
                 return purged
 

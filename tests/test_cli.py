@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from io import StringIO
@@ -806,6 +807,38 @@ def test_verify_draws_progress_on_a_terminal_stderr_and_json_on_stdout(
     assert "2/2  100%" in drawn
     assert drawn.endswith("\r")
     assert "\n" not in drawn
+
+
+def test_purge_draws_progress_on_a_terminal_stderr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ledger.progress import Progress
+
+    class Terminal(StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    url = f"sqlite:///{tmp_path / 'purge.db'}"
+
+    async def build() -> None:
+        async with Ledger.open(url) as led:
+            for user in ("u1", "u2", "u3"):
+                s = await led.create(user_id=user, agent="a")
+                await led.add_turn(s.session_id, role="user", content="hello")
+
+    asyncio.run(build())
+    time.sleep(0.6)
+    ticks = iter(range(1000))
+    monkeypatch.setattr(Progress, "clock", lambda: next(ticks) * 0.6)
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    code = main(["--store", url, "purge", "--older-than", "0.5s", "--batch-size", "2", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert len(json.loads(out)["purged"]) == 3
+    drawn = terminal.getvalue()
+    assert drawn.startswith("\rpurging sessions  3  ")  # 3 sessions examined, no total
+    assert drawn.endswith("\r") and "\n" not in drawn
 
 
 def test_help_lists_replay_and_diff(capsys: pytest.CaptureFixture[str]) -> None:
