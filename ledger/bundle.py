@@ -439,16 +439,19 @@ def _check_key(header: _Header, key: bytes | None) -> None:
     if ours is None:
         raise BundleKeyError(
             f"Bundle was exported with key {header.key_id!r}: open the importing ledger "
-            "with that key (LEDGER_KEY) to check its MACs and checkpoint checksums"
+            "with that key (LEDGER_KEY) to check its MACs and checkpoint checksums",
+            line=1,
         )
     if header.key_id is None:
         raise BundleKeyError(
             f"Bundle was exported without a key, but this ledger holds key {ours!r}: "
             "its sessions cannot be authenticated and their checkpoint checksums are "
-            "not MACs under this key"
+            "not MACs under this key",
+            line=1,
         )
     raise BundleKeyError(
-        f"Bundle was exported with key {header.key_id!r}, but this ledger holds key {ours!r}"
+        f"Bundle was exported with key {header.key_id!r}, but this ledger holds key {ours!r}",
+        line=1,
     )
 
 
