@@ -956,8 +956,7 @@ def _incomplete(
     done: list[SessionImport], scan: _Scan, plan: _Plan, written: int, cause: Exception
 ) -> ImportIncompleteError:
     sid = plan.row.session_id
-    finished = sum(1 for s in done if s.action in ("imported", "resumed"))
-    left = len(scan.plans) - len(done) - 1
+    before, after = len(done), len(scan.plans) - len(done) - 1
     report = ImportReport(
         sessions=[
             *done,
@@ -971,9 +970,9 @@ def _incomplete(
     )
     return ImportIncompleteError(
         f"Import stopped in session {sid!r} after writing {written} of its "
-        f"{plan.count - plan.present} missing events ({finished} sessions written before it, "
-        f"{left} not started): {cause}. Run the import again: complete sessions are "
-        "skipped and this one resumes where it stopped",
+        f"{plan.count - plan.present} missing events (sessions before it: {before}, all "
+        f"complete; after it: {after}, not started): {cause}. Run the import again: "
+        "complete sessions are skipped and this one resumes where it stopped",
         session_id=sid,
         report=report,
     )
