@@ -11,11 +11,15 @@ from ledger.config import LedgerConfig
 from ledger.errors import (
     BranchExistsError,
     BranchNotFoundError,
+    BundleConflictError,
+    BundleError,
+    BundleKeyError,
     CheckpointNotFoundError,
     ConfigError,
     ConflictError,
     EventNotFoundError,
     EventTooLargeError,
+    ImportIncompleteError,
     IntegrityError,
     InvalidEventError,
     LedgerError,
@@ -46,6 +50,7 @@ from ledger.events import (
 )
 
 if TYPE_CHECKING:
+    from ledger.bundle import ExportReport, ImportReport
     from ledger.ledger import Ledger
     from ledger.verify import Problem, VerifyReport
     from projections.base import Projection
@@ -57,6 +62,8 @@ if TYPE_CHECKING:
 # Names from the layers above the event model load on first use (PEP 562), so that
 # `projections` and `stores`, which import `ledger.events`, can be imported first.
 _LAZY = {
+    "ExportReport": "ledger.bundle",
+    "ImportReport": "ledger.bundle",
     "Ledger": "ledger.ledger",
     "Problem": "ledger.verify",
     "VerifyReport": "ledger.verify",
@@ -87,6 +94,9 @@ __all__ = [
     "BranchInfo",
     "BranchNotFoundError",
     "Branched",
+    "BundleConflictError",
+    "BundleError",
+    "BundleKeyError",
     "Checkpoint",
     "CheckpointNotFoundError",
     "Checkpointed",
@@ -97,7 +107,10 @@ __all__ = [
     "EventNotFoundError",
     "EventTooLargeError",
     "Expired",
+    "ExportReport",
     "FeedItem",
+    "ImportIncompleteError",
+    "ImportReport",
     "IntegrityError",
     "InvalidEventError",
     "Ledger",
