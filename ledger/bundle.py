@@ -67,7 +67,7 @@ from ledger.events import (
 )
 from ledger.verify import _Bad, _check_step
 from projections.session import SESSION, SessionState
-from stores.base import AppendRequest, EventStore, SessionRow
+from stores.base import AppendRequest, AppendResult, EventStore, SessionRow
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -865,90 +865,125 @@ async def _check_create_keys(store: EventStore, scan: _Scan) -> None:
 # ---------------------------------------------------------------------------- writing
 
 
+class _Writer:
+    """One session's appends: runs of one branch, the next one built while the last commits.
+
+    At most one append is in flight, and the next is sent only after it has
+    committed, so ``written`` counts exactly what the store acknowledged.
+    """
+
+    def __init__(
+        self, store: EventStore, scan: _Scan, plan: _Plan, done: list[SessionImport]
+    ) -> None:
+        self.store = store
+        self.scan = scan
+        self.plan = plan
+        self.done = done
+        self.heads: dict[str, str] = {}
+        self.run: list[Event] = []
+        self.size = 0
+        self.status: str | None = None
+        self.written = 0
+        self.pending: tuple[asyncio.Future[AppendResult], int] | None = None
+
+    def skip(self, event: Event) -> None:
+        """An event the target already holds: only the heads move."""
+        self.heads[event.branch] = event.id
+
+    async def add(self, event: Event, state: SessionState, size: int) -> None:
+        run = self.run
+        if run and (
+            event.branch != run[-1].branch
+            or isinstance(event.body, Branched | Restored)
+            or len(run) >= BATCH_EVENTS
+            or self.size >= BATCH_BYTES
+        ):
+            await self.flush()  # a new list: the one sent stays as it was
+        self.run.append(event)
+        self.size += size
+        if event.branch == MAIN:
+            self.status = state.status
+
+    async def flush(self) -> None:
+        """Send the run, once the append before it has committed."""
+        await self.settle()
+        if not self.run:
+            return
+        branch = self.run[0].branch
+        request = AppendRequest(
+            session_id=self.plan.row.session_id,
+            branch=branch,
+            expected_head=self.heads.get(branch),
+            events=self.run,
+            status=self.status if branch == MAIN else None,
+        )
+        self.heads[branch] = self.run[-1].id
+        self.pending = (asyncio.ensure_future(self.store.append(request)), len(self.run))
+        self.run, self.size = [], 0
+
+    async def settle(self) -> None:
+        if self.pending is None:
+            return
+        future, count = self.pending
+        self.pending = None
+        try:
+            result = await future
+        except (LedgerError, OSError) as exc:
+            raise self.incomplete(exc) from exc
+        if result.replayed:
+            replayed = result.events[0].id
+            raise self.incomplete(BundleError(f"the store replayed event {replayed!r}"))
+        self.written += count
+
+    async def fail(self, error: BundleError) -> ImportIncompleteError:
+        await self.settle()
+        return self.incomplete(error)
+
+    def incomplete(self, cause: Exception) -> ImportIncompleteError:
+        return _incomplete(self.done, self.scan, self.plan, self.written, cause)
+
+
 async def _write(
     store: EventStore, file: IO[bytes], scan: _Scan, key: bytes | None
 ) -> list[SessionImport]:
     """Pass 3: each session's missing events, in runs of one branch, compare-and-swapped."""
     done: list[SessionImport] = []
     plans = iter(scan.plans)
-    plan: _Plan | None = None
+    writer: _Writer | None = None
     walker: _Walker | None = None
-    heads: dict[str, str] = {}
-    run: list[Event] = []
-    size = 0
-    status: str | None = None
-    written = 0
-
-    async def flush() -> None:
-        nonlocal size, written
-        if not run:
-            return
-        assert plan is not None
-        branch = run[0].branch
-        request = AppendRequest(
-            session_id=plan.row.session_id,
-            branch=branch,
-            expected_head=heads.get(branch),
-            events=list(run),
-            status=status if branch == MAIN else None,
-        )
-        try:
-            result = await store.append(request)
-        except LedgerError as exc:
-            raise _incomplete(done, scan, plan, written, exc) from exc
-        if result.replayed:
-            cause = f"the store replayed event {result.events[0].id!r} for idempotency key"
-            raise _incomplete(done, scan, plan, written, BundleError(cause))
-        heads[branch] = run[-1].id
-        written += len(run)
-        run.clear()
-        size = 0
-
-    for number, line_size, event in _events(file):
-        if plan is None:
+    for number, size, event in _events(file):
+        if writer is None:
             plan = next(plans)
+            writer = _Writer(store, scan, plan, done)
             walker = _Walker(plan.row.session_id, plan.keep, key)
-            heads, written = {}, 0
         assert walker is not None
         if event is None:
-            await flush()
+            await writer.flush()
+            await writer.settle()
             done.append(
                 SessionImport(
                     session_id=plan.row.session_id,
                     action=plan.action,
                     events=plan.count,
-                    written=written,
+                    written=writer.written,
                 )
             )
-            plan = None
+            writer = None
             continue
         if plan.action not in ("imported", "resumed"):
             continue
-        # Checked again as it is written: the file is read anew by this pass.
-        problem = event_problem(event)
+        # Checked again as it is written: this pass reads the file anew.
         try:
+            problem = event_problem(event)
             if problem:
                 raise _Bad(problem)
             state = walker.step(event)
         except _Bad as exc:
-            error = _bad(str(exc), number, plan.row.session_id, event.id)
-            raise _incomplete(done, scan, plan, written, error) from None
+            raise await writer.fail(_bad(str(exc), number, plan.row.session_id, event.id)) from None
         if walker.count <= plan.present:
-            heads[event.branch] = event.id
-            continue
-        starts_run = (
-            not run
-            or event.branch != run[-1].branch
-            or isinstance(event.body, Branched | Restored)
-            or len(run) >= BATCH_EVENTS
-            or size >= BATCH_BYTES
-        )
-        if starts_run:
-            await flush()
-        run.append(event)
-        size += line_size
-        if event.branch == MAIN:
-            status = state.status
+            writer.skip(event)
+        else:
+            await writer.add(event, state, size)
     return done
 
 
@@ -1022,7 +1057,7 @@ def _seekable(file: IO[bytes]) -> bool:
 async def _import(
     store: EventStore, file: IO[bytes], key: bytes | None, dry_run: bool
 ) -> ImportReport:
-    scan = _scan(file, key)
+    scan = await asyncio.to_thread(_scan, file, key)  # no I/O of the loop's: keep it free
     await _check(store, file, scan, key)
     await _check_create_keys(store, scan)
     header = scan.header
