@@ -13,12 +13,16 @@ from ledger.errors import (
     AnchorError,
     BranchExistsError,
     BranchNotFoundError,
+    BundleConflictError,
+    BundleError,
+    BundleKeyError,
     CheckpointNotFoundError,
     ConfigError,
     ConflictError,
     EventNotFoundError,
     EventNotRedactableError,
     EventTooLargeError,
+    ImportIncompleteError,
     IntegrityError,
     InvalidEventError,
     LedgerError,
@@ -53,6 +57,7 @@ from ledger.events import (
 
 if TYPE_CHECKING:
     from ledger.anchors import Anchor
+    from ledger.bundle import ExportReport, ImportReport
     from ledger.ledger import Ledger
     from ledger.proofs import ConsistencyProof, InclusionProof, ProofCheck, check_proof
     from ledger.replay import BranchDiff
@@ -72,6 +77,8 @@ _LAZY = {
     "InclusionProof": "ledger.proofs",
     "ProofCheck": "ledger.proofs",
     "check_proof": "ledger.proofs",
+    "ExportReport": "ledger.bundle",
+    "ImportReport": "ledger.bundle",
     "Ledger": "ledger.ledger",
     "BranchDiff": "ledger.replay",
     "Problem": "ledger.verify",
@@ -108,6 +115,9 @@ __all__ = [
     "BranchInfo",
     "BranchNotFoundError",
     "Branched",
+    "BundleConflictError",
+    "BundleError",
+    "BundleKeyError",
     "Checkpoint",
     "CheckpointNotFoundError",
     "Checkpointed",
@@ -121,7 +131,10 @@ __all__ = [
     "EventNotRedactableError",
     "EventTooLargeError",
     "Expired",
+    "ExportReport",
     "FeedItem",
+    "ImportIncompleteError",
+    "ImportReport",
     "InclusionProof",
     "IntegrityError",
     "InvalidEventError",

@@ -17,6 +17,8 @@
     ledger verify SESSION --anchor a.json   # does the session still extend it?
     ledger prove EVENT > p.json      # one event belongs to its session (at an anchor)
     ledger check-proof p.json        # checked offline, with nothing else
+    ledger export > bundle.jsonl     # sessions as a verified bundle
+    ledger import bundle.jsonl       # ... into another store
 
 Every command takes ``--store URL`` (default: ``LEDGER_URL``, else
 ``sqlite:///ledger.db``) and ``--json`` (one JSON document on stdout). Exit
@@ -34,11 +36,12 @@ import re
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
-from typing import Any, NoReturn, TextIO
+from typing import IO, Any, NoReturn, TextIO
 
 import msgspec
 
 from ledger.anchors import Anchor, decode_anchor, encode_anchor, key_id, new_key
+from ledger.bundle import ExportReport, ImportReport
 from ledger.config import DEFAULT_URL
 from ledger.errors import (
     AnchorError,
@@ -1107,6 +1110,85 @@ async def cmd_check_proof(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+def export_lines(report: ExportReport, where: str) -> list[str]:
+    signed = (
+        f"anchors MAC'd with key {report.key_id}" if report.key_id else "no key: anchors unsigned"
+    )
+    lines = [
+        f"Exported {plural(report.sessions, 'session')}, {plural(report.events, 'event')} "
+        f"({report.bytes:,} bytes) to {where} ({signed})"
+    ]
+    lines += [
+        f"  {a.session}  {plural(a.size, 'event')}  root {short(a.root)}" for a in report.anchors
+    ]
+    return lines
+
+
+async def cmd_export(led: Ledger, args: argparse.Namespace, out: Output) -> int:
+    sessions = args.sessions or None
+    try:
+        with Progress("exporting events") as progress:
+            if args.out is None or args.out == "-":
+                # The bundle is stdout: the summary goes to stderr.
+                report = await led.export(
+                    sys.stdout.buffer, sessions, user_id=args.user, progress=progress.advance
+                )
+                sys.stdout.buffer.flush()
+                out = Output(sys.stderr, as_json=out.as_json)
+                where = "stdout"
+            else:
+                report = await led.export(
+                    args.out, sessions, user_id=args.user, progress=progress.advance
+                )
+                where = args.out
+    except OSError as exc:
+        raise UsageError(f"Cannot write the bundle: {exc}") from None
+    if out.as_json:
+        out.json(report)
+    else:
+        for line in export_lines(report, where):
+            out.line(line)
+    return 0
+
+
+def import_lines(report: ImportReport, where: str) -> list[str]:
+    verb = "Verified (dry run, nothing written)" if report.dry_run else "Imported"
+    trust = (
+        f"authenticated: MACs checked with key {report.key_id}"
+        if report.authenticated
+        else "integrity only: no key"
+    )
+    lines = [
+        f"{verb} {where}: {plural(len(report.sessions), 'session')}, "
+        f"{plural(report.events, 'event')}, {report.written} written ({trust})"
+    ]
+    lines += [
+        f"  {s.session_id}  {s.action:<9}  {plural(s.events, 'event')}, {s.written} written"
+        for s in report.sessions
+    ]
+    return lines
+
+
+async def cmd_import(led: Ledger, args: argparse.Namespace, out: Output) -> int:
+    source: str | IO[bytes] = sys.stdin.buffer if args.file == "-" else args.file
+    try:
+        # Two passes verify the bundle, a third writes it; a pipe's size is unknown.
+        size = None if args.file == "-" else await asyncio.to_thread(os.path.getsize, args.file)
+        total = None if size is None else size * (2 if args.dry_run else 3)
+        with Progress("importing (bytes read)", total) as progress:
+            report = await led.import_bundle(
+                source, dry_run=args.dry_run, progress=progress.advance
+            )
+    except OSError as exc:
+        raise UsageError(f"Cannot read the bundle: {exc}") from None
+    if out.as_json:
+        out.json(report)
+    else:
+        for line in import_lines(report, "stdin" if args.file == "-" else args.file):
+            out.line(line)
+    return 0
+
+
 Command = Callable[[Ledger, argparse.Namespace, Output], Coroutine[Any, Any, int]]
 Offline = Callable[[argparse.Namespace, Output], Coroutine[Any, Any, int]]
 """A command that opens no store (``keygen``, ``check-proof``)."""
@@ -1317,6 +1399,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("session", metavar="SESSION")
     p.add_argument("a", metavar="A", help="a branch")
     p.add_argument("b", metavar="B", help="another branch")
+
+    p = add("export", "write sessions as a bundle (all of them by default)", cmd_export)
+    p.add_argument("sessions", metavar="SESSION", nargs="*", help="only these sessions")
+    p.add_argument("--user", help="only this user's sessions")
+    p.add_argument("--out", metavar="FILE", help="write to FILE (default: stdout)")
+
+    p = add("import", "verify a whole bundle, then write its sessions into the store", cmd_import)
+    p.add_argument("file", metavar="FILE", help="the bundle, or - for stdin")
+    p.add_argument("--dry-run", action="store_true", help="verify and compare, write nothing")
     return parser
 
 

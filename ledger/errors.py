@@ -3,7 +3,8 @@
 LedgerError
 ├── ConfigError(ValueError)              a bad setting or environment variable
 ├── StoreError                           the store failed or cannot be reached
-│   └── StoreClosedError                 the store (or ledger) is closed
+│   ├── StoreClosedError                 the store (or ledger) is closed
+│   └── ImportIncompleteError            the store failed midway through an import
 ├── NotFoundError(LookupError)
 │   ├── SessionNotFoundError
 │   ├── BranchNotFoundError
@@ -14,7 +15,8 @@ LedgerError
 │   ├── EventNotRedactableError          only TurnAdded and Recorded bodies can be erased
 │   └── AlreadyRedactedError             the event's body was erased before
 ├── ConflictError                        the branch head moved (compare-and-swap)
-│   └── BranchExistsError
+│   ├── BranchExistsError
+│   └── BundleConflictError              the target holds a bundle's session, different
 ├── SessionStateError                    the session's lifecycle refuses the write
 │   ├── SessionClosedError
 │   ├── SessionExpiredError
@@ -23,7 +25,9 @@ LedgerError
 ├── SessionCapacityError                 a configured limit would be exceeded
 └── IntegrityError                       stored data does not verify (tampered or corrupt)
     ├── AnchorError                      an anchor that does not check (MAC, key, session, format)
-    └── ProofError                       a proof that does not check, or cannot be made
+    ├── ProofError                       a proof that does not check, or cannot be made
+    └── BundleError                      a bundle damaged, cut short or tampered with
+        └── BundleKeyError               a bundle exported with another key (or none)
 
 Every message names the ids involved, in the form ``Session not found: 'abc-123'``.
 Every refused operation writes nothing.
@@ -36,12 +40,16 @@ __all__ = [
     "AnchorError",
     "BranchExistsError",
     "BranchNotFoundError",
+    "BundleConflictError",
+    "BundleError",
+    "BundleKeyError",
     "CheckpointNotFoundError",
     "ConfigError",
     "ConflictError",
     "EventNotFoundError",
     "EventNotRedactableError",
     "EventTooLargeError",
+    "ImportIncompleteError",
     "IntegrityError",
     "InvalidEventError",
     "LedgerError",
@@ -237,3 +245,52 @@ class ProofError(IntegrityError):
     def __init__(self, message: str, *, reason: str, event_id: str | None = None) -> None:
         super().__init__(message, event_id)
         self.reason = reason
+
+
+class BundleError(IntegrityError):
+    """A bundle that does not verify: ``line``, and the session and event when there is one."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        line: int | None = None,
+        session_id: str | None = None,
+        event_id: str | None = None,
+    ) -> None:
+        super().__init__(message, event_id)
+        self.line = line
+        self.session_id = session_id
+
+
+class BundleKeyError(BundleError):
+    """The bundle was exported with another key than the importing ledger's (or one has none)."""
+
+
+class BundleConflictError(ConflictError):
+    """The target store holds a session of the bundle, and it differs from the bundle's."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        session_id: str,
+        branch: str,
+        expected: str | None,
+        current: str | None,
+    ) -> None:
+        LedgerError.__init__(self, message)
+        self.session_id = session_id
+        self.branch = branch
+        self.expected = expected
+        self.current = current
+
+
+class ImportIncompleteError(StoreError):
+    """The store failed midway through an import; ``report`` (an ``ImportReport``) says
+    what was written. Running the import again finishes it."""
+
+    def __init__(self, message: str, *, session_id: str, report: object) -> None:
+        super().__init__(message)
+        self.session_id = session_id
+        self.report = report

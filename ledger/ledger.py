@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import random
+import tempfile
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Sequence
 from datetime import timedelta
+from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar, overload
+from typing import IO, Any, Self, TypeVar, overload
 
 import msgspec
 
@@ -24,6 +27,7 @@ from ledger.anchors import (
     key_id,
     make_anchor,
 )
+from ledger.bundle import ExportReport, ImportReport, export_bundle, import_bundle
 from ledger.config import LedgerConfig
 from ledger.errors import (
     AlreadyRedactedError,
@@ -1080,6 +1084,97 @@ class Ledger:
                 reason="session",
             )
         check_anchor_mac(anchor, self._key)
+
+    # ------------------------------------------------------------------ bundles
+
+    async def export(
+        self,
+        out: str | os.PathLike[str] | IO[bytes],
+        session_ids: Sequence[str] | None = None,
+        *,
+        user_id: str | None = None,
+        progress: Callable[[int], object] | None = None,
+    ) -> ExportReport:
+        """Write sessions as a bundle (see ``ledger.bundle``): to a path, or a binary stream.
+
+        Without ``session_ids``, every session (of ``user_id`` when given). A path
+        is written to a temporary file beside it and renamed when complete.
+        ``progress(n)`` is told of every ``n`` events written.
+
+        Raises:
+            SessionNotFoundError: a named session does not exist (or is not ``user_id``'s);
+                nothing is written.
+            IntegrityError: an event of the store does not verify (it is named).
+
+        Example::
+
+            report = await led.export("backup.jsonl")
+            print(report.sessions, report.events, report.anchors[0].root)
+        """
+        ids = await self._export_ids(session_ids, user_id)
+        if not isinstance(out, str | os.PathLike):
+            return await export_bundle(
+                self.store, out, ids, key=self._key, at=_now(), progress=progress
+            )
+        target = Path(out)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                report = await export_bundle(
+                    self.store, file, ids, key=self._key, at=_now(), progress=progress
+                )
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return report
+
+    async def _export_ids(
+        self, session_ids: Sequence[str] | None, user_id: str | None
+    ) -> list[str]:
+        if session_ids is not None:
+            ids = list(dict.fromkeys(session_ids))
+            for session_id in ids:
+                row = await self.store.session(session_id)
+                if user_id is not None and row.user_id != user_id:
+                    raise SessionNotFoundError(session_id)
+            return ids
+        found: list[str] = []
+        cursor: str | None = None
+        while True:
+            page = await self.sessions(user_id=user_id, limit=500, cursor=cursor)
+            found += [row.session_id for row in page.items]
+            cursor = page.next_cursor
+            if cursor is None:
+                return list(dict.fromkeys(found))
+
+    async def import_bundle(
+        self,
+        source: str | os.PathLike[str] | IO[bytes],
+        *,
+        dry_run: bool = False,
+        progress: Callable[[int], object] | None = None,
+    ) -> ImportReport:
+        """Verify a whole bundle, then write its sessions: the same trees, the same ids.
+
+        Nothing is written unless everything verifies (every id, digest, link,
+        anchor, MAC under this ledger's key) and no session conflicts with this
+        store. Sessions already here are skipped; one a stopped import left
+        half-written is finished. ``dry_run``: verify and compare only.
+        ``progress(n)`` is told of every ``n`` bytes read (the bundle is read three times).
+
+        Raises:
+            BundleError: damaged, cut short or tampered with; names line, session, event.
+            BundleKeyError: exported with another key than this ledger's (or one has none).
+            BundleConflictError: this store holds one of its sessions, different.
+            ImportIncompleteError: the store failed midway; ``.report`` says what landed.
+        """
+        return await import_bundle(
+            self.store, source, key=self._key, dry_run=dry_run, progress=progress
+        )
 
     def subscribe(
         self,

@@ -841,6 +841,42 @@ def test_purge_draws_progress_on_a_terminal_stderr(
     assert drawn.endswith("\r") and "\n" not in drawn
 
 
+def test_export_and_import_draw_progress_on_a_terminal_stderr(
+    demo: Demo,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from ledger.progress import Progress
+
+    class Terminal(StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(Progress, "clock", lambda: next(ticks) * 0.6)
+    bundle = tmp_path / "bundle.jsonl"
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(["--store", demo.url, "export", "--out", str(bundle), "--json"]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    drawn = terminal.getvalue()
+    assert drawn.startswith(f"\rexporting events  {exported['events']}  ")
+    assert drawn.endswith("\r") and "\n" not in drawn
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    target = f"sqlite:///{tmp_path / 'copy.db'}"
+    assert main(["--store", target, "import", str(bundle), "--json"]) == 0
+    imported = json.loads(capsys.readouterr().out)
+    assert imported["events"] == exported["events"]
+    size = bundle.stat().st_size
+    drawn = terminal.getvalue()
+    assert drawn.startswith("\rimporting (bytes read)  [")
+    assert f"{3 * size}/{3 * size}  100%" in drawn  # two passes verify, a third writes
+    assert drawn.endswith("\r") and "\n" not in drawn
+
+
 def test_help_lists_replay_and_diff(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "--help")
     assert code == 0
