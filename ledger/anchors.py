@@ -48,6 +48,7 @@ __all__ = [
     "make_anchor",
     "new_key",
     "session_log",
+    "signed",
 ]
 
 ANCHOR_FORMAT: Final = 1
@@ -123,7 +124,11 @@ def anchor_of(
     whose branch heads are then ``heads``."""
     size = log.size if size is None else size
     root = log.root(size).hex()
-    anchor = Anchor(session=session_id, size=size, root=root, at=at, heads=heads)
+    return signed(Anchor(session=session_id, size=size, root=root, at=at, heads=heads), key)
+
+
+def signed(anchor: Anchor, key: bytes | None) -> Anchor:
+    """``anchor`` with the key's id and its MAC under ``key`` (as it is without a key)."""
     if key is None:
         return anchor
     anchor = msgspec.structs.replace(anchor, key_id=key_id(key))

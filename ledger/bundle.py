@@ -47,7 +47,7 @@ from typing import IO, Any, Final, cast
 import blake3
 import msgspec
 
-from ledger.anchors import Anchor, anchor_mac, key_id
+from ledger.anchors import Anchor, anchor_mac, key_id, signed
 from ledger.errors import (
     BundleConflictError,
     BundleError,
@@ -309,9 +309,9 @@ async def export_bundle(
                 f"Cannot export session {session_id!r}: its listing counts "
                 f"{row.event_count} events, the store holds {root.size}"
             )
-        anchor = Anchor(session=session_id, size=root.size, root=root.root().hex(), at=at)
-        if key:
-            anchor = msgspec.structs.replace(anchor, mac=anchor_mac(anchor, key))
+        anchor = signed(
+            Anchor(session=session_id, size=root.size, root=root.root().hex(), at=at), key
+        )
         anchors.append(anchor)
         put(_encode(_AnchorLine(anchor=anchor, digest=digest.hexdigest())) + b"\n")
         events += root.size

@@ -171,6 +171,8 @@ async def test_bundle_format_is_the_documented_one(tmp_path: Path) -> None:
         "at": report.created_at,
         "mac": expected.mac,
         "format": 1,
+        "key_id": key_id(bytes.fromhex(KEY)),
+        "heads": None,
     }
     assert anchor["digest"] == blake3.blake3(b"".join(lines_of(data)[1:-2])).hexdigest()
     assert trailer["digest"] == blake3.blake3(b"".join(lines_of(data)[:-1])).hexdigest()
