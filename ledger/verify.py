@@ -50,6 +50,9 @@ from stores.base import EventStore
 
 __all__ = ["AnchorCheck", "Problem", "VerifyReport", "verify_session"]
 
+KEEP_EVERY: Final = 1024
+"""The walk keeps the state at every event this deep (a multiple of it): a fork's
+state is folded from the nearest one, at most this many events away."""
 MAX_PROBLEMS = 100
 PARALLEL_FROM: Final = 50_000
 """Sessions of at least this many events are verified on two cores."""
@@ -210,6 +213,7 @@ async def _walk(store: EventStore, session_id: str, key: bytes | None, need_log:
     problems: list[Problem] = []
     redactions = _Redactions(session_id)
     heads: dict[str, SessionState] = {}
+    kept: dict[str, SessionState] = {}  # every KEEP_EVERY-th depth: where a fork's fold starts
     checked = 0
     leaves = bytearray() if need_log else None
     bad_at: dict[str, int] = {}
@@ -222,7 +226,9 @@ async def _walk(store: EventStore, session_id: str, key: bytes | None, need_log:
                 if checked > 1 and type(event.body) not in _FORKS:
                     state = _check_linear(session_id, event, heads, key)
                 else:
-                    state = await _check(store, session_id, event, heads, key, root=checked == 1)
+                    state = await _check(
+                        store, session_id, event, heads, kept, key, root=checked == 1
+                    )
                 changed = redactions.see(event)
                 if changed is not None:
                     problems.append(changed)
@@ -235,6 +241,8 @@ async def _walk(store: EventStore, session_id: str, key: bytes | None, need_log:
                     break
                 continue
             heads[event.branch] = state
+            if not event.seq % KEEP_EVERY:
+                kept[event.id] = state
     except IntegrityError as exc:
         problems.append(Problem(session_id, exc.event_id, str(exc)))
     log = MerkleLog.from_leaves(leaves) if leaves is not None else None
@@ -268,6 +276,7 @@ async def _walk_parallel(
     problems: list[Problem] = []
     redactions = _Redactions(session_id)
     heads: dict[str, SessionState] = {}
+    kept: dict[str, SessionState] = {}  # every KEEP_EVERY-th depth: where a fork's fold starts
     checked = 0
     bad_at: dict[str, int] = {}
     chunk: list[bytes] = []
@@ -287,7 +296,14 @@ async def _walk_parallel(
                         state = _check_linear(session_id, event, heads, key, False)
                     else:
                         state = await _check(
-                            store, session_id, event, heads, key, root=checked == 1, content=False
+                            store,
+                            session_id,
+                            event,
+                            heads,
+                            kept,
+                            key,
+                            root=checked == 1,
+                            content=False,
                         )
                     changed = redactions.see(event)
                     if changed is not None:
@@ -301,6 +317,10 @@ async def _walk_parallel(
                         break
                     continue
                 heads[event.branch] = state
+                if not event.seq % KEEP_EVERY:
+                    kept[event.id] = state
+            if not event.seq % KEEP_EVERY:
+                kept[event.id] = state
         except IntegrityError as exc:
             problems.append(Problem(session_id, exc.event_id, str(exc)))
         if chunk:
@@ -495,6 +515,7 @@ async def _check(
     session_id: str,
     event: Event,
     heads: dict[str, SessionState],
+    kept: dict[str, SessionState],
     key: bytes | None,
     *,
     root: bool,
@@ -513,7 +534,7 @@ async def _check(
         return SESSION.apply(SESSION.initial(), event)
     if event.parent is None:
         raise _Bad("only the root has no parent")
-    parent = await _state_from_root(store, session_id, event.parent)
+    parent = await _state_at(store, session_id, event.parent, kept)
     if isinstance(body, Branched):
         if event.branch in heads or body.name != event.branch:
             raise _Bad(f"Branched must start a new branch, {event.branch!r} exists")
@@ -612,17 +633,31 @@ def _check_lifecycle(parent: SessionState, event: Event) -> None:
         raise _Bad(f"{event.kind} is not allowed on a {parent.status} branch")
 
 
-async def _state_from_root(store: EventStore, session_id: str, event_id: str) -> SessionState:
-    try:
-        path = await store.path(event_id)
-    except NotFoundError:
-        raise _Bad(f"parent {event_id!r} does not exist") from None
-    if path[0].session != session_id:
-        raise _Bad(f"parent {event_id!r} belongs to another session")
-    for event in path:
-        if event_problem(event):
-            raise _Bad(f"its path goes through bad event {event.id!r}")
-    return fold(SESSION, path)
+async def _state_at(
+    store: EventStore, session_id: str, event_id: str, kept: dict[str, SessionState]
+) -> SessionState:
+    """The state at an earlier event (a fork point): folded from the nearest state the
+    walk kept on its path, so memory stays bounded however deep the fork."""
+    window: list[Event] = []
+    base: SessionState | None = None
+    cursor: str | None = event_id
+    while cursor is not None and base is None:
+        try:
+            batch = await store.ancestors(cursor, limit=KEEP_EVERY)
+        except NotFoundError:
+            raise _Bad(f"parent {cursor!r} does not exist") from None
+        for event in batch:
+            base = kept.get(event.id)
+            if base is not None:
+                break
+            if event.session != session_id:
+                raise _Bad(f"parent {event_id!r} belongs to another session")
+            if event_problem(event):
+                raise _Bad(f"its path goes through bad event {event.id!r}")
+            window.append(event)
+        cursor = batch[-1].parent if base is None else None
+    window.reverse()
+    return fold(SESSION, window, base)
 
 
 async def _check_restore(store: EventStore, session_id: str, event: Event, body: Restored) -> None:

@@ -150,3 +150,41 @@ async def test_verify_of_every_session_reports_each_one_as_it_goes(tmp_path: Pat
         )
     assert sorted(seen) == [(1, 1), (1, 2), (1, 3)]
     assert (total.ok, total.sessions_checked, total.events_checked) == (True, 3, 6)
+
+
+async def test_forks_deep_in_a_session_verify_from_the_states_kept_on_the_way() -> None:
+    """A fork's state is folded from the nearest kept state, not from the root: the
+    checkpoints after deep forks (their checksums cover that state) still verify, and
+    a damaged event between a kept state and a fork point is still named."""
+    from ledger.verify import KEEP_EVERY, verify_session
+    from stores.memory import MemoryStore
+
+    async with Ledger(MemoryStore()) as led:
+        s = await led.create(user_id="u", agent="a")
+        ids = [
+            (await led.add_turn(s.session_id, role="user", content=f"t{i}", tokens_in=i)).id
+            for i in range(2 * KEEP_EVERY + 50)
+        ]
+        for n, depth in enumerate((KEEP_EVERY - 1, KEEP_EVERY, 2 * KEEP_EVERY + 7)):
+            name = f"b{n}"
+            await led.branch(s.session_id, name, at=ids[depth - 1])
+            await led.add_turn(s.session_id, role="user", content="x", branch=name, tokens_in=3)
+            await led.checkpoint(s.session_id, branch=name)
+        report = await verify_session(led.store, s.session_id, parallel=False)
+        assert report.ok, report.problems
+        assert report.events_checked == 1 + len(ids) + 3 * 3
+
+        # Damage a turn between the last kept state and the deepest fork point.
+        store = led.store
+        assert isinstance(store, MemoryStore)
+        victim = store._by_id[ids[2 * KEEP_EVERY + 3]]
+        assert isinstance(victim.body, TurnAdded)
+        forged = msgspec.structs.replace(
+            victim, body=msgspec.structs.replace(victim.body, content="forged")
+        )
+        store._by_id[victim.id] = forged
+        store._feed[store._feed.index(victim)] = forged
+        report = await verify_session(store, s.session_id, parallel=False)
+        assert report.first_bad == victim.id
+        deep_fork = [p for p in report.problems if "its path goes through bad event" in p.message]
+        assert [p.message for p in deep_fork] == [f"its path goes through bad event {victim.id!r}"]
