@@ -15,9 +15,12 @@ body while its digest, and so every id after it, still verifies.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import re
 import uuid
+from collections.abc import Iterator
 from typing import Any, Final
 
 import blake3
@@ -46,6 +49,7 @@ __all__ = [
     "decode_event",
     "encode_event",
     "event_problem",
+    "gc_paused",
     "make_event",
     "new_session_id",
     "normalize_body",
@@ -184,6 +188,27 @@ def decode_event(data: bytes | str) -> Event:
         return _event_decoder.decode(data)
     except UnicodeDecodeError as exc:  # msgspec lets invalid UTF-8 through as this
         raise msgspec.DecodeError(f"Invalid UTF-8: {exc}") from None
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector around a bulk decode.
+
+    Events are untracked, but a decoded ``TurnAdded`` holds a list (its
+    ``tool_calls``) and driver rows are tuples: a read of thousands of events
+    allocates enough tracked objects to set off collections that scan every
+    object the process keeps alive, again and again. None of these objects can
+    form a cycle, so nothing is lost by collecting once afterwards, as the
+    collector does on its own at the next allocation.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def normalize_body(body: Body, session_id: str) -> tuple[Body, bytes]:

@@ -31,7 +31,7 @@ import blake3
 import msgspec
 
 from ledger.errors import EventNotFoundError
-from ledger.events import Event, canonical
+from ledger.events import Event, canonical, gc_paused
 from projections.base import Projection
 
 __all__ = ["FoldEngine", "SnapshotSource", "open_snapshot", "seal_snapshot"]
@@ -205,10 +205,13 @@ class FoldEngine:
         state = projection.initial() if base is None else base
         snapshots: list[tuple[str, bytes]] = []
         apply = projection.apply
-        for event in reversed(pending):
-            state = apply(state, event)
-            if self.due(event):
-                snapshots.append((event.id, self._seal(projection, session_id, event.id, state)))
+        with gc_paused():
+            for event in reversed(pending):
+                state = apply(state, event)
+                if self.due(event):
+                    snapshots.append(
+                        (event.id, self._seal(projection, session_id, event.id, state))
+                    )
         if snapshots:
             await self.source.put_snapshots(session_id, projection.key, snapshots)
         self.remember(projection, session_id, event_id, state)

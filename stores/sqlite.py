@@ -56,7 +56,7 @@ from ledger.errors import (
     StoreClosedError,
     StoreError,
 )
-from ledger.events import Event, SessionCreated, decode_event, encode_event
+from ledger.events import Event, SessionCreated, decode_event, encode_event, gc_paused
 from stores.base import (
     OPEN_STATUSES,
     AppendRequest,
@@ -367,8 +367,11 @@ def _put_snapshots_tx(conn: sqlite3.Connection, rows: list[_Row]) -> None:
 
 
 def _decode(row: _Row, path: str) -> Event:
-    """A stored event, or IntegrityError: a bad row is never skipped nor returned."""
-    position, event_id, session_id, data = row
+    """A stored event, or IntegrityError: a bad row is never skipped nor returned.
+
+    ``row`` starts with ``_EVENT_COLUMNS``; anything after them is ignored.
+    """
+    position, event_id, session_id, data = row[0], row[1], row[2], row[3]
     try:
         event = decode_event(data)
     except (msgspec.MsgspecError, TypeError) as exc:
@@ -608,43 +611,44 @@ class SQLiteStore(FeedStore):
         # links followed in memory: far cheaper than one index seek per step.
         # Positions fall strictly along the walk, so even a tampered parent
         # column cannot make it loop.
-        chosen: list[_Row] = []
-        cursor: str | None = event_id
-        below = _NO_LIMIT
-        sparse = False
-        while cursor is not None and (limit is None or len(chosen) < limit):
-            want = _PATH_WINDOW if limit is None else min(limit - len(chosen), _PATH_WINDOW)
-            if sparse:
-                # The last window was mostly other branches' events: one
-                # window's worth of the path by index seeks, then windows again.
-                rows = await self._chain(cursor, below, want)
-                chosen.extend(rows)
-                if len(rows) < want:
-                    break  # the root, or a parent missing: named below
-                cursor, below, sparse = rows[-1][4], rows[-1][0], False
-                continue
-            rows = await self._fetch(
-                f"SELECT {_EVENT_COLUMNS}, e.parent FROM events AS e, "
-                "(SELECT position AS p, session_id AS s FROM events WHERE id = ?) AS c "
-                "WHERE e.session_id = c.s AND e.position <= c.p AND e.position < ? "
-                "ORDER BY e.position DESC LIMIT ?",
-                (cursor, below, want),
-            )
-            if not rows or rows[0][1] != cursor:
-                break  # unknown, or a parent missing or out of order: named below
-            taken = len(chosen)
-            for row in rows:
-                if row[1] == cursor:
-                    chosen.append(row)
-                    cursor = row[4]
-                    if cursor is None or len(chosen) == limit:
-                        break
-            below = chosen[-1][0]
-            sparse = len(chosen) - taken < len(rows) // 4
-        if not chosen:
-            raise EventNotFoundError(event_id)
-        events = [_decode(row[:4], self.filename) for row in chosen]
-        return check_ancestry(events, limit, f"in {self.filename!r}")
+        with gc_paused():  # a long path is a bulk read: see ledger.events.gc_paused
+            chosen: list[_Row] = []
+            cursor: str | None = event_id
+            below = _NO_LIMIT
+            sparse = False
+            while cursor is not None and (limit is None or len(chosen) < limit):
+                want = _PATH_WINDOW if limit is None else min(limit - len(chosen), _PATH_WINDOW)
+                if sparse:
+                    # The last window was mostly other branches' events: one
+                    # window's worth of the path by index seeks, then windows again.
+                    rows = await self._chain(cursor, below, want)
+                    chosen.extend(rows)
+                    if len(rows) < want:
+                        break  # the root, or a parent missing: named below
+                    cursor, below, sparse = rows[-1][4], rows[-1][0], False
+                    continue
+                rows = await self._fetch(
+                    f"SELECT {_EVENT_COLUMNS}, e.parent FROM events AS e, "
+                    "(SELECT position AS p, session_id AS s FROM events WHERE id = ?) AS c "
+                    "WHERE e.session_id = c.s AND e.position <= c.p AND e.position < ? "
+                    "ORDER BY e.position DESC LIMIT ?",
+                    (cursor, below, want),
+                )
+                if not rows or rows[0][1] != cursor:
+                    break  # unknown, or a parent missing or out of order: named below
+                taken = len(chosen)
+                for row in rows:
+                    if row[1] == cursor:
+                        chosen.append(row)
+                        cursor = row[4]
+                        if cursor is None or len(chosen) == limit:
+                            break
+                below = chosen[-1][0]
+                sparse = len(chosen) - taken < len(rows) // 4
+            if not chosen:
+                raise EventNotFoundError(event_id)
+            events = [_decode(row, self.filename) for row in chosen]
+            return check_ancestry(events, limit, f"in {self.filename!r}")
 
     async def _chain(self, event_id: str, below: int, limit: int) -> list[_Row]:
         """Up to ``limit`` events of the parent path from ``event_id``, by index seeks."""
@@ -676,8 +680,10 @@ class SQLiteStore(FeedStore):
                 "ORDER BY position LIMIT ?",
                 (session_id, after, upper, page_size),
             )
-            for row in rows:
-                yield _decode(row, self.filename)
+            with gc_paused():
+                events = [_decode(row, self.filename) for row in rows]
+            for event in events:
+                yield event
             if len(rows) < page_size:
                 return
             after = rows[-1][0]
