@@ -49,7 +49,8 @@ a store reads all of it once, and memory holds about 200 bytes per event.
 Event bodies are not kept in memory: reads go back to the files.
 
 Snapshots. ``snapshots/<session-id>.snap`` has one line per projection
-snapshot, ``<event id> <projection key> <base64 state>``, appended (not synced:
+snapshot, ``<event id> <projection key> <base64 state>``, appended (each write
+after an empty line, which ends any line a crash left torn; not synced:
 the states are derived from the session file and sealed by the fold engine, so
 a lost or torn line only means a longer fold). A lookup searches the mapped
 file for the newest line of its event and key; nothing is kept in memory.
@@ -1185,9 +1186,9 @@ class JSONLStore(FeedStore):
                 raise InvalidEventError(
                     f"Invalid snapshot key for session {session_id!r}: {key!r}, {event_id!r}"
                 )
-        # "<event id> <projection key> <base64 state>": the id and the base64
-        # have no spaces, so a line splits at its first and last space.
-        lines = b"".join(
+        # "<event id> <projection key> <base64 state>\n" each; the write starts
+        # with a newline, so a line left torn by a crash never swallows the next.
+        lines = b"\n" + b"".join(
             b"%s %s %s" % (event_id.encode(), key.encode(), binascii.b2a_base64(bytes(state)))
             for event_id, state in states
         )
