@@ -56,7 +56,7 @@ from ledger.errors import (
     StoreClosedError,
     StoreError,
 )
-from ledger.events import Event, SessionCreated, decode_event, encode_event, gc_paused
+from ledger.events import Event, SessionCreated, decode_stored, encode_stored, gc_paused
 from stores.base import (
     OPEN_STATUSES,
     AppendRequest,
@@ -75,8 +75,14 @@ from stores.base import (
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
-SCHEMA_VERSION: Final = 1
-"""``PRAGMA user_version`` of the files this code writes."""
+SCHEMA_VERSION: Final = 2
+"""``PRAGMA user_version`` of the files this code writes.
+
+1: ``events.data`` is the event's JSON. 2: large events are deflated
+(``ledger.events.encode_stored``). A version 1 file is upgraded in place at
+open: its rows are valid version 2 rows, only the number changes, so that
+code that knows only version 1 refuses the file instead of misreading it.
+"""
 
 _SCHEMA: Final = (
     """CREATE TABLE IF NOT EXISTS events (
@@ -223,7 +229,9 @@ def _setup_writer(conn: sqlite3.Connection, path: str, synchronous: str) -> None
                 f"{path!r} has schema version {version}, newer than this code knows "
                 f"({SCHEMA_VERSION}): upgrade the session ledger to open it"
             )
-        if version < SCHEMA_VERSION:
+        if version == 1:
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        elif version < SCHEMA_VERSION:
             if conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]:
                 raise StoreError(
                     f"{path!r} is an SQLite database but not a session ledger "
@@ -373,7 +381,7 @@ def _decode(row: _Row, path: str) -> Event:
     """
     position, event_id, session_id, data = row[0], row[1], row[2], row[3]
     try:
-        event = decode_event(data)
+        event = decode_stored(data)
     except (msgspec.MsgspecError, TypeError) as exc:
         raise IntegrityError(
             f"Stored event does not decode: {event_id!r} (position {position} in {path!r}): {exc}",
@@ -548,7 +556,7 @@ class SQLiteStore(FeedStore):
                 e.kind,
                 e.at,
                 e.idempotency_key,
-                encode_event(e),
+                encode_stored(e),
             )
             for e in request.events
         ]
