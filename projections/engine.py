@@ -183,6 +183,7 @@ class FoldEngine:
         if hit is not None:
             return hit
         every = self.snapshot_every
+        cache, pkey = self._cache, projection.key
         pending: list[Event] = []
         base: S | None = None
         cursor: str | None = event_id
@@ -193,9 +194,9 @@ class FoldEngine:
                 raise EventNotFoundError(event_id, session_id) from None
             if chunk[0].session != session_id:
                 raise EventNotFoundError(event_id, session_id)
-            for event in chunk:
-                base = self.cached(projection, session_id, event.id)
-                if base is None and self.due(event):
+            for event in chunk:  # hot on a long first fold: the lookups inlined
+                base = cache.get((pkey, session_id, event.id))
+                if base is None and event.seq % every == 0 and event.seq > 0:
                     base = await self._snapshot(projection, session_id, event.id)
                 if base is not None:
                     break
@@ -208,7 +209,7 @@ class FoldEngine:
         with gc_paused():
             for event in reversed(pending):
                 state = apply(state, event)
-                if self.due(event):
+                if event.seq % every == 0 and event.seq > 0:  # self.due(event)
                     snapshots.append(
                         (event.id, self._seal(projection, session_id, event.id, state))
                     )
