@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import operator
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
@@ -397,6 +398,31 @@ def _decode(row: _Row, path: str) -> Event:
     return event
 
 
+_get_data = operator.itemgetter(3)
+_get_row_id = operator.itemgetter(1)
+_get_row_session = operator.itemgetter(2)
+_get_id = operator.attrgetter("id")
+_get_session = operator.attrgetter("session")
+
+
+def _decode_rows(rows: Sequence[_Row], path: str) -> list[Event]:
+    """``_decode`` of many rows, its checks made on whole lists (a replay's hot loop).
+
+    On any failure the rows go through ``_decode`` one by one, which names the bad one.
+    """
+    try:
+        events = list(map(decode_stored, map(_get_data, rows)))
+    except (msgspec.MsgspecError, TypeError):
+        events = []
+    if (
+        len(events) != len(rows)
+        or list(map(_get_id, events)) != list(map(_get_row_id, rows))
+        or list(map(_get_session, events)) != list(map(_get_row_session, rows))
+    ):
+        return [_decode(row, path) for row in rows]
+    return events
+
+
 def _session_row(row: _Row) -> SessionRow:
     return SessionRow(
         session_id=row[0],
@@ -655,7 +681,7 @@ class SQLiteStore(FeedStore):
                 sparse = len(chosen) - taken < len(rows) // 4
             if not chosen:
                 raise EventNotFoundError(event_id)
-            events = [_decode(row, self.filename) for row in chosen]
+            events = _decode_rows(chosen, self.filename)
             return check_ancestry(events, limit, f"in {self.filename!r}")
 
     async def _chain(self, event_id: str, below: int, limit: int) -> list[_Row]:
@@ -680,21 +706,34 @@ class SQLiteStore(FeedStore):
         ((upper,),) = await self._fetch(
             "SELECT coalesce(max(position), 0) FROM events WHERE session_id = ?", (session_id,)
         )
-        after = 0
-        while after < upper:
-            rows = await self._fetch(
-                f"SELECT {_EVENT_COLUMNS} FROM events "
-                "WHERE session_id = ? AND position > ? AND position <= ? "
-                "ORDER BY position LIMIT ?",
-                (session_id, after, upper, page_size),
-            )
-            with gc_paused():
-                events = [_decode(row, self.filename) for row in rows]
-            for event in events:
-                yield event
-            if len(rows) < page_size:
-                return
-            after = rows[-1][0]
+        sql = (
+            f"SELECT {_EVENT_COLUMNS} FROM events "
+            "WHERE session_id = ? AND position > ? AND position <= ? "
+            "ORDER BY position LIMIT ?"
+        )
+        if upper == 0:
+            return
+        # The next page is read in the connection's thread (SQLite releases the
+        # GIL while it steps) while this one is decoded and consumed.
+        ahead: asyncio.Future[list[_Row]] | None = asyncio.ensure_future(
+            self._fetch(sql, (session_id, 0, upper, page_size))
+        )
+        try:
+            while ahead is not None:
+                rows = await ahead
+                ahead = None
+                if len(rows) == page_size and rows[-1][0] < upper:
+                    ahead = asyncio.ensure_future(
+                        self._fetch(sql, (session_id, rows[-1][0], upper, page_size))
+                    )
+                with gc_paused():
+                    events = _decode_rows(rows, self.filename)
+                for event in events:
+                    yield event
+        finally:
+            if ahead is not None:  # the consumer stopped early: nobody wants that page
+                ahead.cancel()
+                ahead.add_done_callback(_discard)
 
     async def heads(self, session_id: str) -> dict[str, str]:
         rows = await self._fetch(
@@ -754,7 +793,9 @@ class SQLiteStore(FeedStore):
             f"SELECT {_EVENT_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?",
             (max(after, 0), limit),
         )
-        return [FeedItem(row[0], _decode(row, self.filename)) for row in rows]
+        with gc_paused():
+            events = _decode_rows(rows, self.filename)
+        return [FeedItem(row[0], event) for row, event in zip(rows, events, strict=True)]
 
     async def wait_for_feed(self, after: int, max_wait: float) -> None:
         """Return when a position above ``after`` has committed, or after ``max_wait``.
@@ -772,6 +813,12 @@ class SQLiteStore(FeedStore):
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(appended.wait(), min(remaining, self.poll_interval))
+
+
+def _discard(future: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned read's outcome, so asyncio does not log it as lost."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def _close_all(*connections: aiosqlite.Connection | None) -> None:
