@@ -706,34 +706,21 @@ class SQLiteStore(FeedStore):
         ((upper,),) = await self._fetch(
             "SELECT coalesce(max(position), 0) FROM events WHERE session_id = ?", (session_id,)
         )
-        sql = (
-            f"SELECT {_EVENT_COLUMNS} FROM events "
-            "WHERE session_id = ? AND position > ? AND position <= ? "
-            "ORDER BY position LIMIT ?"
-        )
-        if upper == 0:
-            return
-        # The next page is read in the connection's thread (SQLite releases the
-        # GIL while it steps) while this one is decoded and consumed.
-        ahead: asyncio.Future[list[_Row]] | None = asyncio.ensure_future(
-            self._fetch(sql, (session_id, 0, upper, page_size))
-        )
-        try:
-            while ahead is not None:
-                rows = await ahead
-                ahead = None
-                if len(rows) == page_size and rows[-1][0] < upper:
-                    ahead = asyncio.ensure_future(
-                        self._fetch(sql, (session_id, rows[-1][0], upper, page_size))
-                    )
-                with gc_paused():
-                    events = _decode_rows(rows, self.filename)
-                for event in events:
-                    yield event
-        finally:
-            if ahead is not None:  # the consumer stopped early: nobody wants that page
-                ahead.cancel()
-                ahead.add_done_callback(_discard)
+        after = 0
+        while after < upper:
+            rows = await self._fetch(
+                f"SELECT {_EVENT_COLUMNS} FROM events "
+                "WHERE session_id = ? AND position > ? AND position <= ? "
+                "ORDER BY position LIMIT ?",
+                (session_id, after, upper, page_size),
+            )
+            with gc_paused():
+                events = _decode_rows(rows, self.filename)
+            for event in events:
+                yield event
+            if len(rows) < page_size:
+                return
+            after = rows[-1][0]
 
     async def heads(self, session_id: str) -> dict[str, str]:
         rows = await self._fetch(
@@ -813,12 +800,6 @@ class SQLiteStore(FeedStore):
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(appended.wait(), min(remaining, self.poll_interval))
-
-
-def _discard(future: asyncio.Future[Any]) -> None:
-    """Retrieve an abandoned read's outcome, so asyncio does not log it as lost."""
-    if not future.cancelled():
-        future.exception()
 
 
 async def _close_all(*connections: aiosqlite.Connection | None) -> None:
