@@ -182,31 +182,35 @@ class FoldEngine:
         hit = self.cached(projection, session_id, event_id)
         if hit is not None:
             return hit
-        every = self.snapshot_every
-        cache, pkey = self._cache, projection.key
-        pending: list[Event] = []
-        base: S | None = None
-        cursor: str | None = event_id
-        while cursor is not None and base is None:
-            try:
-                chunk = await self.source.ancestors(cursor, limit=every)
-            except EventNotFoundError:
-                raise EventNotFoundError(event_id, session_id) from None
-            if chunk[0].session != session_id:
-                raise EventNotFoundError(event_id, session_id)
-            for event in chunk:  # hot on a long first fold: the lookups inlined
-                base = cache.get((pkey, session_id, event.id))
-                if base is None and event.seq % every == 0 and event.seq > 0:
-                    base = await self._snapshot(projection, session_id, event.id)
-                if base is not None:
-                    break
-                pending.append(event)
-            else:
-                cursor = chunk[-1].parent
-        state = projection.initial() if base is None else base
-        snapshots: list[tuple[str, bytes]] = []
-        apply = projection.apply
+        # A long first fold holds many events: no collections while it does.
         with gc_paused():
+            every = self.snapshot_every
+            cache, pkey = self._cache, projection.key
+            pending: list[Event] = []
+            base: S | None = None
+            cursor: str | None = event_id
+            while cursor is not None and base is None:
+                # One interval back usually reaches a snapshot; past that, the
+                # path has none yet (a first fold): bigger reads, fewer trips.
+                limit = every if not pending else every * 16
+                try:
+                    chunk = await self.source.ancestors(cursor, limit=limit)
+                except EventNotFoundError:
+                    raise EventNotFoundError(event_id, session_id) from None
+                if chunk[0].session != session_id:
+                    raise EventNotFoundError(event_id, session_id)
+                for event in chunk:  # hot on a long first fold: the lookups inlined
+                    base = cache.get((pkey, session_id, event.id))
+                    if base is None and event.seq % every == 0 and event.seq > 0:
+                        base = await self._snapshot(projection, session_id, event.id)
+                    if base is not None:
+                        break
+                    pending.append(event)
+                else:
+                    cursor = chunk[-1].parent
+            state = projection.initial() if base is None else base
+            snapshots: list[tuple[str, bytes]] = []
+            apply = projection.apply
             for event in reversed(pending):
                 state = apply(state, event)
                 if event.seq % every == 0 and event.seq > 0:  # self.due(event)
