@@ -144,7 +144,8 @@ async def datasets(ctx: Any) -> dict[str, Dataset | BaseException]:
     async def load_roots(backend: str, store: FeedStore) -> None:
         begin = time.perf_counter()
         try:
-            await gather_limited(8, [store.append(r) for r in roots])
+            # 64 at a time: the SQLite and PostgreSQL stores commit them in groups.
+            await gather_limited(64, [store.append(r) for r in roots])
         except Exception as exc:
             result[backend] = exc
             del stores[backend]
