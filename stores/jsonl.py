@@ -6,6 +6,8 @@ Layout. ``jsonl:///path/to/dir`` keeps everything under one directory (mode
     dir/
       feed.log                        the global feed: one fixed-width line per event
       lock                            the writers' lock (flock) and the last write's intent
+      purges.jsonl                    a purge record per purged session (and its positions)
+      purge.redo                      a purge batch's records, while the batch runs
       sessions/
         <session-id>.jsonl            one per session, append-only
         <session-id>.jsonl.torn-<n>   a cut-short tail moved aside by recovery
@@ -83,6 +85,17 @@ The global feed is in commit order: positions are assigned under the lock, in
 the order the batches are written, and a reader only takes a position once
 every record up to it is complete, so a tailing reader never skips one.
 Projection snapshots are kept in memory only (derived data, safe to lose).
+
+Retention. ``purge`` commits a batch by renaming ``purge.redo`` (its
+``purges.jsonl`` lines, synced) into place under the writers' lock, then
+appends the lines to ``purges.jsonl``, overwrites each purged position's
+``feed.log`` record with a tombstone (``<position> <session-id> purged``),
+removes the session's files and the redo file; the next writer or open
+finishes a batch cut short after the rename (``_finish_purge``). Every process
+reads new ``purges.jsonl`` lines before each write (under the lock) and each
+read (when its size grew) and forgets those sessions, so it never appends to a
+removed file. Positions stay taken: ``read_feed`` skips tombstones, and a
+rebuilt ``feed.log`` gets them back from ``purges.jsonl``.
 
 Anchors. ``anchors/<session-id>.jsonl`` holds the anchors the ledger issued
 for a session, one per line, appended under the writers' lock and synced like
