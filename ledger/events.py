@@ -15,9 +15,13 @@ body while its digest, and so every id after it, still verifies.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import re
 import uuid
+import zlib
+from collections.abc import Iterator
 from typing import Any, Final
 
 import blake3
@@ -47,10 +51,13 @@ __all__ = [
     "compute_body_digest",
     "compute_id",
     "decode_event",
+    "decode_stored",
     "encode_event",
+    "encode_stored",
     "erase",
     "erased_digest",
     "event_problem",
+    "gc_paused",
     "make_event",
     "new_session_id",
     "normalize_body",
@@ -224,6 +231,80 @@ def decode_event(data: bytes | str) -> Event:
         return _event_decoder.decode(data)
     except UnicodeDecodeError as exc:  # msgspec lets invalid UTF-8 through as this
         raise msgspec.DecodeError(f"Invalid UTF-8: {exc}") from None
+
+
+# --- the stored form: large events compressed -------------------------------------
+
+COMPRESS_FROM: Final = 1024
+"""Events whose JSON is at least this many bytes are stored deflated."""
+
+_DEFLATED: Final = b"\x01"  # JSON starts with "{": this byte marks a deflated event
+_MAX_INFLATED: Final = 1 << 27  # a bound on what a (damaged) stored event inflates to
+
+# A preset dictionary: what every event's JSON repeats, and common English
+# words. Deflate finds the envelope's keys in it even in a short event (a
+# 1.4 KB turn shrinks to ~51% with it, ~59% without). Part of the stored
+# format: never change it; a new one needs a new marker byte.
+_ZDICT: Final = (
+    b" the of and to a in is that for it with as on be this are by or an not you"
+    b" can from at we which your will have if all has one they was more can't"
+    b' "tool_calls":[],"metadata":{}},"name":"model":"gpt-"tokens_in":"tokens_out":'
+    b'"cost":"turn_id":"kind":"Recorded","type":"data":"kind":"TurnAdded","role":"user'
+    b'","content":"kind":"TurnAdded","role":"assistant","content":"'
+    b'"body_digest":"","salt":"","idempotency_key":null,"format":1}'
+    b'{"id":"","session":"","parent":"","seq":,"branch":"main","at":,"actor":"","body":{'
+)
+
+
+def encode_stored(event: Event) -> bytes:
+    """The bytes a store keeps for an event: its JSON, deflated when it is large.
+
+    Small events stay plain JSON (decoding them costs nothing extra); large
+    ones are ``0x01`` and a raw deflate stream with a preset dictionary.
+    """
+    data = _event_encoder.encode(event)
+    if len(data) < COMPRESS_FROM:
+        return data
+    packer = zlib.compressobj(6, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, _ZDICT)
+    packed = _DEFLATED + packer.compress(data) + packer.flush()
+    return packed if len(packed) < len(data) else data
+
+
+def decode_stored(data: bytes) -> Event:
+    """An event from ``encode_stored``'s bytes (or plain event JSON).
+
+    Raises ``msgspec.DecodeError`` for anything else, a damaged deflate stream included.
+    """
+    if data[:1] == _DEFLATED:
+        unpacker = zlib.decompressobj(-15, _ZDICT)
+        try:
+            data = unpacker.decompress(memoryview(data)[1:], _MAX_INFLATED)
+        except zlib.error as exc:
+            raise msgspec.DecodeError(f"Damaged deflated event: {exc}") from None
+        if unpacker.unconsumed_tail or not unpacker.eof:
+            raise msgspec.DecodeError("Damaged deflated event: cut short or too large")
+    return decode_event(data)
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector around a bulk decode.
+
+    Events are untracked, but a decoded ``TurnAdded`` holds a list (its
+    ``tool_calls``) and driver rows are tuples: a read of thousands of events
+    allocates enough tracked objects to set off collections that scan every
+    object the process keeps alive, again and again. None of these objects can
+    form a cycle, so nothing is lost by collecting once afterwards, as the
+    collector does on its own at the next allocation.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def normalize_body(body: Body, session_id: str) -> tuple[Body, bytes]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import os
 import random
@@ -40,6 +41,7 @@ from ledger.errors import (
     EventTooLargeError,
     IntegrityError,
     InvalidEventError,
+    LedgerError,
     ProofError,
     SessionCapacityError,
     SessionClosedError,
@@ -105,6 +107,8 @@ from stores.base import (
 )
 
 __all__ = ["Ledger"]
+
+_logger = logging.getLogger(__name__)
 
 S = TypeVar("S")
 MAIN = "main"
@@ -188,7 +192,7 @@ class Ledger:
         self.store = store
         self.config = config or LedgerConfig(url=store.url)
         self._key = self.config.key_bytes
-        self._engine = FoldEngine(store, snapshot_every=self.config.snapshot_every)
+        self._engine = FoldEngine(store, snapshot_every=self.config.snapshot_every, key=self._key)
         self._heads: dict[tuple[str, str], str] = {}
         self._projections: dict[str, Projection[Any]] = {}
         # (session, branch) -> its writers' lock and how many hold or await it.
@@ -1301,7 +1305,26 @@ class Ledger:
         if not result.replayed:
             for event, state in zip(batch.events, batch.states, strict=True):
                 self._remember(event, state)
+            await self._persist_snapshots(batch)
         return result.events
+
+    async def _persist_snapshots(self, batch: _Batch) -> None:
+        """Snapshots due in a committed batch, so a fresh process reads any point cheaply.
+
+        The batch is acknowledged already: a failure here must not report it as
+        failed (a retry would append it twice). Reads fold further until a later
+        read or append writes the snapshot.
+        """
+        try:
+            await self._engine.persist(
+                SESSION, batch.state.session_id, list(zip(batch.events, batch.states, strict=True))
+            )
+        except LedgerError as exc:
+            _logger.warning(
+                "Snapshot not written after an append to session %r: %s",
+                batch.state.session_id,
+                exc,
+            )
 
     def _remember(self, event: Event, state: SessionState) -> None:
         self._engine.remember(SESSION, event.session, event.id, state)

@@ -1,25 +1,47 @@
 """The fold engine: the state of any projection at any event, cheaply.
 
-A state is a pure function of the path to its event, so it can be cached by
-event id forever. The engine keeps two layers of such states: an in-process LRU
-and snapshots persisted by the store every ``snapshot_every`` events of depth.
+A state is a pure function of the path to its event, and an event's id commits
+to that whole path, so a state can be cached by event id forever. The engine
+keeps two layers of such states: an in-process LRU, and snapshots the store
+persists at every event whose depth is a non-zero multiple of ``snapshot_every``.
 To answer the state at an event it walks back at most ``snapshot_every``
 ancestors to the nearest snapshot (or cached state), then folds forward.
+
+Snapshots are written when a state at such a depth is computed: by the ledger
+as it appends (``persist``), and by any read that had to fold past one.
+
+A stored snapshot is sealed: ``digest(32 bytes) || encoded state``, the digest
+being blake3 (keyed with the ledger's key when it has one) over the session,
+the projection's key, the event id and the state. A snapshot that is cut short,
+does not match its seal (damage, tampering, another key) or does not decode is
+never used: the engine names it (logger ``projections.engine`` and
+``FoldEngine.damaged``), folds from the events instead, which are the truth,
+and writes the snapshot again. Reads therefore never depend on a snapshot
+being right, only faster when it is.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar
+
+import blake3
+import msgspec
 
 from ledger.errors import EventNotFoundError
-from ledger.events import Event
+from ledger.events import Event, canonical, gc_paused
 from projections.base import Projection
 
-__all__ = ["FoldEngine", "SnapshotSource"]
+__all__ = ["FoldEngine", "SnapshotSource", "open_snapshot", "seal_snapshot"]
 
 S = TypeVar("S")
+
+logger = logging.getLogger(__name__)
+
+_SEAL_FORMAT: Final = "ledger-snapshot/1"
+_DIGEST_SIZE: Final = 32
 
 
 class SnapshotSource(Protocol):
@@ -34,14 +56,58 @@ class SnapshotSource(Protocol):
     ) -> None: ...
 
 
+def _digest(session_id: str, key: str, event_id: str, state: bytes, mac_key: bytes | None) -> bytes:
+    header = canonical([_SEAL_FORMAT, session_id, key, event_id])
+    hasher = blake3.blake3(key=mac_key) if mac_key else blake3.blake3()
+    hasher.update(header)
+    hasher.update(state)
+    return hasher.digest()
+
+
+def seal_snapshot(
+    session_id: str, key: str, event_id: str, state: bytes, mac_key: bytes | None = None
+) -> bytes:
+    """The stored form of an encoded state: its seal, then the state."""
+    return _digest(session_id, key, event_id, state, mac_key) + state
+
+
+def open_snapshot(
+    session_id: str, key: str, event_id: str, stored: bytes, mac_key: bytes | None = None
+) -> bytes | None:
+    """The encoded state of a stored snapshot, or None when it does not match its seal."""
+    if len(stored) <= _DIGEST_SIZE:
+        return None
+    state = stored[_DIGEST_SIZE:]
+    if stored[:_DIGEST_SIZE] != _digest(session_id, key, event_id, state, mac_key):
+        return None
+    return state
+
+
 class FoldEngine:
+    """Answers ``state_at`` from the LRU, the nearest snapshot on the path, and a fold.
+
+    Args:
+        source: The store.
+        snapshot_every: Snapshot interval, in events of depth.
+        cache_size: States kept in the in-process LRU.
+        key: The ledger's key: snapshots are sealed with a keyed MAC instead of a digest.
+    """
+
     def __init__(
-        self, source: SnapshotSource, *, snapshot_every: int = 256, cache_size: int = 4096
+        self,
+        source: SnapshotSource,
+        *,
+        snapshot_every: int = 256,
+        cache_size: int = 4096,
+        key: bytes | None = None,
     ) -> None:
         self.source = source
         self.snapshot_every = snapshot_every
         self.cache_size = cache_size
+        self._key = key
         self._cache: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
+        self.damaged: list[tuple[str, str, str]] = []
+        """(session, projection key, event id) of each damaged snapshot met and rebuilt."""
 
     def remember(self, projection: Projection[S], session_id: str, event_id: str, state: S) -> None:
         """Cache a state computed elsewhere (the ledger folds each event it appends)."""
@@ -66,6 +132,53 @@ class FoldEngine:
         for key in [key for key in self._cache if key[1] == session_id]:
             del self._cache[key]
 
+    def due(self, event: Event) -> bool:
+        """Whether the state right after ``event`` is one the store keeps.
+
+        Not the root's: it folds from one event, and a create then costs one write.
+        """
+        return event.seq > 0 and event.seq % self.snapshot_every == 0
+
+    async def persist(
+        self, projection: Projection[S], session_id: str, states: Sequence[tuple[Event, S]]
+    ) -> None:
+        """Store the snapshots due among freshly computed ``(event, state after it)`` pairs."""
+        rows = [
+            (event.id, self._seal(projection, session_id, event.id, state))
+            for event, state in states
+            if self.due(event)
+        ]
+        if rows:
+            await self.source.put_snapshots(session_id, projection.key, rows)
+
+    def _seal(self, projection: Projection[S], session_id: str, event_id: str, state: S) -> bytes:
+        encoded = projection.encode(state)
+        return seal_snapshot(session_id, projection.key, event_id, encoded, self._key)
+
+    async def _snapshot(
+        self, projection: Projection[S], session_id: str, event_id: str
+    ) -> S | None:
+        """The stored state right after ``event_id``, or None (missing or damaged)."""
+        stored = await self.source.get_snapshot(session_id, projection.key, event_id)
+        if stored is None:
+            return None
+        encoded = open_snapshot(session_id, projection.key, event_id, bytes(stored), self._key)
+        why = "does not match its seal"
+        if encoded is not None:
+            try:
+                return projection.decode(encoded)
+            except (msgspec.MsgspecError, TypeError, ValueError) as exc:
+                why = f"does not decode ({exc})"
+        logger.warning(
+            "Damaged snapshot ignored and rebuilt: session %r, projection %r, event %r: %s",
+            session_id,
+            projection.key,
+            event_id,
+            why,
+        )
+        self.damaged.append((session_id, projection.key, event_id))
+        return None
+
     async def state_at(self, projection: Projection[S], session_id: str, event_id: str) -> S:
         """The projection's state right after ``event_id``, an event of ``session_id``.
 
@@ -74,34 +187,41 @@ class FoldEngine:
         hit = self.cached(projection, session_id, event_id)
         if hit is not None:
             return hit
-        every = self.snapshot_every
-        pending: list[Event] = []
-        base: S | None = None
-        cursor: str | None = event_id
-        while cursor is not None and base is None:
-            try:
-                chunk = await self.source.ancestors(cursor, limit=every)
-            except EventNotFoundError:
-                raise EventNotFoundError(event_id, session_id) from None
-            if chunk[0].session != session_id:
-                raise EventNotFoundError(event_id, session_id)
-            for event in chunk:
-                base = self.cached(projection, session_id, event.id)
-                if base is None and event.seq % every == 0:
-                    stored = await self.source.get_snapshot(session_id, projection.key, event.id)
-                    base = None if stored is None else projection.decode(stored)
-                if base is not None:
-                    break
-                pending.append(event)
-            else:
-                cursor = chunk[-1].parent
-        state = projection.initial() if base is None else base
-        snapshots: list[tuple[str, bytes]] = []
-        apply = projection.apply
-        for event in reversed(pending):
-            state = apply(state, event)
-            if event.seq % every == 0:
-                snapshots.append((event.id, projection.encode(state)))
+        # A long first fold holds many events: no collections while it does.
+        with gc_paused():
+            every = self.snapshot_every
+            cache, pkey = self._cache, projection.key
+            pending: list[Event] = []
+            base: S | None = None
+            cursor: str | None = event_id
+            while cursor is not None and base is None:
+                # One interval back usually reaches a snapshot; past that, the
+                # path has none yet (a first fold): bigger reads, fewer trips.
+                limit = every if not pending else every * 16
+                try:
+                    chunk = await self.source.ancestors(cursor, limit=limit)
+                except EventNotFoundError:
+                    raise EventNotFoundError(event_id, session_id) from None
+                if chunk[0].session != session_id:
+                    raise EventNotFoundError(event_id, session_id)
+                for event in chunk:  # hot on a long first fold: the lookups inlined
+                    base = cache.get((pkey, session_id, event.id))
+                    if base is None and event.seq % every == 0 and event.seq > 0:
+                        base = await self._snapshot(projection, session_id, event.id)
+                    if base is not None:
+                        break
+                    pending.append(event)
+                else:
+                    cursor = chunk[-1].parent
+            state = projection.initial() if base is None else base
+            snapshots: list[tuple[str, bytes]] = []
+            apply = projection.apply
+            for event in reversed(pending):
+                state = apply(state, event)
+                if event.seq % every == 0 and event.seq > 0:  # self.due(event)
+                    snapshots.append(
+                        (event.id, self._seal(projection, session_id, event.id, state))
+                    )
         if snapshots:
             await self.source.put_snapshots(session_id, projection.key, snapshots)
         self.remember(projection, session_id, event_id, state)

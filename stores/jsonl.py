@@ -8,6 +8,7 @@ Layout. ``jsonl:///path/to/dir`` keeps everything under one directory (mode
       lock                            the writers' lock (flock) and the last write's intent
       purges.jsonl                    a purge record per purged session (and its positions)
       purge.redo                      a purge batch's records, while the batch runs
+      snapshots/<session-id>.snap     projection snapshots: derived data, safe to delete
       sessions/
         <session-id>.jsonl            one per session, append-only
         <session-id>.jsonl.torn-<n>   a cut-short tail moved aside by recovery
@@ -50,6 +51,13 @@ memory, rebuilt at open by scanning every session file (about half a million
 events per second); there is no index file to go stale. The trade-off: opening
 a store reads all of it once, and memory holds about 200 bytes per event.
 Event bodies are not kept in memory: reads go back to the files.
+
+Snapshots. ``snapshots/<session-id>.snap`` has one line per projection
+snapshot, ``<event id> <projection key> <base64 state>``, appended (each write
+after an empty line, which ends any line a crash left torn; not synced:
+the states are derived from the session file and sealed by the fold engine, so
+a lost or torn line only means a longer fold). A lookup searches the mapped
+file for the newest line of its event and key; nothing is kept in memory.
 
 Writing and durability. Appends are serialised across processes by an
 exclusive ``flock`` on ``lock``. Under it a writer (1) reads whatever other
@@ -107,11 +115,13 @@ from __future__ import annotations
 
 import array
 import asyncio
+import binascii
 import bisect
 import contextlib
 import errno
 import fcntl
 import logging
+import mmap
 import operator
 import os
 import re
@@ -183,10 +193,13 @@ _TOMBSTONE: Final = re.compile(rb"([0-9]{15}) ([0-9a-f-]{36}) purged {20}\n")
 _SESSION_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _STATUSES: Final = frozenset({"active", "suspended", "closed", "expired"})
 _SUFFIX: Final = ".jsonl"
+_SNAP_SUFFIX: Final = ".snap"
 _LINE_BITS: Final = 40
 _LINE_MASK: Final = (1 << _LINE_BITS) - 1
 _CHUNK: Final = 1 << 22
 _INLINE_BYTES: Final = 1 << 18
+_PATH_WINDOW: Final = 4096
+"""Lines ``ancestors`` reads at once, ending at the next event of the path."""
 """Reads up to this size run on the event loop; bigger ones in a worker thread."""
 _INLINE_RECORDS: Final = 256
 _INLINE_SYNC_SECONDS: Final = 0.002
@@ -296,6 +309,7 @@ class _Envelope(msgspec.Struct, forbid_unknown_fields=True, gc=False):
 
 
 _page_decoder = msgspec.json.Decoder(list[_Envelope])
+
 _plus_one = (1).__add__
 _get_event = operator.attrgetter("event")
 _get_id = operator.attrgetter("id")
@@ -591,7 +605,7 @@ class JSONLStore(PurgeStore):
         self._numbered: list[_Session] = []
         self._created: dict[tuple[str, str], tuple[_Session, int]] = {}
         self._open_count: dict[str, int] = {}
-        self._snapshots: dict[tuple[str, str, str], bytes] = {}
+        self._snapshots_dir = self.directory / "snapshots"
         # Held while the index changes (and while catching up with other
         # processes); the event loop only ever tries it without blocking.
         self._sync = threading.Lock()
@@ -1367,16 +1381,74 @@ class JSONLStore(PurgeStore):
         self._n = first_pos + count - 1
 
     def _drop_snapshots(self, session_id: str) -> None:
-        """A redaction changed what folds of this session see: its snapshots go."""
-        for key in [key for key in self._snapshots if key[0] == session_id]:
-            del self._snapshots[key]
+        """A redaction changed what folds of this session see: its snapshot file goes."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._snapshots_dir / (session_id + _SNAP_SUFFIX))
 
     async def put_snapshots(
         self, session_id: str, key: str, states: Sequence[tuple[str, bytes]]
     ) -> None:
+        """Append the states to the session's snapshot file (one write, not synced).
+
+        Snapshots are derived data: a lost or torn line costs a longer fold later.
+        """
         self._check_open()
-        for event_id, state in states:
-            self._snapshots[(session_id, key, event_id)] = bytes(state)
+        if not states:
+            return
+        if not _SESSION_ID.fullmatch(session_id):
+            raise InvalidEventError(f"Invalid session id for a snapshot: {session_id!r}")
+        for event_id, _ in states:
+            if "\n" in key or not event_id or any(c in event_id for c in " \n"):
+                raise InvalidEventError(
+                    f"Invalid snapshot key for session {session_id!r}: {key!r}, {event_id!r}"
+                )
+        # "<event id> <projection key> <base64 state>\n" each; the write starts
+        # with a newline, so a line left torn by a crash never swallows the next.
+        lines = b"\n" + b"".join(
+            b"%s %s %s" % (event_id.encode(), key.encode(), binascii.b2a_base64(bytes(state)))
+            for event_id, state in states
+        )
+        with _translate(self._snapshots_dir, session_id):
+            await asyncio.to_thread(self._write_snapshots, session_id, lines)
+
+    def _write_snapshots(self, session_id: str, lines: bytes) -> None:
+        if not self._snapshots_dir.is_dir():
+            self._snapshots_dir.mkdir(mode=0o700, exist_ok=True)
+            self._snapshots_dir.chmod(0o700)
+        path = self._snapshots_dir / (session_id + _SNAP_SUFFIX)
+        # O_APPEND: the kernel places each write at the end, so the lines of
+        # processes writing at once never overwrite one another.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(fd, lines)
+        finally:
+            os.close(fd)
+
+    def _find_snapshot(self, session_id: str, key: str, event_id: str) -> bytes | None:
+        """The base64 state of the newest line for ``(key, event_id)`` in the session's file.
+
+        A search of the mapped file, not an index of its lines: one lookup of a
+        session with thousands of snapshots costs a fraction of a millisecond.
+        """
+        path = self._snapshots_dir / (session_id + _SNAP_SUFFIX)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            if os.fstat(fd).st_size == 0:
+                return None
+            with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as data:
+                prefix = b"%s %s " % (event_id.encode(), key.encode())
+                at = data.rfind(b"\n" + prefix) + 1
+                if at == 0 and data[: len(prefix)] != prefix:
+                    return None
+                start = at + len(prefix)
+                end = data.find(b"\n", start)
+                # A line still being written (no newline yet) is not there yet.
+                return data[start:end] if end >= 0 else None
+        finally:
+            os.close(fd)
 
     def _anchors_path(self, session_id: str) -> Path:
         if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
@@ -1808,21 +1880,30 @@ class JSONLStore(PurgeStore):
         if found is None:
             raise EventNotFoundError(event_id)
         session, k = found
-        # One read of the session up to the event, then a walk over its parents.
-        lines = await self._events_between(session, 0, k + 1)
-        out = [lines[k]]
-        while out[-1].parent is not None and (limit is None or len(out) < limit):
-            child = out[-1]
-            parent = self._find(child.parent) if child.parent else None
-            if parent is None or parent[0] is not session or parent[1] >= k:
-                raise IntegrityError(
-                    f"Parent of event {child.id!r} is missing from "
-                    f"{str(session.path)!r}: {child.parent!r}",
-                    child.id,
-                )
-            k = parent[1]
-            out.append(lines[k])
-        return out
+        # A path is mostly a run of consecutive lines (a branch's events follow
+        # one another): read windows of lines ending at the next event wanted,
+        # and follow the parents through the index. Line numbers fall strictly
+        # along the walk, so a damaged parent link cannot make it loop.
+        out: list[Event] = []
+        while True:
+            want = _PATH_WINDOW if limit is None else min(limit - len(out), _PATH_WINDOW)
+            first = max(0, k - want + 1)
+            lines = await self._events_between(session, first, k + 1)
+            while True:
+                child = lines[k - first]
+                out.append(child)
+                if child.parent is None or len(out) == limit:
+                    return out
+                parent = self._find(child.parent)
+                if parent is None or parent[0] is not session or parent[1] >= k:
+                    raise IntegrityError(
+                        f"Parent of event {child.id!r} is missing from "
+                        f"{str(session.path)!r}: {child.parent!r}",
+                        child.id,
+                    )
+                k = parent[1]
+                if k < first:
+                    break
 
     async def events(self, session_id: str, *, page_size: int = 1000) -> AsyncIterator[Event]:
         await self._refresh()
@@ -1869,7 +1950,26 @@ class JSONLStore(PurgeStore):
 
     async def get_snapshot(self, session_id: str, key: str, event_id: str) -> bytes | None:
         self._check_open()
-        return self._snapshots.get((session_id, key, event_id))
+        if session_id not in self._sessions:
+            return None
+        # Nothing kept in memory: the file is searched each time (the fold
+        # engine caches states), so any process's snapshots are seen.
+        with _translate(self._snapshots_dir, session_id):
+            encoded = self._find_snapshot(session_id, key, event_id)
+        if encoded is None:
+            return None
+        try:
+            return binascii.a2b_base64(encoded, strict_mode=True)
+        except binascii.Error as exc:
+            # Derived data: the fold engine rebuilds what it cannot find.
+            log.warning(
+                "Damaged snapshot ignored in %r: event %r, projection %r: %s",
+                str(self._snapshots_dir / (session_id + _SNAP_SUFFIX)),
+                event_id,
+                key,
+                exc,
+            )
+            return None
 
     # the feed ----------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
@@ -60,7 +61,7 @@ from ledger.errors import (
     StoreClosedError,
     StoreError,
 )
-from ledger.events import Event, SessionCreated, decode_event, encode_event
+from ledger.events import Event, SessionCreated, decode_stored, encode_stored, gc_paused
 from stores.base import (
     OPEN_STATUSES,
     AppendRequest,
@@ -85,8 +86,14 @@ from stores.group import GroupCommit, GroupStats
 
 __all__ = ["DEFAULT_GROUP_SIZE", "SCHEMA_VERSION", "SQLiteStore"]
 
-SCHEMA_VERSION: Final = 1
-"""``PRAGMA user_version`` of the files this code writes."""
+SCHEMA_VERSION: Final = 2
+"""``PRAGMA user_version`` of the files this code writes.
+
+1: ``events.data`` is the event's JSON. 2: large events are deflated
+(``ledger.events.encode_stored``). A version 1 file is upgraded in place at
+open: its rows are valid version 2 rows, only the number changes, so that
+code that knows only version 1 refuses the file instead of misreading it.
+"""
 
 DEFAULT_GROUP_SIZE: Final = 64
 """The most appends one group commit holds, unless ``group_size`` says otherwise."""
@@ -174,6 +181,8 @@ _SESSION_COLUMNS: Final = (
 _OPEN_STATUSES_SQL: Final = ", ".join(f"'{status}'" for status in OPEN_STATUSES)
 _SYNCHRONOUS: Final = {"full": "FULL", "normal": "NORMAL"}
 _NO_LIMIT: Final = 2**63 - 1
+_PATH_WINDOW: Final = 4096
+"""Rows read at once by ``ancestors``: a path of a million events takes 245 reads."""
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +283,9 @@ def _setup_writer(conn: sqlite3.Connection, path: str, synchronous: str) -> None
                 f"{path!r} has schema version {version}, newer than this code knows "
                 f"({SCHEMA_VERSION}): upgrade the session ledger to open it"
             )
-        if version < SCHEMA_VERSION:
+        if version == 1:
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        elif version < SCHEMA_VERSION:
             if conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]:
                 raise StoreError(
                     f"{path!r} is an SQLite database but not a session ledger "
@@ -461,7 +472,7 @@ def _erase_rows(conn: sqlite3.Connection, request: AppendRequest) -> None:
         if row is not None:
             stored = _decode(tuple(row), conn.execute("PRAGMA database_list").fetchone()[2])
         check_erase(request, stored, erased)
-        conn.execute("UPDATE events SET data = ? WHERE id = ?", (encode_event(erased), erased.id))
+        conn.execute("UPDATE events SET data = ? WHERE id = ?", (encode_stored(erased), erased.id))
     # Snapshots are folds of the session's paths: they may hold the erased content.
     conn.execute("DELETE FROM snapshots WHERE session_id = ?", (session_id,))
 
@@ -532,10 +543,13 @@ def _put_snapshots_tx(conn: sqlite3.Connection, rows: list[_Row]) -> None:
 
 
 def _decode(row: _Row, path: str) -> Event:
-    """A stored event, or IntegrityError: a bad row is never skipped nor returned."""
-    position, event_id, session_id, data = row
+    """A stored event, or IntegrityError: a bad row is never skipped nor returned.
+
+    ``row`` starts with ``_EVENT_COLUMNS``; anything after them is ignored.
+    """
+    position, event_id, session_id, data = row[0], row[1], row[2], row[3]
     try:
-        event = decode_event(data)
+        event = decode_stored(data)
     except (msgspec.MsgspecError, TypeError) as exc:
         raise IntegrityError(
             f"Stored event does not decode: {event_id!r} (position {position} in {path!r}): {exc}",
@@ -558,6 +572,31 @@ def _purge_record(row: _Row, path: str) -> PurgeRecord:
         raise IntegrityError(
             f"Stored purge record does not decode: session {row[0]!r} in {path!r}: {exc}"
         ) from None
+
+
+_get_data = operator.itemgetter(3)
+_get_row_id = operator.itemgetter(1)
+_get_row_session = operator.itemgetter(2)
+_get_id = operator.attrgetter("id")
+_get_session = operator.attrgetter("session")
+
+
+def _decode_rows(rows: Sequence[_Row], path: str) -> list[Event]:
+    """``_decode`` of many rows, its checks made on whole lists (a replay's hot loop).
+
+    On any failure the rows go through ``_decode`` one by one, which names the bad one.
+    """
+    try:
+        events = list(map(decode_stored, map(_get_data, rows)))
+    except (msgspec.MsgspecError, TypeError):
+        events = []
+    if (
+        len(events) != len(rows)
+        or list(map(_get_id, events)) != list(map(_get_row_id, rows))
+        or list(map(_get_session, events)) != list(map(_get_row_session, rows))
+    ):
+        return [_decode(row, path) for row in rows]
+    return events
 
 
 def _session_row(row: _Row) -> SessionRow:
@@ -748,7 +787,7 @@ class SQLiteStore(PurgeStore):
                 e.kind,
                 e.at,
                 e.idempotency_key,
-                encode_event(e),
+                encode_stored(e),
             )
             for e in request.events
         ]
@@ -925,23 +964,65 @@ class SQLiteStore(PurgeStore):
         self._check_open()
         if limit is not None and limit <= 0:
             return []
-        # The walk follows the parent column; seq must fall at every step, so
-        # even a tampered parent column cannot make it loop forever.
-        rows = await self._fetch(
-            "WITH RECURSIVE chain(position, id, session_id, data, parent, seq, depth) AS ("
-            " SELECT position, id, session_id, data, parent, seq, 1 FROM events WHERE id = ?"
+        # A path is mostly a run of the session's events in append order (a
+        # branch's events follow one another), so it is read as windows of the
+        # session's events newest first, an index range scan, and the parent
+        # links followed in memory: far cheaper than one index seek per step.
+        # Positions fall strictly along the walk, so even a tampered parent
+        # column cannot make it loop.
+        with gc_paused():  # a long path is a bulk read: see ledger.events.gc_paused
+            chosen: list[_Row] = []
+            cursor: str | None = event_id
+            below = _NO_LIMIT
+            sparse = False
+            while cursor is not None and (limit is None or len(chosen) < limit):
+                want = _PATH_WINDOW if limit is None else min(limit - len(chosen), _PATH_WINDOW)
+                if sparse:
+                    # The last window was mostly other branches' events: one
+                    # window's worth of the path by index seeks, then windows again.
+                    rows = await self._chain(cursor, below, want)
+                    chosen.extend(rows)
+                    if len(rows) < want:
+                        break  # the root, or a parent missing: named below
+                    cursor, below, sparse = rows[-1][4], rows[-1][0], False
+                    continue
+                rows = await self._fetch(
+                    f"SELECT {_EVENT_COLUMNS}, e.parent FROM events AS e, "
+                    "(SELECT position AS p, session_id AS s FROM events WHERE id = ?) AS c "
+                    "WHERE e.session_id = c.s AND e.position <= c.p AND e.position < ? "
+                    "ORDER BY e.position DESC LIMIT ?",
+                    (cursor, below, want),
+                )
+                if not rows or rows[0][1] != cursor:
+                    break  # unknown, or a parent missing or out of order: named below
+                taken = len(chosen)
+                for row in rows:
+                    if row[1] == cursor:
+                        chosen.append(row)
+                        cursor = row[4]
+                        if cursor is None or len(chosen) == limit:
+                            break
+                below = chosen[-1][0]
+                sparse = len(chosen) - taken < len(rows) // 4
+            if not chosen:
+                raise EventNotFoundError(event_id)
+            events = _decode_rows(chosen, self.filename)
+            return check_ancestry(events, limit, f"in {self.filename!r}")
+
+    async def _chain(self, event_id: str, below: int, limit: int) -> list[_Row]:
+        """Up to ``limit`` events of the parent path from ``event_id``, by index seeks."""
+        return await self._fetch(
+            "WITH RECURSIVE chain(position, id, session_id, data, parent, depth) AS ("
+            " SELECT position, id, session_id, data, parent, 1 FROM events"
+            " WHERE id = ? AND position < ?"
             " UNION ALL"
-            " SELECT e.position, e.id, e.session_id, e.data, e.parent, e.seq, c.depth + 1"
+            " SELECT e.position, e.id, e.session_id, e.data, e.parent, c.depth + 1"
             " FROM chain AS c JOIN events AS e"
-            " ON e.id = c.parent AND e.seq < c.seq"
+            " ON e.id = c.parent AND e.position < c.position"
             " WHERE c.depth < ?"
-            f") SELECT {_EVENT_COLUMNS} FROM chain ORDER BY depth",
-            (event_id, _NO_LIMIT if limit is None else limit),
+            ") SELECT position, id, session_id, data, parent FROM chain ORDER BY depth",
+            (event_id, below, limit),
         )
-        if not rows:
-            raise EventNotFoundError(event_id)
-        events = [_decode(row, self.filename) for row in rows]
-        return check_ancestry(events, limit, f"in {self.filename!r}")
 
     async def events(self, session_id: str, *, page_size: int = 1000) -> AsyncIterator[Event]:
         page_size = max(1, page_size)
@@ -958,8 +1039,10 @@ class SQLiteStore(PurgeStore):
                 "ORDER BY position LIMIT ?",
                 (session_id, after, upper, page_size),
             )
-            for row in rows:
-                yield _decode(row, self.filename)
+            with gc_paused():
+                events = _decode_rows(rows, self.filename)
+            for event in events:
+                yield event
             if len(rows) < page_size:
                 return
             after = rows[-1][0]
@@ -1022,7 +1105,9 @@ class SQLiteStore(PurgeStore):
             f"SELECT {_EVENT_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?",
             (max(after, 0), limit),
         )
-        return [FeedItem(row[0], _decode(row, self.filename)) for row in rows]
+        with gc_paused():
+            events = _decode_rows(rows, self.filename)
+        return [FeedItem(row[0], event) for row, event in zip(rows, events, strict=True)]
 
     async def wait_for_feed(self, after: int, max_wait: float) -> None:
         """Return when a position above ``after`` has committed, or after ``max_wait``.

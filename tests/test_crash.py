@@ -53,8 +53,31 @@ def store_url(name: str, tmp_path: Path) -> str:
     return store_factory(name, tmp_path)().url
 
 
+async def settled(led: Ledger) -> None:
+    """Wait until a killed client's statements have finished on the server.
+
+    A client killed after sending an append does not stop the server: the
+    statement runs on and commits or rolls back whole. Until it has, two reads
+    of the session may see different heads. (SQLite and JSONL appends end with
+    the process that makes them.)
+    """
+    pool = getattr(led.store, "_pool", None)
+    if pool is None:
+        return
+    for _ in range(1000):
+        busy = await pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND state <> 'idle'"
+        )
+        if not busy:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("a killed client's statement is still running after 10 s")
+
+
 async def linear_history(led: Ledger, session_id: str) -> list[Event]:
     """The session's events: one verified chain on main, nothing beside it."""
+    await settled(led)
     history = await led.history(session_id)
     assert [e async for e in led.store.events(session_id)] == history
     assert await led.store.heads(session_id) == {"main": history[-1].id}

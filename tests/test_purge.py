@@ -436,7 +436,8 @@ async def test_jsonl_the_feed_rebuilt_after_purges_keeps_every_position(tmp_path
         await asyncio.sleep(IDLE)
         await _session(led, "gone")  # the newest positions
         last_position = (await led.store.read_feed(0, 100_000))[-1].position
-        assert len(await led.purge(older_than=1e-3, user_id="gone")) == 2
+        await asyncio.sleep(0.05)
+        assert len(await led.purge(older_than=0.01, user_id="gone")) == 2
         feed_after = await led.store.read_feed(0, 100_000)
         assert {item.event.id for item in feed_after} == set(early) | set(late)
     (directory / "feed.log").unlink()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -309,7 +310,10 @@ async def _redact_big_and_small(led: Ledger, secret: str) -> tuple[str, list[str
     s = await led.create(user_id="u", agent="a")
     other = await led.create(user_id="u", agent="a")
     small = await led.add_turn(s.session_id, role="user", content=f"my name is {secret}")
-    big = await led.add_turn(s.session_id, role="user", content=(secret + " ") * 2000)
+    # Incompressible, so that even deflated (SQLite) it spans overflow pages.
+    big = await led.add_turn(
+        s.session_id, role="user", content=f"{secret} {os.urandom(6000).hex()}"
+    )
     rec = await led.record(s.session_id, "tool", {"args": [secret]})
     for i in range(40):
         await led.add_turn(s.session_id, role="assistant", content=f"reply {i} " * 50)
@@ -328,12 +332,20 @@ async def test_sqlite_erased_content_is_gone_from_the_database_wal_and_shm(
         ids = [e.id async for e in led.events(session_id)]
         # Not vacuous: the content is in the files, the WAL among them, before.
         assert _files_holding(db.parent, secret.encode()), "the marker should be on disk"
+        # The big turn is stored deflated: look for a piece of its stored bytes too.
+        with contextlib.closing(sqlite3.connect(db)) as raw:
+            (stored,) = raw.execute("SELECT data FROM events WHERE id = ?", (erased[1],)).fetchone()
+            (page_size,) = raw.execute("PRAGMA page_size").fetchone()
+        assert stored[:1] == b"\x01" and len(stored) > page_size  # deflated, overflowing
+        piece = stored[len(stored) // 2 : len(stored) // 2 + 64]
+        assert _files_holding(db.parent, piece)
         assert (db.parent / "ledger.db-wal").exists()
         for event_id in erased:
             await led.redact(event_id, reason="erase")
         # Checked while the store is open: the WAL and shm files exist now.
         assert (db.parent / "ledger.db-wal").exists() and (db.parent / "ledger.db-shm").exists()
         assert _files_holding(db.parent, secret.encode()) == []
+        assert _files_holding(db.parent, piece) == []
         assert [e.id async for e in led.events(session_id)] == ids + [
             r.id for r in await led.redactions(session_id)
         ]

@@ -1,0 +1,119 @@
+"""The stored form of events: large ones deflated (SQLite), read back exactly, damage named."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ledger import Ledger, LedgerConfig
+from ledger.errors import IntegrityError
+from ledger.events import (
+    COMPRESS_FROM,
+    Event,
+    TurnAdded,
+    decode_stored,
+    encode_event,
+    encode_stored,
+    make_event,
+    new_session_id,
+)
+from stores.sqlite import SCHEMA_VERSION, SQLiteStore
+from tests.strategies import events, json_values
+
+LONG = "The assistant explains the refund policy in detail, step by step. " * 40
+
+large_events = events(
+    st.builds(TurnAdded, role=st.just("assistant"), content=st.text(min_size=600, max_size=3000))
+)
+
+
+@given(st.one_of(events(), large_events))
+def test_the_stored_form_round_trips(event: Event) -> None:
+    stored = encode_stored(event)
+    assert decode_stored(stored) == event
+    if len(encode_event(event)) < COMPRESS_FROM:
+        assert stored == encode_event(event)  # small events stay plain JSON
+    else:
+        assert len(stored) <= len(encode_event(event))
+
+
+@given(json_values)
+def test_plain_event_json_is_still_read(content: object) -> None:
+    event = _turn(content)
+    assert decode_stored(encode_event(event)) == event
+
+
+def _turn(content: object) -> Event:
+    return make_event(
+        session=new_session_id(),
+        parent="a" * 64,
+        seq=1,
+        branch="main",
+        at=1,
+        actor="u",
+        body=TurnAdded(role="assistant", content=content),
+    )
+
+
+def test_a_damaged_deflated_event_is_a_decode_error() -> None:
+    stored = encode_stored(_turn(LONG))
+    assert stored[:1] == b"\x01"
+    for bad in (stored[:-5], stored[:1] + bytes([stored[1] ^ 0xFF]) + stored[2:], b"\x01"):
+        with pytest.raises(msgspec.DecodeError):
+            decode_stored(bad)
+
+
+async def _ledger_with_a_long_turn(db: Path) -> tuple[str, Event, Event]:
+    async with Ledger(SQLiteStore(db), LedgerConfig(url="memory://")) as led:
+        s = await led.create(user_id="u", agent="a")
+        short = await led.add_turn(s.session_id, role="user", content="Refund?")
+        long = await led.add_turn(s.session_id, role="assistant", content=LONG)
+        return s.session_id, short, long
+
+
+async def test_sqlite_keeps_large_events_deflated_and_reads_them_back(tmp_path: Path) -> None:
+    db = tmp_path / "l.db"
+    sid, short, long = await _ledger_with_a_long_turn(db)
+    with sqlite3.connect(db) as conn:
+        rows = dict(conn.execute("SELECT id, data FROM events").fetchall())
+    assert rows[short.id] == encode_event(short)
+    assert rows[long.id][:1] == b"\x01"
+    assert len(rows[long.id]) < len(encode_event(long)) / 2
+    async with Ledger(SQLiteStore(db), LedgerConfig(url="memory://")) as led:
+        assert (await led.history(sid))[1:] == [short, long]
+        assert (await led.verify(sid)).ok
+
+
+async def test_a_damaged_deflated_row_is_named(tmp_path: Path) -> None:
+    db = tmp_path / "l.db"
+    sid, _, long = await _ledger_with_a_long_turn(db)
+    with sqlite3.connect(db) as conn:
+        (data,) = conn.execute("SELECT data FROM events WHERE id = ?", (long.id,)).fetchone()
+        conn.execute("UPDATE events SET data = ? WHERE id = ?", (data[:-9], long.id))
+    async with SQLiteStore(db) as store:
+        with pytest.raises(IntegrityError) as info:
+            await store.get(long.id)
+        assert long.id in str(info.value) and info.value.event_id == long.id
+    async with Ledger(SQLiteStore(db), LedgerConfig(url="memory://")) as led:
+        with pytest.raises(IntegrityError):
+            await led.history(sid)
+
+
+async def test_a_version_1_file_is_upgraded_in_place(tmp_path: Path) -> None:
+    db = tmp_path / "l.db"
+    async with Ledger(SQLiteStore(db), LedgerConfig(url="memory://")) as led:
+        s = await led.create(user_id="u", agent="a")
+        turn = await led.add_turn(s.session_id, role="user", content="hello")
+    with sqlite3.connect(db) as conn:  # what version 1 wrote: plain JSON rows
+        conn.execute("PRAGMA user_version = 1")
+    async with Ledger(SQLiteStore(db), LedgerConfig(url="memory://")) as led:
+        assert (await led.history(s.session_id))[-1] == turn
+        await led.add_turn(s.session_id, role="assistant", content=LONG)
+        assert (await led.verify(s.session_id)).ok
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
