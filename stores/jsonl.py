@@ -6,6 +6,8 @@ Layout. ``jsonl:///path/to/dir`` keeps everything under one directory (mode
     dir/
       feed.log                        the global feed: one fixed-width line per event
       lock                            the writers' lock (flock) and the last write's intent
+      purges.jsonl                    a purge record per purged session (and its positions)
+      purge.redo                      a purge batch's records, while the batch runs
       snapshots/<session-id>.snap     projection snapshots: derived data, safe to delete
       sessions/
         <session-id>.jsonl            one per session, append-only
@@ -92,6 +94,17 @@ the order the batches are written, and a reader only takes a position once
 every record up to it is complete, so a tailing reader never skips one.
 Projection snapshots are kept in memory only (derived data, safe to lose).
 
+Retention. ``purge`` commits a batch by renaming ``purge.redo`` (its
+``purges.jsonl`` lines, synced) into place under the writers' lock, then
+appends the lines to ``purges.jsonl``, overwrites each purged position's
+``feed.log`` record with a tombstone (``<position> <session-id> purged``),
+removes the session's files and the redo file; the next writer or open
+finishes a batch cut short after the rename (``_finish_purge``). Every process
+reads new ``purges.jsonl`` lines before each write (under the lock) and each
+read (when its size grew) and forgets those sessions, so it never appends to a
+removed file. Positions stay taken: ``read_feed`` skips tombstones, and a
+rebuilt ``feed.log`` gets them back from ``purges.jsonl``.
+
 Anchors. ``anchors/<session-id>.jsonl`` holds the anchors the ledger issued
 for a session, one per line, appended under the writers' lock and synced like
 events. A last line without its newline is a write that never returned: it is
@@ -103,6 +116,7 @@ from __future__ import annotations
 import array
 import asyncio
 import binascii
+import bisect
 import contextlib
 import errno
 import fcntl
@@ -139,7 +153,10 @@ from stores.base import (
     AppendRequest,
     AppendResult,
     FeedItem,
-    FeedStore,
+    PurgePage,
+    PurgeRecord,
+    PurgeRequest,
+    PurgeStore,
     SessionPage,
     SessionQuery,
     SessionRow,
@@ -147,6 +164,7 @@ from stores.base import (
     check_head,
     page_cursor,
     parse_cursor,
+    purge_cursor,
     validate_request,
 )
 
@@ -170,6 +188,8 @@ _LINE: Final = re.compile(
     rb'\{"pos":([1-9][0-9]{0,14}),"batch":\[([1-9][0-9]{0,8}),([1-9][0-9]{0,8})\]'
     rb'(?:,"status":"(active|suspended|closed|expired)")?,"event":'
 )
+_TOMBSTONE: Final = re.compile(rb"([0-9]{15}) ([0-9a-f-]{36}) purged {20}\n")
+"""A ``feed.log`` record whose event was purged (its position stays taken)."""
 _SESSION_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _STATUSES: Final = frozenset({"active", "suspended", "closed", "expired"})
 _SUFFIX: Final = ".jsonl"
@@ -371,6 +391,61 @@ def _lines(fd: int, start: int = 0) -> Iterator[tuple[int, bytes]]:
         yield offset, b"".join(pending)
 
 
+def _tombstone(pos: int, session_id: str) -> bytes:
+    return b"%015d %s purged%s\n" % (pos, session_id.encode(), b" " * 20)
+
+
+def _mark_tombstones(feed: bytes, matched: bytearray) -> None:
+    """Mark the positions of ``feed`` whose records are tombstones as accounted for."""
+    at = feed.find(b" purged ", _REC)
+    while at >= 0:
+        start = at - at % _REC
+        if _TOMBSTONE.fullmatch(feed[start : start + _REC]):
+            matched[start // _REC] = 1
+        at = feed.find(b" purged ", start + _REC)
+
+
+class _PurgeLine(msgspec.Struct, kw_only=True):
+    """A line of ``purges.jsonl``: the record, and the feed positions its events held."""
+
+    record: PurgeRecord
+    positions: list[tuple[int, int]]
+    """``[first, last]`` runs of positions, which stay taken (tombstones in ``feed.log``)."""
+
+
+class _PurgedIds(msgspec.Struct):
+    session_id: str
+
+
+class _PurgeMark(msgspec.Struct):
+    """What another process needs of a ``purges.jsonl`` line: whom to forget."""
+
+    record: _PurgedIds
+    positions: list[tuple[int, int]]
+
+
+class _PurgeRedo(msgspec.Struct):
+    """``purge.redo``: the batch's lines of ``purges.jsonl`` and where they go."""
+
+    offset: int
+    lines: str
+
+
+_purge_line_decoder = msgspec.json.Decoder(_PurgeLine)
+_purge_mark_decoder = msgspec.json.Decoder(_PurgeMark)
+
+
+def _runs(positions: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted positions as ``(first, last)`` runs of consecutive ones."""
+    runs: list[tuple[int, int]] = []
+    for pos in sorted(positions):
+        if runs and runs[-1][1] + 1 == pos:
+            runs[-1] = (runs[-1][0], pos)
+        else:
+            runs.append((pos, pos))
+    return runs
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -481,7 +556,7 @@ def _parse_bool(name: str, value: object) -> bool:
     return flag
 
 
-class JSONLStore(FeedStore):
+class JSONLStore(PurgeStore):
     """Plain files: one append-only JSON-lines file per session, many processes.
 
     Args:
@@ -511,6 +586,15 @@ class JSONLStore(FeedStore):
         self._feed_path = self.directory / "feed.log"
         self._lock_path = self.directory / "lock"
         self._redo_path = self.directory / "redact.redo"
+        self._purges_path = self.directory / "purges.jsonl"
+        self._purge_redo_path = self.directory / "purge.redo"
+        self._purges_fd = -1
+        self._purges_seen = 0  # bytes of purges.jsonl this process has read
+        # (first, last) feed positions of the sessions purged since this process
+        # opened the store (older ones are tombstones in feed.log), sorted
+        self._purged: list[tuple[int, int]] = []
+        # purged sessions whose cached descriptor the event loop's thread must close
+        self._stale: set[str] = set()
         self._lock_fd = -1
         self._feed_fd = -1
         self._n = 0  # feed records this process has read and indexed
@@ -553,11 +637,11 @@ class JSONLStore(FeedStore):
     async def _close(self) -> None:
         async with self._write_lock:
             fds, self._fds = self._fds, {}
-            for fd in (*fds.values(), self._feed_fd, self._lock_fd):
+            for fd in (*fds.values(), self._feed_fd, self._lock_fd, self._purges_fd):
                 if fd >= 0:
                     with _translate(self.directory):
                         os.close(fd)
-            self._feed_fd = self._lock_fd = -1
+            self._feed_fd = self._lock_fd = self._purges_fd = -1
 
     def _open_sync(self) -> None:
         try:
@@ -573,14 +657,19 @@ class JSONLStore(FeedStore):
                 self._feed_fd = os.open(
                     self._feed_path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
                 )
+                self._purges_fd = os.open(
+                    self._purges_path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
+                )
                 with self._locked():
+                    self._finish_purge()
                     self._scan_all()
+                    self._purges_seen = os.fstat(self._purges_fd).st_size
                     self._finish_erase()
         except BaseException:
-            for fd in (self._feed_fd, self._lock_fd):
+            for fd in (self._feed_fd, self._lock_fd, self._purges_fd):
                 if fd >= 0:
                     os.close(fd)
-            self._feed_fd = self._lock_fd = -1
+            self._feed_fd = self._lock_fd = self._purges_fd = -1
             raise
 
     def _try_lock(self) -> bool:
@@ -621,6 +710,7 @@ class JSONLStore(FeedStore):
             if not name.endswith(_SUFFIX) or not _SESSION_ID.fullmatch(session_id):
                 continue  # torn tails moved aside, and anything a person left here
             self._scan_session(session_id, feed, total, matched, candidates)
+        _mark_tombstones(feed, matched)
         missing = matched.find(0, 1)
         if missing > 0:
             rec = _RECORD.fullmatch(feed[missing * _REC : (missing + 1) * _REC])
@@ -630,25 +720,19 @@ class JSONLStore(FeedStore):
                 f"{missing} names {what}, which is missing, cut short or different"
             )
         candidates.sort()
-        for expected, (pos, session_id, _, _) in enumerate(candidates, total + 1):
-            if pos != expected:
-                raise IntegrityError(
-                    f"Damaged line in {str(self._sessions_dir / (session_id + _SUFFIX))!r}: "
-                    f"position {pos} is not in {str(self._feed_path)!r}, which ends at "
-                    f"{expected - 1}"
-                )
-        if candidates:
+        rebuilt = self._rebuilt_records(candidates, total)
+        if rebuilt:
             # Synced lines whose records were lost (a crash or power loss
             # between the sync and the feed write): their records now.
-            _write_all(self._feed_fd, b"".join(_record(*c) for c in candidates))
+            _write_all(self._feed_fd, b"".join(rebuilt))
             if self.fsync:
                 os.fsync(self._feed_fd)
             log.info(
                 "%s: %d feed record(s) rebuilt from the session files",
                 self._feed_path,
-                len(candidates),
+                len(rebuilt),
             )
-        self._n = total + len(candidates)
+        self._n = total + len(rebuilt)
 
     def _read_feed_file(self) -> bytes:
         size = os.fstat(self._feed_fd).st_size
@@ -855,6 +939,7 @@ class JSONLStore(FeedStore):
 
     def _catch_up(self) -> None:
         """Index every complete batch that ``feed.log`` names beyond ``_n`` (holds ``_sync``)."""
+        self._catch_up_purges()
         behind = self._feed_behind()
         if not behind:
             return
@@ -862,7 +947,11 @@ class JSONLStore(FeedStore):
         records: list[tuple[int, str, int, int]] = []
         for i in range(len(data) // _REC):
             pos = self._n + 1 + i
-            rec = _RECORD.fullmatch(data[i * _REC : (i + 1) * _REC])
+            raw = data[i * _REC : (i + 1) * _REC]
+            if self._gone(pos, raw):
+                records.append((pos, "", 0, 0))  # purged: a gap
+                continue
+            rec = _RECORD.fullmatch(raw)
             if rec is None or int(rec[1]) != pos or not _SESSION_ID.fullmatch(rec[2].decode()):
                 raise _damaged(self._feed_path, pos + 1, "not a feed record of this format")
             records.append((pos, rec[2].decode(), int(rec[3]), int(rec[4])))
@@ -873,7 +962,9 @@ class JSONLStore(FeedStore):
             stop = start + 1
             while stop < len(records) and records[stop][1] == session_id:
                 stop += 1
-            if not self._index_run(records[start:stop]):
+            if not session_id:
+                self._n = records[stop - 1][0]
+            elif not self._index_run(records[start:stop]):
                 return
             start = stop
 
@@ -894,6 +985,9 @@ class JSONLStore(FeedStore):
                     _check_header(header, path, session_id)
             finally:
                 os.close(fd)
+        if not data and self._purged_meanwhile(run[0][0]):
+            self._n = run[-1][0]
+            return True
         if session is None:
             session = _Session(session_id, path)
         base_lineno = len(session.ids) + 2
@@ -989,10 +1083,12 @@ class JSONLStore(FeedStore):
     async def _refresh(self) -> None:
         """Catch up with other processes' appends before a read: cheap when there are none."""
         self._check_open()
+        if self._stale:
+            self._close_stale_fds()
         with _translate(self._feed_path):
             behind = self._feed_behind()
-        if not behind:
-            return
+            if not behind and not self._purges_behind():
+                return
         if behind <= _INLINE_RECORDS:
             if self._sync.acquire(blocking=False):
                 try:
@@ -1066,6 +1162,7 @@ class JSONLStore(FeedStore):
         (and change) the cache of open session files.
         """
         session_id = request.session_id
+        self._finish_purge()
         self._catch_up()
         self._repair_intent()
         first = request.events[0]
@@ -1231,6 +1328,8 @@ class JSONLStore(FeedStore):
             0,
         )
         started = time.perf_counter()
+        if cache and self._stale:
+            self._close_stale_fds()
         fd = self._fds.pop(session_id, -1) if cache else -1
         try:
             if fd < 0:
@@ -1241,7 +1340,11 @@ class JSONLStore(FeedStore):
                         self._move_aside(path, 0, 1)
                     flags |= os.O_CREAT | os.O_EXCL
                 fd = os.open(path, flags, 0o600)
-            if os.fstat(fd).st_size != offset:
+            stat = os.fstat(fd)
+            if stat.st_nlink == 0:
+                # unlinked under this index (a purge it has not seen): never write there
+                raise SessionNotFoundError(session_id)
+            if stat.st_size != offset:
                 # a dead writer's tail (the file stays the same: it is cut back)
                 self._move_aside(path, offset, len(session.ids) + 2 if session else 1)
             try:
@@ -1404,6 +1507,284 @@ class JSONLStore(FeedStore):
         lines = data.split(b"\n")
         return lines[:-1]  # the last piece is empty, or a write still in flight
 
+    # retention: whole sessions deleted through a redo file, their positions kept ------
+
+    async def idle_sessions(
+        self,
+        before: int,
+        *,
+        user_id: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[SessionRow]:
+        await self._refresh()
+        start = parse_cursor(after) if after is not None else (-(2**63), "")
+        rows = [
+            s.row()
+            for s in list(self._sessions.values())
+            if s.last_at < before
+            and (user_id is None or s.user_id == user_id)
+            and (s.last_at, s.session_id) > start
+        ]
+        rows.sort(key=lambda r: (r.last_activity_at, r.session_id))
+        return rows[: max(0, limit)]
+
+    async def purge(self, requests: Sequence[PurgeRequest]) -> list[PurgeRecord]:
+        """Delete the sessions still as planned, with their anchors and snapshots.
+
+        Under the writers' lock: the sessions whose event count and last activity
+        still match their records are chosen; their ``purges.jsonl`` lines go to
+        ``purge.redo`` (synced, then renamed into place: the batch's commit point);
+        then ``_finish_purge`` appends them to ``purges.jsonl``, turns the events'
+        ``feed.log`` records into tombstones and removes the files. A crash after
+        the rename is finished by the next writer or open; before it, nothing
+        happened.
+        """
+        self._check_open()
+        if not requests:
+            return []
+        async with self._write_lock:
+            self._check_open()
+            with _translate(self.directory):
+                done = await asyncio.to_thread(self._purge_sync, list(requests))
+        self._close_stale_fds()
+        return done
+
+    def _purge_sync(self, requests: list[PurgeRequest]) -> list[PurgeRecord]:
+        with self._locked():
+            self._finish_purge()
+            self._catch_up()
+            self._repair_intent()
+            chosen: dict[str, tuple[PurgeRecord, _Session]] = {}
+            for request in requests:
+                record = request.record
+                session = self._sessions.get(record.session_id)
+                if session is None or (len(session.ids), session.last_at) != (
+                    record.event_count,
+                    record.last_activity_at,
+                ):
+                    continue  # gone, or written to since it was planned: kept
+                chosen.setdefault(record.session_id, (record, session))
+            if not chosen:
+                return []
+            lines = b"".join(
+                msgspec.json.encode(
+                    _PurgeLine(record=record, positions=_runs(self._positions(session)))
+                )
+                + b"\n"
+                for record, session in chosen.values()
+            )
+            redo = msgspec.json.encode(
+                _PurgeRedo(offset=os.fstat(self._purges_fd).st_size, lines=lines.decode())
+            )
+            tmp = self._purge_redo_path.with_name(self._purge_redo_path.name + ".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                _write_all(fd, redo)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self._purge_redo_path)
+            _fsync_dir(self.directory)  # committed
+            self._finish_purge()
+            self._catch_up_purges()
+            return [record for record, _ in chosen.values()]
+
+    def _positions(self, session: _Session) -> list[int]:
+        """The feed positions of the session's indexed lines (read from its file)."""
+        if not session.ids:
+            return []
+        data = self._pread(session, 0, session.size, False)
+        positions: list[int] = []
+        for k in range(len(session.ids)):
+            match = _LINE.match(data, session.starts[k])
+            if match is None:
+                raise _damaged(session.path, k + 2, "not an event line of this format")
+            positions.append(int(match[1]))
+        return positions
+
+    def _finish_purge(self) -> None:
+        """Carry out ``purge.redo`` to the end, then remove it (holds the lock).
+
+        Each step can be done again: the lines are written to ``purges.jsonl`` at
+        the redo's offset unless they are there already, tombstones overwrite
+        records, and files that are gone are not missed.
+        """
+        try:
+            raw = self._purge_redo_path.read_bytes()
+        except FileNotFoundError:
+            return
+        try:
+            redo = msgspec.json.decode(raw, type=_PurgeRedo)
+            lines = redo.lines.encode()
+            marks = [_purge_mark_decoder.decode(line) for line in lines.splitlines()]
+        except (msgspec.MsgspecError, UnicodeEncodeError) as exc:
+            # renamed into place whole, after a sync: never half there
+            raise IntegrityError(
+                f"Damaged purge redo file {str(self._purge_redo_path)!r}: {exc}"
+            ) from None
+        fd = self._purges_fd
+        if os.pread(fd, len(lines), redo.offset) != lines:
+            os.ftruncate(fd, redo.offset)
+            _write_all(fd, lines)
+        os.fsync(fd)
+        feed = os.open(self._feed_path, os.O_WRONLY | os.O_CLOEXEC)  # no O_APPEND: pwrite
+        try:
+            records = os.fstat(feed).st_size // _REC - 1
+            for mark in marks:
+                for first, last in mark.positions:
+                    last = min(last, records)  # beyond: rebuilt at open from purges.jsonl
+                    if first <= last:
+                        tombs = b"".join(
+                            _tombstone(p, mark.record.session_id) for p in range(first, last + 1)
+                        )
+                        os.pwrite(feed, tombs, first * _REC)
+            os.fsync(feed)
+        finally:
+            os.close(feed)
+        gone = {mark.record.session_id for mark in marks}
+        folders = [self._sessions_dir, self.directory / "anchors", self.directory / "snapshots"]
+        for folder in folders:
+            with contextlib.suppress(FileNotFoundError):
+                for name in os.listdir(folder):
+                    # the session file, torn tails moved aside, anchors, snapshots
+                    if name[:36] in gone and name[36:37] == ".":
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(folder / name)
+                _fsync_dir(folder)
+        os.unlink(self._purge_redo_path)
+        _fsync_dir(self.directory)
+        for mark in marks:
+            self._drop_snapshots(mark.record.session_id)
+        log.info("%s: %d session(s) purged", self._purges_path, len(marks))
+
+    def _purges_behind(self) -> bool:
+        return os.fstat(self._purges_fd).st_size > self._purges_seen
+
+    def _catch_up_purges(self) -> None:
+        """Forget the sessions other purges removed since the last look (holds ``_sync``)."""
+        size = os.fstat(self._purges_fd).st_size
+        if size <= self._purges_seen:
+            return
+        data = os.pread(self._purges_fd, size - self._purges_seen, self._purges_seen)
+        end = data.rfind(b"\n") + 1  # a line still being written is not there yet
+        for line in data[:end].splitlines():
+            try:
+                mark = _purge_mark_decoder.decode(line)
+            except msgspec.MsgspecError as exc:
+                raise IntegrityError(
+                    f"Damaged line in {str(self._purges_path)!r} after byte "
+                    f"{self._purges_seen}: {exc}"
+                ) from None
+            for run in mark.positions:
+                bisect.insort(self._purged, (run[0], run[1]))
+            self._forget(mark.record.session_id)
+        self._purges_seen += end
+
+    def _forget(self, session_id: str) -> None:
+        """Drop a purged session from the index (holds ``_sync``)."""
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            return
+        for event_id in session.ids.values():
+            self._by_id.pop(event_id, None)
+        created = (session.user_id, session.create_key or "")
+        if self._created.get(created, (None, 0))[0] is session:
+            del self._created[created]
+        if session.status in OPEN_STATUSES:
+            self._open_count[session.user_id] -= 1
+        # its number is never handed out again; an empty entry frees its index
+        self._numbered[session.number] = _Session(session_id, session.path)
+        self._drop_snapshots(session_id)
+        self._stale.add(session_id)
+
+    def _close_stale_fds(self) -> None:
+        """Close the cached descriptors of purged sessions (the event loop's thread only)."""
+        while self._stale:
+            fd = self._fds.pop(self._stale.pop(), -1)
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def _gone(self, pos: int, raw: bytes) -> bool:
+        """Whether feed position ``pos`` (record ``raw``) belonged to a purged session."""
+        if _TOMBSTONE.fullmatch(raw):
+            return int(raw[:15]) == pos
+        i = bisect.bisect_right(self._purged, (pos, 1 << 62)) - 1
+        return i >= 0 and self._purged[i][0] <= pos <= self._purged[i][1]
+
+    def _purged_meanwhile(self, pos: int) -> bool:
+        """A session file was missing: whether a purge took position ``pos`` meanwhile."""
+        self._catch_up_purges()
+        return self._gone(pos, b"")
+
+    def _rebuilt_records(
+        self, candidates: list[tuple[int, str, int, int]], total: int
+    ) -> list[bytes]:
+        """The records to add after ``total`` for the unrecorded lines ``candidates``.
+
+        Positions must follow on with no gap, except those of purged sessions
+        (from ``purges.jsonl``), which get tombstones: after ``feed.log`` was
+        deleted, every position a purge took is taken again, none handed out twice.
+        """
+        end = total + len(candidates)
+        purged: dict[int, str] = {}
+        gaps = bool(candidates) and candidates[-1][0] != end
+        if gaps or (total == 0 and os.fstat(self._purges_fd).st_size):
+            data = os.pread(self._purges_fd, os.fstat(self._purges_fd).st_size, 0)
+            for line in data[: data.rfind(b"\n") + 1].splitlines():
+                try:
+                    mark = _purge_mark_decoder.decode(line)
+                except msgspec.MsgspecError as exc:
+                    raise IntegrityError(
+                        f"Damaged line in {str(self._purges_path)!r}: {exc}"
+                    ) from None
+                for first, last in mark.positions:
+                    for p in range(max(first, total + 1), last + 1):
+                        purged[p] = mark.record.session_id
+        out: list[bytes] = []
+        expected = total + 1
+        for pos, session_id, offset, length in candidates:
+            while expected < pos and expected in purged:
+                out.append(_tombstone(expected, purged[expected]))
+                expected += 1
+            if pos != expected:
+                raise IntegrityError(
+                    f"Damaged line in {str(self._sessions_dir / (session_id + _SUFFIX))!r}: "
+                    f"position {pos} is not in {str(self._feed_path)!r}, which ends at "
+                    f"{expected - 1}"
+                )
+            out.append(_record(pos, session_id, offset, length))
+            expected += 1
+        while expected in purged:
+            out.append(_tombstone(expected, purged[expected]))
+            expected += 1
+        return out
+
+    async def purges(
+        self, *, user_id: str | None = None, limit: int = 50, cursor: str | None = None
+    ) -> PurgePage:
+        self._check_open()
+        with _translate(self._purges_path):
+            data = await asyncio.to_thread(_read_if_there, self._purges_path)
+        records: list[PurgeRecord] = []
+        for n, line in enumerate(data[: data.rfind(b"\n") + 1].splitlines(), 1):
+            try:
+                record = _purge_line_decoder.decode(line).record
+            except msgspec.MsgspecError as exc:
+                raise IntegrityError(
+                    f"Damaged line in {str(self._purges_path)!r}, line {n}: {exc}"
+                ) from None
+            if user_id is None or record.user_id == user_id:
+                records.append(record)
+        records.sort(key=lambda r: (r.purged_at, r.session_id), reverse=True)
+        if cursor is not None:
+            after = parse_cursor(cursor)
+            records = [r for r in records if (r.purged_at, r.session_id) < after]
+        page = records[: max(0, limit)]
+        more = len(records) > len(page)
+        return PurgePage(page, purge_cursor(page[-1]) if more and page else None)
+
     # reads -------------------------------------------------------------------------
 
     def _pread(self, session: _Session, start: int, size: int, cache: bool) -> bytes:
@@ -1411,7 +1792,10 @@ class JSONLStore(FeedStore):
         fd = self._fds.get(session.session_id, -1) if cache else -1
         if fd >= 0:
             return os.pread(fd, size, start)
-        fd = os.open(session.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fd = os.open(session.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise SessionNotFoundError(session.session_id) from None  # purged meanwhile
         try:
             return os.pread(fd, size, start)
         finally:
@@ -1591,10 +1975,25 @@ class JSONLStore(FeedStore):
 
     async def read_feed(self, after: int = 0, limit: int = 1000) -> list[FeedItem]:
         await self._refresh()
-        after = max(after, 0)
-        stop = min(self._n, after + limit)
-        if limit <= 0 or stop <= after:
-            return []
+        items: list[FeedItem] = []
+        position = max(after, 0)
+        # Purged sessions leave gaps: read on past them until ``limit`` items.
+        while len(items) < limit and position < self._n:
+            stop = min(self._n, position + limit - len(items))
+            for attempt in range(3):
+                try:
+                    items.extend(await self._feed_between(position, stop))
+                    break
+                except SessionNotFoundError:
+                    # A session file went between the record's read and the line's: a
+                    # purge, which tombstoned the records first; read them again.
+                    if attempt == 2:
+                        raise
+            position = stop
+        return items
+
+    async def _feed_between(self, after: int, stop: int) -> list[FeedItem]:
+        """The events at positions ``after + 1`` to ``stop``, less the purged ones."""
         with _translate(self._feed_path):
             data = os.pread(self._feed_fd, (stop - after) * _REC, (after + 1) * _REC)
         items: list[FeedItem] = []
@@ -1610,13 +2009,16 @@ class JSONLStore(FeedStore):
 
         for i in range(stop - after):
             pos = after + 1 + i
-            rec = _RECORD.fullmatch(data[i * _REC : (i + 1) * _REC])
+            raw = data[i * _REC : (i + 1) * _REC]
+            rec = _RECORD.fullmatch(raw)
             session = self._sessions.get(rec[2].decode()) if rec else None
             k = -1
             if rec is not None and session is not None and int(rec[1]) == pos:
                 offset = int(rec[3])
                 k = _bisect(session.starts, offset)
             if session is None or k < 0:
+                if self._gone(pos, raw):
+                    continue
                 raise _damaged(self._feed_path, pos + 1, "does not match the session files")
             if run and (run[-1][1] is not session or run[-1][2] + 1 != k):
                 await flush()

@@ -33,10 +33,8 @@ KEY = "ab" * 32
 
 @pytest.fixture
 def purging(make_store: MakeStore) -> MakeStore:
-    """``make_store``, for the backends that can purge."""
-    store = make_store()
-    if not isinstance(store, PurgeStore):
-        pytest.skip(f"{type(store).__name__} cannot purge sessions")
+    """``make_store``: every backend can purge."""
+    assert isinstance(make_store(), PurgeStore)
     return make_store
 
 
@@ -287,15 +285,6 @@ async def test_sqlite_a_purged_sessions_content_is_gone_from_the_files(tmp_path:
         assert (await led.verify()).ok
 
 
-async def test_the_jsonl_store_cannot_purge(tmp_path: Path) -> None:
-    async with Ledger(JSONLStore(tmp_path / "j")) as led:
-        await led.create(user_id="u", agent="a")
-        with pytest.raises(ConfigError, match="cannot purge"):
-            await led.purge(older_than=1)
-        with pytest.raises(ConfigError, match="cannot purge"):
-            await led.purged()
-
-
 # --- the command ----------------------------------------------------------------------
 
 
@@ -349,3 +338,229 @@ async def test_a_purge_takes_the_sessions_recorded_anchors_with_it(purging: Make
         assert await led.store.anchors(session_id) == []
         assert len(await led.store.anchors(kept_id)) == 1
         assert (await led.verify(kept_id)).ok
+
+
+# --- the JSONL store: other instances, files, the rebuilt feed, SIGKILL -----------------
+
+
+def _jsonl(directory: Path) -> Ledger:
+    return Ledger(JSONLStore(directory), LedgerConfig(url="memory://", key=KEY))
+
+
+def _files_holding(root: Path, needle: bytes) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+async def test_jsonl_another_store_with_the_session_cached_refuses_it_after_a_purge(
+    tmp_path: Path,
+) -> None:
+    """A second instance (own descriptors, own index) learns of the purge from the files."""
+    directory = tmp_path / "j"
+    async with _jsonl(directory) as purger, _jsonl(directory) as other:
+        ids = await _session(other, "u")  # appended by ``other``: its file is cached open
+        session_id = (await other.get(ids[0])).session
+        last = await other.get(ids[-1])
+        keep = await _session(other, "v")
+        feed_before = await other.store.read_feed(0, 100_000)
+        await asyncio.sleep(IDLE)
+        [record] = await purger.purge(older_than=IDLE / 2, user_id="u")
+        assert record.session_id == session_id
+        feed_size = (directory / "feed.log").stat().st_size
+
+        with pytest.raises(SessionNotFoundError, match=repr(session_id)):
+            await other.store.append(append_request([next_event(last)], last.id))
+        with pytest.raises(SessionNotFoundError, match=repr(session_id)):
+            await other.add_turn(session_id, role="user", content="too late")
+        with pytest.raises(SessionNotFoundError):
+            await other.store.session(session_id)
+        with pytest.raises(EventNotFoundError):
+            await other.store.get(ids[0])
+        assert await other.store.heads(session_id) == {}
+        assert [e async for e in other.store.events(session_id)] == []
+        assert [r.session_id for r in (await other.store.sessions(SessionQuery())).items] == [
+            (await other.get(keep[0])).session
+        ]
+        assert await other.store.read_feed(0, 100_000) == [
+            item for item in feed_before if item.event.session != session_id
+        ]
+        # Nothing was written anywhere: no record, no file brought back.
+        assert (directory / "feed.log").stat().st_size == feed_size
+        assert not (directory / "sessions" / f"{session_id}.jsonl").exists()
+        assert [r.session_id for r in (await other.purged()).items] == [session_id]
+        # ``other`` still writes the session it kept, after the gap in the feed.
+        await other.add_turn((await other.get(keep[0])).session, role="user", content="on")
+        assert (await other.verify()).ok
+
+
+async def test_jsonl_a_purge_leaves_no_content_and_no_file_of_the_session(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "j"
+    secret = f"SECRET-{uuid.uuid4().hex}"
+    async with _jsonl(directory) as led:
+        s = await led.create(user_id="u", agent="a")
+        for _ in range(5):
+            await led.add_turn(s.session_id, role="user", content=secret)
+        await led.anchor(s.session_id)
+        # what recovery and the snapshot files leave beside a session's file
+        (directory / "sessions" / f"{s.session_id}.jsonl.torn-1").write_text(secret)
+        (directory / "snapshots").mkdir()
+        (directory / "snapshots" / f"{s.session_id}.snap").write_text(secret)
+        keep = await led.create(user_id="u", agent="a")
+        await asyncio.sleep(IDLE)
+        await led.add_turn(keep.session_id, role="user", content="fresh")
+        assert _files_holding(directory, secret.encode())
+        [record] = await led.purge(older_than=IDLE / 2)
+        assert record.session_id == s.session_id
+        assert _files_holding(directory, secret.encode()) == []
+        leftovers = [p.name for p in directory.rglob(f"*{s.session_id}*")]
+        assert leftovers == []
+        # What names it: its purge record, and the tombstones of its positions.
+        assert sorted(p.name for p in _files_holding(directory, s.session_id.encode())) == [
+            "feed.log",
+            "purges.jsonl",
+        ]
+        feed = (directory / "feed.log").read_bytes()
+        assert feed.count(b" %s purged " % s.session_id.encode()) == record.event_count
+        assert not (directory / "purge.redo").exists()
+        assert (await led.verify()).ok
+
+
+async def test_jsonl_the_feed_rebuilt_after_purges_keeps_every_position(tmp_path: Path) -> None:
+    """feed.log deleted: purged positions, the newest among them, are not handed out again."""
+    directory = tmp_path / "j"
+    async with _jsonl(directory) as led:
+        early = await _session(led, "keep")
+        await _session(led, "gone")  # in the middle of the feed
+        late = await _session(led, "keep")
+        await asyncio.sleep(IDLE)
+        await _session(led, "gone")  # the newest positions
+        last_position = (await led.store.read_feed(0, 100_000))[-1].position
+        await asyncio.sleep(0.05)
+        assert len(await led.purge(older_than=0.01, user_id="gone")) == 2
+        feed_after = await led.store.read_feed(0, 100_000)
+        assert {item.event.id for item in feed_after} == set(early) | set(late)
+    (directory / "feed.log").unlink()
+    async with _jsonl(directory) as led:
+        assert await led.store.read_feed(0, 100_000) == feed_after
+        session_id = (await led.get(early[0])).session
+        event = await led.add_turn(session_id, role="user", content="after the rebuild")
+        [item] = await led.store.read_feed(last_position, 10)
+        assert (item.position, item.event.id) == (last_position + 1, event.id)
+        assert len((await led.purged()).items) == 2
+        assert (await led.verify()).ok
+
+
+async def test_jsonl_a_session_reopened_after_a_purge_is_gone_and_the_purge_recorded(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "j"
+    async with _jsonl(directory) as led:
+        ids = await _session(led, "u")
+        session_id = (await led.get(ids[0])).session
+        await asyncio.sleep(IDLE)
+        await led.purge(older_than=IDLE / 2)
+    async with _jsonl(directory) as led:
+        with pytest.raises(SessionNotFoundError):
+            await led.store.session(session_id)
+        assert await led.store.read_feed(0, 100) == []
+        assert [r.session_id for r in (await led.purged()).items] == [session_id]
+        s = await led.create(user_id="u", agent="a")
+        [item] = await led.store.read_feed(0, 100)
+        assert (item.position, item.event.session) == (len(ids) + 1, s.session_id)
+
+
+PURGE_CHILD = """
+import asyncio, sys
+from ledger import Ledger
+
+async def main(url, users):
+    async with Ledger.open(url) as led:
+        for user in users.split(","):
+            for record in await led.purge(older_than=0.05, user_id=user):
+                print(record.session_id, flush=True)  # acknowledged: purge returned
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_jsonl_a_purge_killed_at_any_moment_leaves_each_session_whole_or_gone_with_its_record(
+    tmp_path: Path,
+) -> None:
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parent.parent
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    directory = tmp_path / "j"
+    url = f"jsonl:///{directory}"
+    log = tmp_path / "child.log"
+    acknowledged: set[str] = set()
+    originals: dict[str, list[str]] = {}
+    kills = 0
+
+    async def create(n: int) -> None:
+        async with Ledger.open(url) as led:
+            for i in range(n):
+                s = await led.create(user_id=f"u{len(originals)}", agent="a")
+                for t in range(i % 3):
+                    await led.add_turn(s.session_id, role="user", content=f"{t} {uuid.uuid4()}")
+                originals[s.session_id] = [e.id async for e in led.events(s.session_id)]
+
+    async def check() -> None:
+        async with Ledger.open(url) as led:
+            recorded = {r.session_id async for r in _all_purged(led)}
+            assert acknowledged <= recorded, f"seed {seed}"
+            for session_id, ids in originals.items():
+                if session_id in recorded:
+                    with pytest.raises(SessionNotFoundError):
+                        await led.store.session(session_id)
+                    assert not list(directory.rglob(f"{session_id}*")), f"seed {seed}"
+                else:
+                    assert [e.id async for e in led.events(session_id)] == ids, f"seed {seed}"
+            feed = await led.store.read_feed(0, 1_000_000)
+            assert {i.event.session for i in feed} == set(originals) - recorded, f"seed {seed}"
+            assert (await led.verify()).ok, f"seed {seed}"
+
+    for _ in range(12):
+        asyncio.run(create(6))
+        time.sleep(0.1)
+        users = ",".join(f"u{n}" for n in range(len(originals)))
+        with log.open("w") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", PURGE_CHILD, url, users],
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                cwd=root,
+                env={"PYTHONPATH": str(root), "PYTHONWARNINGS": "error", "PATH": ""},
+            )
+        assert proc.stdout is not None
+        try:
+            for _ in range(rng.choice([0, 1, 2, 3])):
+                line = proc.stdout.readline()
+                if line.endswith("\n"):
+                    acknowledged.add(line.strip())
+            time.sleep(rng.uniform(0, 0.03))
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            rest, _ = proc.communicate()
+        kills += proc.returncode == -signal.SIGKILL
+        acknowledged.update(x.strip() for x in rest.splitlines(keepends=True) if x.endswith("\n"))
+        asyncio.run(check())
+    assert kills >= 8, f"children exited before the kill (seed {seed}): {log.read_text()}"
+
+
+async def _all_purged(led: Ledger) -> Any:
+    cursor = None
+    while True:
+        page = await led.purged(limit=100, cursor=cursor)
+        for record in page.items:
+            yield record
+        if (cursor := page.next_cursor) is None:
+            return
