@@ -1423,6 +1423,11 @@ class JSONLStore(PurgeStore):
             _write_all(fd, lines)
         finally:
             os.close(fd)
+        # Written without the writers' lock: a purge may have removed the session
+        # meanwhile, and its folded content must not outlive it here.
+        if not (self._sessions_dir / (session_id + _SUFFIX)).exists():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
     def _find_snapshot(self, session_id: str, key: str, event_id: str) -> bytes | None:
         """The base64 state of the newest line for ``(key, event_id)`` in the session's file.

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
+import os
+import sqlite3
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
@@ -273,15 +276,23 @@ async def test_sqlite_a_purged_sessions_content_is_gone_from_the_files(tmp_path:
     db = tmp_path / "ledger.db"
     async with Ledger.open(f"sqlite:///{db}", config=LedgerConfig(snapshot_every=2)) as led:
         s = await led.create(user_id="u", agent="a")
-        for _ in range(10):
-            await led.add_turn(s.session_id, role="user", content=(secret + " ") * 50)
+        for i in range(10):  # small events: stored as plain JSON
+            await led.add_turn(s.session_id, role="user", content=f"{secret} {i}")
+        # A large one is stored deflated: a piece of its stored bytes is looked for too.
+        big = await led.add_turn(s.session_id, role="user", content=os.urandom(3000).hex())
         keep = await led.create(user_id="u", agent="a")
+        with contextlib.closing(sqlite3.connect(db)) as raw:
+            (stored,) = raw.execute("SELECT data FROM events WHERE id = ?", (big.id,)).fetchone()
+        assert stored[:1] == b"\x01"
+        piece = stored[len(stored) // 2 : len(stored) // 2 + 64]
         assert _holding(tmp_path, secret.encode())
+        assert _holding(tmp_path, piece)
         await asyncio.sleep(IDLE)
         await led.add_turn(keep.session_id, role="user", content="fresh")
         assert [r.session_id for r in await led.purge(older_than=IDLE / 2)] == [s.session_id]
         assert _holding(tmp_path, b"") >= {"ledger.db", "ledger.db-wal"}  # checked: open
         assert _holding(tmp_path, secret.encode()) == set()
+        assert _holding(tmp_path, piece) == set()
         assert (await led.verify()).ok
 
 
@@ -387,6 +398,9 @@ async def test_jsonl_another_store_with_the_session_cached_refuses_it_after_a_pu
         assert (directory / "feed.log").stat().st_size == feed_size
         assert not (directory / "sessions" / f"{session_id}.jsonl").exists()
         assert [r.session_id for r in (await other.purged()).items] == [session_id]
+        # A snapshot ``other`` folded before the purge does not bring content back.
+        await other.store.put_snapshots(session_id, "session@1", [(last.id, b"state")])
+        assert not (directory / "snapshots" / f"{session_id}.snap").exists()
         # ``other`` still writes the session it kept, after the gap in the feed.
         await other.add_turn((await other.get(keep[0])).session, role="user", content="on")
         assert (await other.verify()).ok
