@@ -8,7 +8,9 @@ schema version; a database written by a newer version of this code is refused
 with ``StoreError``, never misread. Every table of session data is keyed by
 session id and every primary key and unique index includes ``session_id``, so
 the schema distributes by session id on Citus unchanged. Times and positions
-are ``bigint``; an event is kept as the exact bytes of its encoding (``bytea``).
+are ``bigint``; an event is kept as the exact bytes of its encoding (``bytea``),
+deflated when it is 1 KiB or more (``_pack``). Version 1 of the schema (a second
+index on the event id) is upgraded in place on open.
 
 Appends. One append is one statement, ``SELECT * FROM ledger_append(...)``: a
 PL/pgSQL function that does every check and every write of the batch in the
