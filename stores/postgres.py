@@ -8,7 +8,9 @@ schema version; a database written by a newer version of this code is refused
 with ``StoreError``, never misread. Every table of session data is keyed by
 session id and every primary key and unique index includes ``session_id``, so
 the schema distributes by session id on Citus unchanged. Times and positions
-are ``bigint``; an event is kept as the exact bytes of its encoding (``bytea``).
+are ``bigint``; an event is kept as the exact bytes of its encoding (``bytea``),
+deflated when it is 1 KiB or more (``_pack``). Version 1 of the schema (a second
+index on the event id) is upgraded in place on open.
 
 Appends. One append is one statement, ``SELECT * FROM ledger_append(...)``: a
 PL/pgSQL function that does every check and every write of the batch in the
@@ -69,6 +71,7 @@ import asyncio
 import contextlib
 import os
 import re
+import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from typing import Any, Final
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
@@ -112,8 +115,9 @@ from stores.group import GroupCommit, GroupStats
 
 __all__ = ["DEFAULT_GROUP_SIZE", "SCHEMA_VERSION", "SESSION_TABLES", "PostgresStore"]
 
-SCHEMA_VERSION: Final = 1
-"""The version row of ``ledger_schema`` that this code writes."""
+SCHEMA_VERSION: Final = 2
+"""The version row of ``ledger_schema`` that this code writes (1: before the events'
+primary key led with the event id; opened, a version 1 database is upgraded in place)."""
 
 DEFAULT_GROUP_SIZE: Final = 64
 """The most appends one group commit holds, unless ``group_size`` says otherwise."""
@@ -170,11 +174,12 @@ CREATE TABLE IF NOT EXISTS ledger_events (
     at bigint NOT NULL,
     idempotency_key text,
     data bytea NOT NULL,
-    PRIMARY KEY (session_id, id)
+    -- Led by the id: it also serves get(event_id) without a session.
+    PRIMARY KEY (id, session_id)
 );
--- The feed, and get(event_id) without a session: plain (non-unique) indexes.
+-- The feed: a plain (non-unique) index, as a unique one without session_id
+-- would not distribute.
 CREATE INDEX IF NOT EXISTS ledger_events_position ON ledger_events (position);
-CREATE INDEX IF NOT EXISTS ledger_events_id ON ledger_events (id);
 CREATE INDEX IF NOT EXISTS ledger_events_session_position
     ON ledger_events (session_id, position);
 CREATE UNIQUE INDEX IF NOT EXISTS ledger_events_session_key
@@ -377,6 +382,15 @@ END
 $$;
 """
 
+_UPGRADE_1_TO_2: Final = """
+ALTER TABLE ledger_events DROP CONSTRAINT ledger_events_pkey,
+    ADD CONSTRAINT ledger_events_pkey PRIMARY KEY (id, session_id);
+DROP INDEX IF EXISTS ledger_events_id;
+"""
+"""Version 1 kept the events' primary key as (session_id, id) and a second index on
+id alone for ``get``; one key led by the id serves both, for one index fewer per
+event. Rebuilding the key locks the events table while it runs (once)."""
+
 _PURGE_SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS ledger_purges (
     session_id text NOT NULL PRIMARY KEY,
@@ -493,15 +507,43 @@ def _translate(
         raise StoreError(f"PostgreSQL {action}timed out at {target}{where}") from None
 
 
-# --- decoding -----------------------------------------------------------------------
+# --- encoding and decoding ------------------------------------------------------------
+
+_PACK_AT: Final = 1024
+"""Encodings this long or longer are stored zlib-compressed (when that is smaller).
+
+PostgreSQL compresses a value only in rows over about 2 kB, so most turns would
+be stored as they are. Below this size an event is mostly ids and digests
+(random hex, which hardly compresses), and inflating costs a feed reader about as
+much as the rest of decoding the event: such events are stored as they are."""
+
+
+def _pack(event: Event) -> bytes:
+    """What ``data`` holds: the event's JSON encoding, or a zlib stream of it.
+
+    JSON always starts with ``{``, a zlib stream never does (its first byte is
+    ``0x78`` at the default window), so ``_unpack`` needs no flag column; the
+    stream's Adler-32 checksum catches a damaged value.
+    """
+    encoded = encode_event(event)
+    if len(encoded) >= _PACK_AT:
+        packed = zlib.compress(encoded)
+        if len(packed) < len(encoded):
+            return packed
+    return encoded
+
+
+def _unpack(data: bytes) -> bytes:
+    """The event's JSON encoding from ``data``; ``zlib.error`` for a damaged stream."""
+    return data if data[:1] == b"{" else zlib.decompress(data)
 
 
 def _decode(row: _Row, target: _Target) -> Event:
     """A stored event, or IntegrityError: a bad row is never skipped nor returned."""
     position, event_id, session_id, data = row[0], row[1], row[2], row[3]
     try:
-        event = decode_event(bytes(data))
-    except (msgspec.MsgspecError, TypeError) as exc:
+        event = decode_event(_unpack(data))
+    except (msgspec.MsgspecError, TypeError, zlib.error) as exc:
         raise IntegrityError(
             f"Stored event does not decode: {event_id!r} (position {position} at {target}): {exc}",
             event_id,
@@ -535,7 +577,7 @@ def _append_args(request: AppendRequest) -> _Args:
         [e.kind for e in events],
         [e.at for e in events],
         [e.idempotency_key for e in events],
-        [encode_event(e) for e in events],
+        [_pack(e) for e in events],
     )
 
 
@@ -822,7 +864,9 @@ class PostgresStore(PurgeStore):
                 anchors_table=_ANCHORS_TABLE,
             )
         )
-        if version is None:
+        if version is not None and version < SCHEMA_VERSION:
+            await conn.execute(_UPGRADE_1_TO_2)
+        if version != SCHEMA_VERSION:
             await conn.execute("INSERT INTO ledger_schema (version) VALUES ($1)", SCHEMA_VERSION)
 
     async def _close(self) -> None:
@@ -1041,7 +1085,7 @@ class PostgresStore(PurgeStore):
                     if row[0] == "ok":
                         await conn.executemany(
                             "UPDATE ledger_events SET data = $3 WHERE session_id = $1 AND id = $2",
-                            [(session_id, e.id, encode_event(e)) for e in request.erase],
+                            [(session_id, e.id, _pack(e)) for e in request.erase],
                         )
                         await conn.execute(
                             "DELETE FROM ledger_snapshots WHERE session_id = $1", session_id
