@@ -155,7 +155,7 @@ async def datasets(ctx: Any) -> dict[str, Dataset | BaseException]:
     ctx.notes.remarks.append(
         f"Datasets: {sizes.sessions:,} sessions for the listing were loaded at "
         + ", ".join(f"{fmt_rate(sizes.sessions / spent[b])} ({b})" for b in stores)
-        + " (one append each, 8 at a time, every store at once); all datasets built in "
+        + " (one append each, 64 at a time, every store at once); all datasets built in "
         + f"{fmt_time(time.perf_counter() - clock)}."
     )
     for backend, store in stores.items():
