@@ -42,7 +42,7 @@ from ledger.events import (
     event_problem,
 )
 from ledger.merkle import MerkleLog, verify_consistency
-from ledger.verify_worker import Batch, read_answer, write_request
+from ledger.verify_worker import Batch, Checked, read_answer, write_request
 from projections.base import fold
 from projections.session import ACTIVE, SESSION, SUSPENDED, SessionState, state_checksum
 from stores.base import EventStore
@@ -57,6 +57,9 @@ PARALLEL_FROM: Final = 50_000
 """Sessions of at least this many events are verified on two cores."""
 CHUNK: Final = 4096
 """Events per request to the worker process: a power of two (see ``ledger.verify_worker``)."""
+OWN_EVERY: Final = 5
+"""One chunk in this many is checked here instead of by the worker: the worker does more
+per event (it decodes each event again), so this keeps both processes busy."""
 
 PAGE: Final = 8192
 """Events per page read from the store: fewer round trips to its driver's thread."""
@@ -279,25 +282,24 @@ async def _walk_parallel(
     except OSError:
         return None
     assert worker.stdin is not None and worker.stdout is not None
-    answers = asyncio.ensure_future(_answers(worker.stdout))
+    results: list[tuple[bool, list[bytes]]] = []
+    answers = asyncio.ensure_future(_answers(worker.stdout, results))
     problems: list[Problem] = []
     redactions = _Redactions(session_id)
     heads: dict[str, SessionState] = {}
     kept: dict[str, SessionState] = {}  # every KEEP_EVERY-th depth: where a fork's fold starts
     checked = 0
     bad_at: dict[str, int] = {}
-    chunk = Batch()
-    sent = 0
+    chunk: Batch | Checked = Batch()
+    chunks: list[tuple[bool, list[bytes]] | None] = []  # each chunk's answer; None: the worker's
     try:
         try:
             async for event in store.events(session_id, page_size=PAGE):
                 checked += 1
                 chunk.add(event)
                 if chunk.count == CHUNK:
-                    worker.stdin.write(chunk.request())
-                    await worker.stdin.drain()
-                    chunk = Batch()
-                    sent += 1
+                    await _finish(chunk, worker.stdin, chunks)
+                    chunk = Checked() if len(chunks) % OWN_EVERY == OWN_EVERY - 1 else Batch()
                 try:
                     if checked > 1 and type(event.body) not in _FORKS:
                         state = _check_linear(session_id, event, heads, key, False)
@@ -327,16 +329,13 @@ async def _walk_parallel(
                 heads[event.branch] = state
                 if not event.seq % KEEP_EVERY:
                     kept[event.id] = state
-            if not event.seq % KEEP_EVERY:
-                kept[event.id] = state
         except IntegrityError as exc:
             problems.append(Problem(session_id, exc.event_id, str(exc)))
         if chunk.count:
-            worker.stdin.write(chunk.request())
-            sent += 1
+            await _finish(chunk, worker.stdin, chunks)
         worker.stdin.write(write_request([]))
         await worker.stdin.drain()
-        results = await answers
+        await answers
         await worker.wait()  # it ends after the empty request
     except (OSError, EOFError, asyncio.IncompleteReadError):
         return None  # the worker died: walk in this process
@@ -346,13 +345,17 @@ async def _walk_parallel(
                 worker.kill()
         answers.cancel()
         await worker.wait()
-    if worker.returncode != 0 or len(results) != sent or not all(ok for ok, _ in results):
+    if worker.returncode != 0 or len(results) != chunks.count(None):
+        return None
+    theirs = iter(results)
+    answered = [next(theirs) if mine is None else mine for mine in chunks]
+    if not all(ok for ok, _ in answered):
         return None
     log = None
     if need_log:
-        depth = max((len(levels) for _, levels in results), default=1)
+        depth = max((len(levels) for _, levels in answered), default=1)
         log = MerkleLog.from_subtrees(
-            [b"".join(levels[h] for _, levels in results if h < len(levels)) for h in range(depth)]
+            [b"".join(levels[h] for _, levels in answered if h < len(levels)) for h in range(depth)]
         )
     problems += redactions.unpaired()
     return checked, problems, log, bad_at
@@ -364,16 +367,29 @@ _IMPORT_ROOT: Final = os.pathsep.join(
 """Where the worker finds this package, installed or not."""
 
 
-async def _answers(stdout: asyncio.StreamReader) -> list[tuple[bool, list[bytes]]]:
-    """The worker's answers, read as they come, until it closes its stdout."""
-    results = []
+async def _finish(
+    chunk: Batch | Checked,
+    stdin: asyncio.StreamWriter,
+    chunks: list[tuple[bool, list[bytes]] | None],
+) -> None:
+    """A full (or the last) chunk: its answer, or sent to the worker for it."""
+    if isinstance(chunk, Checked):
+        chunks.append(chunk.answer())
+        return
+    stdin.write(chunk.request())
+    chunks.append(None)
+    await stdin.drain()
+
+
+async def _answers(stdout: asyncio.StreamReader, results: list[tuple[bool, list[bytes]]]) -> None:
+    """The worker's answers into ``results``, read as they come, until it closes its stdout."""
     while True:
         try:
             results.append(await read_answer(stdout.readexactly))
         except asyncio.IncompleteReadError as exc:
             if exc.partial:
                 raise
-            return results
+            return
 
 
 async def _check_anchors(

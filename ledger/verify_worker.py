@@ -25,7 +25,7 @@ import msgspec
 from ledger.events import Event, encode_event, event_problem
 from ledger.merkle import MerkleLog
 
-__all__ = ["Batch", "check_chunk", "main", "read_answer", "write_request"]
+__all__ = ["Batch", "Checked", "check_chunk", "main", "read_answer", "write_request"]
 
 _decode_events = msgspec.json.Decoder(list[Event]).decode
 _encode_into = msgspec.json.Encoder().encode_into
@@ -55,15 +55,33 @@ class Batch:
         return buffer
 
 
+class Checked:
+    """A chunk checked where it is read: the answer the worker gives for the same events."""
+
+    __slots__ = ("_ids", "count", "ok")
+
+    def __init__(self) -> None:
+        self._ids = bytearray()
+        self.count = 0
+        self.ok = True
+
+    def add(self, event: Event) -> None:
+        if event_problem(event) is not None:
+            self.ok = False
+        self._ids += bytes.fromhex(event.id)
+        self.count += 1
+
+    def answer(self) -> tuple[bool, list[bytes]]:
+        """Did every event verify on its own? And the Merkle levels of their ids."""
+        return self.ok, [bytes(level) for level in MerkleLog.from_leaves(self._ids).levels]
+
+
 def check_chunk(blob: bytes | bytearray) -> tuple[bool, list[bytes]]:
     """Do these events (a JSON array) verify on their own? And the Merkle levels of their ids."""
-    ids = bytearray()
-    ok = True
+    checked = Checked()
     for event in _decode_events(blob):
-        if event_problem(event) is not None:
-            ok = False
-        ids += bytes.fromhex(event.id)
-    return ok, [bytes(level) for level in MerkleLog.from_leaves(ids).levels]
+        checked.add(event)
+    return checked.answer()
 
 
 def write_request(events: list[Event]) -> bytes:
