@@ -265,7 +265,8 @@ async def _walk_parallel(
 ) -> _Walk | None:
     """``_walk`` on two cores: a worker process (``ledger.verify_worker``) recomputes
     each event's digest and id and hashes the Merkle log, chunk by chunk, while
-    this process checks the structure.
+    this process checks the structure (and, to keep both busy, the content of one
+    chunk in ``OWN_EVERY``, with the worker's own code).
 
     None when the worker finds a bad event (the caller then walks again in one
     process, so that the report is exactly the sequential one), or cannot run.
