@@ -271,18 +271,23 @@ async def _walk_parallel(
     None when the worker finds a bad event (the caller then walks again in one
     process, so that the report is exactly the sequential one), or cannot run.
     """
+    reading, writing = os.pipe()
     try:
         worker = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "ledger.verify_worker",
-            stdin=asyncio.subprocess.PIPE,
+            stdin=reading,
             stdout=asyncio.subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": _IMPORT_ROOT},
         )
     except OSError:
+        os.close(writing)
         return None
-    assert worker.stdin is not None and worker.stdout is not None
+    finally:
+        os.close(reading)
+    assert worker.stdout is not None
+    pipe = _Pipe(writing)
     results: list[tuple[bool, list[bytes]]] = []
     answers = asyncio.ensure_future(_answers(worker.stdout, results))
     problems: list[Problem] = []
@@ -299,7 +304,7 @@ async def _walk_parallel(
                 checked += 1
                 chunk.add(event)
                 if chunk.count == CHUNK:
-                    await _finish(chunk, worker.stdin, chunks)
+                    await _finish(chunk, pipe, chunks)
                     chunk = Checked() if len(chunks) % OWN_EVERY == OWN_EVERY - 1 else Batch()
                 try:
                     if checked > 1 and type(event.body) not in _FORKS:
@@ -333,9 +338,9 @@ async def _walk_parallel(
         except IntegrityError as exc:
             problems.append(Problem(session_id, exc.event_id, str(exc)))
         if chunk.count:
-            await _finish(chunk, worker.stdin, chunks)
-        worker.stdin.write(write_request([]))
-        await worker.stdin.drain()
+            await _finish(chunk, pipe, chunks)
+        await pipe.send(write_request([]))
+        await pipe.wait()
         await answers
         await worker.wait()  # it ends after the empty request
     except (OSError, EOFError, asyncio.IncompleteReadError):
@@ -345,6 +350,9 @@ async def _walk_parallel(
             with contextlib.suppress(ProcessLookupError):
                 worker.kill()
         answers.cancel()
+        with contextlib.suppress(OSError):
+            await pipe.wait()  # the worker is gone: a write still pending fails at once
+        os.close(writing)
         await worker.wait()
     if worker.returncode != 0 or len(results) != chunks.count(None):
         return None
@@ -368,18 +376,41 @@ _IMPORT_ROOT: Final = os.pathsep.join(
 """Where the worker finds this package, installed or not."""
 
 
+class _Pipe:
+    """The worker's stdin, written from a thread: this process goes on reading and
+    checking while the worker takes a chunk in (asyncio's ``drain`` would wait for it,
+    and its transport writes only when this process yields). One write at a time."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.pending: asyncio.Future[None] | None = None
+
+    async def send(self, data: bytes | bytearray) -> None:
+        await self.wait()
+        self.pending = asyncio.ensure_future(asyncio.to_thread(_write_all, self.fd, data))
+
+    async def wait(self) -> None:
+        """Until the last write is done (raises ``OSError`` when the worker is gone)."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            await pending
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 async def _finish(
-    chunk: Batch | Checked,
-    stdin: asyncio.StreamWriter,
-    chunks: list[tuple[bool, list[bytes]] | None],
+    chunk: Batch | Checked, pipe: _Pipe, chunks: list[tuple[bool, list[bytes]] | None]
 ) -> None:
     """A full (or the last) chunk: its answer, or sent to the worker for it."""
     if isinstance(chunk, Checked):
         chunks.append(chunk.answer())
         return
-    stdin.write(chunk.request())
+    await pipe.send(chunk.request())
     chunks.append(None)
-    await stdin.drain()
 
 
 async def _answers(stdout: asyncio.StreamReader, results: list[tuple[bool, list[bytes]]]) -> None:
