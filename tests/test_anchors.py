@@ -421,6 +421,28 @@ async def test_verify_falls_back_to_one_core_without_a_worker(
     assert one == two and two.ok
 
 
+async def test_verify_falls_back_to_one_core_when_the_worker_dies(
+    long_file: tuple[Path, str, list[str], Anchor],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    from ledger.verify import _walk_parallel
+
+    path, sid, _, anchor = long_file
+    one, _ = await both_ways(path, sid, [anchor])
+    # A "python" that starts, reads a little of its first request and exits.
+    dying = tmp_path / "dying-python"
+    dying.write_text("#!/bin/sh\nhead -c 100 >/dev/null\nexit 3\n")
+    dying.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(dying))
+    async with Ledger.open(f"sqlite:///{path}") as led:
+        assert await _walk_parallel(led.store, sid, KEY, True) is None
+    _, two = await both_ways(path, sid, [anchor])
+    assert one == two and two.ok
+
+
 # --- the stores' anchor records -------------------------------------------------------
 
 
