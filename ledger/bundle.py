@@ -84,7 +84,7 @@ __all__ = [
 BUNDLE_FORMAT: Final = "session-ledger/bundle"
 BUNDLE_VERSION: Final = 1
 MAIN: Final = "main"
-BATCH_EVENTS: Final = 1000
+BATCH_EVENTS: Final = 10_000
 """Events per append of an import (fewer at a branch change, a fork or a restore)."""
 BATCH_BYTES: Final = 4 << 20
 _YIELD_EVERY: Final = 2000

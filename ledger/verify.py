@@ -38,12 +38,11 @@ from ledger.events import (
     Restored,
     Resumed,
     SessionCreated,
-    encode_event,
     erased_digest,
     event_problem,
 )
 from ledger.merkle import MerkleLog, verify_consistency
-from ledger.verify_worker import read_answer, write_request
+from ledger.verify_worker import Batch, Checked, read_answer, write_request
 from projections.base import fold
 from projections.session import ACTIVE, SESSION, SUSPENDED, SessionState, state_checksum
 from stores.base import EventStore
@@ -58,9 +57,19 @@ PARALLEL_FROM: Final = 50_000
 """Sessions of at least this many events are verified on two cores."""
 CHUNK: Final = 4096
 """Events per request to the worker process: a power of two (see ``ledger.verify_worker``)."""
+OWN_EVERY: Final = 5
+"""One chunk in this many is checked here instead of by the worker: the worker does more
+per event (it decodes each event again), so this keeps both processes busy."""
+
+PAGE: Final = 8192
+"""Events per page read from the store: fewer round trips to its driver's thread."""
 
 _FORKS: Final = frozenset({Branched, Restored})
 """The events whose parent need not be their branch's head."""
+_STEP_CHECKED: Final = frozenset({Checkpointed, Resumed})
+"""The kinds that always take ``_check_step``'s every check (a checksum, a lifecycle rule)."""
+_PAIRED: Final = frozenset({Erased, Redacted})
+"""The kinds ``_Redactions`` pairs up; no other event can change its findings."""
 
 # What each status lets a branch append next (anything on an active branch but Resumed).
 _SUSPENDED_ALLOWS = frozenset(
@@ -218,7 +227,7 @@ async def _walk(store: EventStore, session_id: str, key: bytes | None, need_log:
     leaves = bytearray() if need_log else None
     bad_at: dict[str, int] = {}
     try:
-        async for event in store.events(session_id):
+        async for event in store.events(session_id, page_size=PAGE):
             checked += 1
             if leaves is not None:
                 leaves += bytes.fromhex(event.id)
@@ -229,9 +238,10 @@ async def _walk(store: EventStore, session_id: str, key: bytes | None, need_log:
                     state = await _check(
                         store, session_id, event, heads, kept, key, root=checked == 1
                     )
-                changed = redactions.see(event)
-                if changed is not None:
-                    problems.append(changed)
+                if type(event.body) in _PAIRED:
+                    changed = redactions.see(event)
+                    if changed is not None:
+                        problems.append(changed)
             except _Bad as bad:
                 problems.append(Problem(session_id, event.id, str(bad)))
                 bad_at[event.id] = checked - 1
@@ -255,42 +265,47 @@ async def _walk_parallel(
 ) -> _Walk | None:
     """``_walk`` on two cores: a worker process (``ledger.verify_worker``) recomputes
     each event's digest and id and hashes the Merkle log, chunk by chunk, while
-    this process checks the structure.
+    this process checks the structure (and, to keep both busy, the content of one
+    chunk in ``OWN_EVERY``, with the worker's own code).
 
     None when the worker finds a bad event (the caller then walks again in one
     process, so that the report is exactly the sequential one), or cannot run.
     """
+    reading, writing = os.pipe()
     try:
         worker = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "ledger.verify_worker",
-            stdin=asyncio.subprocess.PIPE,
+            stdin=reading,
             stdout=asyncio.subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": _IMPORT_ROOT},
         )
     except OSError:
+        os.close(writing)
         return None
-    assert worker.stdin is not None and worker.stdout is not None
-    answers = asyncio.ensure_future(_answers(worker.stdout))
+    finally:
+        os.close(reading)
+    assert worker.stdout is not None
+    pipe = _Pipe(writing)
+    results: list[tuple[bool, list[bytes]]] = []
+    answers = asyncio.ensure_future(_answers(worker.stdout, results))
     problems: list[Problem] = []
     redactions = _Redactions(session_id)
     heads: dict[str, SessionState] = {}
     kept: dict[str, SessionState] = {}  # every KEEP_EVERY-th depth: where a fork's fold starts
     checked = 0
     bad_at: dict[str, int] = {}
-    chunk: list[bytes] = []
-    sent = 0
+    chunk: Batch | Checked = Batch()
+    chunks: list[tuple[bool, list[bytes]] | None] = []  # each chunk's answer; None: the worker's
     try:
         try:
-            async for event in store.events(session_id):
+            async for event in store.events(session_id, page_size=PAGE):
                 checked += 1
-                chunk.append(encode_event(event))
-                if len(chunk) == CHUNK:
-                    worker.stdin.write(write_request(b"\n".join(chunk)))
-                    await worker.stdin.drain()
-                    chunk = []
-                    sent += 1
+                chunk.add(event)
+                if chunk.count == CHUNK:
+                    await _finish(chunk, pipe, chunks)
+                    chunk = Checked() if len(chunks) % OWN_EVERY == OWN_EVERY - 1 else Batch()
                 try:
                     if checked > 1 and type(event.body) not in _FORKS:
                         state = _check_linear(session_id, event, heads, key, False)
@@ -305,9 +320,10 @@ async def _walk_parallel(
                             root=checked == 1,
                             content=False,
                         )
-                    changed = redactions.see(event)
-                    if changed is not None:
-                        problems.append(changed)
+                    if type(event.body) in _PAIRED:
+                        changed = redactions.see(event)
+                        if changed is not None:
+                            problems.append(changed)
                 except _Bad as bad:
                     problems.append(Problem(session_id, event.id, str(bad)))
                     bad_at[event.id] = checked - 1
@@ -319,16 +335,13 @@ async def _walk_parallel(
                 heads[event.branch] = state
                 if not event.seq % KEEP_EVERY:
                     kept[event.id] = state
-            if not event.seq % KEEP_EVERY:
-                kept[event.id] = state
         except IntegrityError as exc:
             problems.append(Problem(session_id, exc.event_id, str(exc)))
-        if chunk:
-            worker.stdin.write(write_request(b"\n".join(chunk)))
-            sent += 1
-        worker.stdin.write(write_request(b""))
-        await worker.stdin.drain()
-        results = await answers
+        if chunk.count:
+            await _finish(chunk, pipe, chunks)
+        await pipe.send(write_request([]))
+        await pipe.wait()
+        await answers
         await worker.wait()  # it ends after the empty request
     except (OSError, EOFError, asyncio.IncompleteReadError):
         return None  # the worker died: walk in this process
@@ -337,14 +350,21 @@ async def _walk_parallel(
             with contextlib.suppress(ProcessLookupError):
                 worker.kill()
         answers.cancel()
+        with contextlib.suppress(OSError):
+            await pipe.wait()  # the worker is gone: a write still pending fails at once
+        os.close(writing)
         await worker.wait()
-    if worker.returncode != 0 or len(results) != sent or not all(ok for ok, _ in results):
+    if worker.returncode != 0 or len(results) != chunks.count(None):
+        return None
+    theirs = iter(results)
+    answered = [next(theirs) if mine is None else mine for mine in chunks]
+    if not all(ok for ok, _ in answered):
         return None
     log = None
     if need_log:
-        depth = max((len(levels) for _, levels in results), default=1)
+        depth = max((len(levels) for _, levels in answered), default=1)
         log = MerkleLog.from_subtrees(
-            [b"".join(levels[h] for _, levels in results if h < len(levels)) for h in range(depth)]
+            [b"".join(levels[h] for _, levels in answered if h < len(levels)) for h in range(depth)]
         )
     problems += redactions.unpaired()
     return checked, problems, log, bad_at
@@ -356,16 +376,52 @@ _IMPORT_ROOT: Final = os.pathsep.join(
 """Where the worker finds this package, installed or not."""
 
 
-async def _answers(stdout: asyncio.StreamReader) -> list[tuple[bool, list[bytes]]]:
-    """The worker's answers, read as they come, until it closes its stdout."""
-    results = []
+class _Pipe:
+    """The worker's stdin, written from a thread: this process goes on reading and
+    checking while the worker takes a chunk in (asyncio's ``drain`` would wait for it,
+    and its transport writes only when this process yields). One write at a time."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.pending: asyncio.Future[None] | None = None
+
+    async def send(self, data: bytes | bytearray) -> None:
+        await self.wait()
+        self.pending = asyncio.ensure_future(asyncio.to_thread(_write_all, self.fd, data))
+
+    async def wait(self) -> None:
+        """Until the last write is done (raises ``OSError`` when the worker is gone)."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            await pending
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+async def _finish(
+    chunk: Batch | Checked, pipe: _Pipe, chunks: list[tuple[bool, list[bytes]] | None]
+) -> None:
+    """A full (or the last) chunk: its answer, or sent to the worker for it."""
+    if isinstance(chunk, Checked):
+        chunks.append(chunk.answer())
+        return
+    await pipe.send(chunk.request())
+    chunks.append(None)
+
+
+async def _answers(stdout: asyncio.StreamReader, results: list[tuple[bool, list[bytes]]]) -> None:
+    """The worker's answers into ``results``, read as they come, until it closes its stdout."""
     while True:
         try:
             results.append(await read_answer(stdout.readexactly))
         except asyncio.IncompleteReadError as exc:
             if exc.partial:
                 raise
-            return results
+            return
 
 
 async def _check_anchors(
@@ -507,7 +563,14 @@ def _check_linear(
             f"parent {event.parent!r} is not the head {head.head!r} of branch "
             f"{event.branch!r}: the branch forks silently"
         )
-    return _check_step(head, event, key)
+    if (
+        event.seq != head.seq + 1
+        or event.at < head.last_activity_at
+        or head.status != ACTIVE
+        or type(event.body) in _STEP_CHECKED
+    ):
+        return _check_step(head, event, key)  # every check, and its exact message
+    return SESSION.apply(head, event)  # what _check_step ends with when all of these pass
 
 
 async def _check(

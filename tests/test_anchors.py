@@ -14,6 +14,7 @@ import pytest
 from ledger import Ledger, LedgerConfig
 from ledger.anchors import Anchor, decode_anchor, encode_anchor, key_id
 from ledger.errors import AnchorError, ProofError, SessionNotFoundError
+from ledger.merkle import MerkleLog
 from stores.base import FeedStore
 from tests import tamper
 from tests.test_ledger import everything
@@ -371,6 +372,43 @@ async def test_verify_on_two_cores_reports_exactly_what_one_core_does(
     assert one == two and event.id in [p.event_id for p in two.problems]
 
 
+async def test_chunks_checked_by_the_caller_give_the_same_report_and_log(
+    long_file: tuple[Path, str, list[str], Anchor],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import shutil
+
+    from ledger.verify import CHUNK, _walk_parallel
+
+    # Every second chunk (events CHUNK to 2 * CHUNK - 1 here) is checked by the caller.
+    monkeypatch.setattr("ledger.verify.OWN_EVERY", 2)
+    source, sid, ids, anchor = long_file
+    path = tmp_path / "l.db"
+    shutil.copy(source, path)
+    one, two = await both_ways(path, sid, [anchor])
+    assert one.ok and one == two and two.anchors[0].extended
+    async with Ledger.open(f"sqlite:///{path}") as led:
+        walked = await _walk_parallel(led.store, sid, KEY, True)
+    assert walked is not None
+    checked, problems, log, _ = walked
+    assert (checked, problems) == (len(ids), [])
+    assert log is not None and log.root(anchor.size).hex() == anchor.root
+    assert log.root() == MerkleLog.from_leaves(b"".join(map(bytes.fromhex, ids))).root()
+    # A changed turn in the caller's chunk: found there, and the report is the one-core one.
+    position, event = tamper.rows(path, sid)[CHUNK + 7]
+    body = msgspec.structs.replace(event.body, content="changed")  # type: ignore[arg-type]
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "UPDATE events SET data = ? WHERE position = ?",
+            (msgspec.json.encode(msgspec.structs.replace(event, body=body)), position),
+        )
+    async with Ledger.open(f"sqlite:///{path}") as led:
+        assert await _walk_parallel(led.store, sid, KEY, True) is None
+    one, two = await both_ways(path, sid, [anchor])
+    assert one == two and two.first_bad == event.id
+
+
 async def test_verify_falls_back_to_one_core_without_a_worker(
     long_file: tuple[Path, str, list[str], Anchor], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -379,6 +417,28 @@ async def test_verify_falls_back_to_one_core_without_a_worker(
     path, sid, _, anchor = long_file
     one, _ = await both_ways(path, sid, [anchor])
     monkeypatch.setattr(sys, "executable", str(path.parent / "no-such-python"))
+    _, two = await both_ways(path, sid, [anchor])
+    assert one == two and two.ok
+
+
+async def test_verify_falls_back_to_one_core_when_the_worker_dies(
+    long_file: tuple[Path, str, list[str], Anchor],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    from ledger.verify import _walk_parallel
+
+    path, sid, _, anchor = long_file
+    one, _ = await both_ways(path, sid, [anchor])
+    # A "python" that starts, reads a little of its first request and exits.
+    dying = tmp_path / "dying-python"
+    dying.write_text("#!/bin/sh\nhead -c 100 >/dev/null\nexit 3\n")
+    dying.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(dying))
+    async with Ledger.open(f"sqlite:///{path}") as led:
+        assert await _walk_parallel(led.store, sid, KEY, True) is None
     _, two = await both_ways(path, sid, [anchor])
     assert one == two and two.ok
 

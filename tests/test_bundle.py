@@ -146,6 +146,25 @@ async def test_round_trip_to_another_store(
         assert verified.ok and verified.events_checked == 30, verified.problems
 
 
+async def test_an_import_in_many_small_appends_is_the_same_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Imports append up to BATCH_EVENTS at a time; with 2, every run of a branch
+    # takes several appends, each compare-and-swapped on the one before it.
+    monkeypatch.setattr("ledger.bundle.BATCH_EVENTS", 2)
+    async with (
+        ledger(MemoryStore()) as source,
+        ledger(store_factory("sqlite", tmp_path / "target")()) as dest,
+    ):
+        sid = await story(source)
+        for n in range(7):
+            await source.add_turn(sid, role="user", content=f"more {n}", branch="alt")
+        report = await import_bytes(dest, await exported(source))
+        assert report.written == 22
+        assert await snapshot(dest, sid) == await snapshot(source, sid)
+        assert (await dest.verify(sid)).ok
+
+
 async def test_bundle_format_is_the_documented_one(tmp_path: Path) -> None:
     async with ledger(MemoryStore(), key=KEY) as led:
         sid = await story(led)
