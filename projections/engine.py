@@ -30,7 +30,7 @@ from typing import Any, Final, Protocol, TypeVar
 import blake3
 import msgspec
 
-from ledger.errors import EventNotFoundError
+from ledger.errors import EventNotFoundError, IntegrityError
 from ledger.events import Event, canonical, gc_paused
 from projections.base import Projection
 
@@ -42,6 +42,13 @@ logger = logging.getLogger(__name__)
 
 _SEAL_FORMAT: Final = "ledger-snapshot/1"
 _DIGEST_SIZE: Final = 32
+
+
+_HELD_EVENTS: Final = 16384
+"""The most events of a path a fold keeps decoded while it walks back to its base."""
+
+_Chunk = tuple[str, int, list[Event] | None]
+"""A run of a path's events: the newest one's id, how many, and the events unless dropped."""
 
 
 class SnapshotSource(Protocol):
@@ -86,6 +93,9 @@ def open_snapshot(
 class FoldEngine:
     """Answers ``state_at`` from the LRU, the nearest snapshot on the path, and a fold.
 
+    A fold keeps at most ``held_events`` of the path's events decoded while it walks
+    back to its base; the older ones it reads again as it folds forward.
+
     Args:
         source: The store.
         snapshot_every: Snapshot interval, in events of depth.
@@ -105,6 +115,7 @@ class FoldEngine:
         self.snapshot_every = snapshot_every
         self.cache_size = cache_size
         self._key = key
+        self.held_events = _HELD_EVENTS
         self._cache: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
         self.damaged: list[tuple[str, str, str]] = []
         """(session, projection key, event id) of each damaged snapshot met and rebuilt."""
@@ -179,6 +190,54 @@ class FoldEngine:
         self.damaged.append((session_id, projection.key, event_id))
         return None
 
+    async def _walk_back(
+        self, projection: Projection[S], session_id: str, event_id: str
+    ) -> tuple[S | None, list[_Chunk]]:
+        """The nearest cached or stored state on the path to ``event_id`` (None: the
+        root's), and the path's events after it as chunks, newest first."""
+        every = self.snapshot_every
+        cache, pkey = self._cache, projection.key
+        chunks: list[_Chunk] = []
+        kept = 0
+        cursor: str | None = event_id
+        while cursor is not None:
+            # One interval back usually reaches a snapshot; past that, the
+            # path has none yet (a first fold): bigger reads, fewer trips.
+            limit = every if not chunks else every * 16
+            try:
+                chunk = await self.source.ancestors(cursor, limit=limit)
+            except EventNotFoundError:
+                raise EventNotFoundError(event_id, session_id) from None
+            if chunk[0].session != session_id:
+                raise EventNotFoundError(event_id, session_id)
+            base: S | None = None
+            taken = len(chunk)
+            for index, event in enumerate(chunk):  # hot on a long first fold: lookups inlined
+                base = cache.get((pkey, session_id, event.id))
+                if base is None and event.seq % every == 0 and event.seq > 0:
+                    base = await self._snapshot(projection, session_id, event.id)
+                if base is not None:
+                    taken = index
+                    break
+            if taken:
+                # Past the budget a chunk is dropped and read again when the fold
+                # reaches it: a first fold of a long path holds a bounded number of
+                # events, not the whole path (a decoded event costs about 1 KiB).
+                hold = kept + taken <= self.held_events
+                chunks.append((cursor, taken, chunk[:taken] if hold else None))
+                kept += taken if hold else 0
+            if base is not None:
+                return base, chunks
+            cursor = chunk[-1].parent
+        return None, chunks
+
+    async def _reread(self, start: str, count: int) -> list[Event]:
+        """The ``count`` events of the path from ``start`` back, read again for the fold."""
+        events = await self.source.ancestors(start, limit=count)
+        if len(events) != count:  # a walk moments ago found them all: the store changed
+            raise IntegrityError(f"Path changed while it was folded: {start!r}", start)
+        return events
+
     async def state_at(self, projection: Projection[S], session_id: str, event_id: str) -> S:
         """The projection's state right after ``event_id``, an event of ``session_id``.
 
@@ -187,41 +246,21 @@ class FoldEngine:
         hit = self.cached(projection, session_id, event_id)
         if hit is not None:
             return hit
-        # A long first fold holds many events: no collections while it does.
+        # A long first fold reads many events: no collections while it does.
         with gc_paused():
-            every = self.snapshot_every
-            cache, pkey = self._cache, projection.key
-            pending: list[Event] = []
-            base: S | None = None
-            cursor: str | None = event_id
-            while cursor is not None and base is None:
-                # One interval back usually reaches a snapshot; past that, the
-                # path has none yet (a first fold): bigger reads, fewer trips.
-                limit = every if not pending else every * 16
-                try:
-                    chunk = await self.source.ancestors(cursor, limit=limit)
-                except EventNotFoundError:
-                    raise EventNotFoundError(event_id, session_id) from None
-                if chunk[0].session != session_id:
-                    raise EventNotFoundError(event_id, session_id)
-                for event in chunk:  # hot on a long first fold: the lookups inlined
-                    base = cache.get((pkey, session_id, event.id))
-                    if base is None and event.seq % every == 0 and event.seq > 0:
-                        base = await self._snapshot(projection, session_id, event.id)
-                    if base is not None:
-                        break
-                    pending.append(event)
-                else:
-                    cursor = chunk[-1].parent
-            state = projection.initial() if base is None else base
+            walk = self._walk_back(projection, session_id, event_id)
+            base, chunks = await walk
+            state: S = projection.initial() if base is None else base
             snapshots: list[tuple[str, bytes]] = []
-            apply = projection.apply
-            for event in reversed(pending):
-                state = apply(state, event)
-                if event.seq % every == 0 and event.seq > 0:  # self.due(event)
-                    snapshots.append(
-                        (event.id, self._seal(projection, session_id, event.id, state))
-                    )
+            every, apply = self.snapshot_every, projection.apply
+            for start, count, kept in reversed(chunks):
+                events = kept if kept is not None else await self._reread(start, count)
+                for event in reversed(events):
+                    state = apply(state, event)
+                    if event.seq % every == 0 and event.seq > 0:  # self.due(event)
+                        snapshots.append(
+                            (event.id, self._seal(projection, session_id, event.id, state))
+                        )
         if snapshots:
             await self.source.put_snapshots(session_id, projection.key, snapshots)
         self.remember(projection, session_id, event_id, state)

@@ -1031,21 +1031,35 @@ class SQLiteStore(PurgeStore):
         ((upper,),) = await self._fetch(
             "SELECT coalesce(max(position), 0) FROM events WHERE session_id = ?", (session_id,)
         )
-        after = 0
-        while after < upper:
-            rows = await self._fetch(
-                f"SELECT {_EVENT_COLUMNS} FROM events "
-                "WHERE session_id = ? AND position > ? AND position <= ? "
-                "ORDER BY position LIMIT ?",
-                (session_id, after, upper, page_size),
+        if upper == 0:
+            return
+
+        def page(after: int) -> asyncio.Task[list[_Row]]:
+            return asyncio.ensure_future(
+                self._fetch(
+                    f"SELECT {_EVENT_COLUMNS} FROM events "
+                    "WHERE session_id = ? AND position > ? AND position <= ? "
+                    "ORDER BY position LIMIT ?",
+                    (session_id, after, upper, page_size),
+                )
             )
-            with gc_paused():
-                events = _decode_rows(rows, self.filename)
-            for event in events:
-                yield event
-            if len(rows) < page_size:
-                return
-            after = rows[-1][0]
+
+        # The next page is read in the store's thread while this one is decoded.
+        pending: asyncio.Task[list[_Row]] | None = page(0)
+        try:
+            while pending is not None:
+                rows = await pending
+                more = len(rows) == page_size and rows[-1][0] < upper
+                pending = page(rows[-1][0]) if more else None
+                with gc_paused():
+                    events = _decode_rows(rows, self.filename)
+                for event in events:
+                    yield event
+        finally:
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, LedgerError):
+                    await pending
 
     async def heads(self, session_id: str) -> dict[str, str]:
         rows = await self._fetch(

@@ -21,15 +21,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bench.content import chain
 from ledger import Ledger, LedgerConfig, Projection, Recorded
-from ledger.events import Event
+from ledger.events import Event, new_session_id
 from projections.base import fold
-from projections.engine import open_snapshot, seal_snapshot
+from projections.engine import FoldEngine, open_snapshot, seal_snapshot
 from projections.session import SESSION
 from stores import open_store
-from stores.base import FeedStore
+from stores.base import AppendRequest, FeedStore
 from stores.jsonl import JSONLStore
 from stores.memory import MemoryStore
+from stores.sqlite import SQLiteStore
 
 MakeStore = Callable[[], FeedStore]
 KEY = "session@1"
@@ -331,3 +333,53 @@ def test_seal_round_trip_and_binding() -> None:
     keyed = seal_snapshot(sid, KEY, "e1", b"{}", b"k" * 32)
     assert open_snapshot(sid, KEY, "e1", keyed, b"k" * 32) == b"{}"
     assert open_snapshot(sid, KEY, "e1", keyed) is None
+
+
+class CountingSQLiteStore(SQLiteStore):
+    """A real SQLite store that also counts the events its path reads return."""
+
+    read = 0
+
+    async def ancestors(self, event_id: str, limit: int | None = None) -> list[Event]:
+        events = await super().ancestors(event_id, limit)
+        self.read += len(events)
+        return events
+
+
+@pytest.mark.parametrize("held", [0, 1, 100, 10**9])
+async def test_a_long_first_fold_past_its_budget_reads_again_and_folds_the_same(
+    tmp_path: Path, held: int
+) -> None:
+    n = 1_500
+    async with CountingSQLiteStore(tmp_path / "l.db") as store:
+        sid = new_session_id()
+        events = list(chain(sid, n, "a turn"))  # bulk-loaded: no snapshot stored
+        await store.append(
+            AppendRequest(
+                session_id=sid,
+                branch="main",
+                expected_head=None,
+                events=events[:1],
+                status="active",
+            )
+        )
+        await store.append(
+            AppendRequest(
+                session_id=sid, branch="main", expected_head=events[0].id, events=events[1:]
+            )
+        )
+        engine = FoldEngine(store, snapshot_every=8)
+        engine.held_events = held
+        state = await engine.state_at(SESSION, sid, events[-1].id)
+        assert state == fold(SESSION, events)
+        # Past the budget the walk's events were dropped and read again; within it, once.
+        reread = held < n - 1
+        assert store.read > n if reread else store.read == n
+        # The snapshots the fold passed were written, each the fold of its path.
+        for event in events[8::8][:40] + events[-8::]:
+            stored = await store.get_snapshot(sid, SESSION.key, event.id)
+            assert (stored is not None) == (event.seq % 8 == 0)
+            if stored is not None:
+                opened = open_snapshot(sid, SESSION.key, event.id, stored)
+                assert opened is not None
+                assert SESSION.decode(opened) == fold(SESSION, events[: event.seq + 1])

@@ -552,3 +552,21 @@ def test_processes_opening_a_new_file_at_once(tmp_path: Path, child_script: Path
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert conn.execute("SELECT count(*) FROM sessions").fetchone()[0] == 6
         assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 6 * 4
+
+
+async def test_a_replay_left_early_drops_its_read_ahead_and_the_store_reads_on(
+    tmp_path: Path,
+) -> None:
+    async with SQLiteStore(tmp_path / "l.db") as store:
+        chain = await new_session(store, turns=30)
+        for stop in (1, 3, 7, 8, 29):  # within, at the end of, and just past a page of 3
+            replay = store.events(chain[0].session, page_size=3)
+            taken = []
+            async for event in replay:
+                taken.append(event)
+                if len(taken) == stop:
+                    break
+            await replay.aclose()  # type: ignore[attr-defined]
+            assert taken == chain[:stop]
+        assert [e async for e in store.events(chain[0].session, page_size=3)] == chain
+        assert await collect(store, chain[0].session) == chain
