@@ -417,20 +417,14 @@ _EVENT_COLUMNS: Final = "position, id, session_id, data"
 _PATH_WINDOW: Final = 4096
 """Rows read at once by ``ancestors``: a path of a million events takes 245 reads."""
 # ancestors: a window of the session's events from the cursor's position down,
-# newest first. The first finds the session by the event id (the primary key
-# leads with it, as for get); the next ones name it, and stay below the last
-# event taken ($3).
-_FIRST_WINDOW_SQL: Final = (
-    "SELECT e.position, e.id, e.session_id, e.data, e.parent FROM ledger_events AS e, "
-    "(SELECT position AS p, session_id AS s FROM ledger_events WHERE id = $1 "
-    "ORDER BY position LIMIT 1) AS c "
-    "WHERE e.session_id = c.s AND e.position <= c.p ORDER BY e.position DESC LIMIT $2"
-)
+# newest first, below the last event taken ($3). The cursor's position is a
+# scalar subquery, so the server bounds the index scan with it (as a join, with
+# no statistics after a bulk load, it scanned the whole session).
 _WINDOW_SQL: Final = (
-    "SELECT e.position, e.id, e.session_id, e.data, e.parent FROM ledger_events AS e, "
-    "(SELECT position AS p FROM ledger_events WHERE session_id = $1 AND id = $2) AS c "
-    "WHERE e.session_id = $1 AND e.position <= c.p AND e.position < $3 "
-    "ORDER BY e.position DESC LIMIT $4"
+    "SELECT position, id, session_id, data, parent FROM ledger_events "
+    "WHERE session_id = $1 AND position < $3 AND position <= "
+    "(SELECT position FROM ledger_events WHERE session_id = $1 AND id = $2) "
+    "ORDER BY position DESC LIMIT $4"
 )
 # ancestors, where windows are mostly other branches: up to $4 events of the path
 # from $2 (below position $3) by index seeks, in the session $1.
@@ -1274,19 +1268,27 @@ class PostgresStore(PurgeStore):
         # branch's events follow one another), so it is read as windows of the
         # session's events newest first, a backward range scan of
         # (session_id, position), and the parent links followed in memory: far
-        # cheaper than the recursive query's one index seek per step. After the
-        # first window every query names the session (Citus routes it to one
-        # shard). Positions fall strictly along the walk, so even a tampered
-        # parent column cannot make it loop.
+        # cheaper than the recursive query's one index seek per step. Every query
+        # after the first names the session (Citus routes it to one shard).
+        # Positions fall strictly along the walk, so even a tampered parent
+        # column cannot make it loop.
         with gc_paused():  # a long path is a bulk read: see ledger.events.gc_paused
             chosen: list[_Row] = []
             cursor: str | None = event_id
-            session: str | None = None
+            # The session, found by the event id (the primary key leads with it).
+            # No ORDER BY ... LIMIT: with no statistics yet (a bulk load) the
+            # server would walk the position index to the event instead.
+            found = await self._fetch(
+                "SELECT position, session_id FROM ledger_events WHERE id = $1", event_id
+            )
+            if not found:
+                raise EventNotFoundError(event_id)
+            session: str = min(found)[1]
             below = _NO_LIMIT
             sparse = False
             while cursor is not None and (limit is None or len(chosen) < limit):
                 want = _PATH_WINDOW if limit is None else min(limit - len(chosen), _PATH_WINDOW)
-                if sparse and session is not None:
+                if sparse:
                     # The last window was mostly other branches' events: one
                     # window's worth of the path by index seeks, then windows again.
                     rows = await self._fetch(_CHAIN_SQL, session, cursor, below, want)
@@ -1295,13 +1297,9 @@ class PostgresStore(PurgeStore):
                         break  # the root, or a parent missing: named below
                     cursor, below, sparse = rows[-1][4], rows[-1][0], False
                     continue
-                if session is None:
-                    rows = await self._fetch(_FIRST_WINDOW_SQL, cursor, want)
-                else:
-                    rows = await self._fetch(_WINDOW_SQL, session, cursor, below, want)
+                rows = await self._fetch(_WINDOW_SQL, session, cursor, below, want)
                 if not rows or rows[0][1] != cursor:
                     break  # unknown, or a parent missing or out of order: named below
-                session = rows[0][2]
                 taken = len(chosen)
                 for row in rows:
                     if row[1] == cursor:
