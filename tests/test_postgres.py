@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+import stores.postgres
 from ledger import Ledger
 from ledger.errors import (
     ConfigError,
@@ -34,7 +35,7 @@ from ledger.errors import (
     StoreError,
 )
 from ledger.events import Event, TurnAdded, encode_event
-from ledger.testing import append_request, create_event, next_event
+from ledger.testing import append_request, branch_event, create_event, next_event
 from stores import open_store
 from stores.base import FeedItem
 from stores.postgres import SCHEMA_VERSION, SESSION_TABLES, PostgresStore
@@ -774,3 +775,74 @@ def test_ledger_demo_runs_on_postgres(url: str) -> None:
         timeout=120,
     )
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+# --- reads of a path: windows of the session's events ------------------------------
+
+
+async def test_ancestors_in_small_windows_across_interleaved_branches(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Windows of 8 rows: main's path crosses many windows, and once the branches
+    # interleave (1 main event to 5 alt ones) its windows are mostly alt's, so the
+    # walk also takes the recursive fallback; every answer must still be exact.
+    monkeypatch.setattr("stores.postgres._PATH_WINDOW", 8)
+    async with PostgresStore.from_url(url) as store:
+        root = create()
+        main = [root]
+        for _ in range(20):
+            main.append(turn(main[-1]))
+        await store.append(append_request(main, None))
+        fork = branch_event(main[5], "alt")
+        alt = [*main[:6], fork]
+        await store.append(append_request([fork], None))
+        for _ in range(12):
+            head = main[-1]
+            main.append(turn(head))
+            await store.append(append_request([main[-1]], head.id))
+            extra = [turn(alt[-1])]
+            for _ in range(4):
+                extra.append(turn(extra[-1]))
+            await store.append(append_request(extra, alt[-1].id))
+            alt.extend(extra)
+        sql_run: collections.Counter[str] = collections.Counter()
+        fetch = store._fetch
+
+        async def counted(sql: str, *args: Any) -> Any:
+            sql_run[sql] += 1
+            return await fetch(sql, *args)
+
+        monkeypatch.setattr(store, "_fetch", counted)
+        for path in (main, alt):
+            newest_first = list(reversed(path))
+            for at in (len(path) - 1, len(path) // 2, 6, 0):
+                expected = newest_first[len(path) - 1 - at :]
+                assert await store.ancestors(path[at].id) == expected
+                for limit in (1, 7, 8, 9, 30):
+                    assert await store.ancestors(path[at].id, limit=limit) == expected[:limit]
+            assert await store.path(path[-1].id) == path
+        # Both ways of reading were taken (the test would prove little otherwise).
+        assert sql_run[stores.postgres._WINDOW_SQL] > 0
+        assert sql_run[stores.postgres._CHAIN_SQL] > 0
+
+
+@pytest.mark.parametrize("tampered", ["other", "missing"])
+async def test_ancestors_name_a_tampered_parent_column(
+    url: str, postgres_url: str, schema: str, tampered: str
+) -> None:
+    async with PostgresStore.from_url(url) as store:
+        events = [create()]
+        for _ in range(6):
+            events.append(turn(events[-1]))
+        await store.append(append_request(events, None))
+        victim = events[4]
+        parent = events[1].id if tampered == "other" else "f" * 64
+        async with admin(postgres_url, schema) as conn:
+            await conn.execute(
+                "UPDATE ledger_events SET parent = $1 WHERE id = $2", parent, victim.id
+            )
+        with pytest.raises(IntegrityError) as info:
+            await store.ancestors(events[-1].id)
+        assert victim.id in str(info.value)
+        # Above the tampered row the path reads as before.
+        assert await store.ancestors(events[-1].id, limit=2) == [events[6], events[5]]
