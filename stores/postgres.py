@@ -1232,13 +1232,14 @@ class PostgresStore(PurgeStore):
     # reads
 
     async def get(self, event_id: str) -> Event:
+        # No ORDER BY in SQL: without statistics (after a bulk load) the planner
+        # would walk the feed's position index to the event instead of using the key.
         rows = await self._fetch(
-            f"SELECT {_EVENT_COLUMNS} FROM ledger_events WHERE id = $1 ORDER BY position LIMIT 1",
-            event_id,
+            f"SELECT {_EVENT_COLUMNS} FROM ledger_events WHERE id = $1", event_id
         )
         if not rows:
             raise EventNotFoundError(event_id)
-        return _decode(rows[0], self.target)
+        return _decode(min(rows, key=lambda row: row[0]), self.target)
 
     async def find_by_key(self, session_id: str, key: str) -> Event | None:
         rows = await self._fetch(
