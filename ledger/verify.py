@@ -219,45 +219,74 @@ async def _event_count(store: EventStore, session_id: str) -> int:
 
 async def _walk(store: EventStore, session_id: str, key: bytes | None, need_log: bool) -> _Walk:
     """Every check of every event, in append order, in this process."""
-    problems: list[Problem] = []
-    redactions = _Redactions(session_id)
-    heads: dict[str, SessionState] = {}
-    kept: dict[str, SessionState] = {}  # every KEEP_EVERY-th depth: where a fork's fold starts
-    checked = 0
+    walker = _Walker(store, session_id, key, content=True)
     leaves = bytearray() if need_log else None
-    bad_at: dict[str, int] = {}
     try:
         async for event in store.events(session_id, page_size=PAGE):
-            checked += 1
             if leaves is not None:
                 leaves += bytes.fromhex(event.id)
-            try:
-                if checked > 1 and type(event.body) not in _FORKS:
-                    state = _check_linear(session_id, event, heads, key)
-                else:
-                    state = await _check(
-                        store, session_id, event, heads, kept, key, root=checked == 1
-                    )
-                if type(event.body) in _PAIRED:
-                    changed = redactions.see(event)
-                    if changed is not None:
-                        problems.append(changed)
-            except _Bad as bad:
-                problems.append(Problem(session_id, event.id, str(bad)))
-                bad_at[event.id] = checked - 1
-                if bad.state is not None:
-                    heads[event.branch] = bad.state
-                if len(problems) >= MAX_PROBLEMS:
-                    break
-                continue
-            heads[event.branch] = state
-            if not event.seq % KEEP_EVERY:
-                kept[event.id] = state
+            if not await walker.step(event):
+                break
     except IntegrityError as exc:
-        problems.append(Problem(session_id, exc.event_id, str(exc)))
-    log = MerkleLog.from_leaves(leaves) if leaves is not None else None
-    problems += redactions.unpaired()
-    return checked, problems, log, bad_at
+        walker.problems.append(Problem(session_id, exc.event_id, str(exc)))
+    return walker.done(MerkleLog.from_leaves(leaves) if leaves is not None else None)
+
+
+class _Walker:
+    """The checks of a walk in append order that need what came before: the
+    branches' head states, the states kept for forks, the redaction pairs."""
+
+    def __init__(
+        self, store: EventStore, session_id: str, key: bytes | None, *, content: bool
+    ) -> None:
+        self.store = store
+        self.session_id = session_id
+        self.key = key
+        self.content = content
+        """False: a worker process recomputes digests and ids (``_walk_parallel``)."""
+        self.checked = 0
+        self.problems: list[Problem] = []
+        self.bad_at: dict[str, int] = {}
+        self.heads: dict[str, SessionState] = {}
+        self.kept: dict[str, SessionState] = {}  # every KEEP_EVERY-th depth: a fork's base
+        self.redactions = _Redactions(session_id)
+
+    async def step(self, event: Event) -> bool:
+        """Check the next event; False once there are too many problems to go on."""
+        self.checked += 1
+        heads = self.heads
+        try:
+            if self.checked > 1 and type(event.body) not in _FORKS:
+                state = _check_linear(self.session_id, event, heads, self.key, self.content)
+            else:
+                state = await _check(
+                    self.store,
+                    self.session_id,
+                    event,
+                    heads,
+                    self.kept,
+                    self.key,
+                    root=self.checked == 1,
+                    content=self.content,
+                )
+            if type(event.body) in _PAIRED:
+                changed = self.redactions.see(event)
+                if changed is not None:
+                    self.problems.append(changed)
+        except _Bad as bad:
+            self.problems.append(Problem(self.session_id, event.id, str(bad)))
+            self.bad_at[event.id] = self.checked - 1
+            if bad.state is not None:
+                heads[event.branch] = bad.state
+            return len(self.problems) < MAX_PROBLEMS
+        heads[event.branch] = state
+        if not event.seq % KEEP_EVERY:
+            self.kept[event.id] = state
+        return True
+
+    def done(self, log: MerkleLog | None) -> _Walk:
+        self.problems += self.redactions.unpaired()
+        return self.checked, self.problems, log, self.bad_at
 
 
 async def _walk_parallel(
@@ -290,53 +319,20 @@ async def _walk_parallel(
     pipe = _Pipe(writing)
     results: list[tuple[bool, list[bytes]]] = []
     answers = asyncio.ensure_future(_answers(worker.stdout, results))
-    problems: list[Problem] = []
-    redactions = _Redactions(session_id)
-    heads: dict[str, SessionState] = {}
-    kept: dict[str, SessionState] = {}  # every KEEP_EVERY-th depth: where a fork's fold starts
-    checked = 0
-    bad_at: dict[str, int] = {}
+    walker = _Walker(store, session_id, key, content=False)
     chunk: Batch | Checked = Batch()
     chunks: list[tuple[bool, list[bytes]] | None] = []  # each chunk's answer; None: the worker's
     try:
         try:
             async for event in store.events(session_id, page_size=PAGE):
-                checked += 1
                 chunk.add(event)
                 if chunk.count == CHUNK:
                     await _finish(chunk, pipe, chunks)
                     chunk = Checked() if len(chunks) % OWN_EVERY == OWN_EVERY - 1 else Batch()
-                try:
-                    if checked > 1 and type(event.body) not in _FORKS:
-                        state = _check_linear(session_id, event, heads, key, False)
-                    else:
-                        state = await _check(
-                            store,
-                            session_id,
-                            event,
-                            heads,
-                            kept,
-                            key,
-                            root=checked == 1,
-                            content=False,
-                        )
-                    if type(event.body) in _PAIRED:
-                        changed = redactions.see(event)
-                        if changed is not None:
-                            problems.append(changed)
-                except _Bad as bad:
-                    problems.append(Problem(session_id, event.id, str(bad)))
-                    bad_at[event.id] = checked - 1
-                    if bad.state is not None:
-                        heads[event.branch] = bad.state
-                    if len(problems) >= MAX_PROBLEMS:
-                        break
-                    continue
-                heads[event.branch] = state
-                if not event.seq % KEEP_EVERY:
-                    kept[event.id] = state
+                if not await walker.step(event):
+                    break
         except IntegrityError as exc:
-            problems.append(Problem(session_id, exc.event_id, str(exc)))
+            walker.problems.append(Problem(session_id, exc.event_id, str(exc)))
         if chunk.count:
             await _finish(chunk, pipe, chunks)
         await pipe.send(write_request([]))
@@ -366,8 +362,7 @@ async def _walk_parallel(
         log = MerkleLog.from_subtrees(
             [b"".join(levels[h] for _, levels in answered if h < len(levels)) for h in range(depth)]
         )
-    problems += redactions.unpaired()
-    return checked, problems, log, bad_at
+    return walker.done(log)
 
 
 _IMPORT_ROOT: Final = os.pathsep.join(
