@@ -47,7 +47,7 @@ from typing import IO, Any, Final, cast
 import blake3
 import msgspec
 
-from ledger.anchors import Anchor, anchor_mac, key_id, signed
+from ledger.anchors import Anchor, key_id, mac_matches, signed
 from ledger.errors import (
     BundleConflictError,
     BundleError,
@@ -65,6 +65,7 @@ from ledger.events import (
     canonical,
     event_problem,
 )
+from ledger.merkle import StreamingRoot
 from ledger.verify import _Bad, _check_step
 from projections.session import SESSION, SessionState
 from stores.base import AppendRequest, AppendResult, EventStore, SessionRow
@@ -75,7 +76,6 @@ __all__ = [
     "ExportReport",
     "ImportReport",
     "SessionImport",
-    "StreamingRoot",
     "export_bundle",
     "import_bundle",
     "key_id",
@@ -92,39 +92,6 @@ _YIELD_EVERY: Final = 2000
 Progress = Callable[[int], object]
 """Told how much more is done: events exported, or bundle bytes read by an import."""
 """Lines between two yields to the event loop, so a long import does not starve it."""
-
-
-class StreamingRoot:
-    """The RFC 9162 tree head of a growing log, in O(log n) memory.
-
-    It keeps the hashes of the complete subtrees the leaves so far split into
-    (``ledger.merkle.MerkleLog`` keeps every node, 64 MB a million leaves);
-    the root is their fold from the right, exactly as the RFC's recursion.
-    """
-
-    __slots__ = ("_stack", "size")
-
-    def __init__(self) -> None:
-        self._stack: list[tuple[int, bytes]] = []  # (height, hash), left to right
-        self.size = 0
-
-    def append(self, leaf: bytes) -> None:
-        node = blake3.blake3(b"\x00" + leaf).digest()
-        height = 0
-        stack = self._stack
-        while stack and stack[-1][0] == height:
-            node = blake3.blake3(b"\x01" + stack.pop()[1] + node).digest()
-            height += 1
-        stack.append((height, node))
-        self.size += 1
-
-    def root(self) -> bytes:
-        if not self._stack:
-            return blake3.blake3(b"").digest()
-        node = self._stack[-1][1]
-        for _, left in reversed(self._stack[:-1]):
-            node = blake3.blake3(b"\x01" + left + node).digest()
-        return node
 
 
 # ---------------------------------------------------------------------------- lines
@@ -605,9 +572,7 @@ def _check_anchor(
     if header.key_id is None:
         if anchor.mac is not None:
             raise _bad("the anchor carries a MAC, but the bundle names no key", number, sid)
-    elif key is not None and (
-        anchor.mac is None or not hmac.compare_digest(anchor.mac, anchor_mac(anchor, key))
-    ):
+    elif key is not None and not mac_matches(anchor, key):
         raise _bad("the anchor's MAC does not match under this ledger's key", number, sid)
     if hmac.compare_digest(claimed, digest.hexdigest()):
         return None

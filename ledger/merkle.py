@@ -26,6 +26,7 @@ import blake3
 __all__ = [
     "HASH_SIZE",
     "MerkleLog",
+    "StreamingRoot",
     "blake3_hash",
     "leaf_hash",
     "root_from_inclusion",
@@ -214,6 +215,41 @@ class MerkleLog:
         if not 0 <= size <= self.size:
             raise IndexError(f"The log has {self.size} leaves, not {size}")
         return size
+
+
+class StreamingRoot:
+    """The tree head of a growing log in O(log n) memory, for a single pass.
+
+    It keeps only the hashes of the complete subtrees the leaves so far split
+    into (``MerkleLog`` keeps every node); the root is their fold from the
+    right, exactly as the RFC's recursion.
+    """
+
+    __slots__ = ("_hash", "_stack", "size")
+
+    def __init__(self, *, hash: Hash = blake3_hash) -> None:
+        self._hash = hash
+        self._stack: list[tuple[int, bytes]] = []  # (height, hash), left to right
+        self.size = 0
+
+    def append(self, data: bytes) -> None:
+        """Add one leaf (its data, hashed here as the RFC's leaf)."""
+        node = self._hash(b"\x00" + data)
+        height = 0
+        stack = self._stack
+        while stack and stack[-1][0] == height:
+            node = self._hash(b"\x01" + stack.pop()[1] + node)
+            height += 1
+        stack.append((height, node))
+        self.size += 1
+
+    def root(self) -> bytes:
+        if not self._stack:
+            return self._hash(b"")
+        node = self._stack[-1][1]
+        for _, left in reversed(self._stack[:-1]):
+            node = self._hash(b"\x01" + left + node)
+        return node
 
 
 def root_from_inclusion(

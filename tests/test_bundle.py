@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from ledger import Ledger, LedgerConfig, SessionNotFoundError
 from ledger.anchors import make_anchor
-from ledger.bundle import BUNDLE_FORMAT, StreamingRoot, key_id
+from ledger.bundle import BUNDLE_FORMAT, key_id
 from ledger.cli import main
 from ledger.errors import (
     BundleConflictError,
@@ -31,7 +31,6 @@ from ledger.errors import (
     BundleKeyError,
     ImportIncompleteError,
 )
-from ledger.merkle import MerkleLog
 from stores.base import FeedStore
 from stores.memory import MemoryStore
 from tests.conftest import store_factory
@@ -615,17 +614,3 @@ def test_import_errors_exit_1_naming_the_damage(
     assert main(["--store", url, "export", "nope", "--out", str(tmp_path / "x.jsonl")]) == 1
     assert capsys.readouterr().err == "ledger: error: Session not found: 'nope'\n"
     assert not (tmp_path / "x.jsonl").exists()
-
-
-# ---------------------------------------------------------------------------- laws
-
-
-@given(st.lists(st.binary(min_size=32, max_size=32), max_size=300))
-def test_streaming_root_is_the_rfc_9162_tree_head(leaves: list[bytes]) -> None:
-    root = StreamingRoot()
-    log = MerkleLog()
-    for leaf in leaves:
-        root.append(leaf)
-        log.append(leaf)
-        assert root.root() == log.root() and root.size == log.size
-    assert StreamingRoot().root() == MerkleLog().root()

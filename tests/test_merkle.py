@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from ledger.anchors import anchor_mac, key_id, mac_matches, make_anchor
 from ledger.merkle import (
     MerkleLog,
+    StreamingRoot,
     blake3_hash,
     root_from_inclusion,
     verify_consistency,
@@ -248,3 +249,14 @@ def test_a_log_from_subtrees_hashed_in_aligned_pieces_is_the_same_log(
         )
     with pytest.raises(ValueError, match="whole number"):
         MerkleLog.from_leaves(b"x" * 33)
+
+
+@given(st.lists(st.binary(min_size=32, max_size=32), max_size=300))
+def test_streaming_root_is_the_rfc_9162_tree_head(leaves: list[bytes]) -> None:
+    root = StreamingRoot()
+    log = MerkleLog()
+    for leaf in leaves:
+        root.append(leaf)
+        log.append(leaf)
+        assert root.root() == log.root() and root.size == log.size
+    assert StreamingRoot().root() == MerkleLog().root()
