@@ -1263,7 +1263,12 @@ class Ledger:
             found = await self.store.find_by_key(session_id, key)
             if found is not None:
                 return [found]
-        head = expected or await self._head(session_id, branch)
+        # A write may guess the head it last wrote: the compare-and-swap corrects it.
+        head = (
+            expected
+            or self._heads.get((session_id, branch))
+            or await self._head(session_id, branch)
+        )
         for attempt in range(self.config.max_retries):
             state = await self._engine.state_at(SESSION, session_id, head)
             if not erase and self._idle(state) is not None:
@@ -1331,9 +1336,11 @@ class Ledger:
         self._heads[(event.session, event.branch)] = event.id
 
     async def _head(self, session_id: str, branch: str) -> str:
-        known = self._heads.get((session_id, branch))
-        if known is not None:
-            return known
+        """The branch's head as the store has it now: what a read starts from.
+
+        Not this ledger's cache of the heads it wrote: another process (or another
+        ledger over the same store) may have appended since.
+        """
         heads = await self.store.heads(session_id)
         if not heads:
             raise SessionNotFoundError(session_id)

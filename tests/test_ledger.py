@@ -377,3 +377,25 @@ async def test_checkpoint_events_record_their_entry(make_store: MakeStore) -> No
         event = await led.get(cp.id)
         assert isinstance(event.body, Checkpointed)
         assert (event.body.entry, event.body.label, event.parent) == (t.id, "l", t.id)
+
+
+@pytest.mark.durable
+async def test_reads_see_what_another_ledger_over_the_same_store_appended(
+    make_store: MakeStore,
+) -> None:
+    # Two ledgers over one store's data, as two processes have: each caches the
+    # heads it wrote, and a read must not start from that cache.
+    async with ledger(make_store) as here, ledger(make_store) as there:
+        s = await here.create(user_id="u", agent="a")
+        mine = await here.add_turn(s.session_id, role="user", content="from here")
+        theirs = await there.add_turn(s.session_id, role="assistant", content="from there")
+
+        state = await here.state(s.session_id)
+        assert (state.head, state.turn_count) == (theirs.id, 2)
+        assert [e.id for e in await here.history(s.session_id)][-2:] == [mine.id, theirs.id]
+        assert [t.content for t in await here.turns(s.session_id)] == ["from here", "from there"]
+        fork = await here.branch(s.session_id, "alt")
+        assert fork.parent == theirs.id
+        # A write planned on the stale cached head is corrected by the compare-and-swap.
+        last = await here.add_turn(s.session_id, role="user", content="again from here")
+        assert last.parent == theirs.id
