@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -149,31 +149,49 @@ APPEND_TARGETS = {
 }
 
 
-@scenario("append", "single durable append, p50 / p99")
-async def single_append(ctx: Context) -> None:
-    title = "single durable append, p50 / p99"
-    turns = ctx.turns
+@contextlib.asynccontextmanager
+async def fresh_threads(ctx: Context, title: str) -> AsyncIterator[dict[System, Thread]]:
+    """Every system opened afresh for ``title``, with one thread (a session) each."""
     async with ctx.opened(title, ALL) as instances:
         threads: dict[System, Thread] = {}
         for system, instance in instances.items():
             async with ctx.guard(title, system.name):
                 threads[system] = await instance.thread()
+        yield threads
 
-        def op(thread: Thread) -> Callable[[int], Awaitable[None]]:
-            return lambda i: thread.append(turns[i % len(turns)])
 
-        results = await interleaved(
-            ctx, title, {s: op(t) for s, t in threads.items()}, ctx.sizes.append_samples
-        )
+def add_sampled(
+    ctx: Context,
+    title: str,
+    results: dict[System, list[float]],
+    targets: dict[str, Target],
+    per_call: Callable[[float], str] = lambda p50: "",
+) -> None:
+    """One row per system: p50 / p99 of its samples, against its raw driver."""
     for system, samples in results.items():
+        p50 = median(samples)
         ctx.add(
             title,
             system.name,
-            spread(samples),
-            cost=median(samples),
+            spread(samples) + per_call(p50),
+            cost=p50,
             ref=ref_of(system),
-            target=APPEND_TARGETS.get(system.name),
+            target=targets.get(system.name),
         )
+
+
+@scenario("append", "single durable append, p50 / p99")
+async def single_append(ctx: Context) -> None:
+    title = "single durable append, p50 / p99"
+    turns = ctx.turns
+
+    def op(thread: Thread) -> Callable[[int], Awaitable[None]]:
+        return lambda i: thread.append(turns[i % len(turns)])
+
+    async with fresh_threads(ctx, title) as threads:
+        ops = {s: op(t) for s, t in threads.items()}
+        results = await interleaved(ctx, title, ops, ctx.sizes.append_samples)
+    add_sampled(ctx, title, results, APPEND_TARGETS)
     aixgo_row(ctx, title, "append")
 
 
@@ -245,28 +263,14 @@ BATCH_TARGETS = {"ledger postgres": at_most(1.3, "≤ 1.3x raw asyncpg (issue 3)
 async def batch_append(ctx: Context) -> None:
     title = "batch of 100 turns, one transaction: p50 / p99 per batch"
     halves = (ctx.turns[:100], ctx.turns[100:200])
-    async with ctx.opened(title, ALL) as instances:
-        threads: dict[System, Thread] = {}
-        for system, instance in instances.items():
-            async with ctx.guard(title, system.name):
-                threads[system] = await instance.thread()
 
-        def op(thread: Thread) -> Callable[[int], Awaitable[None]]:
-            return lambda i: thread.append_batch(halves[i % 2])
+    def op(thread: Thread) -> Callable[[int], Awaitable[None]]:
+        return lambda i: thread.append_batch(halves[i % 2])
 
-        results = await interleaved(
-            ctx, title, {s: op(t) for s, t in threads.items()}, ctx.sizes.batch_samples, block=2
-        )
-    for system, samples in results.items():
-        p50 = median(samples)
-        ctx.add(
-            title,
-            system.name,
-            f"{spread(samples)} ({fmt_rate(100 / p50)} turns)",
-            cost=p50,
-            ref=ref_of(system),
-            target=BATCH_TARGETS.get(system.name),
-        )
+    async with fresh_threads(ctx, title) as threads:
+        ops = {s: op(t) for s, t in threads.items()}
+        results = await interleaved(ctx, title, ops, ctx.sizes.batch_samples, block=2)
+    add_sampled(ctx, title, results, BATCH_TARGETS, lambda p50: f" ({fmt_rate(100 / p50)} turns)")
 
 
 # --- a conversation ------------------------------------------------------------------
@@ -292,18 +296,9 @@ async def read_last(ctx: Context) -> None:
     def op(thread: Thread) -> Callable[[int], Awaitable[int]]:
         return lambda i: thread.last(100)
 
-    results = await interleaved(
-        ctx, title, {s: op(t) for s, t in threads.items()}, ctx.sizes.read_samples
-    )
-    for system, samples in results.items():
-        ctx.add(
-            title,
-            system.name,
-            spread(samples),
-            cost=median(samples),
-            ref=ref_of(system),
-            target=READ_TARGETS.get(system.name),
-        )
+    ops = {s: op(t) for s, t in threads.items()}
+    results = await interleaved(ctx, title, ops, ctx.sizes.read_samples)
+    add_sampled(ctx, title, results, READ_TARGETS)
     aixgo_row(ctx, title, "read 100")
 
 
