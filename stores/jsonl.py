@@ -608,6 +608,10 @@ class JSONLStore(PurgeStore):
         self._numbered: list[_Session] = []
         self._created: dict[tuple[str, str], tuple[_Session, int]] = {}
         self._open_count: dict[str, int] = {}
+        # (last activity, session id) of every session, sorted: the listing's
+        # order, kept as sessions change (built once after the scan at open)
+        self._order: list[tuple[int, str]] = []
+        self._ordered = False
         self._snapshots_dir = self.directory / "snapshots"
         # Held while the index changes (and while catching up with other
         # processes); the event loop only ever tries it without blocking.
@@ -666,6 +670,8 @@ class JSONLStore(PurgeStore):
                 with self._locked():
                     self._finish_purge()
                     self._scan_all()
+                    self._order = sorted((s.last_at, s.session_id) for s in self._sessions.values())
+                    self._ordered = True
                     self._purges_seen = os.fstat(self._purges_fd).st_size
                     self._finish_erase()
         except BaseException:
@@ -866,6 +872,7 @@ class JSONLStore(PurgeStore):
             if head.id in self._by_id:
                 raise _damaged(session.path, lineno, f"event {head.id!r} appears twice", head.id)
         was_open = bool(session.ids) and session.status in OPEN_STATUSES
+        old_key = (session.last_at, session.session_id) if session.ids else None
         if session.number < 0:
             session.number = len(self._numbered)
             self._numbered.append(session)
@@ -887,6 +894,8 @@ class JSONLStore(PurgeStore):
                 if head.idempotency_key is not None:
                     self._created.setdefault((p.root.user_id, head.idempotency_key), (session, k))
             session.last_at = max(session.last_at, head.at)
+        if self._ordered:
+            self._reorder(old_key, (session.last_at, session.session_id))
         status = batch[-1].status
         if status is not None:
             session.status = status
@@ -894,6 +903,15 @@ class JSONLStore(PurgeStore):
         if now_open != was_open:
             user = session.user_id
             self._open_count[user] = self._open_count.get(user, 0) + (1 if now_open else -1)
+
+    def _reorder(self, old: tuple[int, str] | None, new: tuple[int, str]) -> None:
+        """Move a session's key in ``_order`` (``old`` None: a new session)."""
+        if old == new:
+            return
+        order = self._order
+        if old is not None:
+            del order[bisect.bisect_left(order, old)]
+        bisect.insort(order, new)
 
     def _move_aside(self, path: Path, offset: int, lineno: int) -> None:
         """Move the bytes of ``path`` from ``offset`` to a ``.torn-<n>`` file beside it."""
@@ -1527,15 +1545,16 @@ class JSONLStore(PurgeStore):
     ) -> list[SessionRow]:
         await self._refresh()
         start = parse_cursor(after) if after is not None else (-(2**63), "")
-        rows = [
-            s.row()
-            for s in list(self._sessions.values())
-            if s.last_at < before
-            and (user_id is None or s.user_id == user_id)
-            and (s.last_at, s.session_id) > start
-        ]
-        rows.sort(key=lambda r: (r.last_activity_at, r.session_id))
-        return rows[: max(0, limit)]
+        order, sessions = self._order, self._sessions
+        i = bisect.bisect_right(order, start)
+        rows: list[SessionRow] = []
+        # oldest activity first, after the cursor
+        while i < len(order) and order[i][0] < before and len(rows) < limit:
+            s = sessions[order[i][1]]
+            if user_id is None or s.user_id == user_id:
+                rows.append(s.row())
+            i += 1
+        return rows
 
     async def purge(self, requests: Sequence[PurgeRequest]) -> list[PurgeRecord]:
         """Delete the sessions still as planned, with their anchors and snapshots.
@@ -1701,6 +1720,7 @@ class JSONLStore(PurgeStore):
             del self._created[created]
         if session.status in OPEN_STATUSES:
             self._open_count[session.user_id] -= 1
+        del self._order[bisect.bisect_left(self._order, (session.last_at, session_id))]
         # its number is never handed out again; an empty entry frees its index
         self._numbered[session.number] = _Session(session_id, session.path)
         self._drop_snapshots(session_id)
@@ -1940,18 +1960,22 @@ class JSONLStore(PurgeStore):
 
     async def sessions(self, query: SessionQuery) -> SessionPage:
         await self._refresh()
-        rows = [
-            s.row()
-            for s in list(self._sessions.values())
-            if (query.user_id is None or s.user_id == query.user_id)
-            and (query.agent is None or s.agent == query.agent)
-            and (query.status is None or s.status == query.status)
-        ]
-        rows.sort(key=lambda r: (r.last_activity_at, r.session_id), reverse=True)
+        order, sessions = self._order, self._sessions
+        i = len(order)
         if query.cursor is not None:
-            after = parse_cursor(query.cursor)
-            rows = [r for r in rows if (r.last_activity_at, r.session_id) < after]
+            i = bisect.bisect_left(order, parse_cursor(query.cursor))
         limit = max(0, query.limit)
+        rows: list[SessionRow] = []
+        # newest first from the cursor, until a page and one more are found
+        while i > 0 and len(rows) <= limit:
+            i -= 1
+            s = sessions[order[i][1]]
+            if (
+                (query.user_id is None or s.user_id == query.user_id)
+                and (query.agent is None or s.agent == query.agent)
+                and (query.status is None or s.status == query.status)
+            ):
+                rows.append(s.row())
         page = rows[:limit]
         more = len(rows) > limit
         return SessionPage(page, page_cursor(page[-1]) if more and page else None)
