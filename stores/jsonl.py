@@ -184,6 +184,8 @@ FORMAT_VERSION: Final = 1
 """The ``version`` in the header line of the files this code writes."""
 
 _FEED_FORMAT: Final = "session-ledger/jsonl-feed"
+_INDEX_FORMAT: Final = "session-ledger/jsonl-index"
+_INDEX_VERSION: Final = 1
 _REC: Final = 80
 """Width of a ``feed.log`` line (its header included)."""
 _FEED_HEADER: Final = (
@@ -459,6 +461,57 @@ class _PurgeRedo(msgspec.Struct):
 
 
 _purge_line_decoder = msgspec.json.Decoder(_PurgeLine)
+
+
+class _SavedSession(msgspec.Struct, array_like=True):
+    """A session in ``index``: its ``_Session``, and its file's stat when saved."""
+
+    session_id: str
+    stat: tuple[int, ...]  # (device, inode, size, mtime in ns), or () to scan it whole
+    starts: bytes  # array("q").tobytes()
+    ends: bytes
+    ids: list[str]
+    heads: dict[str, str]
+    keys: dict[str, int]
+    user_id: str
+    agent: str
+    status: str
+    created_at: int
+    last_at: int
+    create_key: str | None
+
+
+class _SavedIndex(msgspec.Struct):
+    """``index``: what the scan at open would find, as of feed position ``records``."""
+
+    format: str
+    version: int
+    records: int
+    last_record: bytes  # feed.log's record at ``records``: the same feed.log
+    purges_seen: int
+    sessions: list[_SavedSession]
+
+
+_index_decoder = msgspec.msgpack.Decoder(_SavedIndex)
+
+
+def _clock_tick(fd: int) -> int:
+    """The file system's clock (a modification time set now), once it has ticked.
+
+    Waits for the coarse clock to move on (a few milliseconds at most), so a
+    file changed before the call has an older time than any change after it.
+    """
+    os.utime(fd)
+    first = os.fstat(fd).st_mtime_ns
+    deadline = time.monotonic() + 0.05
+    while True:
+        os.utime(fd)
+        now = os.fstat(fd).st_mtime_ns
+        if now > first or time.monotonic() > deadline:
+            return now
+        time.sleep(0.001)
+
+
 _purge_mark_decoder = msgspec.json.Decoder(_PurgeMark)
 
 
@@ -501,25 +554,27 @@ class _Session:
     """One session's index: where its lines are, its heads, keys and listing row."""
 
     __slots__ = (
+        "_path",
         "agent",
         "create_key",
         "created_at",
         "ends",
+        "folder",
         "heads",
         "ids",
         "keys",
         "last_at",
         "number",
-        "path",
         "session_id",
         "starts",
         "status",
         "user_id",
     )
 
-    def __init__(self, session_id: str, path: Path) -> None:
+    def __init__(self, session_id: str, folder: Path) -> None:
         self.session_id = session_id
-        self.path = path
+        self.folder = folder
+        self._path: Path | None = None
         self.starts = array.array("q")
         self.ends = array.array("q")
         # line index -> event id: a dict of ints and strings, which the garbage
@@ -534,6 +589,13 @@ class _Session:
         self.last_at = 0
         self.create_key: str | None = None
         self.number = -1  # in ``JSONLStore._numbered``, once indexed
+
+    @property
+    def path(self) -> Path:
+        """The session file (made on first use: opening a store makes many sessions)."""
+        if self._path is None:
+            self._path = self.folder / (self.session_id + _SUFFIX)
+        return self._path
 
     @property
     def size(self) -> int:
@@ -617,6 +679,10 @@ class JSONLStore(PurgeStore):
         self._purge_redo_path = self.directory / "purge.redo"
         self._purges_fd = -1
         self._purges_seen = 0  # bytes of purges.jsonl this process has read
+        self._index_path = self.directory / "index"
+        # (feed records, purges.jsonl bytes) read when the saved index was loaded
+        # with nothing to scan: while they stay so, there is nothing new to save
+        self._loaded: tuple[int, int] | None = None
         # (first, last) feed positions of the sessions purged since this process
         # opened the store (older ones are tombstones in feed.log), sorted
         self._purged: list[tuple[int, int]] = []
@@ -667,6 +733,12 @@ class JSONLStore(PurgeStore):
 
     async def _close(self) -> None:
         async with self._write_lock:
+            if self._lock_fd >= 0:
+                try:
+                    await asyncio.to_thread(self._save_index)
+                except (OSError, IntegrityError) as exc:
+                    # Derived data: the next open scans the files instead.
+                    log.warning("%s: the index was not saved: %s", self._index_path, exc)
             fds, self._fds = self._fds, {}
             for fd in (*fds.values(), self._feed_fd, self._lock_fd, self._purges_fd):
                 if fd >= 0:
@@ -693,7 +765,9 @@ class JSONLStore(PurgeStore):
                 )
                 with self._locked():
                     self._finish_purge()
-                    self._scan_all()
+                    if not self._load_index():
+                        self._forget_all()
+                        self._scan_all()
                     self._order = sorted((s.last_at, s.session_id) for s in self._sessions.values())
                     self._ordered = True
                     self._purges_seen = os.fstat(self._purges_fd).st_size
@@ -743,6 +817,16 @@ class JSONLStore(PurgeStore):
             if not name.endswith(_SUFFIX) or not _SESSION_ID.fullmatch(session_id):
                 continue  # torn tails moved aside, and anything a person left here
             self._scan_session(session_id, feed, total, matched, candidates)
+        self._settle(feed, total, matched, candidates)
+
+    def _settle(
+        self,
+        feed: bytes,
+        total: int,
+        matched: bytearray,
+        candidates: list[tuple[int, str, int, int]],
+    ) -> None:
+        """Check that every record of ``feed`` was matched, and write those of ``candidates``."""
         _mark_tombstones(feed, matched)
         missing = matched.find(0, 1)
         if missing > 0:
@@ -767,17 +851,200 @@ class JSONLStore(PurgeStore):
             )
         self._n = total + len(rebuilt)
 
-    def _read_feed_file(self) -> bytes:
+    # the saved index: what a scan would find, kept from the last close ------------
+
+    def _load_index(self) -> bool:
+        """Open from ``index``: scan only what changed since it was saved. False: scan all.
+
+        A session file is taken as saved when its device, inode, size and
+        modification time are those saved (and that time was older than the
+        save: a file changed later in the same clock tick would look the
+        same); one that grew is scanned from its saved end; any other is
+        scanned whole. Anything else (no index, another version, a feed that
+        no longer holds the saved last record, a saved file gone or shorter)
+        means a full scan, which names any damage.
+        """
+        try:
+            saved = _index_decoder.decode(self._index_path.read_bytes())
+        except (FileNotFoundError, msgspec.MsgspecError):
+            return False
+        if saved.format != _INDEX_FORMAT or saved.version != _INDEX_VERSION:
+            return False
+        total = self._feed_total()
+        records = saved.records
+        if records > total or (
+            records and os.pread(self._feed_fd, _REC, records * _REC) != saved.last_record
+        ):
+            return False
+        purges_size = os.fstat(self._purges_fd).st_size
+        if purges_size < saved.purges_seen:
+            return False
+        purged = self._purged_since(saved.purges_seen, purges_size)
+        files = {
+            entry.name[: -len(_SUFFIX)]: entry.stat()
+            for entry in os.scandir(self._sessions_dir)
+            if entry.name.endswith(_SUFFIX) and _SESSION_ID.fullmatch(entry.name[: -len(_SUFFIX)])
+        }
+        taken: list[tuple[_SavedSession, bool]] = []  # and whether it grew
+        for entry in saved.sessions:
+            if entry.session_id in purged:
+                continue
+            st = files.pop(entry.session_id, None)
+            size = len(entry.ends) and array.array("q", entry.ends[-8:])[0]
+            if st is None or st.st_size < size:
+                return False  # acknowledged lines gone: the full scan names them
+            now = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            if tuple(entry.stat) == now:
+                taken.append((entry, st.st_size > size))
+            elif entry.stat and tuple(entry.stat[:2]) == now[:2] and st.st_size > entry.stat[2]:
+                if not self._ends_a_line(entry.session_id, size):
+                    return False
+                taken.append((entry, True))  # appended to since: scanned from its saved end
+            else:
+                files[entry.session_id] = st  # rewritten, or saved while it changed: scanned whole
+        for entry, _ in taken:
+            self._restore(entry)
+        self._purges_seen = saved.purges_seen
+        self._catch_up_purges()
+        grown = [entry.session_id for entry, grew in taken if grew]
+        if not grown and not files and total == records:
+            self._n = total
+            self._loaded = (total, self._purges_seen)
+            return True
+        feed = self._read_feed_file()
+        matched = bytearray(total + 1)
+        matched[: records + 1] = b"\x01" * (records + 1)  # as the saved index found them
+        candidates: list[tuple[int, str, int, int]] = []
+        for session_id in grown:
+            session = self._sessions[session_id]
+            self._scan_session(session_id, feed, total, matched, candidates, session)
+        for session_id in sorted(files):
+            self._scan_session(session_id, feed, total, matched, candidates)
+        self._settle(feed, total, matched, candidates)
+        return True
+
+    def _ends_a_line(self, session_id: str, size: int) -> bool:
+        """Whether the session file's byte ``size - 1`` still ends a line."""
+        fd = os.open(self._sessions_dir / (session_id + _SUFFIX), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.pread(fd, 1, size - 1) == b"\n"
+        finally:
+            os.close(fd)
+
+    def _purged_since(self, start: int, end: int) -> set[str]:
+        """The sessions of the ``purges.jsonl`` lines between bytes ``start`` and ``end``."""
+        data = os.pread(self._purges_fd, end - start, start)
+        gone: set[str] = set()
+        for line in data[: data.rfind(b"\n") + 1].splitlines():
+            try:
+                gone.add(_purge_mark_decoder.decode(line).record.session_id)
+            except msgspec.MsgspecError as exc:
+                raise IntegrityError(
+                    f"Damaged line in {str(self._purges_path)!r} after byte {start}: {exc}"
+                ) from None
+        return gone
+
+    def _restore(self, entry: _SavedSession) -> None:
+        """Index a session as the saved index has it (holds the lock)."""
+        session = _Session(entry.session_id, self._sessions_dir)
+        session.starts = array.array("q", entry.starts)
+        session.ends = array.array("q", entry.ends)
+        session.ids = dict(enumerate(entry.ids))
+        session.heads = entry.heads
+        session.keys = entry.keys
+        session.user_id, session.agent, session.status = entry.user_id, entry.agent, entry.status
+        session.created_at, session.last_at = entry.created_at, entry.last_at
+        session.create_key = entry.create_key
+        session.number = len(self._numbered)
+        self._numbered.append(session)
+        where = session.number << _LINE_BITS
+        self._by_id.update(zip(entry.ids, range(where, where + len(entry.ids)), strict=True))
+        if entry.create_key is not None:
+            self._created.setdefault((entry.user_id, entry.create_key), (session, 0))
+        if entry.status in OPEN_STATUSES:
+            self._open_count[entry.user_id] = self._open_count.get(entry.user_id, 0) + 1
+        self._sessions[entry.session_id] = session
+
+    def _forget_all(self) -> None:
+        """Empty the index (before a full scan, after a saved index was not usable)."""
+        self._sessions.clear()
+        self._by_id.clear()
+        self._numbered.clear()
+        self._created.clear()
+        self._open_count.clear()
+        self._purged.clear()
+        self._n = 0
+
+    def _save_index(self) -> None:
+        """Write ``index``: this process's index, and each session file as it is now.
+
+        Derived data, never synced: a lost or damaged index means a full scan.
+        Not written when a session file is missing (purged meanwhile, or
+        removed by hand): the full scan at the next open sorts that out.
+        """
+        with self._sync:
+            self._catch_up()
+            if self._loaded == (self._n, self._purges_seen):
+                return  # as loaded: the saved index is still this one
+            tmp = self._index_path.with_name(f"{self._index_path.name}.{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            written = False
+            try:
+                fresh = _clock_tick(fd)
+                entries: list[_SavedSession] = []
+                for session in self._sessions.values():
+                    try:
+                        st = os.stat(session.path)
+                    except FileNotFoundError:
+                        return
+                    stat = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                    entries.append(
+                        _SavedSession(
+                            session_id=session.session_id,
+                            # a file changed in the tick of the save: never taken as saved
+                            stat=stat if st.st_mtime_ns < fresh else (),
+                            starts=session.starts.tobytes(),
+                            ends=session.ends.tobytes(),
+                            ids=list(session.ids.values()),
+                            heads=session.heads,
+                            keys=session.keys,
+                            user_id=session.user_id,
+                            agent=session.agent,
+                            status=session.status,
+                            created_at=session.created_at,
+                            last_at=session.last_at,
+                            create_key=session.create_key,
+                        )
+                    )
+                last = os.pread(self._feed_fd, _REC, self._n * _REC) if self._n else b""
+                saved = _SavedIndex(
+                    format=_INDEX_FORMAT,
+                    version=_INDEX_VERSION,
+                    records=self._n,
+                    last_record=last,
+                    purges_seen=self._purges_seen,
+                    sessions=entries,
+                )
+                _write_all(fd, msgspec.msgpack.encode(saved))
+                written = True
+            finally:
+                os.close(fd)
+                if not written:
+                    os.unlink(tmp)
+            os.replace(tmp, self._index_path)
+
+    def _feed_total(self) -> int:
+        """How many records ``feed.log`` holds: its header checked, a record cut short dropped."""
         size = os.fstat(self._feed_fd).st_size
         if size == 0:
             _write_all(self._feed_fd, _FEED_HEADER)
             os.fsync(self._feed_fd)
             _fsync_dir(self.directory)
-            return _FEED_HEADER
-        feed = os.pread(self._feed_fd, size, 0)
-        if not feed.startswith(_FEED_HEADER):
+            return 0
+        head = os.pread(self._feed_fd, _REC, 0)
+        if head != _FEED_HEADER:
             try:
-                version = orjson.loads(feed[:_REC]).get("version")
+                version = orjson.loads(head).get("version")
             except (orjson.JSONDecodeError, AttributeError):
                 version = None
             if isinstance(version, int) and version > FORMAT_VERSION:
@@ -795,7 +1062,11 @@ class JSONLStore(PurgeStore):
             # session file is synced, so its line is there; it is rebuilt.
             os.ftruncate(self._feed_fd, whole)
             log.warning("%s: a record cut short was dropped", self._feed_path)
-        return feed[:whole]
+        return whole // _REC - 1
+
+    def _read_feed_file(self) -> bytes:
+        total = self._feed_total()
+        return os.pread(self._feed_fd, (total + 1) * _REC, 0)
 
     def _scan_session(
         self,
@@ -804,17 +1075,24 @@ class JSONLStore(PurgeStore):
         total: int,
         matched: bytearray,
         candidates: list[tuple[int, str, int, int]],
+        session: _Session | None = None,
     ) -> None:
+        """Index a session file's complete batches, check them against ``feed``, recover its tail.
+
+        ``session``: its lines indexed so far (from the saved index): the scan
+        goes on from where they end.
+        """
         path = self._sessions_dir / (session_id + _SUFFIX)
-        session = _Session(session_id, path)
+        if session is None:
+            session = _Session(session_id, self._sessions_dir)
         batch: list[_Pending] = []
         count = 0  # size of the batch being read
         last_pos = 0
-        committed = 0  # end of the last complete batch
-        tail_line = 1
+        committed = session.size  # end of the last complete batch
+        tail_line = len(session.ids) + 2 if session.ids else 1
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            for lineno, (offset, line) in enumerate(_lines(fd), 1):
+            for lineno, (offset, line) in enumerate(_lines(fd, committed), tail_line):
                 if not line.endswith(b"\n"):
                     break  # cut short: the tail
                 if lineno == 1:
@@ -1034,7 +1312,7 @@ class JSONLStore(PurgeStore):
             self._n = run[-1][0]
             return True
         if session is None:
-            session = _Session(session_id, path)
+            session = _Session(session_id, self._sessions_dir)
         base_lineno = len(session.ids) + 2
         batch: list[_Pending] = []
         for lineno, (pos, _, offset, length) in enumerate(run, base_lineno):
@@ -1420,7 +1698,7 @@ class JSONLStore(PurgeStore):
         self._sync_seconds += (elapsed - self._sync_seconds) / 8
         _write_all(self._feed_fd, b"".join(records))
         if session is None:
-            session = _Session(session_id, path)
+            session = _Session(session_id, self._sessions_dir)
         self._apply(session, pending, len(session.ids) + 2)
         self._sessions[session_id] = session
         self._n = first_pos + count - 1
@@ -1746,7 +2024,7 @@ class JSONLStore(PurgeStore):
             self._open_count[session.user_id] -= 1
         del self._order[bisect.bisect_left(self._order, (session.last_at, session_id))]
         # its number is never handed out again; an empty entry frees its index
-        self._numbered[session.number] = _Session(session_id, session.path)
+        self._numbered[session.number] = _Session(session_id, self._sessions_dir)
         self._drop_snapshots(session_id)
         self._stale.add(session_id)
 
