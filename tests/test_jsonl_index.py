@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from ledger import Ledger
 from ledger.errors import IntegrityError
 from ledger.events import encode_event
+from stores import jsonl
 from stores.base import PurgeRecord, PurgeRequest, SessionQuery, SessionRow
 from stores.jsonl import JSONLStore
 from tests.test_jsonl import collect, new_session, request, session_file, turn
@@ -93,6 +94,26 @@ def purge_request(row: SessionRow) -> PurgeRequest:
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     return tmp_path / "store"
+
+
+@pytest.fixture(autouse=True)
+def index_every_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small stores save no index (their scan is as quick): these tests want one."""
+    monkeypatch.setattr(jsonl, "_INDEX_FROM", 0)
+
+
+async def test_a_small_store_saves_no_index(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with JSONLStore(root) as store:
+        await new_session(store, turns=2)
+    assert (root / "index").exists()
+    monkeypatch.setattr(jsonl, "_INDEX_FROM", 4)
+    async with JSONLStore(root) as store:
+        await new_session(store)
+    assert (root / "index").exists()  # 4 events
+    monkeypatch.setattr(jsonl, "_INDEX_FROM", 6)
+    async with JSONLStore(root) as store:
+        await new_session(store)
+    assert not (root / "index").exists()  # 5 events: removed, not left to go stale
 
 
 async def test_a_closed_store_opens_from_its_index_without_scanning(
