@@ -5,6 +5,7 @@ Layout. ``jsonl:///path/to/dir`` keeps everything under one directory (mode
 
     dir/
       feed.log                        the global feed: one fixed-width line per event
+      index                           the index saved at close: derived, safe to delete
       lock                            the writers' lock (flock) and the last write's intent
       purges.jsonl                    a purge record per purged session (and its positions)
       purge.redo                      a purge batch's records, while the batch runs
@@ -47,10 +48,21 @@ line it names (a mismatch is an ``IntegrityError``), and when it is deleted
 the next open rebuilds it from the ``pos`` fields of the session files.
 
 Index. Heads, idempotency keys, event ids and the session listing are kept in
-memory, rebuilt at open by scanning every session file (about half a million
-events per second); there is no index file to go stale. The trade-off: opening
-a store reads all of it once, and memory holds about 200 bytes per event.
-Event bodies are not kept in memory: reads go back to the files.
+memory (about 200 bytes per event; event bodies are not: reads go back to the
+files). Opening a store builds it by scanning every session file (about a
+quarter of a million events per second) unless ``index`` is there: what a scan
+found, saved at close by a store of at least ``_INDEX_FROM`` events (msgpack,
+not synced, about 100 bytes per event), with the feed position it covers and
+each session file's device, inode, size and modification time. Open then takes
+a file whose stat is the saved one as indexed, scans one that grew from its
+saved end (appends of other processes, a torn tail: every recovery rule
+applies), and scans any other whole; a saved file gone or shorter, a
+``feed.log`` that no longer holds the saved last record, or an index it cannot
+read means the full scan, which names any damage. A file changed in the clock
+tick of the save is saved without a stat (scanned whole next time), so a
+rewrite that keeps the size cannot pass as the saved file. Damage written into
+the saved part of a file that has also grown since is found when that part is
+read, as damage done while a store is open always is.
 
 Snapshots. ``snapshots/<session-id>.snap`` has one line per projection
 snapshot, ``<event id> <projection key> <base64 state>``, appended (each write
@@ -120,6 +132,7 @@ import bisect
 import contextlib
 import errno
 import fcntl
+import itertools
 import logging
 import mmap
 import operator
@@ -128,7 +141,6 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from itertools import accumulate
 from pathlib import Path
 from typing import Annotated, Final, Literal
 from urllib.parse import parse_qsl
@@ -147,7 +159,14 @@ from ledger.errors import (
     StoreClosedError,
     StoreError,
 )
-from ledger.events import Event, SessionCreated, decode_event, encode_event, validate_name
+from ledger.events import (
+    Event,
+    SessionCreated,
+    decode_event,
+    encode_event,
+    gc_paused,
+    validate_name,
+)
 from stores.base import (
     OPEN_STATUSES,
     AppendRequest,
@@ -177,12 +196,18 @@ FORMAT_VERSION: Final = 1
 """The ``version`` in the header line of the files this code writes."""
 
 _FEED_FORMAT: Final = "session-ledger/jsonl-feed"
+_INDEX_FORMAT: Final = "session-ledger/jsonl-index"
+_INDEX_VERSION: Final = 1
+_INDEX_FROM: Final = 10_000
+"""Events from which a store saves its index at close (fewer are scanned in ~50 ms)."""
 _REC: Final = 80
 """Width of a ``feed.log`` line (its header included)."""
 _FEED_HEADER: Final = (
     orjson.dumps({"ledger": _FEED_FORMAT, "version": FORMAT_VERSION}).ljust(_REC - 1) + b"\n"
 )
 _RECORD: Final = re.compile(rb"([0-9]{15}) ([0-9a-f-]{36}) ([0-9]{14}) ([0-9]{11})\n")
+_RECORDS: Final = re.compile(rb"(?:[0-9]{15} [0-9a-f-]{36} [0-9]{14} [0-9]{11}\n)*")
+"""A run of ``feed.log`` records, none of them a tombstone."""
 _INTENT: Final = re.compile(rb"([0-9a-f-]{36}) ([0-9]{14}) ([0-9]{15}) ([0-9]{9})\n")
 _LINE: Final = re.compile(
     rb'\{"pos":([1-9][0-9]{0,14}),"batch":\[([1-9][0-9]{0,8}),([1-9][0-9]{0,8})\]'
@@ -197,10 +222,13 @@ _SNAP_SUFFIX: Final = ".snap"
 _LINE_BITS: Final = 40
 _LINE_MASK: Final = (1 << _LINE_BITS) - 1
 _CHUNK: Final = 1 << 22
-_INLINE_BYTES: Final = 1 << 18
+_INLINE_BYTES: Final = 1 << 20
+"""Reads up to this size run on the event loop (about a millisecond: a hop to a
+worker thread and back costs more than that); bigger ones in a worker thread."""
 _PATH_WINDOW: Final = 4096
 """Lines ``ancestors`` reads at once, ending at the next event of the path."""
-"""Reads up to this size run on the event loop; bigger ones in a worker thread."""
+_GC_PAUSE_FROM: Final = 64
+"""Pages of at least this many lines are decoded with the garbage collector paused."""
 _INLINE_RECORDS: Final = 256
 _INLINE_SYNC_SECONDS: Final = 0.002
 """Appends run on the event loop while the recent write + fsync average is under this."""
@@ -221,16 +249,30 @@ _BOOLS: Final = {
 # --- OS errors: translated here and nowhere else -----------------------------------
 
 
-@contextlib.contextmanager
-def _translate(where: str | Path, session_id: str | None = None) -> Iterator[None]:
-    """Turn every ``OSError`` raised inside the block into the ledger's ``StoreError``."""
-    try:
-        yield
-    except OSError as exc:
-        what = f" (session {session_id!r})" if session_id else ""
-        if exc.errno == errno.EBADF:
-            raise StoreClosedError(f"Store was closed: {str(where)!r}") from None
-        raise StoreError(f"I/O error on {str(where)!r}{what}: {exc}") from None
+class _translate:  # lower case: used as a function, ``with _translate(path):``
+    """Turn every ``OSError`` raised inside the block into the ledger's ``StoreError``.
+
+    A class, not a generator: it wraps every read, and costs a fifth as much.
+    """
+
+    __slots__ = ("session_id", "where")
+
+    def __init__(self, where: str | Path, session_id: str | None = None) -> None:
+        self.where = where
+        self.session_id = session_id
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if isinstance(exc, OSError):
+            where = str(self.where)
+            what = f" (session {self.session_id!r})" if self.session_id else ""
+            if exc.errno == errno.EBADF:
+                raise StoreClosedError(f"Store was closed: {where!r}") from None
+            raise StoreError(f"I/O error on {where!r}{what}: {exc}") from None
 
 
 # --- the line format ----------------------------------------------------------------
@@ -310,7 +352,6 @@ class _Envelope(msgspec.Struct, forbid_unknown_fields=True, gc=False):
 
 _page_decoder = msgspec.json.Decoder(list[_Envelope])
 
-_plus_one = (1).__add__
 _get_event = operator.attrgetter("event")
 _get_id = operator.attrgetter("id")
 _get_session = operator.attrgetter("session")
@@ -323,20 +364,22 @@ def _decode_page(data: bytes, session: _Session, first: int, stop: int) -> list[
     and hold the event it names. On None the caller goes line by line (``_parse``,
     ``_event``, the checks of ``_decode``), which names the damaged line.
     """
-    if not data.endswith(b"\n"):
+    count = stop - first
+    base = session.starts[first]
+    if len(data) != session.ends[stop - 1] - base or data.count(b"\n") != count:
         return None
-    lines = data.split(b"\n")
-    lines.pop()
-    if len(lines) != stop - first:
+    # As many newlines as lines, and one before each end the index names: so
+    # every line ends exactly where the index says.
+    last_bytes = operator.itemgetter(*map((-1 - base).__add__, session.ends[first:stop]))(data)
+    if (last_bytes.count(10) if count > 1 else int(last_bytes == 10)) != count:
         return None
-    ends = array.array(
-        "q", accumulate(map(_plus_one, map(len, lines)), initial=session.starts[first])
-    )
-    del ends[0]
-    if ends != session.ends[first:stop]:
-        return None
+    page = b"[%s]" % data[:-1].replace(b"\n", b",")
     try:
-        envelopes = _page_decoder.decode(b"[%s]" % b",".join(lines))
+        if count < _GC_PAUSE_FROM:
+            envelopes = _page_decoder.decode(page)
+        else:
+            with gc_paused():  # a bulk decode: see ledger.events.gc_paused
+                envelopes = _page_decoder.decode(page)
     except (msgspec.MsgspecError, UnicodeDecodeError, TypeError):
         return None
     events: list[Event] = list(map(_get_event, envelopes))
@@ -432,6 +475,57 @@ class _PurgeRedo(msgspec.Struct):
 
 
 _purge_line_decoder = msgspec.json.Decoder(_PurgeLine)
+
+
+class _SavedSession(msgspec.Struct, array_like=True):
+    """A session in ``index``: its ``_Session``, and its file's stat when saved."""
+
+    session_id: str
+    stat: tuple[int, ...]  # (device, inode, size, mtime in ns), or () to scan it whole
+    starts: bytes  # array("q").tobytes()
+    ends: bytes
+    ids: list[str]
+    heads: dict[str, str]
+    keys: dict[str, int]
+    user_id: str
+    agent: str
+    status: str
+    created_at: int
+    last_at: int
+    create_key: str | None
+
+
+class _SavedIndex(msgspec.Struct):
+    """``index``: what the scan at open would find, as of feed position ``records``."""
+
+    format: str
+    version: int
+    records: int
+    last_record: bytes  # feed.log's record at ``records``: the same feed.log
+    purges_seen: int
+    sessions: list[_SavedSession]
+
+
+_index_decoder = msgspec.msgpack.Decoder(_SavedIndex)
+
+
+def _clock_tick(fd: int) -> int:
+    """The file system's clock (a modification time set now), once it has ticked.
+
+    Waits for the coarse clock to move on (a few milliseconds at most), so a
+    file changed before the call has an older time than any change after it.
+    """
+    os.utime(fd)
+    first = os.fstat(fd).st_mtime_ns
+    deadline = time.monotonic() + 0.05
+    while True:
+        os.utime(fd)
+        now = os.fstat(fd).st_mtime_ns
+        if now > first or time.monotonic() > deadline:
+            return now
+        time.sleep(0.001)
+
+
 _purge_mark_decoder = msgspec.json.Decoder(_PurgeMark)
 
 
@@ -474,25 +568,27 @@ class _Session:
     """One session's index: where its lines are, its heads, keys and listing row."""
 
     __slots__ = (
+        "_path",
         "agent",
         "create_key",
         "created_at",
         "ends",
+        "folder",
         "heads",
         "ids",
         "keys",
         "last_at",
         "number",
-        "path",
         "session_id",
         "starts",
         "status",
         "user_id",
     )
 
-    def __init__(self, session_id: str, path: Path) -> None:
+    def __init__(self, session_id: str, folder: Path) -> None:
         self.session_id = session_id
-        self.path = path
+        self.folder = folder
+        self._path: Path | None = None
         self.starts = array.array("q")
         self.ends = array.array("q")
         # line index -> event id: a dict of ints and strings, which the garbage
@@ -507,6 +603,13 @@ class _Session:
         self.last_at = 0
         self.create_key: str | None = None
         self.number = -1  # in ``JSONLStore._numbered``, once indexed
+
+    @property
+    def path(self) -> Path:
+        """The session file (made on first use: opening a store makes many sessions)."""
+        if self._path is None:
+            self._path = self.folder / (self.session_id + _SUFFIX)
+        return self._path
 
     @property
     def size(self) -> int:
@@ -590,6 +693,10 @@ class JSONLStore(PurgeStore):
         self._purge_redo_path = self.directory / "purge.redo"
         self._purges_fd = -1
         self._purges_seen = 0  # bytes of purges.jsonl this process has read
+        self._index_path = self.directory / "index"
+        # (feed records, purges.jsonl bytes) read when the saved index was loaded
+        # with nothing to scan: while they stay so, there is nothing new to save
+        self._loaded: tuple[int, int] | None = None
         # (first, last) feed positions of the sessions purged since this process
         # opened the store (older ones are tombstones in feed.log), sorted
         self._purged: list[tuple[int, int]] = []
@@ -605,6 +712,10 @@ class JSONLStore(PurgeStore):
         self._numbered: list[_Session] = []
         self._created: dict[tuple[str, str], tuple[_Session, int]] = {}
         self._open_count: dict[str, int] = {}
+        # (last activity, session id) of every session, sorted: the listing's
+        # order, kept as sessions change (built once after the scan at open)
+        self._order: list[tuple[int, str]] = []
+        self._ordered = False
         self._snapshots_dir = self.directory / "snapshots"
         # Held while the index changes (and while catching up with other
         # processes); the event loop only ever tries it without blocking.
@@ -636,6 +747,12 @@ class JSONLStore(PurgeStore):
 
     async def _close(self) -> None:
         async with self._write_lock:
+            if self._lock_fd >= 0:
+                try:
+                    await asyncio.to_thread(self._save_index)
+                except (OSError, IntegrityError) as exc:
+                    # Derived data: the next open scans the files instead.
+                    log.warning("%s: the index was not saved: %s", self._index_path, exc)
             fds, self._fds = self._fds, {}
             for fd in (*fds.values(), self._feed_fd, self._lock_fd, self._purges_fd):
                 if fd >= 0:
@@ -662,7 +779,12 @@ class JSONLStore(PurgeStore):
                 )
                 with self._locked():
                     self._finish_purge()
-                    self._scan_all()
+                    with gc_paused():  # builds the whole index: see ledger.events.gc_paused
+                        if not self._load_index():
+                            self._forget_all()
+                            self._scan_all()
+                    self._order = sorted((s.last_at, s.session_id) for s in self._sessions.values())
+                    self._ordered = True
                     self._purges_seen = os.fstat(self._purges_fd).st_size
                     self._finish_erase()
         except BaseException:
@@ -710,6 +832,16 @@ class JSONLStore(PurgeStore):
             if not name.endswith(_SUFFIX) or not _SESSION_ID.fullmatch(session_id):
                 continue  # torn tails moved aside, and anything a person left here
             self._scan_session(session_id, feed, total, matched, candidates)
+        self._settle(feed, total, matched, candidates)
+
+    def _settle(
+        self,
+        feed: bytes,
+        total: int,
+        matched: bytearray,
+        candidates: list[tuple[int, str, int, int]],
+    ) -> None:
+        """Check that every record of ``feed`` was matched, and write those of ``candidates``."""
         _mark_tombstones(feed, matched)
         missing = matched.find(0, 1)
         if missing > 0:
@@ -734,17 +866,203 @@ class JSONLStore(PurgeStore):
             )
         self._n = total + len(rebuilt)
 
-    def _read_feed_file(self) -> bytes:
+    # the saved index: what a scan would find, kept from the last close ------------
+
+    def _load_index(self) -> bool:
+        """Open from ``index``: scan only what changed since it was saved. False: scan all.
+
+        A session file is taken as saved when its device, inode, size and
+        modification time are those saved (and that time was older than the
+        save: a file changed later in the same clock tick would look the
+        same); one that grew is scanned from its saved end; any other is
+        scanned whole. Anything else (no index, another version, a feed that
+        no longer holds the saved last record, a saved file gone or shorter)
+        means a full scan, which names any damage.
+        """
+        try:
+            saved = _index_decoder.decode(self._index_path.read_bytes())
+        except (FileNotFoundError, msgspec.MsgspecError):
+            return False
+        if saved.format != _INDEX_FORMAT or saved.version != _INDEX_VERSION:
+            return False
+        total = self._feed_total()
+        records = saved.records
+        if records > total or (
+            records and os.pread(self._feed_fd, _REC, records * _REC) != saved.last_record
+        ):
+            return False
+        purges_size = os.fstat(self._purges_fd).st_size
+        if purges_size < saved.purges_seen:
+            return False
+        purged = self._purged_since(saved.purges_seen, purges_size)
+        files = {
+            entry.name[: -len(_SUFFIX)]: entry.stat()
+            for entry in os.scandir(self._sessions_dir)
+            if entry.name.endswith(_SUFFIX) and _SESSION_ID.fullmatch(entry.name[: -len(_SUFFIX)])
+        }
+        taken: list[tuple[_SavedSession, bool]] = []  # and whether it grew
+        for entry in saved.sessions:
+            if entry.session_id in purged:
+                continue
+            st = files.pop(entry.session_id, None)
+            size = len(entry.ends) and array.array("q", entry.ends[-8:])[0]
+            if st is None or st.st_size < size:
+                return False  # acknowledged lines gone: the full scan names them
+            now = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            if tuple(entry.stat) == now:
+                taken.append((entry, st.st_size > size))
+            elif entry.stat and tuple(entry.stat[:2]) == now[:2] and st.st_size > entry.stat[2]:
+                if not self._ends_a_line(entry.session_id, size):
+                    return False
+                taken.append((entry, True))  # appended to since: scanned from its saved end
+            else:
+                files[entry.session_id] = st  # rewritten, or saved while it changed: scanned whole
+        for entry, _ in taken:
+            self._restore(entry)
+        self._purges_seen = saved.purges_seen
+        self._catch_up_purges()
+        grown = [entry.session_id for entry, grew in taken if grew]
+        if not grown and not files and total == records:
+            self._n = total
+            self._loaded = (total, self._purges_seen)
+            return True
+        feed = self._read_feed_file()
+        matched = bytearray(total + 1)
+        matched[: records + 1] = b"\x01" * (records + 1)  # as the saved index found them
+        candidates: list[tuple[int, str, int, int]] = []
+        for session_id in grown:
+            session = self._sessions[session_id]
+            self._scan_session(session_id, feed, total, matched, candidates, session)
+        for session_id in sorted(files):
+            self._scan_session(session_id, feed, total, matched, candidates)
+        self._settle(feed, total, matched, candidates)
+        return True
+
+    def _ends_a_line(self, session_id: str, size: int) -> bool:
+        """Whether the session file's byte ``size - 1`` still ends a line."""
+        fd = os.open(self._sessions_dir / (session_id + _SUFFIX), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return os.pread(fd, 1, size - 1) == b"\n"
+        finally:
+            os.close(fd)
+
+    def _purged_since(self, start: int, end: int) -> set[str]:
+        """The sessions of the ``purges.jsonl`` lines between bytes ``start`` and ``end``."""
+        data = os.pread(self._purges_fd, end - start, start)
+        gone: set[str] = set()
+        for line in data[: data.rfind(b"\n") + 1].splitlines():
+            try:
+                gone.add(_purge_mark_decoder.decode(line).record.session_id)
+            except msgspec.MsgspecError as exc:
+                raise IntegrityError(
+                    f"Damaged line in {str(self._purges_path)!r} after byte {start}: {exc}"
+                ) from None
+        return gone
+
+    def _restore(self, entry: _SavedSession) -> None:
+        """Index a session as the saved index has it (holds the lock)."""
+        session = _Session(entry.session_id, self._sessions_dir)
+        session.starts = array.array("q", entry.starts)
+        session.ends = array.array("q", entry.ends)
+        session.ids = dict(enumerate(entry.ids))
+        session.heads = entry.heads
+        session.keys = entry.keys
+        session.user_id, session.agent, session.status = entry.user_id, entry.agent, entry.status
+        session.created_at, session.last_at = entry.created_at, entry.last_at
+        session.create_key = entry.create_key
+        session.number = len(self._numbered)
+        self._numbered.append(session)
+        where = session.number << _LINE_BITS
+        self._by_id.update(zip(entry.ids, range(where, where + len(entry.ids)), strict=True))
+        if entry.create_key is not None:
+            self._created.setdefault((entry.user_id, entry.create_key), (session, 0))
+        if entry.status in OPEN_STATUSES:
+            self._open_count[entry.user_id] = self._open_count.get(entry.user_id, 0) + 1
+        self._sessions[entry.session_id] = session
+
+    def _forget_all(self) -> None:
+        """Empty the index (before a full scan, after a saved index was not usable)."""
+        self._sessions.clear()
+        self._by_id.clear()
+        self._numbered.clear()
+        self._created.clear()
+        self._open_count.clear()
+        self._purged.clear()
+        self._n = 0
+
+    def _save_index(self) -> None:
+        """Write ``index``: this process's index, and each session file as it is now.
+
+        Derived data, never synced: a lost or damaged index means a full scan.
+        Not written when a session file is missing (purged meanwhile, or
+        removed by hand): the full scan at the next open sorts that out.
+        """
+        with self._sync:
+            self._catch_up()
+            if len(self._by_id) < _INDEX_FROM:
+                self._index_path.unlink(missing_ok=True)  # a scan is as quick
+                return
+            if self._loaded == (self._n, self._purges_seen):
+                return  # as loaded: the saved index is still this one
+            tmp = self._index_path.with_name(f"{self._index_path.name}.{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            written = False
+            try:
+                fresh = _clock_tick(fd)
+                entries: list[_SavedSession] = []
+                for session in self._sessions.values():
+                    try:
+                        st = os.stat(session.path)
+                    except FileNotFoundError:
+                        return
+                    stat = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                    entries.append(
+                        _SavedSession(
+                            session_id=session.session_id,
+                            # a file changed in the tick of the save: never taken as saved
+                            stat=stat if st.st_mtime_ns < fresh else (),
+                            starts=session.starts.tobytes(),
+                            ends=session.ends.tobytes(),
+                            ids=list(session.ids.values()),
+                            heads=session.heads,
+                            keys=session.keys,
+                            user_id=session.user_id,
+                            agent=session.agent,
+                            status=session.status,
+                            created_at=session.created_at,
+                            last_at=session.last_at,
+                            create_key=session.create_key,
+                        )
+                    )
+                last = os.pread(self._feed_fd, _REC, self._n * _REC) if self._n else b""
+                saved = _SavedIndex(
+                    format=_INDEX_FORMAT,
+                    version=_INDEX_VERSION,
+                    records=self._n,
+                    last_record=last,
+                    purges_seen=self._purges_seen,
+                    sessions=entries,
+                )
+                _write_all(fd, msgspec.msgpack.encode(saved))
+                written = True
+            finally:
+                os.close(fd)
+                if not written:
+                    os.unlink(tmp)
+            os.replace(tmp, self._index_path)
+
+    def _feed_total(self) -> int:
+        """How many records ``feed.log`` holds: its header checked, a record cut short dropped."""
         size = os.fstat(self._feed_fd).st_size
         if size == 0:
             _write_all(self._feed_fd, _FEED_HEADER)
             os.fsync(self._feed_fd)
             _fsync_dir(self.directory)
-            return _FEED_HEADER
-        feed = os.pread(self._feed_fd, size, 0)
-        if not feed.startswith(_FEED_HEADER):
+            return 0
+        head = os.pread(self._feed_fd, _REC, 0)
+        if head != _FEED_HEADER:
             try:
-                version = orjson.loads(feed[:_REC]).get("version")
+                version = orjson.loads(head).get("version")
             except (orjson.JSONDecodeError, AttributeError):
                 version = None
             if isinstance(version, int) and version > FORMAT_VERSION:
@@ -762,7 +1080,11 @@ class JSONLStore(PurgeStore):
             # session file is synced, so its line is there; it is rebuilt.
             os.ftruncate(self._feed_fd, whole)
             log.warning("%s: a record cut short was dropped", self._feed_path)
-        return feed[:whole]
+        return whole // _REC - 1
+
+    def _read_feed_file(self) -> bytes:
+        total = self._feed_total()
+        return os.pread(self._feed_fd, (total + 1) * _REC, 0)
 
     def _scan_session(
         self,
@@ -771,17 +1093,24 @@ class JSONLStore(PurgeStore):
         total: int,
         matched: bytearray,
         candidates: list[tuple[int, str, int, int]],
+        session: _Session | None = None,
     ) -> None:
+        """Index a session file's complete batches, check them against ``feed``, recover its tail.
+
+        ``session``: its lines indexed so far (from the saved index): the scan
+        goes on from where they end.
+        """
         path = self._sessions_dir / (session_id + _SUFFIX)
-        session = _Session(session_id, path)
+        if session is None:
+            session = _Session(session_id, self._sessions_dir)
         batch: list[_Pending] = []
         count = 0  # size of the batch being read
         last_pos = 0
-        committed = 0  # end of the last complete batch
-        tail_line = 1
+        committed = session.size  # end of the last complete batch
+        tail_line = len(session.ids) + 2 if session.ids else 1
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            for lineno, (offset, line) in enumerate(_lines(fd), 1):
+            for lineno, (offset, line) in enumerate(_lines(fd, committed), tail_line):
                 if not line.endswith(b"\n"):
                     break  # cut short: the tail
                 if lineno == 1:
@@ -863,6 +1192,7 @@ class JSONLStore(PurgeStore):
             if head.id in self._by_id:
                 raise _damaged(session.path, lineno, f"event {head.id!r} appears twice", head.id)
         was_open = bool(session.ids) and session.status in OPEN_STATUSES
+        old_key = (session.last_at, session.session_id) if session.ids else None
         if session.number < 0:
             session.number = len(self._numbered)
             self._numbered.append(session)
@@ -884,6 +1214,8 @@ class JSONLStore(PurgeStore):
                 if head.idempotency_key is not None:
                     self._created.setdefault((p.root.user_id, head.idempotency_key), (session, k))
             session.last_at = max(session.last_at, head.at)
+        if self._ordered:
+            self._reorder(old_key, (session.last_at, session.session_id))
         status = batch[-1].status
         if status is not None:
             session.status = status
@@ -891,6 +1223,15 @@ class JSONLStore(PurgeStore):
         if now_open != was_open:
             user = session.user_id
             self._open_count[user] = self._open_count.get(user, 0) + (1 if now_open else -1)
+
+    def _reorder(self, old: tuple[int, str] | None, new: tuple[int, str]) -> None:
+        """Move a session's key in ``_order`` (``old`` None: a new session)."""
+        if old == new:
+            return
+        order = self._order
+        if old is not None:
+            del order[bisect.bisect_left(order, old)]
+        bisect.insort(order, new)
 
     def _move_aside(self, path: Path, offset: int, lineno: int) -> None:
         """Move the bytes of ``path`` from ``offset`` to a ``.torn-<n>`` file beside it."""
@@ -989,7 +1330,7 @@ class JSONLStore(PurgeStore):
             self._n = run[-1][0]
             return True
         if session is None:
-            session = _Session(session_id, path)
+            session = _Session(session_id, self._sessions_dir)
         base_lineno = len(session.ids) + 2
         batch: list[_Pending] = []
         for lineno, (pos, _, offset, length) in enumerate(run, base_lineno):
@@ -1375,7 +1716,7 @@ class JSONLStore(PurgeStore):
         self._sync_seconds += (elapsed - self._sync_seconds) / 8
         _write_all(self._feed_fd, b"".join(records))
         if session is None:
-            session = _Session(session_id, path)
+            session = _Session(session_id, self._sessions_dir)
         self._apply(session, pending, len(session.ids) + 2)
         self._sessions[session_id] = session
         self._n = first_pos + count - 1
@@ -1524,15 +1865,16 @@ class JSONLStore(PurgeStore):
     ) -> list[SessionRow]:
         await self._refresh()
         start = parse_cursor(after) if after is not None else (-(2**63), "")
-        rows = [
-            s.row()
-            for s in list(self._sessions.values())
-            if s.last_at < before
-            and (user_id is None or s.user_id == user_id)
-            and (s.last_at, s.session_id) > start
-        ]
-        rows.sort(key=lambda r: (r.last_activity_at, r.session_id))
-        return rows[: max(0, limit)]
+        order, sessions = self._order, self._sessions
+        i = bisect.bisect_right(order, start)
+        rows: list[SessionRow] = []
+        # oldest activity first, after the cursor
+        while i < len(order) and order[i][0] < before and len(rows) < limit:
+            s = sessions[order[i][1]]
+            if user_id is None or s.user_id == user_id:
+                rows.append(s.row())
+            i += 1
+        return rows
 
     async def purge(self, requests: Sequence[PurgeRequest]) -> list[PurgeRecord]:
         """Delete the sessions still as planned, with their anchors and snapshots.
@@ -1698,8 +2040,9 @@ class JSONLStore(PurgeStore):
             del self._created[created]
         if session.status in OPEN_STATUSES:
             self._open_count[session.user_id] -= 1
+        del self._order[bisect.bisect_left(self._order, (session.last_at, session_id))]
         # its number is never handed out again; an empty entry frees its index
-        self._numbered[session.number] = _Session(session_id, session.path)
+        self._numbered[session.number] = _Session(session_id, self._sessions_dir)
         self._drop_snapshots(session_id)
         self._stale.add(session_id)
 
@@ -1937,18 +2280,22 @@ class JSONLStore(PurgeStore):
 
     async def sessions(self, query: SessionQuery) -> SessionPage:
         await self._refresh()
-        rows = [
-            s.row()
-            for s in list(self._sessions.values())
-            if (query.user_id is None or s.user_id == query.user_id)
-            and (query.agent is None or s.agent == query.agent)
-            and (query.status is None or s.status == query.status)
-        ]
-        rows.sort(key=lambda r: (r.last_activity_at, r.session_id), reverse=True)
+        order, sessions = self._order, self._sessions
+        i = len(order)
         if query.cursor is not None:
-            after = parse_cursor(query.cursor)
-            rows = [r for r in rows if (r.last_activity_at, r.session_id) < after]
+            i = bisect.bisect_left(order, parse_cursor(query.cursor))
         limit = max(0, query.limit)
+        rows: list[SessionRow] = []
+        # newest first from the cursor, until a page and one more are found
+        while i > 0 and len(rows) <= limit:
+            i -= 1
+            s = sessions[order[i][1]]
+            if (
+                (query.user_id is None or s.user_id == query.user_id)
+                and (query.agent is None or s.agent == query.agent)
+                and (query.status is None or s.status == query.status)
+            ):
+                rows.append(s.row())
         page = rows[:limit]
         more = len(rows) > limit
         return SessionPage(page, page_cursor(page[-1]) if more and page else None)
@@ -2001,36 +2348,72 @@ class JSONLStore(PurgeStore):
         """The events at positions ``after + 1`` to ``stop``, less the purged ones."""
         with _translate(self._feed_path):
             data = os.pread(self._feed_fd, (stop - after) * _REC, (after + 1) * _REC)
+        runs = self._feed_runs(after, data)
+        if runs is None:
+            runs = self._feed_runs_checked(after, data)
         items: list[FeedItem] = []
-        run: list[tuple[int, _Session, int]] = []
+        for session, first, positions in runs:
+            stop_k = first + len(positions)
+            if session.ends[stop_k - 1] - session.starts[first] <= _INLINE_BYTES:
+                with _translate(session.path, session.session_id):
+                    events = self._read_range(session, first, stop_k, True)
+            else:
+                events = await self._events_between(session, first, stop_k)
+            items.extend(map(FeedItem, positions, events))
+        return items
 
-        async def flush() -> None:
-            session = run[0][1]
-            events = await self._events_between(session, run[0][2], run[-1][2] + 1)
-            items.extend(
-                FeedItem(pos, event) for (pos, _, _), event in zip(run, events, strict=True)
-            )
-            run.clear()
+    def _feed_runs(self, after: int, data: bytes) -> list[tuple[_Session, int, range]] | None:
+        """``data``'s records as runs of consecutive lines of one session, or None.
 
-        for i in range(stop - after):
+        The fast path, for records that are all well formed, at their
+        positions, and name indexed lines: anything else (a tombstone, a purged
+        session, damage) returns None, and ``_feed_runs_checked`` takes it.
+        """
+        if not _RECORDS.fullmatch(data):
+            return None
+        fields = data.split()
+        count = len(fields) // 4
+        if list(map(int, fields[0::4])) != list(range(after + 1, after + 1 + count)):
+            return None
+        offsets = fields[2::4]
+        runs: list[tuple[_Session, int, range]] = []
+        i = 0
+        for raw_id, same in itertools.groupby(fields[1::4]):
+            n = len(list(same))
+            session = self._sessions.get(raw_id.decode())
+            if session is None:
+                return None
+            starts = session.starts
+            first = bisect.bisect_left(starts, int(offsets[i]))
+            # every record names the next line of the session
+            if starts[first : first + n] != array.array("q", map(int, offsets[i : i + n])):
+                return None
+            runs.append((session, first, range(after + 1 + i, after + 1 + i + n)))
+            i += n
+        return runs
+
+    def _feed_runs_checked(self, after: int, data: bytes) -> list[tuple[_Session, int, range]]:
+        """``_feed_runs`` record by record: skips purged positions, names a damaged record."""
+        runs: list[tuple[_Session, int, range]] = []
+        for i in range(len(data) // _REC):
             pos = after + 1 + i
             raw = data[i * _REC : (i + 1) * _REC]
             rec = _RECORD.fullmatch(raw)
             session = self._sessions.get(rec[2].decode()) if rec else None
             k = -1
             if rec is not None and session is not None and int(rec[1]) == pos:
-                offset = int(rec[3])
-                k = _bisect(session.starts, offset)
+                k = _bisect(session.starts, int(rec[3]))
             if session is None or k < 0:
                 if self._gone(pos, raw):
                     continue
                 raise _damaged(self._feed_path, pos + 1, "does not match the session files")
-            if run and (run[-1][1] is not session or run[-1][2] + 1 != k):
-                await flush()
-            run.append((pos, session, k))
-        if run:
-            await flush()
-        return items
+            if runs:
+                last, first, positions = runs[-1]
+                if last is session and first + len(positions) == k and positions[-1] + 1 == pos:
+                    runs[-1] = (session, first, range(positions[0], pos + 1))
+                    continue
+            runs.append((session, k, range(pos, pos + 1)))
+        return runs
 
     async def wait_for_feed(self, after: int, max_wait: float) -> None:
         """Return when a position above ``after`` has committed, or after ``max_wait``.
@@ -2052,11 +2435,5 @@ class JSONLStore(PurgeStore):
 
 def _bisect(starts: array.array[int], offset: int) -> int:
     """The index of ``offset`` in the sorted ``starts``, or -1."""
-    lo, hi = 0, len(starts)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if starts[mid] < offset:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo if lo < len(starts) and starts[lo] == offset else -1
+    k = bisect.bisect_left(starts, offset)
+    return k if k < len(starts) and starts[k] == offset else -1
