@@ -206,7 +206,7 @@ class LedgerThread(Thread):
         self.count += len(turns)
 
     async def last(self, n: int) -> int:
-        return len(await self.led.context(self.sid, last=n))
+        return len(await self.led.turns(self.sid, last=n))
 
 
 class LedgerInstance(Instance):

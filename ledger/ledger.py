@@ -89,7 +89,7 @@ from projections.session import (
     SessionState,
     state_checksum,
 )
-from projections.transcript import Turn, context_window, turns_of
+from projections.transcript import Turn, context_window, is_turn, turns_of
 from projections.tree import TREE, Tree
 from stores import open_store
 from stores.base import (
@@ -896,10 +896,37 @@ class Ledger:
         return diff_paths(session_id, a, b, path_a, path_b)
 
     async def turns(
-        self, session_id: str, *, branch: str = MAIN, at: str | None = None
+        self,
+        session_id: str,
+        *,
+        branch: str = MAIN,
+        at: str | None = None,
+        last: int | None = None,
     ) -> list[Turn]:
-        """The turns on the path to the head of ``branch`` (or to ``at``)."""
-        return turns_of(await self.history(session_id, branch=branch, at=at))
+        """The turns on the path to the head of ``branch`` (or to ``at``), oldest first.
+
+        ``last``: only the newest ``last`` turns, read back from the head a window
+        of events at a time, so a long conversation's tail costs what the tail does.
+
+        Raises:
+            ValueError: ``last`` is negative.
+        """
+        if last is None:
+            return turns_of(await self.history(session_id, branch=branch, at=at))
+        if last < 0:
+            raise ValueError(f"last must be >= 0, not {last}")
+        cursor: str | None = at or await self._head(session_id, branch)
+        newest: list[Event] = []  # the turn events, newest first
+        while cursor is not None and len(newest) < last:
+            # Turns are most of a conversation's events: ask for a few more than are missing.
+            events = await self.store.ancestors(cursor, limit=last - len(newest) + 16)
+            if events[0].session != session_id:  # a path never leaves its session
+                raise EventNotFoundError(cursor, session_id)
+            newest += [event for event in events if is_turn(event)]
+            cursor = events[-1].parent
+        del newest[last:]
+        newest.reverse()
+        return turns_of(newest)
 
     async def context(
         self,

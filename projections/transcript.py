@@ -27,7 +27,7 @@ import msgspec
 from ledger.events import Erased, Event, TurnAdded
 from projections.base import Projection
 
-__all__ = ["REDACTED_ROLE", "TRANSCRIPT", "Turn", "context_window", "turns_of"]
+__all__ = ["REDACTED_ROLE", "TRANSCRIPT", "Turn", "context_window", "is_turn", "turns_of"]
 
 REDACTED_ROLE = "redacted"
 """The ``role`` of a redacted turn's placeholder."""
@@ -110,10 +110,11 @@ def turns_of(events: Iterable[Event]) -> list[Turn]:
 
         [t.role for t in turns_of(path)]   # ['system', 'user', 'assistant']
     """
-    return [_turn(event, event.body) for event in events if _is_turn(event)]
+    return [_turn(event, event.body) for event in events if is_turn(event)]
 
 
-def _is_turn(event: Event) -> bool:
+def is_turn(event: Event) -> bool:
+    """A turn, redacted or not: what ``turns_of`` keeps."""
     body = event.body
     return isinstance(body, TurnAdded) or (
         isinstance(body, Erased) and body.original == "TurnAdded"
@@ -125,7 +126,7 @@ def _initial() -> tuple[Turn, ...]:
 
 
 def _apply(state: tuple[Turn, ...], event: Event) -> tuple[Turn, ...]:
-    if not _is_turn(event):
+    if not is_turn(event):
         return state
     body = event.body
     # A new tuple rather than a list append: apply must not mutate a state that a

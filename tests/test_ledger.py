@@ -13,6 +13,7 @@ from ledger import (
     Checkpointed,
     ConfigError,
     ConflictError,
+    EventNotFoundError,
     Expired,
     Ledger,
     LedgerConfig,
@@ -399,3 +400,30 @@ async def test_reads_see_what_another_ledger_over_the_same_store_appended(
         # A write planned on the stale cached head is corrected by the compare-and-swap.
         last = await here.add_turn(s.session_id, role="user", content="again from here")
         assert last.parent == theirs.id
+
+
+async def test_turns_last_is_the_tail_of_all_turns_on_any_branch_and_point(
+    make_store: MakeStore,
+) -> None:
+    async with ledger(make_store) as led:
+        s = await led.create(user_id="u", agent="a")
+        sid = s.session_id
+        for i in range(40):
+            turn = await led.add_turn(sid, role="user" if i % 2 else "assistant", content=f"t{i}")
+            if i % 7 == 0:
+                await led.record(sid, type="tool", data={"i": i})
+            if i == 20:
+                middle = turn
+        await led.redact(middle.id, reason="personal data")
+        alt = await led.branch(sid, "alt", at=middle.id)
+        await led.add_turn(sid, role="user", content="on alt", branch="alt")
+        for branch, at in (("main", None), ("alt", None), ("main", middle.id), ("main", alt.id)):
+            every = await led.turns(sid, branch=branch, at=at)
+            for last in (0, 1, 2, 5, 16, 17, 33, len(every), len(every) + 3):
+                got = await led.turns(sid, branch=branch, at=at, last=last)
+                assert got == (every[-last:] if last else []), (branch, at, last)
+        with pytest.raises(ValueError, match="-1"):
+            await led.turns(sid, last=-1)
+        other = await led.create(user_id="u2", agent="a")
+        with pytest.raises(EventNotFoundError):
+            await led.turns(other.session_id, at=middle.id, last=3)
