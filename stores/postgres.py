@@ -9,8 +9,9 @@ with ``StoreError``, never misread. Every table of session data is keyed by
 session id and every primary key and unique index includes ``session_id``, so
 the schema distributes by session id on Citus unchanged. Times and positions
 are ``bigint``; an event is kept as the exact bytes of its encoding (``bytea``),
-deflated when it is 1 KiB or more (``_pack``). Version 1 of the schema (a second
-index on the event id) is upgraded in place on open.
+deflated when it is 1 KiB or more (``_pack``). Older versions of the schema are
+upgraded in place on open: version 1 (a second index on the event id) and
+version 2 (append functions that ran slower as the tables grew).
 
 Appends. One append is one statement, ``SELECT * FROM ledger_append(...)``: a
 PL/pgSQL function that does every check and every write of the batch in the
@@ -116,9 +117,10 @@ from stores.group import GroupCommit, GroupStats
 
 __all__ = ["DEFAULT_GROUP_SIZE", "SCHEMA_VERSION", "SESSION_TABLES", "PostgresStore"]
 
-SCHEMA_VERSION: Final = 2
-"""The version row of ``ledger_schema`` that this code writes (1: before the events'
-primary key led with the event id; opened, a version 1 database is upgraded in place)."""
+SCHEMA_VERSION: Final = 3
+"""The version row of ``ledger_schema`` that this code writes. 1: before the events'
+primary key led with the event id; 2: before the append functions' current form
+(tables unchanged). Opened, an older database is upgraded in place."""
 
 DEFAULT_GROUP_SIZE: Final = 64
 """The most appends one group commit holds, unless ``group_size`` says otherwise."""
@@ -294,13 +296,22 @@ BEGIN
                 RETURN;
             END IF;
         END IF;
-        SELECT h.head INTO v_current FROM ledger_heads AS h
-        WHERE h.session_id = p_session AND h.branch = p_branch;
-        IF v_current IS DISTINCT FROM p_expected THEN
-            RETURN QUERY SELECT 'head', v_current, NULL::bigint, NULL::text, NULL::bytea;
-            RETURN;
-        END IF;
-        IF p_expected IS NULL THEN
+        IF p_expected IS NOT NULL THEN
+            UPDATE ledger_heads AS h SET head = v_last_id
+            WHERE h.session_id = p_session AND h.branch = p_branch AND h.head = p_expected;
+            IF NOT FOUND THEN
+                SELECT h.head INTO v_current FROM ledger_heads AS h
+                WHERE h.session_id = p_session AND h.branch = p_branch;
+                RETURN QUERY SELECT 'head', v_current, NULL::bigint, NULL::text, NULL::bytea;
+                RETURN;
+            END IF;
+        ELSE
+            SELECT h.head INTO v_current FROM ledger_heads AS h
+            WHERE h.session_id = p_session AND h.branch = p_branch;
+            IF FOUND THEN
+                RETURN QUERY SELECT 'head', v_current, NULL::bigint, NULL::text, NULL::bytea;
+                RETURN;
+            END IF;
             IF p_max_branches IS NOT NULL THEN
                 SELECT count(*) INTO v_count FROM ledger_heads AS h
                 WHERE h.session_id = p_session;
@@ -312,9 +323,6 @@ BEGIN
             END IF;
             INSERT INTO ledger_heads (session_id, branch, head)
             VALUES (p_session, p_branch, v_last_id);
-        ELSE
-            UPDATE ledger_heads AS h SET head = v_last_id
-            WHERE h.session_id = p_session AND h.branch = p_branch;
         END IF;
         UPDATE ledger_sessions AS s SET
             status = coalesce(p_status, s.status),
@@ -366,8 +374,13 @@ BEGIN
     LOOP
         PERFORM pg_advisory_xact_lock({user_lock_ns}, v_hash);
     END LOOP;
-    PERFORM 1 FROM ledger_sessions AS s WHERE s.session_id = ANY (p_sessions)
-    ORDER BY s.session_id FOR UPDATE;
+    -- One key lookup per session, in id order: a plan cached while the table
+    -- was small stays an index lookup as it grows (an "= ANY" scan of it became
+    -- a sequential scan: groups slowed as sessions were added).
+    PERFORM 1 FROM (SELECT DISTINCT unnest(p_sessions) ORDER BY 1) AS u(session_id)
+    CROSS JOIN LATERAL (
+        SELECT 1 FROM ledger_sessions AS s WHERE s.session_id = u.session_id FOR UPDATE
+    ) AS locked;
     FOR i IN 1 .. cardinality(p_sessions) LOOP
         v_hi := v_lo + p_counts[i] - 1;
         SELECT i, a.o_outcome, a.o_detail, a.o_position, a.o_id, a.o_data
@@ -917,7 +930,8 @@ class PostgresStore(PurgeStore):
                 anchors_table=_ANCHORS_TABLE,
             )
         )
-        if version is not None and version < SCHEMA_VERSION:
+        # The script above replaced the functions of an older version in place.
+        if version is not None and version < 2:
             await conn.execute(_UPGRADE_1_TO_2)
         if version != SCHEMA_VERSION:
             await conn.execute("INSERT INTO ledger_schema (version) VALUES ($1)", SCHEMA_VERSION)

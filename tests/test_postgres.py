@@ -211,9 +211,44 @@ async def test_a_version_1_database_is_upgraded_in_place(
             "WHERE x.indrelid = 'ledger_events'::regclass AND x.indisprimary"
         )
         id_index = await conn.fetchval("SELECT to_regclass('ledger_events_id')")
-    assert versions == [1, SCHEMA_VERSION] and SCHEMA_VERSION == 2
+    assert versions == [1, SCHEMA_VERSION]
     assert key == ["id", "session_id"]
     assert id_index is None
+
+
+async def test_a_version_2_database_gets_the_current_append_functions(
+    url: str, postgres_url: str, schema: str
+) -> None:
+    root = create()
+    async with PostgresStore.from_url(url) as store:
+        await store.append(append_request([root], None))
+    # Back to version 2: its functions (here stand-ins that fail if called), its row.
+    async with admin(postgres_url, schema) as conn:
+        for name in ("ledger_append", "ledger_append_group"):
+            arguments, result = await conn.fetchrow(
+                "SELECT pg_get_function_arguments(oid), pg_get_function_result(oid) "
+                "FROM pg_proc WHERE oid = to_regproc($1)",
+                name,
+            )
+            await conn.execute(
+                f"CREATE OR REPLACE FUNCTION {name}({arguments}) RETURNS {result} "
+                "LANGUAGE plpgsql AS $$ BEGIN RAISE 'a version 2 function'; END $$"
+            )
+        await conn.execute(
+            "DELETE FROM ledger_schema; INSERT INTO ledger_schema (version) VALUES (2)"
+        )
+    async with PostgresStore.from_url(url) as store:
+        first = turn(root)
+        await store.append(append_request([first], root.id))
+        others = [create(f"user-{n}") for n in range(8)]
+        await asyncio.gather(*(store.append(append_request([e], None)) for e in others))
+        assert store.group_stats.largest > 1  # the group function ran too
+        assert len(await store.read_feed()) == 2 + len(others)
+    async with admin(postgres_url, schema) as conn:
+        versions = await conn.fetchval(
+            "SELECT array_agg(version ORDER BY version) FROM ledger_schema"
+        )
+    assert versions == [2, SCHEMA_VERSION]
 
 
 async def test_large_events_are_stored_compressed_and_read_back_exactly(
