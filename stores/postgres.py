@@ -35,7 +35,10 @@ processes cannot deadlock), then calls ``ledger_append`` for each in turn; a
 refused request writes nothing, so it needs no subtransaction. One commit, one
 WAL flush for the group. If the statement fails because of one request (a batch
 repeating an event id) or a deadlock, it is rolled back whole and each request
-runs alone. A group of one calls ``ledger_append`` directly.
+runs alone. A group of one calls ``ledger_append`` directly. Groups run one at
+a time, so the writer keeps one pooled connection of its own between them
+(unless the pool holds only one): an append skips the pool's acquire and
+release, about 30-50 µs.
 
 Nothing is checked in one transaction and written in another. If the
 connection drops during an append, the caller gets ``StoreError`` and the
@@ -743,6 +746,21 @@ def _redact(url: str) -> str:
         return url.split("@")[-1]
 
 
+def _usable(conn: Any) -> bool:
+    """Whether a pooled connection kept out of the pool is still open and still ours.
+
+    One the server closed is handed back to the pool (its slot freed) by asyncpg
+    itself, or here.
+    """
+    try:
+        if not conn.is_closed():
+            return True
+        conn.terminate()
+    except asyncpg.InterfaceError:
+        pass  # asyncpg already gave it back to the pool
+    return False
+
+
 async def _no_reset(connection: Any) -> None:
     """Skip asyncpg's reset query on release: our pool connections keep no session state.
 
@@ -811,6 +829,7 @@ class PostgresStore(PurgeStore):
         self.reconnect_timeout = 60.0
         """Seconds ``subscribe`` keeps retrying while the server cannot be reached."""
         self._pool: Any = None
+        self._writer_conn: Any = None  # the group writer's own: see _write_call
         self._listener: Any = None
         self._listener_lock = asyncio.Lock()
         self._listener_retry_at = 0.0
@@ -941,6 +960,7 @@ class PostgresStore(PurgeStore):
         # refused, the store being marked closed.
         await self._group.close()
         pool, self._pool = self._pool, None
+        writer_conn, self._writer_conn = self._writer_conn, None
         async with self._listener_lock:
             listener, self._listener = self._listener, None
         self._notified.set()
@@ -953,9 +973,13 @@ class PostgresStore(PurgeStore):
             finally:
                 if pool is not None:
                     try:
-                        await asyncio.wait_for(pool.close(), 10)
-                    except TimeoutError:
-                        pool.terminate()
+                        if writer_conn is not None and _usable(writer_conn):
+                            await pool.release(writer_conn)  # close() waits for it
+                    finally:
+                        try:
+                            await asyncio.wait_for(pool.close(), 10)
+                        except TimeoutError:
+                            pool.terminate()
 
     @contextlib.contextmanager
     def _translated(self, session_id: str | None = None, doing: str = "") -> Iterator[None]:
@@ -985,6 +1009,26 @@ class PostgresStore(PurgeStore):
                     conn.terminate()
                 await pool.expire_connections()
                 raise
+
+    async def _write_call(self, method: str, sql: str, *args: Any) -> Any:
+        """``_call`` for the group writer, on the connection it keeps between groups."""
+        if self.pool_size == 1:  # keeping the only connection would starve the reads
+            return await self._call(method, sql, *args)
+        conn = self._writer_conn
+        if conn is None or not _usable(conn):
+            conn = self._writer_conn = await self._pool.acquire()
+        try:
+            return await getattr(conn, method)(sql, *args)
+        except asyncpg.PostgresError:
+            raise  # the statement failed, its transaction rolled back: the connection is fine
+        except BaseException as exc:
+            # Lost, or interrupted mid-statement (cancelled): never used again.
+            self._writer_conn = None
+            with contextlib.suppress(asyncpg.InterfaceError):
+                conn.terminate()
+            if isinstance(exc, _CONNECTION_LOST):
+                await self._pool.expire_connections()
+            raise
 
     async def _fetch(self, sql: str, *args: Any) -> list[_Row]:
         """A read. Reads are safe to repeat: one retry on a new connection when the
@@ -1046,7 +1090,7 @@ class PostgresStore(PurgeStore):
             for column, values in zip(events, args[_REQUEST_FIELDS:], strict=True):
                 column.extend(values)
         try:
-            rows = await self._call("fetch", _APPEND_GROUP_SQL, *columns, counts, *events)
+            rows = await self._write_call("fetch", _APPEND_GROUP_SQL, *columns, counts, *events)
         except Exception as exc:
             if isinstance(exc, _ONE_REQUESTS_FAULT):
                 self._group.stats.split += 1
@@ -1082,7 +1126,7 @@ class PostgresStore(PurgeStore):
         """One request in a transaction of its own; its error returned, not raised."""
         try:
             with self._translated(request.session_id, "append"):
-                row = await self._call("fetchrow", _APPEND_SQL, *args)
+                row = await self._write_call("fetchrow", _APPEND_SQL, *args)
             return self._answer(request, row)
         except LedgerError as exc:
             return exc

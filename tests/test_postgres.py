@@ -449,6 +449,37 @@ async def test_connection_terminated_mid_append_writes_nothing_and_retry_is_safe
         assert events == [root, *batch]
 
 
+async def test_appends_go_on_after_the_writers_idle_connection_is_terminated(
+    url: str, postgres_url: str
+) -> None:
+    # The group writer keeps a connection between appends: one the server closed
+    # meanwhile is replaced before the next append, which must not fail for it.
+    async with PostgresStore.from_url(url) as store:
+        root = create()
+        await store.append(append_request([root], None))
+        head = root
+        for n in range(3):
+            assert await terminate_others(postgres_url) >= 1
+            await asyncio.sleep(0.2)  # the client sees the socket closed
+            event = turn(head, f"after termination {n}")
+            await store.append(append_request([event], head.id))
+            head = event
+        assert [e.seq async for e in store.events(root.session)] == [0, 1, 2, 3]
+
+
+async def test_a_pool_of_one_connection_serves_reads_between_appends(url: str) -> None:
+    # The writer keeps no connection of its own then: reads would wait for ever.
+    async with PostgresStore.from_url(url, pool_size=1) as store:
+        root = create()
+        await store.append(append_request([root], None))
+        head = root
+        for n in range(3):
+            event = turn(head, f"turn {n}")
+            await asyncio.wait_for(store.append(append_request([event], head.id)), TIMEOUT)
+            assert await asyncio.wait_for(store.get(event.id), TIMEOUT) == event
+            head = event
+
+
 async def test_appends_under_random_terminations_land_whole_or_not_at_all(
     url: str, postgres_url: str
 ) -> None:
