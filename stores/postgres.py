@@ -559,6 +559,11 @@ be stored as they are. Below this size an event is mostly ids and digests
 (random hex, which hardly compresses), and inflating costs a feed reader about as
 much as the rest of decoding the event: such events are stored as they are."""
 
+_PACK_LEVEL: Final = 1
+"""zlib's fastest level: a 2 KB turn deflates in about 21 µs instead of 28 µs (level 6),
+to 44% of its size instead of 43%. Compressing is most of an append's own work in a
+large batch; inflating costs the same at any level."""
+
 
 def _pack(event: Event) -> bytes:
     """What ``data`` holds: the event's JSON encoding, or a zlib stream of it.
@@ -569,7 +574,7 @@ def _pack(event: Event) -> bytes:
     """
     encoded = encode_event(event)
     if len(encoded) >= _PACK_AT:
-        packed = zlib.compress(encoded)
+        packed = zlib.compress(encoded, _PACK_LEVEL)
         if len(packed) < len(encoded):
             return packed
     return encoded
