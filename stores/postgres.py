@@ -300,6 +300,8 @@ BEGIN
             END IF;
         END IF;
         IF p_expected IS NOT NULL THEN
+            -- The compare-and-swap is the head's update itself (the row is ours
+            -- under the session's lock); on a miss, the current head for the error.
             UPDATE ledger_heads AS h SET head = v_last_id
             WHERE h.session_id = p_session AND h.branch = p_branch AND h.head = p_expected;
             IF NOT FOUND THEN
@@ -1024,15 +1026,17 @@ class PostgresStore(PurgeStore):
             conn = self._writer_conn = await self._pool.acquire()
         try:
             return await getattr(conn, method)(sql, *args)
-        except asyncpg.PostgresError:
-            raise  # the statement failed, its transaction rolled back: the connection is fine
         except BaseException as exc:
-            # Lost, or interrupted mid-statement (cancelled): never used again.
-            self._writer_conn = None
-            with contextlib.suppress(asyncpg.InterfaceError):
-                conn.terminate()
-            if isinstance(exc, _CONNECTION_LOST):
-                await self._pool.expire_connections()
+            lost = isinstance(exc, _CONNECTION_LOST)
+            # A statement the server refused leaves the connection fine (its
+            # transaction rolled back); one lost, or interrupted mid-statement
+            # (cancelled), is never used again.
+            if lost or not isinstance(exc, asyncpg.PostgresError):
+                self._writer_conn = None
+                with contextlib.suppress(asyncpg.InterfaceError):
+                    conn.terminate()
+                if lost:  # the others likely are too: see _call
+                    await self._pool.expire_connections()
             raise
 
     async def _fetch(self, sql: str, *args: Any) -> list[_Row]:
