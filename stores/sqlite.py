@@ -430,7 +430,9 @@ def _group_tx(
 ) -> list[_Row | LedgerError | None]:
     """A group of appends as one write transaction and one commit (one WAL sync).
 
-    Each append runs whole in its own savepoint (``_append_tx``); one that is
+    A group of plain appends only (the common case: turns added to existing
+    branches) is checked and written as a whole (``_plain_group_tx``). Otherwise
+    each append runs whole in its own savepoint (``_append_tx``); one that is
     refused (conflict, unknown session, a limit, a constraint) is rolled back
     alone and its error returned in its place. Any other failure, and a failed
     commit, raises: SQLite then rolls the whole transaction back, and nothing
@@ -439,6 +441,10 @@ def _group_tx(
     outcomes: list[_Row | LedgerError | None] = []
     conn.execute("BEGIN IMMEDIATE")
     try:
+        plain = _plain_group_tx(conn, group) if all(map(_is_plain, group)) else None
+        if plain is not None:
+            conn.execute("COMMIT")
+            return plain
         for request, rows in group:
             try:
                 outcomes.append(_append_tx(conn, request, rows))
@@ -453,6 +459,90 @@ def _group_tx(
     except BaseException:
         _rollback(conn)
         raise
+    return outcomes
+
+
+def _is_plain(item: tuple[AppendRequest, list[_Row]]) -> bool:
+    """An append to an existing branch with nothing to look up first: no idempotency
+    key to replay, no session to create, no branch to count, nothing to erase."""
+    request = item[0]
+    return (
+        request.expected_head is not None
+        and not request.erase
+        and request.events[0].idempotency_key is None
+        and not isinstance(request.events[0].body, SessionCreated)
+    )
+
+
+def _plain_group_tx(
+    conn: sqlite3.Connection, group: list[tuple[AppendRequest, list[_Row]]]
+) -> list[_Row | LedgerError | None] | None:
+    """A group of plain appends (``_is_plain``) with a handful of statements in all.
+
+    The same checks as ``_append_tx``, in the same order, but made for the whole
+    group at once: one read of the sessions and heads concerned, each request
+    checked in queue order against the heads the requests before it leave, then
+    one ``executemany`` per table for the accepted ones. None (and nothing
+    written) when a write breaks a constraint, which only the per-append path
+    can pin on one request.
+    """
+    requests = [request for request, _ in group]
+    session_ids = list({request.session_id for request in requests})
+    marks = ", ".join("?" * len(session_ids))
+    known = {
+        row[0]
+        for row in conn.execute(
+            f"SELECT session_id FROM sessions WHERE session_id IN ({marks})", session_ids
+        )
+    }
+    heads: dict[tuple[str, str], str] = {
+        (row[0], row[1]): row[2]
+        for row in conn.execute(
+            f"SELECT session_id, branch, head FROM heads WHERE session_id IN ({marks})",
+            session_ids,
+        )
+    }
+    outcomes: list[_Row | LedgerError | None] = []
+    accepted: list[tuple[AppendRequest, list[_Row]]] = []
+    for request, rows in group:
+        session_id, branch = request.session_id, request.branch
+        try:
+            if session_id not in known:
+                raise SessionNotFoundError(session_id)
+            check_head(request, heads.get((session_id, branch)))
+        except LedgerError as refused:
+            outcomes.append(refused)
+            continue
+        heads[(session_id, branch)] = request.events[-1].id
+        accepted.append((request, rows))
+        outcomes.append(None)
+    if not accepted:
+        return outcomes
+    conn.execute("SAVEPOINT plain")
+    try:
+        conn.executemany(
+            "UPDATE sessions SET status = coalesce(?, status), "
+            "last_activity_at = max(last_activity_at, ?), "
+            "event_count = event_count + ? WHERE session_id = ?",
+            [(r.status, r.events[-1].at, len(rows), r.session_id) for r, rows in accepted],
+        )
+        conn.executemany(
+            "INSERT INTO events (id, session_id, parent, seq, branch, kind, at, "
+            "idempotency_key, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [row for _, rows in accepted for row in rows],
+        )
+        conn.executemany(
+            "INSERT INTO heads (session_id, branch, head) VALUES (?, ?, ?) "
+            "ON CONFLICT (session_id, branch) DO UPDATE SET head = excluded.head",
+            [(r.session_id, r.branch, r.events[-1].id) for r, _ in accepted],
+        )
+    except sqlite3.IntegrityError:
+        _rollback_to(conn, "plain")
+        return None
+    except BaseException:
+        _rollback_to(conn, "plain")
+        raise
+    conn.execute("RELEASE plain")
     return outcomes
 
 
