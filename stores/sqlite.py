@@ -1054,63 +1054,85 @@ class SQLiteStore(PurgeStore):
         self._check_open()
         if limit is not None and limit <= 0:
             return []
+        with gc_paused():  # a long path is a bulk read: see ledger.events.gc_paused
+            rows = await self._path_rows(event_id, limit, "data")
+            events = _decode_rows(rows, self.filename)
+            return check_ancestry(events, limit, f"in {self.filename!r}")
+
+    async def path_index(self, event_id: str, limit: int) -> list[tuple[str, int, str | None]]:
+        """``(id, seq, parent)`` of up to ``limit`` events of the path from ``event_id``
+        back, newest first, read from the columns alone: nothing is decoded or checked.
+
+        For the fold engine's walk back to a snapshot (``projections.engine.PathIndex``),
+        which reads the events it folds through ``ancestors``, with every check.
+        """
+        self._check_open()
+        if limit <= 0:
+            return []
+        with gc_paused():
+            rows = await self._path_rows(event_id, limit, "seq")
+        return [(row[1], row[3], row[4]) for row in rows]
+
+    async def _path_rows(self, event_id: str, limit: int | None, column: str) -> list[_Row]:
+        """Rows ``(position, id, session_id, column, parent)`` of the parent path from
+        ``event_id`` back, newest first: ``limit`` of them, or fewer at the root or
+        where a parent is missing (the caller names that). EventNotFoundError when
+        ``event_id`` is unknown."""
         # A path is mostly a run of the session's events in append order (a
         # branch's events follow one another), so it is read as windows of the
         # session's events newest first, an index range scan, and the parent
         # links followed in memory: far cheaper than one index seek per step.
         # Positions fall strictly along the walk, so even a tampered parent
         # column cannot make it loop.
-        with gc_paused():  # a long path is a bulk read: see ledger.events.gc_paused
-            chosen: list[_Row] = []
-            cursor: str | None = event_id
-            below = _NO_LIMIT
-            sparse = False
-            while cursor is not None and (limit is None or len(chosen) < limit):
-                want = _PATH_WINDOW if limit is None else min(limit - len(chosen), _PATH_WINDOW)
-                if sparse:
-                    # The last window was mostly other branches' events: one
-                    # window's worth of the path by index seeks, then windows again.
-                    rows = await self._chain(cursor, below, want)
-                    chosen.extend(rows)
-                    if len(rows) < want:
-                        break  # the root, or a parent missing: named below
-                    cursor, below, sparse = rows[-1][4], rows[-1][0], False
-                    continue
-                rows = await self._fetch(
-                    f"SELECT {_EVENT_COLUMNS}, e.parent FROM events AS e, "
-                    "(SELECT position AS p, session_id AS s FROM events WHERE id = ?) AS c "
-                    "WHERE e.session_id = c.s AND e.position <= c.p AND e.position < ? "
-                    "ORDER BY e.position DESC LIMIT ?",
-                    (cursor, below, want),
-                )
-                if not rows or rows[0][1] != cursor:
-                    break  # unknown, or a parent missing or out of order: named below
-                taken = len(chosen)
-                for row in rows:
-                    if row[1] == cursor:
-                        chosen.append(row)
-                        cursor = row[4]
-                        if cursor is None or len(chosen) == limit:
-                            break
-                below = chosen[-1][0]
-                sparse = len(chosen) - taken < len(rows) // 4
-            if not chosen:
-                raise EventNotFoundError(event_id)
-            events = _decode_rows(chosen, self.filename)
-            return check_ancestry(events, limit, f"in {self.filename!r}")
+        chosen: list[_Row] = []
+        cursor: str | None = event_id
+        below = _NO_LIMIT
+        sparse = False
+        while cursor is not None and (limit is None or len(chosen) < limit):
+            want = _PATH_WINDOW if limit is None else min(limit - len(chosen), _PATH_WINDOW)
+            if sparse:
+                # The last window was mostly other branches' events: one
+                # window's worth of the path by index seeks, then windows again.
+                rows = await self._chain(cursor, below, want, column)
+                chosen.extend(rows)
+                if len(rows) < want:
+                    break  # the root, or a parent missing
+                cursor, below, sparse = rows[-1][4], rows[-1][0], False
+                continue
+            rows = await self._fetch(
+                f"SELECT e.position, e.id, e.session_id, e.{column}, e.parent FROM events AS e, "
+                "(SELECT position AS p, session_id AS s FROM events WHERE id = ?) AS c "
+                "WHERE e.session_id = c.s AND e.position <= c.p AND e.position < ? "
+                "ORDER BY e.position DESC LIMIT ?",
+                (cursor, below, want),
+            )
+            if not rows or rows[0][1] != cursor:
+                break  # unknown, or a parent missing or out of order
+            taken = len(chosen)
+            for row in rows:
+                if row[1] == cursor:
+                    chosen.append(row)
+                    cursor = row[4]
+                    if cursor is None or len(chosen) == limit:
+                        break
+            below = chosen[-1][0]
+            sparse = len(chosen) - taken < len(rows) // 4
+        if not chosen:
+            raise EventNotFoundError(event_id)
+        return chosen
 
-    async def _chain(self, event_id: str, below: int, limit: int) -> list[_Row]:
-        """Up to ``limit`` events of the parent path from ``event_id``, by index seeks."""
+    async def _chain(self, event_id: str, below: int, limit: int, column: str) -> list[_Row]:
+        """Up to ``limit`` rows of the parent path from ``event_id``, by index seeks."""
         return await self._fetch(
-            "WITH RECURSIVE chain(position, id, session_id, data, parent, depth) AS ("
-            " SELECT position, id, session_id, data, parent, 1 FROM events"
+            f"WITH RECURSIVE chain(position, id, session_id, {column}, parent, depth) AS ("
+            f" SELECT position, id, session_id, {column}, parent, 1 FROM events"
             " WHERE id = ? AND position < ?"
             " UNION ALL"
-            " SELECT e.position, e.id, e.session_id, e.data, e.parent, c.depth + 1"
+            f" SELECT e.position, e.id, e.session_id, e.{column}, e.parent, c.depth + 1"
             " FROM chain AS c JOIN events AS e"
             " ON e.id = c.parent AND e.position < c.position"
             " WHERE c.depth < ?"
-            ") SELECT position, id, session_id, data, parent FROM chain ORDER BY depth",
+            f") SELECT position, id, session_id, {column}, parent FROM chain ORDER BY depth",
             (event_id, below, limit),
         )
 
