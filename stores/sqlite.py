@@ -689,6 +689,20 @@ def _decode_rows(rows: Sequence[_Row], path: str) -> list[Event]:
     return events
 
 
+def _events_page(
+    conn: sqlite3.Connection, path: str, session_id: str, after: int, upper: int, size: int
+) -> tuple[int, list[Event]]:
+    """A session's events at positions in ``(after, upper]``, at most ``size``, decoded
+    and checked (``_decode_rows``), and the last one's position."""
+    rows = conn.execute(
+        f"SELECT {_EVENT_COLUMNS} FROM events "
+        "WHERE session_id = ? AND position > ? AND position <= ? ORDER BY position LIMIT ?",
+        (session_id, after, upper, size),
+    ).fetchall()
+    with gc_paused():
+        return (rows[-1][0] if rows else upper), _decode_rows(rows, path)
+
+
 def _session_row(row: _Row) -> SessionRow:
     return SessionRow(
         session_id=row[0],
@@ -1146,31 +1160,28 @@ class SQLiteStore(PurgeStore):
         if upper == 0:
             return
 
-        def page(after: int) -> asyncio.Task[list[_Row]]:
+        reader = self._read_connection()
+
+        def page(after: int) -> asyncio.Task[tuple[int, list[Event]]]:
             return asyncio.ensure_future(
-                self._fetch(
-                    f"SELECT {_EVENT_COLUMNS} FROM events "
-                    "WHERE session_id = ? AND position > ? AND position <= ? "
-                    "ORDER BY position LIMIT ?",
-                    (session_id, after, upper, page_size),
-                )
+                _in_thread(reader, _events_page, self.filename, session_id, after, upper, page_size)
             )
 
-        # The next page is read in the store's thread while this one is decoded.
-        pending: asyncio.Task[list[_Row]] | None = page(0)
+        # Each page is read and decoded in the store's thread, the next one while
+        # this one is handed out: the event loop only yields events.
+        pending: asyncio.Task[tuple[int, list[Event]]] | None = page(0)
         try:
             while pending is not None:
-                rows = await pending
-                more = len(rows) == page_size and rows[-1][0] < upper
-                pending = page(rows[-1][0]) if more else None
-                with gc_paused():
-                    events = _decode_rows(rows, self.filename)
+                with _translate(self.filename, session_id):
+                    last, events = await pending
+                more = len(events) == page_size and last < upper
+                pending = page(last) if more else None
                 for event in events:
                     yield event
         finally:
             if pending is not None:
                 pending.cancel()
-                with contextlib.suppress(asyncio.CancelledError, LedgerError):
+                with contextlib.suppress(asyncio.CancelledError, LedgerError, sqlite3.Error):
                     await pending
 
     async def heads(self, session_id: str) -> dict[str, str]:
