@@ -61,7 +61,14 @@ from ledger.errors import (
     StoreClosedError,
     StoreError,
 )
-from ledger.events import Event, SessionCreated, decode_stored, encode_stored, gc_paused
+from ledger.events import (
+    Event,
+    SessionCreated,
+    decode_stored,
+    decode_stored_all,
+    encode_stored,
+    gc_paused,
+)
 from stores.base import (
     OPEN_STATUSES,
     AppendRequest,
@@ -677,7 +684,7 @@ def _decode_rows(rows: Sequence[_Row], path: str) -> list[Event]:
     On any failure the rows go through ``_decode`` one by one, which names the bad one.
     """
     try:
-        events = list(map(decode_stored, map(_get_data, rows)))
+        events = decode_stored_all(list(map(_get_data, rows)))
     except (msgspec.MsgspecError, TypeError):
         events = []
     if (
