@@ -187,6 +187,8 @@ _SESSION_COLUMNS: Final = (
 )
 _OPEN_STATUSES_SQL: Final = ", ".join(f"'{status}'" for status in OPEN_STATUSES)
 _SYNCHRONOUS: Final = {"full": "FULL", "normal": "NORMAL"}
+_CHECKPOINT_PAGES: Final = 10_000
+"""WAL pages between automatic checkpoints (SQLite's default: 1,000)."""
 _NO_LIMIT: Final = 2**63 - 1
 _PATH_WINDOW: Final = 4096
 """Rows read at once by ``ancestors``: a path of a million events takes 245 reads."""
@@ -277,6 +279,14 @@ def _setup_writer(conn: sqlite3.Connection, path: str, synchronous: str) -> None
     if str(mode).lower() != "wal":
         raise StoreError(f"Cannot put {path!r} in WAL mode (journal mode is {mode!r})")
     conn.execute(f"PRAGMA synchronous={synchronous}")
+    # Checkpoint every ~40 MiB of WAL, not SQLite's default ~4 MiB: a checkpoint
+    # copies each page it holds once, however often it changed, and syncs the
+    # file; appends touch the same index pages again and again (ids, sessions,
+    # heads), so rarer checkpoints write and sync far less. Durability is the
+    # WAL's, synced at each commit either way. The WAL is cut back to that size.
+    conn.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_PAGES}")
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.execute(f"PRAGMA journal_size_limit={_CHECKPOINT_PAGES * page_size}")
     # Freed bytes are zeroed, so a redaction or a purge leaves no copy of what it
     # erased in the file's free space (appends free almost nothing: cheap).
     conn.execute("PRAGMA secure_delete=ON")
