@@ -21,7 +21,7 @@ import os
 import re
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
 import blake3
@@ -52,6 +52,7 @@ __all__ = [
     "compute_id",
     "decode_event",
     "decode_stored",
+    "decode_stored_all",
     "encode_event",
     "encode_stored",
     "erase",
@@ -265,7 +266,9 @@ def encode_stored(event: Event) -> bytes:
     data = _event_encoder.encode(event)
     if len(data) < COMPRESS_FROM:
         return data
-    packer = zlib.compressobj(6, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, _ZDICT)
+    # memLevel 8, not 9: a third of the cost (smaller tables to set up) and, for
+    # event JSON, in practice the very same stream; any stream decodes the same.
+    packer = zlib.compressobj(6, zlib.DEFLATED, -15, 8, zlib.Z_DEFAULT_STRATEGY, _ZDICT)
     packed = _DEFLATED + packer.compress(data) + packer.flush()
     return packed if len(packed) < len(data) else data
 
@@ -460,3 +463,16 @@ def erased_digest(body: Erased) -> str:
 def new_session_id() -> str:
     """A random, unguessable session id (uuid4: 122 random bits)."""
     return str(uuid.uuid4())
+
+
+def decode_stored_all(datas: Sequence[bytes]) -> list[Event]:
+    """``decode_stored`` of many (a replay's hot loop): when none is deflated, one
+    pass of the decoder with no Python call per event; else each in turn.
+
+    Raises what ``decode_stored`` raises for the first bad one.
+    """
+    try:
+        # A deflated event starts with 0x01, which no JSON text does: it fails here.
+        return list(map(_event_decoder.decode, datas))
+    except (msgspec.MsgspecError, UnicodeDecodeError):
+        return list(map(decode_stored, datas))

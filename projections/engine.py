@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar, runtime_checkable
 
 import blake3
 import msgspec
@@ -34,7 +34,7 @@ from ledger.errors import EventNotFoundError, IntegrityError
 from ledger.events import Event, canonical, gc_paused
 from projections.base import Projection
 
-__all__ = ["FoldEngine", "SnapshotSource", "open_snapshot", "seal_snapshot"]
+__all__ = ["FoldEngine", "PathIndex", "SnapshotSource", "open_snapshot", "seal_snapshot"]
 
 S = TypeVar("S")
 
@@ -47,8 +47,24 @@ _DIGEST_SIZE: Final = 32
 _HELD_EVENTS: Final = 16384
 """The most events of a path a fold keeps decoded while it walks back to its base."""
 
+_INDEX_STEP: Final = 16384
+"""Ids read at once by a walk back through a store's ``PathIndex``."""
+
 _Chunk = tuple[str, int, list[Event] | None]
 """A run of a path's events: the newest one's id, how many, and the events unless dropped."""
+
+
+@runtime_checkable
+class PathIndex(Protocol):
+    """What a store may add to make a long walk back cheap: a path read by its ids.
+
+    ``path_index`` gives ``(id, seq, parent)`` of up to ``limit`` events of the
+    path from ``event_id`` back, newest first, fewer at the root or where a
+    parent is missing, without decoding or checking them: the engine folds only
+    events it then reads through ``ancestors``, which checks them all.
+    """
+
+    async def path_index(self, event_id: str, limit: int) -> list[tuple[str, int, str | None]]: ...
 
 
 class SnapshotSource(Protocol):
@@ -192,44 +208,63 @@ class FoldEngine:
 
     async def _walk_back(
         self, projection: Projection[S], session_id: str, event_id: str
-    ) -> tuple[S | None, list[_Chunk]]:
+    ) -> tuple[S | None, str | None, list[_Chunk]]:
         """The nearest cached or stored state on the path to ``event_id`` (None: the
-        root's), and the path's events after it as chunks, newest first."""
+        root's), the id of its event, and the path's events after it as chunks,
+        newest first."""
         every = self.snapshot_every
-        cache, pkey = self._cache, projection.key
+        index = self.source if isinstance(self.source, PathIndex) else None
         chunks: list[_Chunk] = []
         kept = 0
         cursor: str | None = event_id
         while cursor is not None:
-            # One interval back usually reaches a snapshot; past that, the
-            # path has none yet (a first fold): bigger reads, fewer trips.
-            limit = every if not chunks else every * 16
-            try:
-                chunk = await self.source.ancestors(cursor, limit=limit)
-            except EventNotFoundError:
-                raise EventNotFoundError(event_id, session_id) from None
-            if chunk[0].session != session_id:
-                raise EventNotFoundError(event_id, session_id)
-            base: S | None = None
-            taken = len(chunk)
-            for index, event in enumerate(chunk):  # hot on a long first fold: lookups inlined
-                base = cache.get((pkey, session_id, event.id))
-                if base is None and event.seq % every == 0 and event.seq > 0:
-                    base = await self._snapshot(projection, session_id, event.id)
-                if base is not None:
-                    taken = index
-                    break
+            # One interval back usually reaches a snapshot. Past that the path has
+            # none yet (a first fold): a store with a path index is walked by ids
+            # alone and the fold reads the events once; any other store in bigger
+            # reads, fewer trips.
+            events: list[Event] | None = None
+            if chunks and index is not None:
+                steps = await index.path_index(cursor, _INDEX_STEP)
+                oldest, parent = steps[-1][0], steps[-1][2]
+                if len(steps) < _INDEX_STEP and parent is not None:
+                    missing = f"Parent of event {oldest!r} is missing: {parent!r}"
+                    raise IntegrityError(missing, oldest)
+            else:
+                limit = every if not chunks else every * 16
+                try:
+                    events = await self.source.ancestors(cursor, limit=limit)
+                except EventNotFoundError:
+                    raise EventNotFoundError(event_id, session_id) from None
+                if events[0].session != session_id:
+                    raise EventNotFoundError(event_id, session_id)
+                steps = [(event.id, event.seq, event.parent) for event in events]
+            found = await self._find_base(projection, session_id, steps)
+            base, taken = (None, len(steps)) if found is None else found
             if taken:
                 # Past the budget a chunk is dropped and read again when the fold
                 # reaches it: a first fold of a long path holds a bounded number of
                 # events, not the whole path (a decoded event costs about 1 KiB).
-                hold = kept + taken <= self.held_events
-                chunks.append((cursor, taken, chunk[:taken] if hold else None))
+                hold = events is not None and kept + taken <= self.held_events
+                chunks.append((cursor, taken, events[:taken] if events and hold else None))
                 kept += taken if hold else 0
             if base is not None:
-                return base, chunks
-            cursor = chunk[-1].parent
-        return None, chunks
+                return base, steps[taken][0], chunks
+            cursor = steps[-1][2]
+        return None, None, chunks
+
+    async def _find_base(
+        self, projection: Projection[S], session_id: str, steps: list[tuple[str, int, str | None]]
+    ) -> tuple[S, int] | None:
+        """The first cached or stored state at one of ``steps`` (a path's ``(id, seq,
+        parent)``, newest first) and its index there, if any."""
+        every, cache, pkey = self.snapshot_every, self._cache, projection.key
+        for at, (event_id, seq, _) in enumerate(steps):  # hot on a long first fold
+            base: S | None = cache.get((pkey, session_id, event_id))
+            if base is None and seq % every == 0 and seq > 0:
+                base = await self._snapshot(projection, session_id, event_id)
+            if base is not None:
+                return base, at
+        return None
 
     async def _reread(self, start: str, count: int) -> list[Event]:
         """The ``count`` events of the path from ``start`` back, read again for the fold."""
@@ -249,12 +284,23 @@ class FoldEngine:
         # A long first fold reads many events: no collections while it does.
         with gc_paused():
             walk = self._walk_back(projection, session_id, event_id)
-            base, chunks = await walk
+            base, parent, chunks = await walk
             state: S = projection.initial() if base is None else base
             snapshots: list[tuple[str, bytes]] = []
             every, apply = self.snapshot_every, projection.apply
             for start, count, kept in reversed(chunks):
                 events = kept if kept is not None else await self._reread(start, count)
+                # Each chunk must hang from the state folded so far: a path index's
+                # walk followed the stored parent columns, not the events' own links.
+                oldest = events[-1]
+                if oldest.parent != parent or oldest.session != session_id:
+                    raise IntegrityError(
+                        f"Stored path is broken at event {oldest.id!r}: its parent and "
+                        f"session are {oldest.parent!r}, {oldest.session!r}; the path's "
+                        f"{parent!r}, {session_id!r}",
+                        oldest.id,
+                    )
+                parent = start
                 for event in reversed(events):
                     state = apply(state, event)
                     if event.seq % every == 0 and event.seq > 0:  # self.due(event)

@@ -61,7 +61,14 @@ from ledger.errors import (
     StoreClosedError,
     StoreError,
 )
-from ledger.events import Event, SessionCreated, decode_stored, encode_stored, gc_paused
+from ledger.events import (
+    Event,
+    SessionCreated,
+    decode_stored,
+    decode_stored_all,
+    encode_stored,
+    gc_paused,
+)
 from stores.base import (
     OPEN_STATUSES,
     AppendRequest,
@@ -180,6 +187,8 @@ _SESSION_COLUMNS: Final = (
 )
 _OPEN_STATUSES_SQL: Final = ", ".join(f"'{status}'" for status in OPEN_STATUSES)
 _SYNCHRONOUS: Final = {"full": "FULL", "normal": "NORMAL"}
+_CHECKPOINT_PAGES: Final = 10_000
+"""WAL pages between automatic checkpoints (SQLite's default: 1,000)."""
 _NO_LIMIT: Final = 2**63 - 1
 _PATH_WINDOW: Final = 4096
 """Rows read at once by ``ancestors``: a path of a million events takes 245 reads."""
@@ -270,6 +279,14 @@ def _setup_writer(conn: sqlite3.Connection, path: str, synchronous: str) -> None
     if str(mode).lower() != "wal":
         raise StoreError(f"Cannot put {path!r} in WAL mode (journal mode is {mode!r})")
     conn.execute(f"PRAGMA synchronous={synchronous}")
+    # Checkpoint every ~40 MiB of WAL, not SQLite's default ~4 MiB: a checkpoint
+    # copies each page it holds once, however often it changed, and syncs the
+    # file; appends touch the same index pages again and again (ids, sessions,
+    # heads), so rarer checkpoints write and sync far less. Durability is the
+    # WAL's, synced at each commit either way. The WAL is cut back to that size.
+    conn.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_PAGES}")
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.execute(f"PRAGMA journal_size_limit={_CHECKPOINT_PAGES * page_size}")
     # Freed bytes are zeroed, so a redaction or a purge leaves no copy of what it
     # erased in the file's free space (appends free almost nothing: cheap).
     conn.execute("PRAGMA secure_delete=ON")
@@ -430,7 +447,9 @@ def _group_tx(
 ) -> list[_Row | LedgerError | None]:
     """A group of appends as one write transaction and one commit (one WAL sync).
 
-    Each append runs whole in its own savepoint (``_append_tx``); one that is
+    A group of plain appends only (the common case: turns added to existing
+    branches) is checked and written as a whole (``_plain_group_tx``). Otherwise
+    each append runs whole in its own savepoint (``_append_tx``); one that is
     refused (conflict, unknown session, a limit, a constraint) is rolled back
     alone and its error returned in its place. Any other failure, and a failed
     commit, raises: SQLite then rolls the whole transaction back, and nothing
@@ -439,6 +458,10 @@ def _group_tx(
     outcomes: list[_Row | LedgerError | None] = []
     conn.execute("BEGIN IMMEDIATE")
     try:
+        plain = _plain_group_tx(conn, group) if all(map(_is_plain, group)) else None
+        if plain is not None:
+            conn.execute("COMMIT")
+            return plain
         for request, rows in group:
             try:
                 outcomes.append(_append_tx(conn, request, rows))
@@ -453,6 +476,90 @@ def _group_tx(
     except BaseException:
         _rollback(conn)
         raise
+    return outcomes
+
+
+def _is_plain(item: tuple[AppendRequest, list[_Row]]) -> bool:
+    """An append to an existing branch with nothing to look up first: no idempotency
+    key to replay, no session to create, no branch to count, nothing to erase."""
+    request = item[0]
+    return (
+        request.expected_head is not None
+        and not request.erase
+        and request.events[0].idempotency_key is None
+        and not isinstance(request.events[0].body, SessionCreated)
+    )
+
+
+def _plain_group_tx(
+    conn: sqlite3.Connection, group: list[tuple[AppendRequest, list[_Row]]]
+) -> list[_Row | LedgerError | None] | None:
+    """A group of plain appends (``_is_plain``) with a handful of statements in all.
+
+    The same checks as ``_append_tx``, in the same order, but made for the whole
+    group at once: one read of the sessions and heads concerned, each request
+    checked in queue order against the heads the requests before it leave, then
+    one ``executemany`` per table for the accepted ones. None (and nothing
+    written) when a write breaks a constraint, which only the per-append path
+    can pin on one request.
+    """
+    requests = [request for request, _ in group]
+    session_ids = list({request.session_id for request in requests})
+    marks = ", ".join("?" * len(session_ids))
+    known = {
+        row[0]
+        for row in conn.execute(
+            f"SELECT session_id FROM sessions WHERE session_id IN ({marks})", session_ids
+        )
+    }
+    heads: dict[tuple[str, str], str] = {
+        (row[0], row[1]): row[2]
+        for row in conn.execute(
+            f"SELECT session_id, branch, head FROM heads WHERE session_id IN ({marks})",
+            session_ids,
+        )
+    }
+    outcomes: list[_Row | LedgerError | None] = []
+    accepted: list[tuple[AppendRequest, list[_Row]]] = []
+    for request, rows in group:
+        session_id, branch = request.session_id, request.branch
+        try:
+            if session_id not in known:
+                raise SessionNotFoundError(session_id)
+            check_head(request, heads.get((session_id, branch)))
+        except LedgerError as refused:
+            outcomes.append(refused)
+            continue
+        heads[(session_id, branch)] = request.events[-1].id
+        accepted.append((request, rows))
+        outcomes.append(None)
+    if not accepted:
+        return outcomes
+    conn.execute("SAVEPOINT plain")
+    try:
+        conn.executemany(
+            "UPDATE sessions SET status = coalesce(?, status), "
+            "last_activity_at = max(last_activity_at, ?), "
+            "event_count = event_count + ? WHERE session_id = ?",
+            [(r.status, r.events[-1].at, len(rows), r.session_id) for r, rows in accepted],
+        )
+        conn.executemany(
+            "INSERT INTO events (id, session_id, parent, seq, branch, kind, at, "
+            "idempotency_key, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [row for _, rows in accepted for row in rows],
+        )
+        conn.executemany(
+            "INSERT INTO heads (session_id, branch, head) VALUES (?, ?, ?) "
+            "ON CONFLICT (session_id, branch) DO UPDATE SET head = excluded.head",
+            [(r.session_id, r.branch, r.events[-1].id) for r, _ in accepted],
+        )
+    except sqlite3.IntegrityError:
+        _rollback_to(conn, "plain")
+        return None
+    except BaseException:
+        _rollback_to(conn, "plain")
+        raise
+    conn.execute("RELEASE plain")
     return outcomes
 
 
@@ -587,7 +694,7 @@ def _decode_rows(rows: Sequence[_Row], path: str) -> list[Event]:
     On any failure the rows go through ``_decode`` one by one, which names the bad one.
     """
     try:
-        events = list(map(decode_stored, map(_get_data, rows)))
+        events = decode_stored_all(list(map(_get_data, rows)))
     except (msgspec.MsgspecError, TypeError):
         events = []
     if (
@@ -597,6 +704,20 @@ def _decode_rows(rows: Sequence[_Row], path: str) -> list[Event]:
     ):
         return [_decode(row, path) for row in rows]
     return events
+
+
+def _events_page(
+    conn: sqlite3.Connection, path: str, session_id: str, after: int, upper: int, size: int
+) -> tuple[int, list[Event]]:
+    """A session's events at positions in ``(after, upper]``, at most ``size``, decoded
+    and checked (``_decode_rows``), and the last one's position."""
+    rows = conn.execute(
+        f"SELECT {_EVENT_COLUMNS} FROM events "
+        "WHERE session_id = ? AND position > ? AND position <= ? ORDER BY position LIMIT ?",
+        (session_id, after, upper, size),
+    ).fetchall()
+    with gc_paused():
+        return (rows[-1][0] if rows else upper), _decode_rows(rows, path)
 
 
 def _session_row(row: _Row) -> SessionRow:
@@ -964,63 +1085,85 @@ class SQLiteStore(PurgeStore):
         self._check_open()
         if limit is not None and limit <= 0:
             return []
+        with gc_paused():  # a long path is a bulk read: see ledger.events.gc_paused
+            rows = await self._path_rows(event_id, limit, "data")
+            events = _decode_rows(rows, self.filename)
+            return check_ancestry(events, limit, f"in {self.filename!r}")
+
+    async def path_index(self, event_id: str, limit: int) -> list[tuple[str, int, str | None]]:
+        """``(id, seq, parent)`` of up to ``limit`` events of the path from ``event_id``
+        back, newest first, read from the columns alone: nothing is decoded or checked.
+
+        For the fold engine's walk back to a snapshot (``projections.engine.PathIndex``),
+        which reads the events it folds through ``ancestors``, with every check.
+        """
+        self._check_open()
+        if limit <= 0:
+            return []
+        with gc_paused():
+            rows = await self._path_rows(event_id, limit, "seq")
+        return [(row[1], row[3], row[4]) for row in rows]
+
+    async def _path_rows(self, event_id: str, limit: int | None, column: str) -> list[_Row]:
+        """Rows ``(position, id, session_id, column, parent)`` of the parent path from
+        ``event_id`` back, newest first: ``limit`` of them, or fewer at the root or
+        where a parent is missing (the caller names that). EventNotFoundError when
+        ``event_id`` is unknown."""
         # A path is mostly a run of the session's events in append order (a
         # branch's events follow one another), so it is read as windows of the
         # session's events newest first, an index range scan, and the parent
         # links followed in memory: far cheaper than one index seek per step.
         # Positions fall strictly along the walk, so even a tampered parent
         # column cannot make it loop.
-        with gc_paused():  # a long path is a bulk read: see ledger.events.gc_paused
-            chosen: list[_Row] = []
-            cursor: str | None = event_id
-            below = _NO_LIMIT
-            sparse = False
-            while cursor is not None and (limit is None or len(chosen) < limit):
-                want = _PATH_WINDOW if limit is None else min(limit - len(chosen), _PATH_WINDOW)
-                if sparse:
-                    # The last window was mostly other branches' events: one
-                    # window's worth of the path by index seeks, then windows again.
-                    rows = await self._chain(cursor, below, want)
-                    chosen.extend(rows)
-                    if len(rows) < want:
-                        break  # the root, or a parent missing: named below
-                    cursor, below, sparse = rows[-1][4], rows[-1][0], False
-                    continue
-                rows = await self._fetch(
-                    f"SELECT {_EVENT_COLUMNS}, e.parent FROM events AS e, "
-                    "(SELECT position AS p, session_id AS s FROM events WHERE id = ?) AS c "
-                    "WHERE e.session_id = c.s AND e.position <= c.p AND e.position < ? "
-                    "ORDER BY e.position DESC LIMIT ?",
-                    (cursor, below, want),
-                )
-                if not rows or rows[0][1] != cursor:
-                    break  # unknown, or a parent missing or out of order: named below
-                taken = len(chosen)
-                for row in rows:
-                    if row[1] == cursor:
-                        chosen.append(row)
-                        cursor = row[4]
-                        if cursor is None or len(chosen) == limit:
-                            break
-                below = chosen[-1][0]
-                sparse = len(chosen) - taken < len(rows) // 4
-            if not chosen:
-                raise EventNotFoundError(event_id)
-            events = _decode_rows(chosen, self.filename)
-            return check_ancestry(events, limit, f"in {self.filename!r}")
+        chosen: list[_Row] = []
+        cursor: str | None = event_id
+        below = _NO_LIMIT
+        sparse = False
+        while cursor is not None and (limit is None or len(chosen) < limit):
+            want = _PATH_WINDOW if limit is None else min(limit - len(chosen), _PATH_WINDOW)
+            if sparse:
+                # The last window was mostly other branches' events: one
+                # window's worth of the path by index seeks, then windows again.
+                rows = await self._chain(cursor, below, want, column)
+                chosen.extend(rows)
+                if len(rows) < want:
+                    break  # the root, or a parent missing
+                cursor, below, sparse = rows[-1][4], rows[-1][0], False
+                continue
+            rows = await self._fetch(
+                f"SELECT e.position, e.id, e.session_id, e.{column}, e.parent FROM events AS e, "
+                "(SELECT position AS p, session_id AS s FROM events WHERE id = ?) AS c "
+                "WHERE e.session_id = c.s AND e.position <= c.p AND e.position < ? "
+                "ORDER BY e.position DESC LIMIT ?",
+                (cursor, below, want),
+            )
+            if not rows or rows[0][1] != cursor:
+                break  # unknown, or a parent missing or out of order
+            taken = len(chosen)
+            for row in rows:
+                if row[1] == cursor:
+                    chosen.append(row)
+                    cursor = row[4]
+                    if cursor is None or len(chosen) == limit:
+                        break
+            below = chosen[-1][0]
+            sparse = len(chosen) - taken < len(rows) // 4
+        if not chosen:
+            raise EventNotFoundError(event_id)
+        return chosen
 
-    async def _chain(self, event_id: str, below: int, limit: int) -> list[_Row]:
-        """Up to ``limit`` events of the parent path from ``event_id``, by index seeks."""
+    async def _chain(self, event_id: str, below: int, limit: int, column: str) -> list[_Row]:
+        """Up to ``limit`` rows of the parent path from ``event_id``, by index seeks."""
         return await self._fetch(
-            "WITH RECURSIVE chain(position, id, session_id, data, parent, depth) AS ("
-            " SELECT position, id, session_id, data, parent, 1 FROM events"
+            f"WITH RECURSIVE chain(position, id, session_id, {column}, parent, depth) AS ("
+            f" SELECT position, id, session_id, {column}, parent, 1 FROM events"
             " WHERE id = ? AND position < ?"
             " UNION ALL"
-            " SELECT e.position, e.id, e.session_id, e.data, e.parent, c.depth + 1"
+            f" SELECT e.position, e.id, e.session_id, e.{column}, e.parent, c.depth + 1"
             " FROM chain AS c JOIN events AS e"
             " ON e.id = c.parent AND e.position < c.position"
             " WHERE c.depth < ?"
-            ") SELECT position, id, session_id, data, parent FROM chain ORDER BY depth",
+            f") SELECT position, id, session_id, {column}, parent FROM chain ORDER BY depth",
             (event_id, below, limit),
         )
 
@@ -1034,31 +1177,28 @@ class SQLiteStore(PurgeStore):
         if upper == 0:
             return
 
-        def page(after: int) -> asyncio.Task[list[_Row]]:
+        reader = self._read_connection()
+
+        def page(after: int) -> asyncio.Task[tuple[int, list[Event]]]:
             return asyncio.ensure_future(
-                self._fetch(
-                    f"SELECT {_EVENT_COLUMNS} FROM events "
-                    "WHERE session_id = ? AND position > ? AND position <= ? "
-                    "ORDER BY position LIMIT ?",
-                    (session_id, after, upper, page_size),
-                )
+                _in_thread(reader, _events_page, self.filename, session_id, after, upper, page_size)
             )
 
-        # The next page is read in the store's thread while this one is decoded.
-        pending: asyncio.Task[list[_Row]] | None = page(0)
+        # Each page is read and decoded in the store's thread, the next one while
+        # this one is handed out: the event loop only yields events.
+        pending: asyncio.Task[tuple[int, list[Event]]] | None = page(0)
         try:
             while pending is not None:
-                rows = await pending
-                more = len(rows) == page_size and rows[-1][0] < upper
-                pending = page(rows[-1][0]) if more else None
-                with gc_paused():
-                    events = _decode_rows(rows, self.filename)
+                with _translate(self.filename, session_id):
+                    last, events = await pending
+                more = len(events) == page_size and last < upper
+                pending = page(last) if more else None
                 for event in events:
                     yield event
         finally:
             if pending is not None:
                 pending.cancel()
-                with contextlib.suppress(asyncio.CancelledError, LedgerError):
+                with contextlib.suppress(asyncio.CancelledError, LedgerError, sqlite3.Error):
                     await pending
 
     async def heads(self, session_id: str) -> dict[str, str]:

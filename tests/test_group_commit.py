@@ -223,6 +223,62 @@ async def test_one_group_answers_each_caller_as_one_transaction_per_append_would
             assert stats.split == (1 if with_invalid else 0)
 
 
+def plain_scenario(with_duplicate: bool) -> Scenario:
+    """Only appends to existing branches, without keys: the SQLite store checks and
+    writes such a group as a whole (``_plain_group_tx``)."""
+    s = Scenario()
+    a, b, c = (create_event() for _ in range(3))
+    alt = branch_event(c, "alt")
+    stranger = create_event()  # never appended
+    for root in (a, b, c):
+        s.setup.append(append_request([root], None, status="active"))
+    s.setup.append(append_request([alt], None))
+    s.sessions = [x.session for x in (a, b, c, stranger)]
+    a1 = turn(a, "a wins")
+    s.ask(append_request([a1], a.id))
+    s.ask(append_request([turn(a, "a loses")], a.id), ConflictError)
+    a2 = turn(a1, "a after a1, in the same group")
+    s.ask(append_request([a2], a1.id, status="suspended"))
+    s.ask(append_request([turn(stranger, "nobody")], stranger.id), SessionNotFoundError)
+    b1 = turn(b, "b one")
+    s.ask(append_request([b1, turn(b1, "b two")], b.id))
+    s.ask(append_request([turn(alt, "on alt")], alt.id))
+    s.ask(append_request([turn(c, "c on a stale head")], b.id), ConflictError)
+    if with_duplicate:
+        # An event already written, sent again on the right head: only the
+        # database's unique index refuses it.
+        s.ask(append_request([a1], a2.id), InvalidEventError)
+    s.ask(append_request([turn(a2, "a three")], a2.id))
+    return s
+
+
+@pytest.mark.parametrize("with_duplicate", [False, True], ids=["refusals", "and-duplicate"])
+async def test_a_group_of_plain_appends_answers_each_caller_as_one_transaction_per_append_would(
+    make: MakeStore, with_duplicate: bool
+) -> None:
+    s = plain_scenario(with_duplicate)
+    async with opened(make(group_size=1)) as alone, opened(make()) as grouped:
+        for store in (alone, grouped):
+            for request in s.setup:
+                await store.append(request)
+        reference = []
+        for request in s.requests:
+            try:
+                reference.append(await alone.append(request))
+            except LedgerError as exc:
+                reference.append(exc)
+        before = grouped.group_stats.groups
+        answers = await settle(*(grouped.append(r) for r in s.requests))
+        assert grouped.group_stats.groups == before + 1, grouped.group_stats
+        for answer, expected in zip(answers, s.expected, strict=True):
+            if expected is None:
+                assert isinstance(answer, AppendResult), repr(answer)
+            else:
+                assert type(answer) is expected, repr(answer)
+        assert [outcome(x, grouped) for x in answers] == [outcome(x, alone) for x in reference]
+        assert await state_of(grouped, s.sessions) == await state_of(alone, s.sessions)
+
+
 async def test_groups_form_and_respect_the_bound(make: MakeStore) -> None:
     async with opened(make(group_size=4)) as store:
         roots = [create_event() for _ in range(10)]

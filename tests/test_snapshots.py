@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 
 from bench.content import chain
 from ledger import Ledger, LedgerConfig, Projection, Recorded
+from ledger.errors import IntegrityError
 from ledger.events import Event, new_session_id
 from projections.base import fold
 from projections.engine import FoldEngine, open_snapshot, seal_snapshot
@@ -346,35 +348,60 @@ class CountingSQLiteStore(SQLiteStore):
         return events
 
 
+class Unindexed:
+    """The SQLite store seen through ``SnapshotSource`` alone: no ``PathIndex``."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.store = store
+
+    async def ancestors(self, event_id: str, limit: int | None = None) -> list[Event]:
+        return await self.store.ancestors(event_id, limit)
+
+    async def get_snapshot(self, session_id: str, key: str, event_id: str) -> bytes | None:
+        return await self.store.get_snapshot(session_id, key, event_id)
+
+    async def put_snapshots(
+        self, session_id: str, key: str, states: Sequence[tuple[str, bytes]]
+    ) -> None:
+        await self.store.put_snapshots(session_id, key, states)
+
+
+async def _bulk_loaded(store: SQLiteStore, n: int) -> list[Event]:
+    """A session of ``n`` events appended in two requests: no snapshot stored."""
+    sid = new_session_id()
+    events = list(chain(sid, n, "a turn"))
+    await store.append(
+        AppendRequest(
+            session_id=sid, branch="main", expected_head=None, events=events[:1], status="active"
+        )
+    )
+    await store.append(
+        AppendRequest(session_id=sid, branch="main", expected_head=events[0].id, events=events[1:])
+    )
+    return events
+
+
+@pytest.mark.parametrize("indexed", [True, False])
 @pytest.mark.parametrize("held", [0, 1, 100, 10**9])
 async def test_a_long_first_fold_past_its_budget_reads_again_and_folds_the_same(
-    tmp_path: Path, held: int
+    tmp_path: Path, held: int, indexed: bool
 ) -> None:
     n = 1_500
     async with CountingSQLiteStore(tmp_path / "l.db") as store:
-        sid = new_session_id()
-        events = list(chain(sid, n, "a turn"))  # bulk-loaded: no snapshot stored
-        await store.append(
-            AppendRequest(
-                session_id=sid,
-                branch="main",
-                expected_head=None,
-                events=events[:1],
-                status="active",
-            )
-        )
-        await store.append(
-            AppendRequest(
-                session_id=sid, branch="main", expected_head=events[0].id, events=events[1:]
-            )
-        )
-        engine = FoldEngine(store, snapshot_every=8)
+        events = await _bulk_loaded(store, n)
+        sid = events[0].session
+        engine = FoldEngine(store if indexed else Unindexed(store), snapshot_every=8)
         engine.held_events = held
         state = await engine.state_at(SESSION, sid, events[-1].id)
         assert state == fold(SESSION, events)
-        # Past the budget the walk's events were dropped and read again; within it, once.
-        reread = held < n - 1
-        assert store.read > n if reread else store.read == n
+        if indexed:
+            # One interval is read whole (and again past the budget); the rest of the
+            # path is walked by its ids and its events read once, for the fold.
+            assert store.read == n + (8 if held < 8 else 0)
+        else:
+            # Past the budget the walk's events were dropped and read again; within it, once.
+            reread = held < n - 1
+            assert store.read > n if reread else store.read == n
         # The snapshots the fold passed were written, each the fold of its path.
         for event in events[8::8][:40] + events[-8::]:
             stored = await store.get_snapshot(sid, SESSION.key, event.id)
@@ -383,3 +410,32 @@ async def test_a_long_first_fold_past_its_budget_reads_again_and_folds_the_same(
                 opened = open_snapshot(sid, SESSION.key, event.id, stored)
                 assert opened is not None
                 assert SESSION.decode(opened) == fold(SESSION, events[: event.seq + 1])
+
+
+@pytest.mark.parametrize("depth", [1, 9, 700, 1_490])
+async def test_a_first_fold_by_the_path_index_names_a_tampered_parent_column(
+    tmp_path: Path, depth: int
+) -> None:
+    async with SQLiteStore(tmp_path / "l.db") as store:
+        events = await _bulk_loaded(store, 1_500)
+        child, skipped = events[depth + 1], events[depth - 1]
+        with sqlite3.connect(store.filename) as conn:  # the parent column skips one event
+            conn.execute("UPDATE events SET parent = ? WHERE id = ?", (skipped.id, child.id))
+        engine = FoldEngine(store, snapshot_every=8)
+        with pytest.raises(IntegrityError) as info:
+            await engine.state_at(SESSION, events[0].session, events[-1].id)
+        assert child.id in str(info.value)
+
+
+@pytest.mark.parametrize("depth", [1, 700, 1_490])
+async def test_a_first_fold_by_the_path_index_names_a_missing_parent(
+    tmp_path: Path, depth: int
+) -> None:
+    async with SQLiteStore(tmp_path / "l.db") as store:
+        events = await _bulk_loaded(store, 1_500)
+        with sqlite3.connect(store.filename) as conn:
+            conn.execute("DELETE FROM events WHERE id = ?", (events[depth].id,))
+        engine = FoldEngine(store, snapshot_every=8)
+        with pytest.raises(IntegrityError) as info:
+            await engine.state_at(SESSION, events[0].session, events[-1].id)
+        assert events[depth + 1].id in str(info.value)

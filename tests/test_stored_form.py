@@ -17,6 +17,7 @@ from ledger.events import (
     Event,
     TurnAdded,
     decode_stored,
+    decode_stored_all,
     encode_event,
     encode_stored,
     make_event,
@@ -58,6 +59,20 @@ def _turn(content: object) -> Event:
         actor="u",
         body=TurnAdded(role="assistant", content=content),
     )
+
+
+@given(st.lists(st.one_of(events(), large_events), max_size=8))
+def test_decoding_many_stored_events_is_decoding_each(batch: list[Event]) -> None:
+    stored = [encode_stored(event) for event in batch]
+    assert decode_stored_all(stored) == [decode_stored(data) for data in stored] == batch
+
+
+@pytest.mark.parametrize("bad", [b"{}", b"\x01", b'{"id": "\xff"}', b"[]"])
+@pytest.mark.parametrize("deflated", [False, True])
+def test_one_bad_stored_event_among_many_is_a_decode_error(bad: bytes, deflated: bool) -> None:
+    good = encode_stored(_turn(LONG if deflated else "short"))
+    with pytest.raises(msgspec.DecodeError):
+        decode_stored_all([good, bad, good])
 
 
 def test_a_damaged_deflated_event_is_a_decode_error() -> None:
