@@ -20,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Final, Literal
 
@@ -42,7 +44,7 @@ from ledger.events import (
     event_problem,
 )
 from ledger.merkle import MerkleLog, verify_consistency
-from ledger.verify_worker import Batch, Checked, read_answer, write_request
+from ledger.verify_worker import check_events, encode_request, read_answer
 from projections.base import fold
 from projections.session import ACTIVE, SESSION, SUSPENDED, SessionState, state_checksum
 from stores.base import EventStore
@@ -57,9 +59,6 @@ PARALLEL_FROM: Final = 50_000
 """Sessions of at least this many events are verified on two cores."""
 CHUNK: Final = 4096
 """Events per request to the worker process: a power of two (see ``ledger.verify_worker``)."""
-OWN_EVERY: Final = 5
-"""One chunk in this many is checked here instead of by the worker: the worker does more
-per event (it decodes each event again), so this keeps both processes busy."""
 
 PAGE: Final = 8192
 """Events per page read from the store: fewer round trips to its driver's thread."""
@@ -225,7 +224,7 @@ async def _walk(store: EventStore, session_id: str, key: bytes | None, need_log:
         async for event in store.events(session_id, page_size=PAGE):
             if leaves is not None:
                 leaves += bytes.fromhex(event.id)
-            if not await walker.step(event):
+            if not (await walker.step_fork(event) if walker.forks(event) else walker.step(event)):
                 break
     except IntegrityError as exc:
         walker.problems.append(Problem(session_id, exc.event_id, str(exc)))
@@ -234,7 +233,11 @@ async def _walk(store: EventStore, session_id: str, key: bytes | None, need_log:
 
 class _Walker:
     """The checks of a walk in append order that need what came before: the
-    branches' head states, the states kept for forks, the redaction pairs."""
+    branches' head states, the states kept for forks, the redaction pairs.
+
+    Each event goes to ``step``, or to ``step_fork`` when ``forks`` says so (the
+    root, a fork or a restore: they read the store); the common case is no coroutine.
+    """
 
     def __init__(
         self, store: EventStore, session_id: str, key: bytes | None, *, content: bool
@@ -251,42 +254,63 @@ class _Walker:
         self.kept: dict[str, SessionState] = {}  # every KEEP_EVERY-th depth: a fork's base
         self.redactions = _Redactions(session_id)
 
-    async def step(self, event: Event) -> bool:
-        """Check the next event; False once there are too many problems to go on."""
+    def forks(self, event: Event) -> bool:
+        """Must this event go to ``step_fork``?"""
+        return not self.checked or type(event.body) in _FORKS
+
+    def step(self, event: Event) -> bool:
+        """Check the next event (not one ``forks`` names); False once there are too many
+        problems to go on."""
         self.checked += 1
-        heads = self.heads
         try:
-            if self.checked > 1 and type(event.body) not in _FORKS:
-                state = _check_linear(self.session_id, event, heads, self.key, self.content)
-            else:
-                state = await _check(
-                    self.store,
-                    self.session_id,
-                    event,
-                    heads,
-                    self.kept,
-                    self.key,
-                    root=self.checked == 1,
-                    content=self.content,
-                )
+            state = _check_linear(self.session_id, event, self.heads, self.key, self.content)
             if type(event.body) in _PAIRED:
                 changed = self.redactions.see(event)
                 if changed is not None:
                     self.problems.append(changed)
         except _Bad as bad:
-            self.problems.append(Problem(self.session_id, event.id, str(bad)))
-            self.bad_at[event.id] = self.checked - 1
-            if bad.state is not None:
-                heads[event.branch] = bad.state
-            return len(self.problems) < MAX_PROBLEMS
-        heads[event.branch] = state
+            return self._bad(event, bad)
+        return self._passed(event, state)
+
+    async def step_fork(self, event: Event) -> bool:
+        """``step`` of the root, a fork or a restore."""
+        self.checked += 1
+        try:
+            state = await _check(
+                self.store,
+                self.session_id,
+                event,
+                self.heads,
+                self.kept,
+                self.key,
+                root=self.checked == 1,
+                content=self.content,
+            )
+        except _Bad as bad:
+            return self._bad(event, bad)
+        return self._passed(event, state)
+
+    def _passed(self, event: Event, state: SessionState) -> bool:
+        self.heads[event.branch] = state
         if not event.seq % KEEP_EVERY:
             self.kept[event.id] = state
         return True
 
+    def _bad(self, event: Event, bad: _Bad) -> bool:
+        self.problems.append(Problem(self.session_id, event.id, str(bad)))
+        self.bad_at[event.id] = self.checked - 1
+        if bad.state is not None:
+            self.heads[event.branch] = bad.state
+        return len(self.problems) < MAX_PROBLEMS
+
     def done(self, log: MerkleLog | None) -> _Walk:
         self.problems += self.redactions.unpaired()
         return self.checked, self.problems, log, self.bad_at
+
+
+_Answer = tuple[bool, list[bytes]]
+"""A chunk's answer (``ledger.verify_worker``): did every event verify on its own, and
+the Merkle levels of its ids."""
 
 
 async def _walk_parallel(
@@ -294,64 +318,41 @@ async def _walk_parallel(
 ) -> _Walk | None:
     """``_walk`` on two cores: a worker process (``ledger.verify_worker``) recomputes
     each event's digest and id and hashes the Merkle log, chunk by chunk, while
-    this process checks the structure (and, to keep both busy, the content of one
-    chunk in ``OWN_EVERY``, with the worker's own code).
+    this process checks the structure. A chunk that fills up while the worker is
+    still taking in the one before is checked here instead, with the worker's own
+    code: so the faster process does more, whichever it is (a store that is slow to
+    read leaves the worker the content; a fast one shares it).
 
     None when the worker finds a bad event (the caller then walks again in one
     process, so that the report is exactly the sequential one), or cannot run.
     """
-    reading, writing = os.pipe()
     try:
-        worker = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "ledger.verify_worker",
-            stdin=reading,
-            stdout=asyncio.subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": _IMPORT_ROOT},
-        )
+        worker = _Worker(need_log)
     except OSError:
-        os.close(writing)
         return None
-    finally:
-        os.close(reading)
-    assert worker.stdout is not None
-    pipe = _Pipe(writing)
-    results: list[tuple[bool, list[bytes]]] = []
-    answers = asyncio.ensure_future(_answers(worker.stdout, results))
     walker = _Walker(store, session_id, key, content=False)
-    chunk: Batch | Checked = Batch()
-    chunks: list[tuple[bool, list[bytes]] | None] = []  # each chunk's answer; None: the worker's
+    chunk: list[Event] = []
+    chunks: list[_Answer | None] = []  # each chunk's answer; None: the worker's
     try:
         try:
             async for event in store.events(session_id, page_size=PAGE):
-                chunk.add(event)
-                if chunk.count == CHUNK:
-                    await _finish(chunk, pipe, chunks)
-                    chunk = Checked() if len(chunks) % OWN_EVERY == OWN_EVERY - 1 else Batch()
-                if not await walker.step(event):
+                chunk.append(event)
+                if len(chunk) == CHUNK:
+                    chunks.append(_hand_over(chunk, worker, need_log))
+                    chunk = []
+                if not (
+                    await walker.step_fork(event) if walker.forks(event) else walker.step(event)
+                ):
                     break
         except IntegrityError as exc:
             walker.problems.append(Problem(session_id, exc.event_id, str(exc)))
-        if chunk.count:
-            await _finish(chunk, pipe, chunks)
-        await pipe.send(write_request([]))
-        await pipe.wait()
-        await answers
-        await worker.wait()  # it ends after the empty request
-    except (OSError, EOFError, asyncio.IncompleteReadError):
-        return None  # the worker died: walk in this process
+        if chunk:
+            chunks.append(_hand_over(chunk, worker, need_log))
+        results = await worker.results()
     finally:
-        if worker.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                worker.kill()
-        answers.cancel()
-        with contextlib.suppress(OSError):
-            await pipe.wait()  # the worker is gone: a write still pending fails at once
-        os.close(writing)
-        await worker.wait()
-    if worker.returncode != 0 or len(results) != chunks.count(None):
-        return None
+        await worker.close()
+    if results is None or len(results) != chunks.count(None):
+        return None  # the worker died, or could not start: walk in this process
     theirs = iter(results)
     answered = [next(theirs) if mine is None else mine for mine in chunks]
     if not all(ok for ok, _ in answered):
@@ -365,58 +366,88 @@ async def _walk_parallel(
     return walker.done(log)
 
 
+def _hand_over(chunk: list[Event], worker: _Worker, need_log: bool) -> _Answer | None:
+    """A full (or the last) chunk: checked here while the worker is busy, else sent to it."""
+    if worker.busy():
+        return check_events(chunk, need_log)
+    worker.send(encode_request(chunk))
+    return None
+
+
 _IMPORT_ROOT: Final = os.pathsep.join(
     [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
 ).rstrip(os.pathsep)
 """Where the worker finds this package, installed or not."""
 
 
-class _Pipe:
-    """The worker's stdin, written from a thread: this process goes on reading and
-    checking while the worker takes a chunk in (asyncio's ``drain`` would wait for it,
-    and its transport writes only when this process yields). One write at a time."""
+class _Worker:
+    """The worker process, written to from one thread and read from another: neither
+    waits for this process's event loop, which a walk over a store that never
+    yields (the memory store) would not give them."""
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.pending: asyncio.Future[None] | None = None
+    def __init__(self, need_log: bool) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ledger.verify_worker", *(["--log"] if need_log else [])],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": _IMPORT_ROOT},
+        )
+        self._threads = ThreadPoolExecutor(2, thread_name_prefix="ledger-verify")
+        self._writes: list[Future[None]] = []
+        self._answers = self._threads.submit(self._read_answers)
 
-    async def send(self, data: bytes | bytearray) -> None:
-        await self.wait()
-        self.pending = asyncio.ensure_future(asyncio.to_thread(_write_all, self.fd, data))
+    def busy(self) -> bool:
+        """Is the worker yet to take in the last request sent? (A request is larger
+        than a pipe holds: its write ends only as the worker reads it.)"""
+        return bool(self._writes) and not self._writes[-1].done()
 
-    async def wait(self) -> None:
-        """Until the last write is done (raises ``OSError`` when the worker is gone)."""
-        pending, self.pending = self.pending, None
-        if pending is not None:
-            await pending
+    def send(self, request: bytes) -> None:
+        previous = self._writes[-1] if self._writes else None
+        self._writes.append(self._threads.submit(self._write, request, previous))
 
+    def _write(self, data: bytes, previous: Future[None] | None) -> None:
+        if previous is not None:
+            previous.result()  # in order; and a failed write fails every later one
+        assert self.process.stdin is not None
+        self.process.stdin.write(data)
+        self.process.stdin.flush()
 
-def _write_all(fd: int, data: bytes | bytearray) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+    def _read_answers(self) -> list[_Answer]:
+        assert self.process.stdout is not None
+        answers = []
+        while (answer := read_answer(self.process.stdout)) is not None:
+            answers.append(answer)
+        return answers
 
-
-async def _finish(
-    chunk: Batch | Checked, pipe: _Pipe, chunks: list[tuple[bool, list[bytes]] | None]
-) -> None:
-    """A full (or the last) chunk: its answer, or sent to the worker for it."""
-    if isinstance(chunk, Checked):
-        chunks.append(chunk.answer())
-        return
-    await pipe.send(chunk.request())
-    chunks.append(None)
-
-
-async def _answers(stdout: asyncio.StreamReader, results: list[tuple[bool, list[bytes]]]) -> None:
-    """The worker's answers into ``results``, read as they come, until it closes its stdout."""
-    while True:
+    async def results(self) -> list[_Answer] | None:
+        """Every answer, once the worker has ended after the last request; None if it failed."""
+        self.send(encode_request([]))
         try:
-            results.append(await read_answer(stdout.readexactly))
-        except asyncio.IncompleteReadError as exc:
-            if exc.partial:
-                raise
-            return
+            await asyncio.wrap_future(self._writes[-1])
+            answers = await asyncio.wrap_future(self._answers)
+            returncode = await asyncio.to_thread(self.process.wait)
+        except (OSError, EOFError, ValueError):
+            return None
+        return answers if returncode == 0 else None
+
+    async def close(self) -> None:
+        """The process and the threads ended, whatever happened."""
+        if self.process.poll() is None:
+            self.process.kill()
+        await asyncio.to_thread(self._end)
+
+    def _end(self) -> None:
+        self.process.wait()
+        for write in self._writes:
+            with contextlib.suppress(Exception):
+                write.result()
+        with contextlib.suppress(Exception):
+            self._answers.result()
+        self._threads.shutdown()
+        for pipe in (self.process.stdin, self.process.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
 
 
 async def _check_anchors(

@@ -372,6 +372,16 @@ async def test_verify_on_two_cores_reports_exactly_what_one_core_does(
     assert one == two and event.id in [p.event_id for p in two.problems]
 
 
+def _every_second_call() -> Callable[[Any], bool]:
+    """A ``_Worker.busy`` that says False, True, False, ... to each worker."""
+
+    def busy(worker: Any) -> bool:
+        worker.calls = getattr(worker, "calls", 0) + 1
+        return worker.calls % 2 == 0
+
+    return busy
+
+
 async def test_chunks_checked_by_the_caller_give_the_same_report_and_log(
     long_file: tuple[Path, str, list[str], Anchor],
     tmp_path: Path,
@@ -381,8 +391,9 @@ async def test_chunks_checked_by_the_caller_give_the_same_report_and_log(
 
     from ledger.verify import CHUNK, _walk_parallel
 
-    # Every second chunk (events CHUNK to 2 * CHUNK - 1 here) is checked by the caller.
-    monkeypatch.setattr("ledger.verify.OWN_EVERY", 2)
+    # Every second chunk (events CHUNK to 2 * CHUNK - 1 here) is checked by the caller:
+    # it finds the worker busy then.
+    monkeypatch.setattr("ledger.verify._Worker.busy", _every_second_call())
     source, sid, ids, anchor = long_file
     path = tmp_path / "l.db"
     shutil.copy(source, path)
