@@ -270,7 +270,10 @@ class _Walker:
                     self.problems.append(changed)
         except _Bad as bad:
             return self._bad(event, bad)
-        return self._passed(event, state)
+        self.heads[event.branch] = state  # as _passed does, without the call
+        if not event.seq % KEEP_EVERY:
+            self.kept[event.id] = state
+        return True
 
     async def step_fork(self, event: Event) -> bool:
         """``step`` of the root, a fork or a restore."""
@@ -578,7 +581,8 @@ def _check_linear(
 
     ``content=False`` leaves out recomputing the event's digest and id (a worker does).
     """
-    _check_envelope(session_id, event, content)
+    if content or event.session != session_id:  # else nothing there can fail
+        _check_envelope(session_id, event, content)
     if type(event.body) is SessionCreated:
         raise _Bad("a session has exactly one root, its first event, SessionCreated")
     head = heads.get(event.branch)
