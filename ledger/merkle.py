@@ -109,6 +109,15 @@ class MerkleLog:
             log._levels.append(level)
         return log
 
+    @classmethod
+    def from_chunks(cls, chunks: Sequence[Sequence[bytes]]) -> MerkleLog:
+        """A log from the levels of its leaves' consecutive chunks (each as ``levels``
+        gives them), every chunk but the last of the same power-of-two size."""
+        depth = max((len(levels) for levels in chunks), default=1)
+        return cls.from_subtrees(
+            [b"".join(levels[h] for levels in chunks if h < len(levels)) for h in range(depth)]
+        )
+
     @property
     def levels(self) -> list[bytearray]:
         """Every level of complete subtrees (see ``from_subtrees``)."""

@@ -17,14 +17,8 @@ chain's own findings to the event that changed when they can tell.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
-import subprocess
-import sys
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Final, Literal
 
 import msgspec
@@ -44,7 +38,7 @@ from ledger.events import (
     event_problem,
 )
 from ledger.merkle import MerkleLog, verify_consistency
-from ledger.verify_worker import check_events, encode_request, read_answer
+from ledger.verify_worker import Answer, Worker, check_events, encode_request
 from projections.base import fold
 from projections.session import ACTIVE, SESSION, SUSPENDED, SessionState, state_checksum
 from stores.base import EventStore
@@ -311,11 +305,6 @@ class _Walker:
         return self.checked, self.problems, log, self.bad_at
 
 
-_Answer = tuple[bool, list[bytes]]
-"""A chunk's answer (``ledger.verify_worker``): did every event verify on its own, and
-the Merkle levels of its ids."""
-
-
 async def _walk_parallel(
     store: EventStore, session_id: str, key: bytes | None, need_log: bool
 ) -> _Walk | None:
@@ -330,12 +319,12 @@ async def _walk_parallel(
     process, so that the report is exactly the sequential one), or cannot run.
     """
     try:
-        worker = _Worker(need_log)
+        worker = Worker("--log" if need_log else "--content")
     except OSError:
         return None
     walker = _Walker(store, session_id, key, content=False)
     chunk: list[Event] = []
-    chunks: list[_Answer | None] = []  # each chunk's answer; None: the worker's
+    chunks: list[Answer | None] = []  # each chunk's answer; None: the worker's
     try:
         try:
             async for event in store.events(session_id, page_size=PAGE):
@@ -360,97 +349,16 @@ async def _walk_parallel(
     answered = [next(theirs) if mine is None else mine for mine in chunks]
     if not all(ok for ok, _ in answered):
         return None
-    log = None
-    if need_log:
-        depth = max((len(levels) for _, levels in answered), default=1)
-        log = MerkleLog.from_subtrees(
-            [b"".join(levels[h] for _, levels in answered if h < len(levels)) for h in range(depth)]
-        )
+    log = MerkleLog.from_chunks([levels for _, levels in answered]) if need_log else None
     return walker.done(log)
 
 
-def _hand_over(chunk: list[Event], worker: _Worker, need_log: bool) -> _Answer | None:
+def _hand_over(chunk: list[Event], worker: Worker, need_log: bool) -> Answer | None:
     """A full (or the last) chunk: checked here while the worker is busy, else sent to it."""
     if worker.busy():
         return check_events(chunk, need_log)
     worker.send(encode_request(chunk))
     return None
-
-
-_IMPORT_ROOT: Final = os.pathsep.join(
-    [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
-).rstrip(os.pathsep)
-"""Where the worker finds this package, installed or not."""
-
-
-class _Worker:
-    """The worker process, written to from one thread and read from another: neither
-    waits for this process's event loop, which a walk over a store that never
-    yields (the memory store) would not give them."""
-
-    def __init__(self, need_log: bool) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "ledger.verify_worker", *(["--log"] if need_log else [])],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": _IMPORT_ROOT},
-        )
-        self._threads = ThreadPoolExecutor(2, thread_name_prefix="ledger-verify")
-        self._writes: list[Future[None]] = []
-        self._answers = self._threads.submit(self._read_answers)
-
-    def busy(self) -> bool:
-        """Is the worker yet to take in the last request sent? (A request is larger
-        than a pipe holds: its write ends only as the worker reads it.)"""
-        return bool(self._writes) and not self._writes[-1].done()
-
-    def send(self, request: bytes) -> None:
-        previous = self._writes[-1] if self._writes else None
-        self._writes.append(self._threads.submit(self._write, request, previous))
-
-    def _write(self, data: bytes, previous: Future[None] | None) -> None:
-        if previous is not None:
-            previous.result()  # in order; and a failed write fails every later one
-        assert self.process.stdin is not None
-        self.process.stdin.write(data)
-        self.process.stdin.flush()
-
-    def _read_answers(self) -> list[_Answer]:
-        assert self.process.stdout is not None
-        answers = []
-        while (answer := read_answer(self.process.stdout)) is not None:
-            answers.append(answer)
-        return answers
-
-    async def results(self) -> list[_Answer] | None:
-        """Every answer, once the worker has ended after the last request; None if it failed."""
-        self.send(encode_request([]))
-        try:
-            await asyncio.wrap_future(self._writes[-1])
-            answers = await asyncio.wrap_future(self._answers)
-            returncode = await asyncio.to_thread(self.process.wait)
-        except (OSError, EOFError, ValueError):
-            return None
-        return answers if returncode == 0 else None
-
-    async def close(self) -> None:
-        """The process and the threads ended, whatever happened."""
-        if self.process.poll() is None:
-            self.process.kill()
-        await asyncio.to_thread(self._end)
-
-    def _end(self) -> None:
-        self.process.wait()
-        for write in self._writes:
-            with contextlib.suppress(Exception):
-                write.result()
-        with contextlib.suppress(Exception):
-            self._answers.result()
-        self._threads.shutdown()
-        for pipe in (self.process.stdin, self.process.stdout):
-            if pipe is not None:
-                with contextlib.suppress(OSError):
-                    pipe.close()
 
 
 async def _check_anchors(

@@ -17,9 +17,15 @@ none.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import subprocess
 import sys
 from collections.abc import Sequence
-from typing import IO
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, Final, Literal
 
 import blake3
 import msgspec
@@ -35,14 +41,24 @@ from ledger.events import (
 from ledger.merkle import MerkleLog
 
 __all__ = [
+    "Answer",
     "Envelope",
+    "Mode",
+    "Worker",
     "check_chunk",
     "check_events",
+    "check_ids",
     "encode_request",
     "main",
     "read_answer",
     "sound_id",
 ]
+
+Answer = tuple[bool, list[bytes]]
+"""A chunk's answer: did every event verify on its own, and the Merkle levels of its ids."""
+Mode = Literal["--content", "--log", "--ids"]
+"""What the worker is sent and answers: events and their verdict (with ``--log``, and
+the Merkle levels of their ids); or ``--ids``, packed 32-byte ids and their levels."""
 
 _blake3 = blake3.blake3
 _encode_canonical = msgspec.json.Encoder(order="deterministic").encode
@@ -95,7 +111,7 @@ def sound_id(event: Event | Envelope, kind: str, body: bytes) -> bytes | None:
     return digest if digest.hex() == event.id else None
 
 
-def check_events(events: Sequence[Event], log: bool) -> tuple[bool, list[bytes]]:
+def check_events(events: Sequence[Event], log: bool) -> Answer:
     """Do these events verify on their own? And (``log``) the Merkle levels of their ids.
 
     The answer the worker gives for the same events: the caller checks some chunks itself.
@@ -115,7 +131,7 @@ def check_events(events: Sequence[Event], log: bool) -> tuple[bool, list[bytes]]
     return True, _levels(ids) if log else []
 
 
-def check_chunk(blob: bytes | bytearray, log: bool) -> tuple[bool, list[bytes]]:
+def check_chunk(blob: bytes | bytearray, log: bool) -> Answer:
     """``check_events`` of a request's events (a JSON array, as ``encode_request`` writes it).
 
     Each body is digested as the bytes it came in, which are canonical; an erased
@@ -154,7 +170,7 @@ def _answer(ok: bool, levels: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
-def read_answer(stream: IO[bytes]) -> tuple[bool, list[bytes]] | None:
+def read_answer(stream: IO[bytes]) -> Answer | None:
     """One answer from the worker's stdout; None at its end (raises ``EOFError`` if cut)."""
     head = stream.read(2)
     if not head:
@@ -172,14 +188,97 @@ def _read(stream: IO[bytes], size: int) -> bytes:
     return data
 
 
+IMPORT_ROOT: Final = os.pathsep.join(
+    [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+).rstrip(os.pathsep)
+"""Where the worker finds this package, installed or not."""
+
+
+class Worker:
+    """The worker process, written to from one thread and read from another: neither
+    waits for this process's event loop, which a walk over a store that never
+    yields (the memory store) would not give them."""
+
+    def __init__(self, mode: Mode) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ledger.verify_worker", mode],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": IMPORT_ROOT},
+        )
+        self._threads = ThreadPoolExecutor(2, thread_name_prefix="ledger-verify")
+        self._writes: list[Future[None]] = []
+        self._answers = self._threads.submit(self._read_answers)
+
+    def busy(self) -> bool:
+        """Is the worker yet to take in the last request sent? (A request is larger
+        than a pipe holds: its write ends only as the worker reads it.)"""
+        return bool(self._writes) and not self._writes[-1].done()
+
+    def send(self, request: bytes) -> None:
+        previous = self._writes[-1] if self._writes else None
+        self._writes.append(self._threads.submit(self._write, request, previous))
+
+    def _write(self, data: bytes, previous: Future[None] | None) -> None:
+        if previous is not None:
+            previous.result()  # in order; and a failed write fails every later one
+        assert self.process.stdin is not None
+        self.process.stdin.write(data)
+        self.process.stdin.flush()
+
+    def _read_answers(self) -> list[Answer]:
+        assert self.process.stdout is not None
+        answers = []
+        while (answer := read_answer(self.process.stdout)) is not None:
+            answers.append(answer)
+        return answers
+
+    async def results(self) -> list[Answer] | None:
+        """Every answer, once the worker has ended after the last request; None if it failed."""
+        self.send(encode_request([]))
+        try:
+            await asyncio.wrap_future(self._writes[-1])
+            answers = await asyncio.wrap_future(self._answers)
+            returncode = await asyncio.to_thread(self.process.wait)
+        except (OSError, EOFError, ValueError):
+            return None
+        return answers if returncode == 0 else None
+
+    async def close(self) -> None:
+        """The process and the threads ended, whatever happened."""
+        if self.process.poll() is None:
+            self.process.kill()
+        await asyncio.to_thread(self._end)
+
+    def _end(self) -> None:
+        self.process.wait()
+        for write in self._writes:
+            with contextlib.suppress(Exception):
+                write.result()
+        with contextlib.suppress(Exception):
+            self._answers.result()
+        self._threads.shutdown()
+        for pipe in (self.process.stdin, self.process.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+
+
+def check_ids(ids: bytes | bytearray) -> Answer:
+    """The answer for a request of packed 32-byte ids (``--ids``): the Merkle levels."""
+    return True, [bytes(level) for level in MerkleLog.from_leaves(ids).levels]
+
+
 def main() -> None:
-    log = "--log" in sys.argv[1:]
+    mode = sys.argv[1] if len(sys.argv) > 1 else "--content"
     source, sink = sys.stdin.buffer, sys.stdout.buffer
     while True:
         size = int.from_bytes(_read(source, 8), "big")
         if size == 0:
             return
-        sink.write(_answer(*check_chunk(_read(source, size), log)))
+        request = _read(source, size)
+        answer = check_ids(request) if mode == "--ids" else check_chunk(request, mode == "--log")
+        sink.write(_answer(*answer))
         sink.flush()
 
 

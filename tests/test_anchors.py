@@ -375,7 +375,7 @@ async def test_verify_on_two_cores_reports_exactly_what_one_core_does(
 
 
 def _every_second_call() -> Callable[[Any], bool]:
-    """A ``_Worker.busy`` that says False, True, False, ... to each worker."""
+    """A ``Worker.busy`` that says False, True, False, ... to each worker."""
 
     def busy(worker: Any) -> bool:
         worker.calls = getattr(worker, "calls", 0) + 1
@@ -395,7 +395,7 @@ async def test_chunks_checked_by_the_caller_give_the_same_report_and_log(
 
     # Every second chunk (events CHUNK to 2 * CHUNK - 1 here) is checked by the caller:
     # it finds the worker busy then.
-    monkeypatch.setattr("ledger.verify._Worker.busy", _every_second_call())
+    monkeypatch.setattr("ledger.verify_worker.Worker.busy", _every_second_call())
     source, sid, ids, anchor = long_file
     path = tmp_path / "l.db"
     shutil.copy(source, path)
