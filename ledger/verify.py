@@ -38,7 +38,13 @@ from ledger.events import (
     event_problem,
 )
 from ledger.merkle import MerkleLog, verify_consistency
-from ledger.verify_worker import Answer, Worker, check_events, encode_request
+from ledger.verify_worker import (
+    Answer,
+    Worker,
+    check_events,
+    encode_request,
+    event_id_if_sound,
+)
 from projections.base import fold
 from projections.session import ACTIVE, SESSION, SUSPENDED, SessionState, state_checksum
 from stores.base import EventStore
@@ -584,7 +590,7 @@ class _Redactions:
 
 
 def _check_envelope(session_id: str, event: Event, content: bool = True) -> None:
-    problem = event_problem(event) if content else None
+    problem = event_problem(event) if content and event_id_if_sound(event) is None else None
     if problem:
         raise _Bad(problem)
     if event.session != session_id:

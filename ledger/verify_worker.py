@@ -49,6 +49,7 @@ __all__ = [
     "check_events",
     "check_ids",
     "encode_request",
+    "event_id_if_sound",
     "main",
     "read_answer",
     "sound_id",
@@ -111,6 +112,15 @@ def sound_id(event: Event | Envelope, kind: str, body: bytes) -> bytes | None:
     return digest if digest.hex() == event.id else None
 
 
+def event_id_if_sound(event: Event) -> bytes | None:
+    """The event's id (bytes) when ``event_problem`` finds nothing wrong with it, else None
+    (then ask ``event_problem`` why): the same checks, with fewer calls."""
+    body = event.body
+    if type(body) is Erased:
+        return bytes.fromhex(event.id) if event_problem(event) is None else None
+    return sound_id(event, type(body).__name__, canonical(body))
+
+
 def check_events(events: Sequence[Event], log: bool) -> Answer:
     """Do these events verify on their own? And (``log``) the Merkle levels of their ids.
 
@@ -118,13 +128,7 @@ def check_events(events: Sequence[Event], log: bool) -> Answer:
     """
     ids = []
     for event in events:
-        body = event.body
-        if type(body) is Erased:
-            if event_problem(event) is not None:
-                return False, []
-            ids.append(bytes.fromhex(event.id))
-            continue
-        leaf = sound_id(event, type(body).__name__, canonical(body))
+        leaf = event_id_if_sound(event)
         if leaf is None:
             return False, []
         ids.append(leaf)

@@ -26,7 +26,13 @@ from ledger.events import (
     make_event,
 )
 from ledger.merkle import MerkleLog
-from ledger.verify_worker import check_chunk, check_events, encode_request, sound_id
+from ledger.verify_worker import (
+    check_chunk,
+    check_events,
+    encode_request,
+    event_id_if_sound,
+    sound_id,
+)
 from tests.strategies import events
 
 BYTES = st.sampled_from(b"0123456789abcdefA z") | st.integers(0, 255)
@@ -73,6 +79,8 @@ def test_the_worker_gives_event_problems_verdict_on_any_changed_byte(
         assert worker_verdict(chunk) == answer, (changed, event_problem(changed))
         assert check_events(chunk, True) == answer
         assert worker_verdict(chunk, log=False) == (verdict, [])
+    leaf = event_id_if_sound(changed)
+    assert (leaf is not None) == expected and (leaf is None or leaf.hex() == changed.id)
     if not isinstance(changed.body, Erased):
         body = canonical(changed.body)
         leaf = sound_id(changed, type(changed.body).__name__, body)
