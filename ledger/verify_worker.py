@@ -1,18 +1,19 @@
 """The second process of a parallel ``verify``: each event's digest and id, and the Merkle log.
 
-Run as ``python -m ledger.verify_worker [--log]`` by ``ledger.verify``, which
-writes chunks of encoded events to its stdin and reads one answer per chunk
-from its stdout. A plain subprocess rather than ``multiprocessing``: nothing of
-the caller's ``__main__`` is imported again, so any script can verify.
+Run as ``python -m ledger.verify_worker MODE`` through ``Worker``, which writes
+chunks to its stdin and reads one answer per chunk from its stdout. A plain
+subprocess rather than ``multiprocessing``: nothing of the caller's
+``__main__`` is imported again, so any script can verify.
 
-Request: an 8-byte big-endian length, then that many bytes: a JSON array of
-events encoded canonically (``encode_request``), so that each body's bytes are
-the very bytes its digest covers; length 0 ends. Answer: one byte (1: every
-event verifies on its own, 0: one does not), one byte the number of Merkle
-levels, then each level as an 8-byte length and its bytes: with ``--log``, the
-hashes of the complete subtrees of the chunk's ids (a chunk starts at a
-multiple of a power of two, so they are subtrees of the session's log), else
-none.
+Request: an 8-byte big-endian length, then that many bytes; length 0 ends.
+With ``--content`` or ``--log``, a JSON array of events encoded canonically
+(``encode_request``), so that each body's bytes are the very bytes its digest
+covers and the worker decodes none of them; with ``--ids``, packed 32-byte ids
+(a proof's log). Answer: one byte (1: every event verifies on its own, 0: one
+does not), one byte the number of Merkle levels, then each level as an 8-byte
+length and its bytes: with ``--log`` or ``--ids``, the hashes of the complete
+subtrees of the chunk's ids (a chunk starts at a multiple of a power of two, so
+they are subtrees of the session's log), else none.
 """
 
 from __future__ import annotations
