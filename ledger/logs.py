@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import os
 import sys
 from array import array
 
 from ledger.errors import EventNotFoundError
 from ledger.merkle import HASH_SIZE, MerkleLog, leaf_hash
-from ledger.verify import CHUNK, PAGE, PARALLEL_FROM
-from ledger.verify_worker import Worker, check_ids
+from ledger.verify import PAGE
 from stores.base import EventStore
 
 __all__ = ["SessionLog", "SessionLogs", "read_log"]
@@ -34,17 +32,12 @@ class SessionLog:
     __slots__ = ("_ids", "_index", "_lookups", "heads", "log", "session_id")
 
     def __init__(
-        self,
-        session_id: str,
-        ids: bytes | bytearray,
-        heads: dict[str, str] | None = None,
-        log: MerkleLog | None = None,
+        self, session_id: str, ids: bytes | bytearray, heads: dict[str, str] | None = None
     ) -> None:
         self.session_id = session_id
         self.heads = heads or {}
         """Each branch's newest event (its head), in the log's append order."""
-        self.log = MerkleLog.from_leaves(ids) if log is None else log
-        """The Merkle log of ``ids`` (hashed here when not given)."""
+        self.log = MerkleLog.from_leaves(ids)
         self._ids = bytes(ids)
         self._index: array[int] | None = None
         self._lookups = 0
@@ -102,51 +95,14 @@ def _sorted_index(ids: bytes) -> array[int]:
     return array("Q", sorted(map(int.__or__, map(high.__and__, prefixes), itertools.count())))
 
 
-async def read_log(store: EventStore, session_id: str, *, parallel: bool = False) -> SessionLog:
-    """The session's log as the store holds it now (its events in append order).
-
-    ``parallel``: a worker process (``ledger.verify_worker``) hashes the Merkle
-    levels of the ids read so far while the rest is read.
-    """
+async def read_log(store: EventStore, session_id: str) -> SessionLog:
+    """The session's log as the store holds it now (its events in append order)."""
     ids = bytearray()
     heads: dict[str, str] = {}
-    try:
-        worker = Worker("--ids") if parallel else None
-    except OSError:
-        worker = None
-    chunk = CHUNK * HASH_SIZE
-    chunks: list[list[bytes] | None] = []  # each chunk's levels; None: the worker's
-    try:
-        async for event in store.events(session_id, page_size=PAGE):
-            ids += bytes.fromhex(event.id)
-            heads[event.branch] = event.id
-            if worker is not None and not len(ids) % chunk:
-                chunks.append(_hand_over(ids[-chunk:], worker))
-        if worker is None:
-            return SessionLog(session_id, ids, heads)
-        if len(ids) % chunk:
-            chunks.append(_hand_over(ids[len(ids) - len(ids) % chunk :], worker))
-        results = await worker.results()
-    finally:
-        if worker is not None:
-            await worker.close()
-    if results is None or len(results) != chunks.count(None):
-        return SessionLog(session_id, ids, heads)  # the worker failed: hashed here
-    theirs = iter(levels for _, levels in results)
-    log = MerkleLog.from_chunks([next(theirs) if mine is None else mine for mine in chunks])
-    return SessionLog(session_id, ids, heads, log)
-
-
-def _hand_over(ids: bytes | bytearray, worker: Worker) -> list[bytes] | None:
-    """A chunk of ids: hashed here while the worker is busy, else sent to it."""
-    if worker.busy():
-        return check_ids(ids)[1]
-    worker.send(len(ids).to_bytes(8, "big") + ids)
-    return None
-
-
-def _parallel(count: int) -> bool:
-    return count >= PARALLEL_FROM and (os.cpu_count() or 1) > 1
+    async for event in store.events(session_id, page_size=PAGE):
+        ids += bytes.fromhex(event.id)
+        heads[event.branch] = event.id
+    return SessionLog(session_id, ids, heads)
 
 
 class SessionLogs:
@@ -164,7 +120,7 @@ class SessionLogs:
         count = (await store.session(session_id)).event_count
         cached = self._logs.pop(session_id, None)
         if cached is None or cached.size != count:
-            cached = await read_log(store, session_id, parallel=_parallel(count))
+            cached = await read_log(store, session_id)
         self._logs[session_id] = cached  # most recently used last
         while len(self._logs) > self.capacity:
             del self._logs[next(iter(self._logs))]
@@ -186,7 +142,7 @@ class SessionLogs:
         log = await self.get(store, session_id)
         index = log.index_of(event_id)
         if index is None:
-            log = await read_log(store, session_id, parallel=_parallel(log.size))
+            log = await read_log(store, session_id)
             self._logs[session_id] = log
             index = log.index_of(event_id)
         if index is None:

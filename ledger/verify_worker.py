@@ -5,15 +5,14 @@ chunks to its stdin and reads one answer per chunk from its stdout. A plain
 subprocess rather than ``multiprocessing``: nothing of the caller's
 ``__main__`` is imported again, so any script can verify.
 
-Request: an 8-byte big-endian length, then that many bytes; length 0 ends.
-With ``--content`` or ``--log``, a JSON array of events encoded canonically
-(``encode_request``), so that each body's bytes are the very bytes its digest
-covers and the worker decodes none of them; with ``--ids``, packed 32-byte ids
-(a proof's log). Answer: one byte (1: every event verifies on its own, 0: one
-does not), one byte the number of Merkle levels, then each level as an 8-byte
-length and its bytes: with ``--log`` or ``--ids``, the hashes of the complete
-subtrees of the chunk's ids (a chunk starts at a multiple of a power of two, so
-they are subtrees of the session's log), else none.
+Request: an 8-byte big-endian length, then that many bytes: a JSON array of
+events encoded canonically (``encode_request``), so that each body's bytes are
+the very bytes its digest covers and the worker decodes none of them; length 0
+ends. Answer: one byte (1: every event verifies on its own, 0: one does not),
+one byte the number of Merkle levels, then each level as an 8-byte length and
+its bytes: with ``--log``, the hashes of the complete subtrees of the chunk's
+ids (a chunk starts at a multiple of a power of two, so they are subtrees of
+the session's log), else none (``--content``).
 """
 
 from __future__ import annotations
@@ -48,7 +47,6 @@ __all__ = [
     "Worker",
     "check_chunk",
     "check_events",
-    "check_ids",
     "encode_request",
     "event_id_if_sound",
     "main",
@@ -58,9 +56,9 @@ __all__ = [
 
 Answer = tuple[bool, list[bytes]]
 """A chunk's answer: did every event verify on its own, and the Merkle levels of its ids."""
-Mode = Literal["--content", "--log", "--ids"]
-"""What the worker is sent and answers: events and their verdict (with ``--log``, and
-the Merkle levels of their ids); or ``--ids``, packed 32-byte ids and their levels."""
+Mode = Literal["--content", "--log"]
+"""What the worker answers: each chunk's verdict, and with ``--log`` the Merkle levels
+of its ids."""
 
 _blake3 = blake3.blake3
 _encode_canonical = msgspec.json.Encoder(order="deterministic").encode
@@ -269,11 +267,6 @@ class Worker:
                     pipe.close()
 
 
-def check_ids(ids: bytes | bytearray) -> Answer:
-    """The answer for a request of packed 32-byte ids (``--ids``): the Merkle levels."""
-    return True, [bytes(level) for level in MerkleLog.from_leaves(ids).levels]
-
-
 def main() -> None:
     mode = sys.argv[1] if len(sys.argv) > 1 else "--content"
     source, sink = sys.stdin.buffer, sys.stdout.buffer
@@ -282,8 +275,7 @@ def main() -> None:
         if size == 0:
             return
         request = _read(source, size)
-        answer = check_ids(request) if mode == "--ids" else check_chunk(request, mode == "--log")
-        sink.write(_answer(*answer))
+        sink.write(_answer(*check_chunk(request, mode == "--log")))
         sink.flush()
 
 

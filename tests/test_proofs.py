@@ -20,8 +20,8 @@ from ledger import Ledger, LedgerConfig
 from ledger.anchors import anchor_mac, key_id
 from ledger.cli import main
 from ledger.errors import AnchorError, EventNotFoundError, ProofError
-from ledger.events import SessionCreated, TurnAdded, make_event, new_session_id
-from ledger.logs import SessionLog, read_log
+from ledger.events import TurnAdded
+from ledger.logs import SessionLog
 from ledger.merkle import blake3_hash
 from ledger.proofs import (
     ConsistencyProof,
@@ -30,7 +30,7 @@ from ledger.proofs import (
     decode_proof,
     encode_proof,
 )
-from stores.base import AppendRequest, FeedStore
+from stores.base import FeedStore
 from stores.memory import MemoryStore
 from tests.test_anchors import store_state, story
 from tests.test_merkle import ref_mth
@@ -443,47 +443,3 @@ def test_a_log_finds_each_leaf_by_scan_then_by_index(
         expected = n if n < len(ids) else (ids.index(wanted) if wanted in ids else None)
         assert log.index_of(wanted.hex()) == expected
     assert log.index_of("ab") is None  # not an id at all
-
-
-async def long_memory_session(n: int) -> tuple[MemoryStore, str]:
-    """A memory store holding one session of ``n`` chained turns."""
-    store = MemoryStore()
-    await store.open()
-    session = new_session_id()
-    parent, events = None, []
-    for seq in range(n):
-        body = SessionCreated(user_id="u", agent="a") if seq == 0 else TurnAdded("user", seq)
-        event = make_event(
-            session=session, parent=parent, seq=seq, branch="main", at=seq, actor="u", body=body
-        )
-        events.append(event)
-        parent = event.id
-    for start, stop in ((0, 1), (1, n)):
-        request = AppendRequest(
-            session_id=session,
-            branch="main",
-            expected_head=events[start - 1].id if start else None,
-            events=events[start:stop],
-            status="active" if start == 0 else None,
-        )
-        await store.append(request)
-    return store, session
-
-
-@pytest.mark.parametrize("busy", ["as it comes", "every second chunk", "no worker"])
-async def test_a_log_read_on_two_cores_is_the_log_read_on_one(
-    busy: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    from ledger.verify import CHUNK
-    from tests.test_anchors import _every_second_call
-
-    if busy == "every second chunk":  # those chunks are hashed by the reader
-        monkeypatch.setattr("ledger.verify_worker.Worker.busy", _every_second_call())
-    elif busy == "no worker":
-        monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
-    store, session = await long_memory_session(2 * CHUNK + 5)
-    one = await read_log(store, session)
-    two = await read_log(store, session, parallel=True)
-    assert two.size == one.size == 2 * CHUNK + 5 and two.heads == one.heads
-    assert two.log.levels == one.log.levels and two.log.root() == one.log.root()
-    await store.close()
