@@ -9,21 +9,27 @@ event id to leaf, and reads a session again only when its event count moved
 from __future__ import annotations
 
 import bisect
+import itertools
+import sys
 from array import array
 
 from ledger.errors import EventNotFoundError
 from ledger.merkle import HASH_SIZE, MerkleLog, leaf_hash
+from ledger.verify import PAGE
 from stores.base import EventStore
 
 __all__ = ["SessionLog", "SessionLogs", "read_log"]
 
-_PREFIX = 8  # bytes of an id that sort the index; equal prefixes are told apart by the leaf
-
 
 class SessionLog:
-    """One session's Merkle log, with the ids of its leaves sorted for lookup."""
+    """One session's Merkle log, with an index from event id to leaf.
 
-    __slots__ = ("_ids", "_keys", "_order", "heads", "log", "session_id")
+    The first lookup scans the packed ids (milliseconds at a million events):
+    a one-off proof needs no index. The second builds a sorted index, for the
+    many lookups that usually follow.
+    """
+
+    __slots__ = ("_ids", "_index", "_lookups", "heads", "log", "session_id")
 
     def __init__(
         self, session_id: str, ids: bytes | bytearray, heads: dict[str, str] | None = None
@@ -33,8 +39,8 @@ class SessionLog:
         """Each branch's newest event (its head), in the log's append order."""
         self.log = MerkleLog.from_leaves(ids)
         self._ids = bytes(ids)
-        self._keys: array[int] | None = None
-        self._order: array[int] | None = None
+        self._index: array[int] | None = None
+        self._lookups = 0
 
     @property
     def size(self) -> int:
@@ -42,37 +48,58 @@ class SessionLog:
 
     def index_of(self, event_id: str) -> int | None:
         """The leaf index of an event, or None when it is not in this log."""
-        if self._keys is None or self._order is None:
-            self._build_index()
-            assert self._keys is not None and self._order is not None
         wanted = bytes.fromhex(event_id)
-        key = int.from_bytes(wanted[:_PREFIX])
-        at = bisect.bisect_left(self._keys, key)
-        while at < len(self._keys) and self._keys[at] == key:
-            index = self._order[at]
-            if self._ids[index * HASH_SIZE : (index + 1) * HASH_SIZE] == wanted:
-                return index
+        if len(wanted) != HASH_SIZE:
+            return None
+        self._lookups += 1
+        if self._index is None and self._lookups > 1:
+            self._index = _sorted_index(self._ids)
+        if self._index is None:
+            return self._scan(wanted)
+        index = self._index
+        low = _low_mask(self.size)
+        key = _prefix(wanted) & ~low
+        at = bisect.bisect_left(index, key)
+        while at < len(index) and index[at] & ~low == key:  # equal prefixes: check the leaf
+            leaf = index[at] & low
+            if self._ids[leaf * HASH_SIZE : (leaf + 1) * HASH_SIZE] == wanted:
+                return leaf
             at += 1
         return None
 
-    def _build_index(self) -> None:
-        ids = self._ids
-        prefixes = array(
-            "Q", (int.from_bytes(ids[i : i + _PREFIX]) for i in range(0, len(ids), 32))
-        )
-        order = sorted(range(len(prefixes)), key=prefixes.__getitem__)
-        self._order = array("Q", order)
-        self._keys = array("Q", (prefixes[i] for i in order))
+    def _scan(self, wanted: bytes) -> int | None:
+        at = self._ids.find(wanted)
+        while at >= 0 and at % HASH_SIZE:  # found across two ids: look on
+            at = self._ids.find(wanted, at + 1)
+        return None if at < 0 else at // HASH_SIZE
 
     def holds(self, index: int, event_id: str) -> bool:
         return self.log.leaf(index) == leaf_hash(bytes.fromhex(event_id))
+
+
+def _prefix(event_id: bytes) -> int:
+    """The first 8 bytes of an id as a number, as ``_sorted_index`` reads them."""
+    return int.from_bytes(event_id[:8], sys.byteorder)
+
+
+def _low_mask(size: int) -> int:
+    """The low bits of an index entry that hold a leaf number (of a log of ``size``)."""
+    return (1 << max(1, (size - 1).bit_length())) - 1
+
+
+def _sorted_index(ids: bytes) -> array[int]:
+    """Each leaf's number in the low bits of its id's prefix (see ``_low_mask``), sorted."""
+    low = _low_mask(len(ids) // HASH_SIZE)
+    high = ~low & 0xFFFF_FFFF_FFFF_FFFF
+    prefixes = memoryview(ids).cast("Q")[:: HASH_SIZE // 8]  # every id's first 8 bytes
+    return array("Q", sorted(map(int.__or__, map(high.__and__, prefixes), itertools.count())))
 
 
 async def read_log(store: EventStore, session_id: str) -> SessionLog:
     """The session's log as the store holds it now (its events in append order)."""
     ids = bytearray()
     heads: dict[str, str] = {}
-    async for event in store.events(session_id):
+    async for event in store.events(session_id, page_size=PAGE):
         ids += bytes.fromhex(event.id)
         heads[event.branch] = event.id
     return SessionLog(session_id, ids, heads)

@@ -17,12 +17,8 @@ chain's own findings to the event that changed when they can tell.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Final, Literal
 
 import msgspec
@@ -42,7 +38,13 @@ from ledger.events import (
     event_problem,
 )
 from ledger.merkle import MerkleLog, verify_consistency
-from ledger.verify_worker import Batch, Checked, read_answer, write_request
+from ledger.verify_worker import (
+    Answer,
+    Worker,
+    check_events,
+    encode_request,
+    event_id_if_sound,
+)
 from projections.base import fold
 from projections.session import ACTIVE, SESSION, SUSPENDED, SessionState, state_checksum
 from stores.base import EventStore
@@ -57,9 +59,6 @@ PARALLEL_FROM: Final = 50_000
 """Sessions of at least this many events are verified on two cores."""
 CHUNK: Final = 4096
 """Events per request to the worker process: a power of two (see ``ledger.verify_worker``)."""
-OWN_EVERY: Final = 5
-"""One chunk in this many is checked here instead of by the worker: the worker does more
-per event (it decodes each event again), so this keeps both processes busy."""
 
 PAGE: Final = 8192
 """Events per page read from the store: fewer round trips to its driver's thread."""
@@ -225,7 +224,7 @@ async def _walk(store: EventStore, session_id: str, key: bytes | None, need_log:
         async for event in store.events(session_id, page_size=PAGE):
             if leaves is not None:
                 leaves += bytes.fromhex(event.id)
-            if not await walker.step(event):
+            if not (await walker.step_fork(event) if walker.forks(event) else walker.step(event)):
                 break
     except IntegrityError as exc:
         walker.problems.append(Problem(session_id, exc.event_id, str(exc)))
@@ -234,7 +233,11 @@ async def _walk(store: EventStore, session_id: str, key: bytes | None, need_log:
 
 class _Walker:
     """The checks of a walk in append order that need what came before: the
-    branches' head states, the states kept for forks, the redaction pairs."""
+    branches' head states, the states kept for forks, the redaction pairs.
+
+    Each event goes to ``step``, or to ``step_fork`` when ``forks`` says so (the
+    root, a fork or a restore: they read the store); the common case is no coroutine.
+    """
 
     def __init__(
         self, store: EventStore, session_id: str, key: bytes | None, *, content: bool
@@ -251,38 +254,57 @@ class _Walker:
         self.kept: dict[str, SessionState] = {}  # every KEEP_EVERY-th depth: a fork's base
         self.redactions = _Redactions(session_id)
 
-    async def step(self, event: Event) -> bool:
-        """Check the next event; False once there are too many problems to go on."""
+    def forks(self, event: Event) -> bool:
+        """Must this event go to ``step_fork``?"""
+        return not self.checked or type(event.body) in _FORKS
+
+    def step(self, event: Event) -> bool:
+        """Check the next event (not one ``forks`` names); False once there are too many
+        problems to go on."""
         self.checked += 1
-        heads = self.heads
         try:
-            if self.checked > 1 and type(event.body) not in _FORKS:
-                state = _check_linear(self.session_id, event, heads, self.key, self.content)
-            else:
-                state = await _check(
-                    self.store,
-                    self.session_id,
-                    event,
-                    heads,
-                    self.kept,
-                    self.key,
-                    root=self.checked == 1,
-                    content=self.content,
-                )
+            state = _check_linear(self.session_id, event, self.heads, self.key, self.content)
             if type(event.body) in _PAIRED:
                 changed = self.redactions.see(event)
                 if changed is not None:
                     self.problems.append(changed)
         except _Bad as bad:
-            self.problems.append(Problem(self.session_id, event.id, str(bad)))
-            self.bad_at[event.id] = self.checked - 1
-            if bad.state is not None:
-                heads[event.branch] = bad.state
-            return len(self.problems) < MAX_PROBLEMS
-        heads[event.branch] = state
+            return self._bad(event, bad)
+        self.heads[event.branch] = state  # as _passed does, without the call
         if not event.seq % KEEP_EVERY:
             self.kept[event.id] = state
         return True
+
+    async def step_fork(self, event: Event) -> bool:
+        """``step`` of the root, a fork or a restore."""
+        self.checked += 1
+        try:
+            state = await _check(
+                self.store,
+                self.session_id,
+                event,
+                self.heads,
+                self.kept,
+                self.key,
+                root=self.checked == 1,
+                content=self.content,
+            )
+        except _Bad as bad:
+            return self._bad(event, bad)
+        return self._passed(event, state)
+
+    def _passed(self, event: Event, state: SessionState) -> bool:
+        self.heads[event.branch] = state
+        if not event.seq % KEEP_EVERY:
+            self.kept[event.id] = state
+        return True
+
+    def _bad(self, event: Event, bad: _Bad) -> bool:
+        self.problems.append(Problem(self.session_id, event.id, str(bad)))
+        self.bad_at[event.id] = self.checked - 1
+        if bad.state is not None:
+            self.heads[event.branch] = bad.state
+        return len(self.problems) < MAX_PROBLEMS
 
     def done(self, log: MerkleLog | None) -> _Walk:
         self.problems += self.redactions.unpaired()
@@ -294,129 +316,55 @@ async def _walk_parallel(
 ) -> _Walk | None:
     """``_walk`` on two cores: a worker process (``ledger.verify_worker``) recomputes
     each event's digest and id and hashes the Merkle log, chunk by chunk, while
-    this process checks the structure (and, to keep both busy, the content of one
-    chunk in ``OWN_EVERY``, with the worker's own code).
+    this process checks the structure. A chunk that fills up while the worker is
+    still taking in the one before is checked here instead, with the worker's own
+    code: so the faster process does more, whichever it is (a store that is slow to
+    read leaves the worker the content; a fast one shares it).
 
     None when the worker finds a bad event (the caller then walks again in one
     process, so that the report is exactly the sequential one), or cannot run.
     """
-    reading, writing = os.pipe()
     try:
-        worker = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "ledger.verify_worker",
-            stdin=reading,
-            stdout=asyncio.subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": _IMPORT_ROOT},
-        )
+        worker = Worker("--log" if need_log else "--content")
     except OSError:
-        os.close(writing)
         return None
-    finally:
-        os.close(reading)
-    assert worker.stdout is not None
-    pipe = _Pipe(writing)
-    results: list[tuple[bool, list[bytes]]] = []
-    answers = asyncio.ensure_future(_answers(worker.stdout, results))
     walker = _Walker(store, session_id, key, content=False)
-    chunk: Batch | Checked = Batch()
-    chunks: list[tuple[bool, list[bytes]] | None] = []  # each chunk's answer; None: the worker's
+    chunk: list[Event] = []
+    chunks: list[Answer | None] = []  # each chunk's answer; None: the worker's
     try:
         try:
             async for event in store.events(session_id, page_size=PAGE):
-                chunk.add(event)
-                if chunk.count == CHUNK:
-                    await _finish(chunk, pipe, chunks)
-                    chunk = Checked() if len(chunks) % OWN_EVERY == OWN_EVERY - 1 else Batch()
-                if not await walker.step(event):
+                chunk.append(event)
+                if len(chunk) == CHUNK:
+                    chunks.append(_hand_over(chunk, worker, need_log))
+                    chunk = []
+                if not (
+                    await walker.step_fork(event) if walker.forks(event) else walker.step(event)
+                ):
                     break
         except IntegrityError as exc:
             walker.problems.append(Problem(session_id, exc.event_id, str(exc)))
-        if chunk.count:
-            await _finish(chunk, pipe, chunks)
-        await pipe.send(write_request([]))
-        await pipe.wait()
-        await answers
-        await worker.wait()  # it ends after the empty request
-    except (OSError, EOFError, asyncio.IncompleteReadError):
-        return None  # the worker died: walk in this process
+        if chunk:
+            chunks.append(_hand_over(chunk, worker, need_log))
+        results = await worker.results()
     finally:
-        if worker.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                worker.kill()
-        answers.cancel()
-        with contextlib.suppress(OSError):
-            await pipe.wait()  # the worker is gone: a write still pending fails at once
-        os.close(writing)
-        await worker.wait()
-    if worker.returncode != 0 or len(results) != chunks.count(None):
-        return None
+        await worker.close()
+    if results is None or len(results) != chunks.count(None):
+        return None  # the worker died, or could not start: walk in this process
     theirs = iter(results)
     answered = [next(theirs) if mine is None else mine for mine in chunks]
     if not all(ok for ok, _ in answered):
         return None
-    log = None
-    if need_log:
-        depth = max((len(levels) for _, levels in answered), default=1)
-        log = MerkleLog.from_subtrees(
-            [b"".join(levels[h] for _, levels in answered if h < len(levels)) for h in range(depth)]
-        )
+    log = MerkleLog.from_chunks([levels for _, levels in answered]) if need_log else None
     return walker.done(log)
 
 
-_IMPORT_ROOT: Final = os.pathsep.join(
-    [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
-).rstrip(os.pathsep)
-"""Where the worker finds this package, installed or not."""
-
-
-class _Pipe:
-    """The worker's stdin, written from a thread: this process goes on reading and
-    checking while the worker takes a chunk in (asyncio's ``drain`` would wait for it,
-    and its transport writes only when this process yields). One write at a time."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.pending: asyncio.Future[None] | None = None
-
-    async def send(self, data: bytes | bytearray) -> None:
-        await self.wait()
-        self.pending = asyncio.ensure_future(asyncio.to_thread(_write_all, self.fd, data))
-
-    async def wait(self) -> None:
-        """Until the last write is done (raises ``OSError`` when the worker is gone)."""
-        pending, self.pending = self.pending, None
-        if pending is not None:
-            await pending
-
-
-def _write_all(fd: int, data: bytes | bytearray) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-async def _finish(
-    chunk: Batch | Checked, pipe: _Pipe, chunks: list[tuple[bool, list[bytes]] | None]
-) -> None:
-    """A full (or the last) chunk: its answer, or sent to the worker for it."""
-    if isinstance(chunk, Checked):
-        chunks.append(chunk.answer())
-        return
-    await pipe.send(chunk.request())
-    chunks.append(None)
-
-
-async def _answers(stdout: asyncio.StreamReader, results: list[tuple[bool, list[bytes]]]) -> None:
-    """The worker's answers into ``results``, read as they come, until it closes its stdout."""
-    while True:
-        try:
-            results.append(await read_answer(stdout.readexactly))
-        except asyncio.IncompleteReadError as exc:
-            if exc.partial:
-                raise
-            return
+def _hand_over(chunk: list[Event], worker: Worker, need_log: bool) -> Answer | None:
+    """A full (or the last) chunk: checked here while the worker is busy, else sent to it."""
+    if worker.busy():
+        return check_events(chunk, need_log)
+    worker.send(encode_request(chunk))
+    return None
 
 
 async def _check_anchors(
@@ -547,7 +495,8 @@ def _check_linear(
 
     ``content=False`` leaves out recomputing the event's digest and id (a worker does).
     """
-    _check_envelope(session_id, event, content)
+    if content or event.session != session_id:  # else nothing there can fail
+        _check_envelope(session_id, event, content)
     if type(event.body) is SessionCreated:
         raise _Bad("a session has exactly one root, its first event, SessionCreated")
     head = heads.get(event.branch)
@@ -641,7 +590,7 @@ class _Redactions:
 
 
 def _check_envelope(session_id: str, event: Event, content: bool = True) -> None:
-    problem = event_problem(event) if content else None
+    problem = event_problem(event) if content and event_id_if_sound(event) is None else None
     if problem:
         raise _Bad(problem)
     if event.session != session_id:

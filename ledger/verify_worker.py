@@ -1,94 +1,168 @@
 """The second process of a parallel ``verify``: each event's digest and id, and the Merkle log.
 
-Run as ``python -m ledger.verify_worker`` by ``ledger.verify``, which writes
-chunks of encoded events to its stdin and reads one answer per chunk from its
-stdout. A plain subprocess rather than ``multiprocessing``: nothing of the
-caller's ``__main__`` is imported again, so any script can verify.
+Run as ``python -m ledger.verify_worker MODE`` through ``Worker``, which writes
+chunks to its stdin and reads one answer per chunk from its stdout. A plain
+subprocess rather than ``multiprocessing``: nothing of the caller's
+``__main__`` is imported again, so any script can verify.
 
 Request: an 8-byte big-endian length, then that many bytes: a JSON array of
-events (each as ``ledger.events.encode_event`` writes it, encoded by the caller
-straight into one buffer, see ``Batch``); length 0 ends. Answer: one byte
-(1: every event verifies on its own, 0: one does not), one byte the number of
-Merkle levels, then each level as an 8-byte length and its bytes: the hashes of
-the complete subtrees of the chunk's ids (a chunk starts at a multiple of a
-power of two, so they are subtrees of the session's log).
+events encoded canonically (``encode_request``), so that each body's bytes are
+the very bytes its digest covers and the worker decodes none of them; length 0
+ends. Answer: one byte (1: every event verifies on its own, 0: one does not),
+one byte the number of Merkle levels, then each level as an 8-byte length and
+its bytes: with ``--log``, the hashes of the complete subtrees of the chunk's
+ids (a chunk starts at a multiple of a power of two, so they are subtrees of
+the session's log), else none (``--content``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import subprocess
 import sys
-from collections.abc import Awaitable, Callable
-from typing import BinaryIO
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, Final, Literal
 
+import blake3
 import msgspec
 
-from ledger.events import Event, encode_event, event_problem
+from ledger.events import (
+    _SALT,
+    FORMAT_VERSION,
+    Erased,
+    Event,
+    canonical,
+    event_problem,
+)
 from ledger.merkle import MerkleLog
 
-__all__ = ["Batch", "Checked", "check_chunk", "main", "read_answer", "write_request"]
+__all__ = [
+    "Answer",
+    "Envelope",
+    "Mode",
+    "Worker",
+    "check_chunk",
+    "check_events",
+    "encode_request",
+    "event_id_if_sound",
+    "main",
+    "read_answer",
+    "sound_id",
+]
 
+Answer = tuple[bool, list[bytes]]
+"""A chunk's answer: did every event verify on its own, and the Merkle levels of its ids."""
+Mode = Literal["--content", "--log"]
+"""What the worker answers: each chunk's verdict, and with ``--log`` the Merkle levels
+of its ids."""
+
+_blake3 = blake3.blake3
+_encode_canonical = msgspec.json.Encoder(order="deterministic").encode
+
+
+class Envelope(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, gc=False):
+    """An event as the worker reads it: the envelope, and the body left as its JSON bytes."""
+
+    id: str
+    session: str
+    parent: str | None
+    seq: int
+    branch: str
+    at: int
+    actor: str
+    body: msgspec.Raw
+    body_digest: str
+    salt: str
+    idempotency_key: str | None = None
+    format: int = FORMAT_VERSION
+
+
+_decode_envelopes = msgspec.json.Decoder(list[Envelope]).decode
 _decode_events = msgspec.json.Decoder(list[Event]).decode
-_encode_into = msgspec.json.Encoder().encode_into
 
 
-class Batch:
-    """A request being built: events encoded into one growing buffer, with no copy of each."""
-
-    __slots__ = ("_buffer", "count")
-
-    def __init__(self) -> None:
-        self._buffer = bytearray(8) + b"["  # the length goes first, once known
-        self.count = 0
-
-    def add(self, event: Event) -> None:
-        _encode_into(event, self._buffer, -1)
-        self._buffer += b","
-        self.count += 1
-
-    def request(self) -> bytearray:
-        """The framed request (empty when no event was added); the batch is spent."""
-        if not self.count:
-            return bytearray()
-        buffer = self._buffer
-        buffer[-1:] = b"]"
-        buffer[:8] = (len(buffer) - 8).to_bytes(8, "big")
-        return buffer
-
-
-class Checked:
-    """A chunk checked where it is read: the answer the worker gives for the same events."""
-
-    __slots__ = ("_ids", "count", "ok")
-
-    def __init__(self) -> None:
-        self._ids = bytearray()
-        self.count = 0
-        self.ok = True
-
-    def add(self, event: Event) -> None:
-        if event_problem(event) is not None:
-            self.ok = False
-        self._ids += bytes.fromhex(event.id)
-        self.count += 1
-
-    def answer(self) -> tuple[bool, list[bytes]]:
-        """Did every event verify on its own? And the Merkle levels of their ids."""
-        return self.ok, [bytes(level) for level in MerkleLog.from_leaves(self._ids).levels]
+def sound_id(event: Event | Envelope, kind: str, body: bytes) -> bytes | None:
+    """The event's id (bytes) when it verifies on its own, else None: ``event_problem``'s
+    checks of an event whose body is not ``Erased``, given the body's kind and its
+    canonical bytes (whatever form the body itself has)."""
+    if event.format != FORMAT_VERSION or not _SALT.fullmatch(event.salt):
+        return None
+    if _blake3(bytes.fromhex(event.salt) + body).hexdigest() != event.body_digest:
+        return None
+    header = canonical(
+        [
+            event.format,
+            event.session,
+            event.parent,
+            event.seq,
+            event.branch,
+            event.at,
+            event.actor,
+            kind,
+            event.idempotency_key,
+            event.body_digest,
+        ]
+    )
+    digest = _blake3(header).digest()
+    return digest if digest.hex() == event.id else None
 
 
-def check_chunk(blob: bytes | bytearray) -> tuple[bool, list[bytes]]:
-    """Do these events (a JSON array) verify on their own? And the Merkle levels of their ids."""
-    checked = Checked()
-    for event in _decode_events(blob):
-        checked.add(event)
-    return checked.answer()
+def event_id_if_sound(event: Event) -> bytes | None:
+    """The event's id (bytes) when ``event_problem`` finds nothing wrong with it, else None
+    (then ask ``event_problem`` why): the same checks, with fewer calls."""
+    body = event.body
+    if type(body) is Erased:
+        return bytes.fromhex(event.id) if event_problem(event) is None else None
+    return sound_id(event, type(body).__name__, canonical(body))
 
 
-def write_request(events: list[Event]) -> bytes:
-    """One request of these events (none: the request that ends the worker)."""
+def check_events(events: Sequence[Event], log: bool) -> Answer:
+    """Do these events verify on their own? And (``log``) the Merkle levels of their ids.
+
+    The answer the worker gives for the same events: the caller checks some chunks itself.
+    """
+    ids = []
+    for event in events:
+        leaf = event_id_if_sound(event)
+        if leaf is None:
+            return False, []
+        ids.append(leaf)
+    return True, _levels(ids) if log else []
+
+
+def check_chunk(blob: bytes | bytearray, log: bool) -> Answer:
+    """``check_events`` of a request's events (a JSON array, as ``encode_request`` writes it).
+
+    Each body is digested as the bytes it came in, which are canonical; an erased
+    body (rare) makes the whole chunk decode again as events, for ``event_problem``.
+    """
+    ids = []
+    for envelope in _decode_envelopes(blob):
+        body = bytes(envelope.body)
+        kind = body[9 : body.index(b'"', 9)].decode()  # the tag comes first: {"kind":"..."
+        leaf = sound_id(envelope, kind, body) if kind != "Erased" else None
+        if leaf is None:
+            return check_events(_decode_events(blob), log)  # exactly event_problem's verdict
+        ids.append(leaf)
+    return True, _levels(ids) if log else []
+
+
+def _levels(ids: list[bytes]) -> list[bytes]:
+    return [bytes(level) for level in MerkleLog.from_leaves(b"".join(ids)).levels]
+
+
+def encode_request(events: Sequence[Event]) -> bytes:
+    """One request of these events (none: the request that ends the worker).
+
+    Canonical encoding: the bytes of each body are ``canonical(body)``, what its digest covers.
+    """
     if not events:
         return bytes(8)
-    blob = b"[" + b",".join(map(encode_event, events)) + b"]"
+    blob = _encode_canonical(events)
     return len(blob).to_bytes(8, "big") + blob
 
 
@@ -99,30 +173,109 @@ def _answer(ok: bool, levels: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
-async def read_answer(readexactly: Callable[[int], Awaitable[bytes]]) -> tuple[bool, list[bytes]]:
-    """One answer, read with an ``asyncio.StreamReader``'s ``readexactly``."""
-    head = await readexactly(2)
-    levels = []
-    for _ in range(head[1]):
-        size = int.from_bytes(await readexactly(8), "big")
-        levels.append(await readexactly(size))
+def read_answer(stream: IO[bytes]) -> Answer | None:
+    """One answer from the worker's stdout; None at its end (raises ``EOFError`` if cut)."""
+    head = stream.read(2)
+    if not head:
+        return None
+    if len(head) != 2:
+        raise EOFError("the worker closed its stdout in the middle of an answer")
+    levels = [_read(stream, int.from_bytes(_read(stream, 8), "big")) for _ in range(head[1])]
     return bool(head[0]), levels
 
 
-def _read(stream: BinaryIO, size: int) -> bytes:
+def _read(stream: IO[bytes], size: int) -> bytes:
     data = stream.read(size)
     if len(data) != size:
-        raise EOFError("the verifying process closed the pipe")
+        raise EOFError("the other process closed the pipe")
     return data
 
 
+IMPORT_ROOT: Final = os.pathsep.join(
+    [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+).rstrip(os.pathsep)
+"""Where the worker finds this package, installed or not."""
+
+
+class Worker:
+    """The worker process, written to from one thread and read from another: neither
+    waits for this process's event loop, which a walk over a store that never
+    yields (the memory store) would not give them."""
+
+    def __init__(self, mode: Mode) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ledger.verify_worker", mode],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": IMPORT_ROOT},
+        )
+        self._threads = ThreadPoolExecutor(2, thread_name_prefix="ledger-verify")
+        self._writes: list[Future[None]] = []
+        self._answers = self._threads.submit(self._read_answers)
+
+    def busy(self) -> bool:
+        """Is the worker yet to take in the last request sent? (A request is larger
+        than a pipe holds: its write ends only as the worker reads it.)"""
+        return bool(self._writes) and not self._writes[-1].done()
+
+    def send(self, request: bytes) -> None:
+        previous = self._writes[-1] if self._writes else None
+        self._writes.append(self._threads.submit(self._write, request, previous))
+
+    def _write(self, data: bytes, previous: Future[None] | None) -> None:
+        if previous is not None:
+            previous.result()  # in order; and a failed write fails every later one
+        assert self.process.stdin is not None
+        self.process.stdin.write(data)
+        self.process.stdin.flush()
+
+    def _read_answers(self) -> list[Answer]:
+        assert self.process.stdout is not None
+        answers = []
+        while (answer := read_answer(self.process.stdout)) is not None:
+            answers.append(answer)
+        return answers
+
+    async def results(self) -> list[Answer] | None:
+        """Every answer, once the worker has ended after the last request; None if it failed."""
+        self.send(encode_request([]))
+        try:
+            await asyncio.wrap_future(self._writes[-1])
+            answers = await asyncio.wrap_future(self._answers)
+            returncode = await asyncio.to_thread(self.process.wait)
+        except (OSError, EOFError, ValueError):
+            return None
+        return answers if returncode == 0 else None
+
+    async def close(self) -> None:
+        """The process and the threads ended, whatever happened."""
+        if self.process.poll() is None:
+            self.process.kill()
+        await asyncio.to_thread(self._end)
+
+    def _end(self) -> None:
+        self.process.wait()
+        for write in self._writes:
+            with contextlib.suppress(Exception):
+                write.result()
+        with contextlib.suppress(Exception):
+            self._answers.result()
+        self._threads.shutdown()
+        for pipe in (self.process.stdin, self.process.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+
+
 def main() -> None:
+    mode = sys.argv[1] if len(sys.argv) > 1 else "--content"
     source, sink = sys.stdin.buffer, sys.stdout.buffer
     while True:
         size = int.from_bytes(_read(source, 8), "big")
         if size == 0:
             return
-        sink.write(_answer(*check_chunk(_read(source, size))))
+        request = _read(source, size)
+        sink.write(_answer(*check_chunk(request, mode == "--log")))
         sink.flush()
 
 

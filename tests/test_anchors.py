@@ -10,6 +10,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ledger import Ledger, LedgerConfig
 from ledger.anchors import Anchor, decode_anchor, encode_anchor, key_id
@@ -372,6 +374,16 @@ async def test_verify_on_two_cores_reports_exactly_what_one_core_does(
     assert one == two and event.id in [p.event_id for p in two.problems]
 
 
+def _every_second_call() -> Callable[[Any], bool]:
+    """A ``Worker.busy`` that says False, True, False, ... to each worker."""
+
+    def busy(worker: Any) -> bool:
+        worker.calls = getattr(worker, "calls", 0) + 1
+        return worker.calls % 2 == 0
+
+    return busy
+
+
 async def test_chunks_checked_by_the_caller_give_the_same_report_and_log(
     long_file: tuple[Path, str, list[str], Anchor],
     tmp_path: Path,
@@ -381,8 +393,9 @@ async def test_chunks_checked_by_the_caller_give_the_same_report_and_log(
 
     from ledger.verify import CHUNK, _walk_parallel
 
-    # Every second chunk (events CHUNK to 2 * CHUNK - 1 here) is checked by the caller.
-    monkeypatch.setattr("ledger.verify.OWN_EVERY", 2)
+    # Every second chunk (events CHUNK to 2 * CHUNK - 1 here) is checked by the caller:
+    # it finds the worker busy then.
+    monkeypatch.setattr("ledger.verify_worker.Worker.busy", _every_second_call())
     source, sid, ids, anchor = long_file
     path = tmp_path / "l.db"
     shutil.copy(source, path)
@@ -407,6 +420,33 @@ async def test_chunks_checked_by_the_caller_give_the_same_report_and_log(
         assert await _walk_parallel(led.store, sid, KEY, True) is None
     one, two = await both_ways(path, sid, [anchor])
     assert one == two and two.first_bad == event.id
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_any_single_byte_change_gives_the_same_report_on_two_cores(
+    long_file: tuple[Path, str, list[str], Anchor], tmp_path: Path, data: st.DataObject
+) -> None:
+    import asyncio
+    import shutil
+    import tempfile
+
+    source, sid, _, anchor = long_file
+    path = Path(tempfile.mkdtemp(dir=tmp_path)) / "l.db"  # no -wal of an earlier example
+    shutil.copy(source, path)
+    position, _ = data.draw(st.sampled_from(tamper.rows(path, sid)), label="event")
+    with sqlite3.connect(path) as db:
+        (stored,) = db.execute("SELECT data FROM events WHERE position = ?", (position,)).fetchone()
+        raw = bytearray(stored)
+        at = data.draw(st.integers(0, len(raw) - 1), label="offset")
+        raw[at] = data.draw(
+            st.sampled_from(b"0123456789abcdef").filter(lambda b: b != raw[at])
+            | st.integers(0, 255).filter(lambda b: b != raw[at]),
+            label="byte",
+        )
+        db.execute("UPDATE events SET data = ? WHERE position = ?", (bytes(raw), position))
+    one, two = asyncio.run(both_ways(path, sid, [anchor]))
+    assert not one.ok and one == two
 
 
 async def test_verify_falls_back_to_one_core_without_a_worker(

@@ -21,6 +21,7 @@ from ledger.anchors import anchor_mac, key_id
 from ledger.cli import main
 from ledger.errors import AnchorError, EventNotFoundError, ProofError
 from ledger.events import TurnAdded
+from ledger.logs import SessionLog
 from ledger.merkle import blake3_hash
 from ledger.proofs import (
     ConsistencyProof,
@@ -418,3 +419,27 @@ def test_check_proof_runs_offline_in_a_real_process(
     }
     assert "does not verify" in json.loads(bad.stdout)["error"]
     assert not (tmp_path / "ledger.db").exists()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    ids=st.lists(st.binary(min_size=32, max_size=32), unique=True, max_size=40),
+    twins=st.integers(0, 5),
+    lookups=st.lists(st.integers(0, 60), max_size=6),
+)
+def test_a_log_finds_each_leaf_by_scan_then_by_index(
+    ids: list[bytes], twins: int, lookups: list[int]
+) -> None:
+    # Ids sharing their first 8 bytes (the index's key) are told apart by the whole id.
+    ids += [ids[0][:8] + bytes([n]) * 24 for n in range(twins)] if ids else []
+    ids = list(dict.fromkeys(ids))
+    log = SessionLog("s", b"".join(ids))
+    # Not ids: all 0xff, and (when there are two ids) the bytes across their boundary.
+    others = [b"\xff" * 32] * 2 + ([ids[0][16:] + ids[1][:16]] if len(ids) > 1 else [b"\xff" * 32])
+    for n in lookups + list(
+        range(len(ids) + 3)
+    ):  # the first lookups scan, later ones use the index
+        wanted = ids[n] if n < len(ids) else others[n % 3]
+        expected = n if n < len(ids) else (ids.index(wanted) if wanted in ids else None)
+        assert log.index_of(wanted.hex()) == expected
+    assert log.index_of("ab") is None  # not an id at all
