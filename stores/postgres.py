@@ -625,6 +625,7 @@ _get_position = operator.itemgetter(0)
 _get_data = operator.itemgetter(3)
 _get_row_id = operator.itemgetter(1)
 _get_row_session = operator.itemgetter(2)
+_get_index_entry = operator.itemgetter(1, 3, 4)  # (id, seq, parent) of a path_index row
 _get_id = operator.attrgetter("id")
 _get_session = operator.attrgetter("session")
 
@@ -1392,7 +1393,7 @@ class PostgresStore(PurgeStore):
             return []
         with gc_paused():
             rows = await self._path_rows(event_id, limit, _INDEX_WINDOW_SQL, _INDEX_CHAIN_SQL)
-        return [(row[1], row[3], row[4]) for row in rows]
+        return list(map(_get_index_entry, rows))
 
     async def _path_rows(
         self, event_id: str, limit: int | None, window_sql: str, chain_sql: str
