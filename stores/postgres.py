@@ -434,30 +434,45 @@ _REQUEST_FIELDS: Final = 8
 """The leading arguments of ``ledger_append`` that are one per request; the rest are per event."""
 _EVENT_COLUMNS: Final = "position, id, session_id, data"
 _PATH_WINDOW: Final = 4096
-"""Rows read at once by ``ancestors``: a path of a million events takes 245 reads."""
-# ancestors: a window of the session's events from the cursor's position down,
-# newest first, below the last event taken ($3). The cursor's position is a
-# scalar subquery, so the server bounds the index scan with it (as a join, with
-# no statistics after a bulk load, it scanned the whole session).
-_WINDOW_SQL: Final = (
-    "SELECT position, id, session_id, data, parent FROM ledger_events "
-    "WHERE session_id = $1 AND position < $3 AND position <= "
-    "(SELECT position FROM ledger_events WHERE session_id = $1 AND id = $2) "
-    "ORDER BY position DESC LIMIT $4"
-)
-# ancestors, where windows are mostly other branches: up to $4 events of the path
-# from $2 (below position $3) by index seeks, in the session $1.
-_CHAIN_SQL: Final = (
-    "WITH RECURSIVE chain(position, id, session_id, data, parent, depth) AS ("
-    " SELECT position, id, session_id, data, parent, 1::bigint FROM ledger_events"
-    " WHERE session_id = $1 AND id = $2 AND position < $3"
-    " UNION ALL"
-    " SELECT e.position, e.id, e.session_id, e.data, e.parent, c.depth + 1"
-    " FROM chain AS c JOIN ledger_events AS e"
-    " ON e.session_id = c.session_id AND e.id = c.parent AND e.position < c.position"
-    " WHERE c.depth < $4"
-    ") SELECT position, id, session_id, data, parent FROM chain ORDER BY depth"
-)
+"""Rows read at once by a walk of a path: a path of a million events takes 245 reads."""
+
+
+def _window_sql(column: str) -> str:
+    """A window of the session ``$1``'s events ``(position, id, session_id, column,
+    parent)`` from the cursor ``$2``'s position down, newest first, below position
+    ``$3``, at most ``$4``."""
+    # The cursor's position is a scalar subquery, so the server bounds the index
+    # scan with it (as a join, with no statistics after a bulk load, it scanned
+    # the whole session).
+    return (
+        f"SELECT position, id, session_id, {column}, parent FROM ledger_events "
+        "WHERE session_id = $1 AND position < $3 AND position <= "
+        "(SELECT position FROM ledger_events WHERE session_id = $1 AND id = $2) "
+        "ORDER BY position DESC LIMIT $4"
+    )
+
+
+def _chain_sql(column: str) -> str:
+    """Up to ``$4`` rows of the path from ``$2`` (below position ``$3``) by index seeks,
+    in the session ``$1``: for where windows are mostly other branches."""
+    return (
+        f"WITH RECURSIVE chain(position, id, session_id, {column}, parent, depth) AS ("
+        f" SELECT position, id, session_id, {column}, parent, 1::bigint FROM ledger_events"
+        " WHERE session_id = $1 AND id = $2 AND position < $3"
+        " UNION ALL"
+        f" SELECT e.position, e.id, e.session_id, e.{column}, e.parent, c.depth + 1"
+        " FROM chain AS c JOIN ledger_events AS e"
+        " ON e.session_id = c.session_id AND e.id = c.parent AND e.position < c.position"
+        " WHERE c.depth < $4"
+        f") SELECT position, id, session_id, {column}, parent FROM chain ORDER BY depth"
+    )
+
+
+# ancestors reads the events' data; path_index only their seq.
+_WINDOW_SQL: Final = _window_sql("data")
+_CHAIN_SQL: Final = _chain_sql("data")
+_INDEX_WINDOW_SQL: Final = _window_sql("seq")
+_INDEX_CHAIN_SQL: Final = _chain_sql("seq")
 _SESSION_COLUMNS: Final = (
     "session_id, user_id, agent, status, created_at, last_activity_at, event_count"
 )
@@ -610,6 +625,7 @@ _get_position = operator.itemgetter(0)
 _get_data = operator.itemgetter(3)
 _get_row_id = operator.itemgetter(1)
 _get_row_session = operator.itemgetter(2)
+_get_index_entry = operator.itemgetter(1, 3, 4)  # (id, seq, parent) of a path_index row
 _get_id = operator.attrgetter("id")
 _get_session = operator.attrgetter("session")
 
@@ -1360,6 +1376,33 @@ class PostgresStore(PurgeStore):
         self._check_open()
         if limit is not None and limit <= 0:
             return []
+        with gc_paused():  # a long path is a bulk read: see ledger.events.gc_paused
+            rows = await self._path_rows(event_id, limit, _WINDOW_SQL, _CHAIN_SQL)
+            events = _decode_rows(rows, self.target)
+            return check_ancestry(events, limit, f"at {self.target}")
+
+    async def path_index(self, event_id: str, limit: int) -> list[tuple[str, int, str | None]]:
+        """``(id, seq, parent)`` of up to ``limit`` events of the path from ``event_id``
+        back, newest first, read from the columns alone: nothing is decoded or checked.
+
+        For the fold engine's walk back to a snapshot (``projections.engine.PathIndex``),
+        which reads the events it folds through ``ancestors``, with every check.
+        """
+        self._check_open()
+        if limit <= 0:
+            return []
+        with gc_paused():
+            rows = await self._path_rows(event_id, limit, _INDEX_WINDOW_SQL, _INDEX_CHAIN_SQL)
+        return list(map(_get_index_entry, rows))
+
+    async def _path_rows(
+        self, event_id: str, limit: int | None, window_sql: str, chain_sql: str
+    ) -> list[_Row]:
+        """Rows ``(position, id, session_id, column, parent)`` of the parent path from
+        ``event_id`` back, newest first, by ``window_sql`` and ``chain_sql`` (one pair
+        of ``_window_sql`` and ``_chain_sql``): ``limit`` of them, or fewer at the root
+        or where a parent is missing (the caller names that). EventNotFoundError when
+        ``event_id`` is unknown."""
         # A path is mostly a run of the session's events in append order (a
         # branch's events follow one another), so it is read as windows of the
         # session's events newest first, a backward range scan of
@@ -1368,47 +1411,45 @@ class PostgresStore(PurgeStore):
         # after the first names the session (Citus routes it to one shard).
         # Positions fall strictly along the walk, so even a tampered parent
         # column cannot make it loop.
-        with gc_paused():  # a long path is a bulk read: see ledger.events.gc_paused
-            chosen: list[_Row] = []
-            cursor: str | None = event_id
-            # The session, found by the event id (the primary key leads with it).
-            # No ORDER BY ... LIMIT: with no statistics yet (a bulk load) the
-            # server would walk the position index to the event instead.
-            found = await self._fetch(
-                "SELECT position, session_id FROM ledger_events WHERE id = $1", event_id
-            )
-            if not found:
-                raise EventNotFoundError(event_id)
-            session: str = min(found)[1]
-            below = _NO_LIMIT
-            sparse = False
-            while cursor is not None and (limit is None or len(chosen) < limit):
-                want = _PATH_WINDOW if limit is None else min(limit - len(chosen), _PATH_WINDOW)
-                if sparse:
-                    # The last window was mostly other branches' events: one
-                    # window's worth of the path by index seeks, then windows again.
-                    rows = await self._fetch(_CHAIN_SQL, session, cursor, below, want)
-                    chosen.extend(rows)
-                    if len(rows) < want:
-                        break  # the root, or a parent missing: named below
-                    cursor, below, sparse = rows[-1][4], rows[-1][0], False
-                    continue
-                rows = await self._fetch(_WINDOW_SQL, session, cursor, below, want)
-                if not rows or rows[0][1] != cursor:
-                    break  # unknown, or a parent missing or out of order: named below
-                taken = len(chosen)
-                for row in rows:
-                    if row[1] == cursor:
-                        chosen.append(row)
-                        cursor = row[4]
-                        if cursor is None or len(chosen) == limit:
-                            break
-                below = chosen[-1][0]
-                sparse = len(chosen) - taken < len(rows) // 4
-            if not chosen:
-                raise EventNotFoundError(event_id)
-            events = _decode_rows(chosen, self.target)
-            return check_ancestry(events, limit, f"at {self.target}")
+        chosen: list[_Row] = []
+        cursor: str | None = event_id
+        # The session, found by the event id (the primary key leads with it).
+        # No ORDER BY ... LIMIT: with no statistics yet (a bulk load) the
+        # server would walk the position index to the event instead.
+        found = await self._fetch(
+            "SELECT position, session_id FROM ledger_events WHERE id = $1", event_id
+        )
+        if not found:
+            raise EventNotFoundError(event_id)
+        session: str = min(found)[1]
+        below = _NO_LIMIT
+        sparse = False
+        while cursor is not None and (limit is None or len(chosen) < limit):
+            want = _PATH_WINDOW if limit is None else min(limit - len(chosen), _PATH_WINDOW)
+            if sparse:
+                # The last window was mostly other branches' events: one
+                # window's worth of the path by index seeks, then windows again.
+                rows = await self._fetch(chain_sql, session, cursor, below, want)
+                chosen.extend(rows)
+                if len(rows) < want:
+                    break  # the root, or a parent missing: the caller names it
+                cursor, below, sparse = rows[-1][4], rows[-1][0], False
+                continue
+            rows = await self._fetch(window_sql, session, cursor, below, want)
+            if not rows or rows[0][1] != cursor:
+                break  # a parent missing or out of order: the caller names it
+            taken = len(chosen)
+            for row in rows:
+                if row[1] == cursor:
+                    chosen.append(row)
+                    cursor = row[4]
+                    if cursor is None or len(chosen) == limit:
+                        break
+            below = chosen[-1][0]
+            sparse = len(chosen) - taken < len(rows) // 4
+        if not chosen:
+            raise EventNotFoundError(event_id)
+        return chosen
 
     async def events(self, session_id: str, *, page_size: int = 1000) -> AsyncIterator[Event]:
         page_size = max(1, page_size)

@@ -26,16 +26,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import stores.postgres
 from ledger import Ledger
 from ledger.errors import (
     ConfigError,
+    EventNotFoundError,
     IntegrityError,
     StoreError,
 )
 from ledger.events import Event, TurnAdded, encode_event
 from ledger.testing import append_request, branch_event, create_event, next_event
+from projections.base import fold
+from projections.engine import FoldEngine
+from projections.session import SESSION
 from stores import open_store
 from stores.base import FeedItem
 from stores.postgres import SCHEMA_VERSION, SESSION_TABLES, PostgresStore
@@ -95,6 +101,11 @@ async def wait_until(predicate: Any, what: str) -> Any:
             return value
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.02)
+
+
+def index_of(events: list[Event]) -> list[tuple[str, int, str | None]]:
+    """What ``path_index`` gives for a path read by ``ancestors``."""
+    return [(event.id, event.seq, event.parent) for event in events]
 
 
 def no_driver_traceback(error: BaseException) -> bool:
@@ -896,10 +907,11 @@ async def test_ancestors_in_small_windows_across_interleaved_branches(
                 assert await store.ancestors(path[at].id) == expected
                 for limit in (1, 7, 8, 9, 30):
                     assert await store.ancestors(path[at].id, limit=limit) == expected[:limit]
+                    assert await store.path_index(path[at].id, limit) == index_of(expected[:limit])
             assert await store.path(path[-1].id) == path
         # Both ways of reading were taken (the test would prove little otherwise).
-        assert sql_run[stores.postgres._WINDOW_SQL] > 0
-        assert sql_run[stores.postgres._CHAIN_SQL] > 0
+        for sql in ("_WINDOW_SQL", "_CHAIN_SQL", "_INDEX_WINDOW_SQL", "_INDEX_CHAIN_SQL"):
+            assert sql_run[getattr(stores.postgres, sql)] > 0, sql
 
 
 @pytest.mark.parametrize("tampered", ["other", "missing"])
@@ -922,3 +934,137 @@ async def test_ancestors_name_a_tampered_parent_column(
         assert victim.id in str(info.value)
         # Above the tampered row the path reads as before.
         assert await store.ancestors(events[-1].id, limit=2) == [events[6], events[5]]
+
+
+# --- path_index: the path by its ids, for the fold engine ---------------------------
+
+
+async def _random_tree(store: PostgresStore, data: st.DataObject) -> list[Event]:
+    """A session grown by random runs of appends on random branches and forks from
+    any of its events; its events in append order."""
+    root = create()
+    await store.append(append_request([root], None))
+    events, heads = [root], {"main": root}
+    for step in range(data.draw(st.integers(1, 8), label="steps")):
+        if data.draw(st.booleans(), label="fork"):
+            fork_point = data.draw(st.sampled_from(events), label="fork point")
+            batch = [branch_event(fork_point, f"b{step}")]
+            expected_head = None
+        else:
+            head = heads[data.draw(st.sampled_from(sorted(heads)), label="branch")]
+            batch, expected_head = [turn(head)], head.id
+        for _ in range(data.draw(st.integers(0, 12), label="run")):
+            batch.append(turn(batch[-1]))
+        await store.append(append_request(batch, expected_head))
+        events.extend(batch)
+        heads[batch[-1].branch] = batch[-1]
+    return events
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.data())
+def test_path_index_is_the_ancestors_ids_seqs_and_parents(url: str, data: st.DataObject) -> None:
+    window = data.draw(st.sampled_from([1, 2, 3, 5, 4096]), label="window")
+
+    async def check() -> None:
+        async with PostgresStore.from_url(url) as store:
+            events = await _random_tree(store, data)
+            by_id = {event.id: event for event in events}
+            for event in events:
+                path = [event]
+                while path[-1].parent is not None:
+                    path.append(by_id[path[-1].parent])
+                for limit in (1, 2, 7, len(path), len(path) + 5):
+                    got = await store.path_index(event.id, limit)
+                    assert got == index_of(await store.ancestors(event.id, limit))
+                    assert got == index_of(path[:limit])
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("stores.postgres._PATH_WINDOW", window)
+        asyncio.run(check())
+
+
+async def test_path_index_of_an_unknown_id_or_no_limit(url: str) -> None:
+    async with PostgresStore.from_url(url) as store:
+        root = create()
+        await store.append(append_request([root], None))
+        unknown = "e" * 64
+        with pytest.raises(EventNotFoundError) as info:
+            await store.path_index(unknown, 10)
+        assert unknown in str(info.value)
+        assert await store.path_index(root.id, 0) == []
+        assert await store.path_index(root.id, 1) == [(root.id, 0, None)]
+
+
+async def _bulk_loaded(store: PostgresStore, n: int, branch_at: int) -> list[Event]:
+    """A session of ``n`` events on main, a branch forked at ``branch_at`` with as
+    many events after it interleaved in the table, and no snapshot: the branch's path."""
+    root = create()
+    main = [root]
+    for _ in range(n - 1):
+        main.append(turn(main[-1]))
+    await store.append(append_request(main[:1], None))
+    await store.append(append_request(main[1:branch_at], root.id))
+    alt = [*main[:branch_at], branch_event(main[branch_at - 1], "alt")]
+    await store.append(append_request(alt[-1:], None))
+    for start in range(branch_at, n, 50):
+        head = main[start - 1]
+        await store.append(append_request(main[start : start + 50], head.id))
+        more = [turn(alt[-1])]
+        for _ in range(49):
+            more.append(turn(more[-1]))
+        await store.append(append_request(more, alt[-1].id))
+        alt.extend(more)
+    return alt
+
+
+@pytest.mark.parametrize("window", [7, 4096])
+async def test_a_first_fold_by_the_path_index_equals_the_fold_from_the_root(
+    url: str, monkeypatch: pytest.MonkeyPatch, window: int
+) -> None:
+    # Small steps of the engine's walk back, so it crosses many path_index calls
+    # on a path that leaves main midway (interleaved with main in the table).
+    monkeypatch.setattr("projections.engine._INDEX_STEP", 64)
+    monkeypatch.setattr("stores.postgres._PATH_WINDOW", window)
+    async with PostgresStore.from_url(url) as store:
+        path = await _bulk_loaded(store, 1_200, branch_at=300)
+        indexed: list[int] = []
+        path_index = store.path_index
+
+        async def counted(event_id: str, limit: int) -> list[tuple[str, int, str | None]]:
+            steps = await path_index(event_id, limit)
+            indexed.append(len(steps))
+            return steps
+
+        monkeypatch.setattr(store, "path_index", counted)
+        engine = FoldEngine(store, snapshot_every=8)
+        for at in (path[-1], path[700], path[299]):
+            state = await engine.state_at(SESSION, at.session, at.id)
+            assert state == fold(SESSION, path[: at.seq + 1])
+        assert len(indexed) > len(path) // 64  # the walk went by the index
+
+
+@pytest.mark.parametrize("tampered", ["skips", "missing"])
+async def test_a_first_fold_by_the_path_index_names_a_bad_parent_column(
+    url: str, postgres_url: str, schema: str, tampered: str
+) -> None:
+    async with PostgresStore.from_url(url) as store:
+        root = create()
+        events = [root]
+        for _ in range(1_499):
+            events.append(turn(events[-1]))
+        await store.append(append_request(events, None))
+        child = events[701]
+        async with admin(postgres_url, schema) as conn:
+            if tampered == "skips":  # the parent column skips one event
+                await conn.execute(
+                    "UPDATE ledger_events SET parent = $1 WHERE id = $2", events[699].id, child.id
+                )
+            else:
+                await conn.execute("DELETE FROM ledger_events WHERE id = $1", events[700].id)
+        engine = FoldEngine(store, snapshot_every=8)
+        with pytest.raises(IntegrityError) as info:
+            await engine.state_at(SESSION, root.session, events[-1].id)
+        assert child.id in str(info.value)
