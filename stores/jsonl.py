@@ -2296,28 +2296,43 @@ class JSONLStore(PurgeStore):
         # one another): read windows of lines ending at the next event wanted,
         # and follow the parents through the index. Line numbers fall strictly
         # along the walk, so a damaged parent link cannot make it loop.
+        ids = session.ids
         out: list[_Item] = []
         while True:
             want = _PATH_WINDOW if limit is None else min(limit - len(out), _PATH_WINDOW)
             first = max(0, k - want + 1)
             lines = await self._lines_between(session, first, k + 1, read)
+            parents = list(map(parent_of, lines))
+            if parents[1:] == list(map(ids.__getitem__, range(first, k))):
+                # The whole window is one chain (the usual case): taken at once.
+                out.extend(reversed(lines[1:]))
+                k = first
             while True:
-                child = lines[k - first]
-                out.append(child)
-                parent_id = parent_of(child)
-                if parent_id is None or len(out) == limit:
+                out.append(lines[k - first])
+                if len(out) == limit:
                     return out
-                parent = self._find(parent_id)
-                if parent is None or parent[0] is not session or parent[1] >= k:
-                    child_id = session.ids[k]
-                    raise IntegrityError(
-                        f"Parent of event {child_id!r} is missing from "
-                        f"{str(session.path)!r}: {parent_id!r}",
-                        child_id,
-                    )
-                k = parent[1]
+                parent = self._parent_line(session, k, parents[k - first])
+                if parent is None:
+                    return out
+                k = parent
                 if k < first:
                     break
+
+    def _parent_line(self, session: _Session, k: int, parent_id: str | None) -> int | None:
+        """The line of ``parent_id``, the parent of line ``k``: None at the root;
+        IntegrityError when it is not an earlier line of the session."""
+        if parent_id is None:
+            return None
+        if k and session.ids[k - 1] == parent_id:  # the usual: the line before
+            return k - 1
+        found = self._find(parent_id)
+        if found is None or found[0] is not session or found[1] >= k:
+            child = session.ids[k]
+            raise IntegrityError(
+                f"Parent of event {child!r} is missing from {str(session.path)!r}: {parent_id!r}",
+                child,
+            )
+        return found[1]
 
     async def events(self, session_id: str, *, page_size: int = 1000) -> AsyncIterator[Event]:
         await self._refresh()
