@@ -140,9 +140,9 @@ import os
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Final, Literal
+from typing import Annotated, Final, Literal, TypeVar
 from urllib.parse import parse_qsl
 
 import msgspec
@@ -213,6 +213,12 @@ _LINE: Final = re.compile(
     rb'\{"pos":([1-9][0-9]{0,14}),"batch":\[([1-9][0-9]{0,8}),([1-9][0-9]{0,8})\]'
     rb'(?:,"status":"(active|suspended|closed|expired)")?,"event":'
 )
+_STEP: Final = re.compile(
+    rb'\{"pos":[0-9]+,"batch":\[[0-9]+,[0-9]+\](?:,"status":"[a-z]+")?,"event":'
+    rb'\{"id":"[0-9a-f]+","session":"[0-9a-f-]+","parent":(?:null|"([0-9a-f]+)"),"seq":([0-9]+),'
+)
+"""The start of an event line as this code writes it (``encode_event``'s field order):
+``path_index`` takes an event's parent and seq from it without decoding the line."""
 _TOMBSTONE: Final = re.compile(rb"([0-9]{15}) ([0-9a-f-]{36}) purged {20}\n")
 """A ``feed.log`` record whose event was purged (its position stays taken)."""
 _SESSION_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -355,6 +361,12 @@ _page_decoder = msgspec.json.Decoder(list[_Envelope])
 _get_event = operator.attrgetter("event")
 _get_id = operator.attrgetter("id")
 _get_session = operator.attrgetter("session")
+_get_parent = operator.attrgetter("parent")
+_step_parent = operator.itemgetter(2)
+
+_Step = tuple[str, int, str | None]
+"""An event's ``(id, seq, parent)``: what ``path_index`` gives."""
+_Item = TypeVar("_Item", Event, _Step)
 
 
 def _decode_page(data: bytes, session: _Session, first: int, stop: int) -> list[Event] | None:
@@ -2190,13 +2202,44 @@ class JSONLStore(PurgeStore):
             for k in range(first, stop)
         ]
 
-    async def _events_between(self, session: _Session, first: int, stop: int) -> list[Event]:
+    def _read_steps(
+        self, session: _Session, first: int, stop: int, cache: bool = False
+    ) -> list[_Step]:
+        """``(id, seq, parent)`` of lines ``first`` to ``stop - 1`` of ``session``, with
+        one read: the id from the index, seq and parent from the start of the line,
+        nothing decoded or checked (``ancestors`` checks what a fold reads)."""
+        starts, ends, ids = session.starts, session.ends, session.ids
+        base = starts[first]
+        data = self._pread(session, base, ends[stop - 1] - base, cache)
+        match = _STEP.match
+        steps: list[_Step] = []
+        for k in range(first, stop):
+            found = match(data, starts[k] - base)
+            if found is None:  # not as this code writes lines: decode it, or name the damage
+                event = self._decode(session, k, data[starts[k] - base : ends[k] - base])
+                steps.append((event.id, event.seq, event.parent))
+                continue
+            parent = found[1]
+            steps.append((ids[k], int(found[2]), parent.decode() if parent else None))
+        return steps
+
+    async def _lines_between(
+        self,
+        session: _Session,
+        first: int,
+        stop: int,
+        read: Callable[[_Session, int, int, bool], list[_Item]],
+    ) -> list[_Item]:
+        """``read`` of lines ``first`` to ``stop - 1``: on the event loop when small."""
         if stop <= first:
             return []
         with _translate(session.path, session.session_id):
             if session.ends[stop - 1] - session.starts[first] <= _INLINE_BYTES:
-                return self._read_range(session, first, stop, True)
-            return await asyncio.to_thread(self._read_range, session, first, stop)
+                return read(session, first, stop, True)
+            return await asyncio.to_thread(read, session, first, stop, False)
+
+    async def _events_between(self, session: _Session, first: int, stop: int) -> list[Event]:
+        return await self._lines_between(session, first, stop, self._read_range)
 
     async def get(self, event_id: str) -> Event:
         await self._refresh()
@@ -2221,6 +2264,27 @@ class JSONLStore(PurgeStore):
         return (await self._events_between(found[0], found[1], found[1] + 1))[0]
 
     async def ancestors(self, event_id: str, limit: int | None = None) -> list[Event]:
+        return await self._path(event_id, limit, self._read_range, _get_parent)
+
+    async def path_index(self, event_id: str, limit: int) -> list[_Step]:
+        """``(id, seq, parent)`` of up to ``limit`` events of the path from ``event_id``
+        back, newest first, read from the lines' starts: no event is decoded or checked.
+
+        For the fold engine's walk back to a snapshot (``projections.engine.PathIndex``),
+        which reads the events it folds through ``ancestors``, with every check.
+        """
+        with gc_paused():
+            return await self._path(event_id, limit, self._read_steps, _step_parent)
+
+    async def _path(
+        self,
+        event_id: str,
+        limit: int | None,
+        read: Callable[[_Session, int, int, bool], list[_Item]],
+        parent_of: Callable[[_Item], str | None],
+    ) -> list[_Item]:
+        """``read``'s item for each event of the path from ``event_id`` back, newest
+        first: ``limit`` of them, or all to the root."""
         await self._refresh()
         if limit is not None and limit <= 0:
             return []
@@ -2232,26 +2296,43 @@ class JSONLStore(PurgeStore):
         # one another): read windows of lines ending at the next event wanted,
         # and follow the parents through the index. Line numbers fall strictly
         # along the walk, so a damaged parent link cannot make it loop.
-        out: list[Event] = []
+        ids = session.ids
+        out: list[_Item] = []
         while True:
             want = _PATH_WINDOW if limit is None else min(limit - len(out), _PATH_WINDOW)
             first = max(0, k - want + 1)
-            lines = await self._events_between(session, first, k + 1)
+            lines = await self._lines_between(session, first, k + 1, read)
+            parents = list(map(parent_of, lines))
+            if parents[1:] == list(map(ids.__getitem__, range(first, k))):
+                # The whole window is one chain (the usual case): taken at once.
+                out.extend(reversed(lines[1:]))
+                k = first
             while True:
-                child = lines[k - first]
-                out.append(child)
-                if child.parent is None or len(out) == limit:
+                out.append(lines[k - first])
+                if len(out) == limit:
                     return out
-                parent = self._find(child.parent)
-                if parent is None or parent[0] is not session or parent[1] >= k:
-                    raise IntegrityError(
-                        f"Parent of event {child.id!r} is missing from "
-                        f"{str(session.path)!r}: {child.parent!r}",
-                        child.id,
-                    )
-                k = parent[1]
+                parent = self._parent_line(session, k, parents[k - first])
+                if parent is None:
+                    return out
+                k = parent
                 if k < first:
                     break
+
+    def _parent_line(self, session: _Session, k: int, parent_id: str | None) -> int | None:
+        """The line of ``parent_id``, the parent of line ``k``: None at the root;
+        IntegrityError when it is not an earlier line of the session."""
+        if parent_id is None:
+            return None
+        if k and session.ids[k - 1] == parent_id:  # the usual: the line before
+            return k - 1
+        found = self._find(parent_id)
+        if found is None or found[0] is not session or found[1] >= k:
+            child = session.ids[k]
+            raise IntegrityError(
+                f"Parent of event {child!r} is missing from {str(session.path)!r}: {parent_id!r}",
+                child,
+            )
+        return found[1]
 
     async def events(self, session_id: str, *, page_size: int = 1000) -> AsyncIterator[Event]:
         await self._refresh()
