@@ -248,6 +248,21 @@ def _translated(error: Exception, path: str, session_id: str) -> LedgerError:
     raise AssertionError("unreachable")  # _translate raised something else
 
 
+async def _connect(path: Path, busy_timeout: float) -> aiosqlite.Connection:
+    """An aiosqlite connection whose worker thread does not hold the process at exit.
+
+    aiosqlite's thread is not a daemon: a store a program forgot to close kept
+    the interpreter waiting at exit until the garbage collector happened to
+    finalize it (minutes, or forever when a traceback still held it). Nothing is
+    lost by exiting without a close: every acknowledged append was committed.
+    """
+    db = aiosqlite.connect(path, timeout=busy_timeout, isolation_level=None)
+    # aiosqlite >= 0.22 keeps its thread aside; before, the connection was the thread.
+    thread = getattr(db, "_thread", db)
+    thread.daemon = True
+    return await db
+
+
 async def _in_thread(
     db: aiosqlite.Connection,
     fn: Callable[Concatenate[sqlite3.Connection, _P], _T],
@@ -259,8 +274,8 @@ async def _in_thread(
     A whole transaction then costs one round trip to the thread instead of one
     per statement, and no other task's statement can run in the middle of it.
     aiosqlite has no public call for this: ``Connection._execute`` is the
-    private method every one of its public calls goes through. Nothing else in
-    this module touches aiosqlite's internals.
+    private method every one of its public calls goes through. Only ``_connect``
+    touches another internal (its thread's daemon flag).
     """
 
     def call() -> _T:
@@ -859,13 +874,9 @@ class SQLiteStore(PurgeStore):
             with _translate(self.filename):
                 # isolation_level=None: the module never opens a transaction
                 # behind our back; every write says BEGIN IMMEDIATE itself.
-                writer = await aiosqlite.connect(
-                    self._path, timeout=self.busy_timeout, isolation_level=None
-                )
+                writer = await _connect(self._path, self.busy_timeout)
                 await _in_thread(writer, _setup_writer, self.filename, self.synchronous)
-                reader = await aiosqlite.connect(
-                    self._path, timeout=self.busy_timeout, isolation_level=None
-                )
+                reader = await _connect(self._path, self.busy_timeout)
                 await _in_thread(reader, _setup_reader)
         except BaseException:
             await _close_all(reader, writer)

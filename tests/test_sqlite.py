@@ -570,3 +570,38 @@ async def test_a_replay_left_early_drops_its_read_ahead_and_the_store_reads_on(
             assert taken == chain[:stop]
         assert [e async for e in store.events(chain[0].session, page_size=3)] == chain
         assert await collect(store, chain[0].session) == chain
+
+
+def test_a_program_that_never_closes_its_store_still_exits(tmp_path: Path) -> None:
+    # aiosqlite's threads would hold the interpreter at exit: this program
+    # appends, then dies of an exception with the ledger open (its traceback
+    # keeps the ledger alive), and must exit at once with its append kept.
+    program = textwrap.dedent(
+        """
+        import asyncio, sys
+        from ledger import Ledger
+
+        async def main():
+            led = await Ledger.open(sys.argv[1]).__aenter__()
+            session = await led.create(user_id="u", agent="a")
+            await led.add_turn(session.session_id, role="user", content="kept")
+            print(session.session_id, flush=True)
+            raise RuntimeError("the program fails with its ledger open")
+
+        asyncio.run(main())
+        """
+    )
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    done = subprocess.run(
+        [sys.executable, "-c", program, url], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1 and "the program fails" in done.stderr
+    session_id = done.stdout.strip()
+
+    async def turns() -> list[str]:
+        from ledger import Ledger
+
+        async with Ledger.open(url) as led:
+            return [t.content for t in await led.turns(session_id)]
+
+    assert asyncio.run(turns()) == ["kept"]
