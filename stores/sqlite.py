@@ -44,7 +44,7 @@ import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Concatenate, Final, ParamSpec, TypeVar
+from typing import Any, Concatenate, Final, ParamSpec, TypeVar, cast
 from urllib.parse import parse_qsl
 
 import aiosqlite
@@ -259,7 +259,7 @@ async def _connect(path: Path, busy_timeout: float) -> aiosqlite.Connection:
     """
     db = aiosqlite.connect(path, timeout=busy_timeout, isolation_level=None)
     # aiosqlite >= 0.22 keeps its thread aside; before, the connection was the thread.
-    thread: threading.Thread = getattr(db, "_thread", db)
+    thread: threading.Thread = getattr(db, "_thread", None) or cast(threading.Thread, db)
     thread.daemon = True
     return await db
 
