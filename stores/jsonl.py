@@ -1381,6 +1381,8 @@ class JSONLStore(PurgeStore):
     def _repair_intent(self) -> None:
         """Finish or undo the write of a writer that died holding the lock (holds the lock)."""
         raw = os.pread(self._lock_fd, _REC, 0)
+        if raw[52:67] != b"%015d" % (self._n + 1):
+            return  # done (the common case), stale or no intent: what the checks below find
         intent = _INTENT.fullmatch(raw)
         if intent is None:
             return
@@ -1969,6 +1971,8 @@ class JSONLStore(PurgeStore):
         the redo's offset unless they are there already, tombstones overwrite
         records, and files that are gone are not missed.
         """
+        if not os.access(self._purge_redo_path, os.F_OK):
+            return  # the common case, checked before every write: no exception to raise
         try:
             raw = self._purge_redo_path.read_bytes()
         except FileNotFoundError:

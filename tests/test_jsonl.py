@@ -18,7 +18,13 @@ import pytest
 
 from ledger import Ledger
 from ledger.config import LedgerConfig
-from ledger.errors import ConfigError, IntegrityError, InvalidEventError, StoreError
+from ledger.errors import (
+    ConfigError,
+    IntegrityError,
+    InvalidEventError,
+    SessionNotFoundError,
+    StoreError,
+)
 from ledger.events import (
     Event,
     SessionCreated,
@@ -28,7 +34,7 @@ from ledger.events import (
     new_session_id,
 )
 from stores import open_store
-from stores.base import AppendRequest
+from stores.base import AppendRequest, PurgeRecord, PurgeRequest
 from stores.jsonl import FORMAT, FORMAT_VERSION, JSONLStore
 
 
@@ -299,6 +305,70 @@ async def test_a_dead_writer_is_repaired_by_the_next_writer(root: Path) -> None:
     async with JSONLStore(root) as store:
         assert await collect(store, first.session) == [first, second]
         assert [i.position for i in await store.read_feed(0)] == [1, 2]
+
+
+async def test_a_dead_writers_synced_batch_is_adopted_by_the_next_writer(root: Path) -> None:
+    """A store already open finds, through the intent, a whole batch no record names."""
+    async with JSONLStore(root) as store:
+        (first,) = await new_session(store)
+        path = session_file(root, first.session)
+        offset = path.stat().st_size
+        a = turn(first, "a")
+        # what a writer of another process leaves when killed after its sync
+        with (root / "lock").open("r+b") as f:
+            f.write(b"%s %014d %015d %09d\n" % (first.session.encode(), offset, 2, 1))
+        with path.open("ab") as f:
+            f.write(b'{"pos":2,"batch":[1,1],"event":%s}\n' % encode_event(a))
+        b = turn(a, "b")
+        await store.append(request([b], a.id))
+        assert store.recovered == []
+        assert await collect(store, first.session) == [first, a, b]
+        assert [i.position for i in await store.read_feed(0)] == [1, 2, 3]
+
+
+async def test_a_purge_cut_short_is_finished_by_the_next_writer(root: Path) -> None:
+    """A purger killed after its commit (the redo renamed into place): another store's
+    next append carries the purge out before it writes."""
+    async with JSONLStore(root) as store, JSONLStore(root) as purger:
+        (gone,) = await new_session(store)
+        (kept,) = await new_session(store)
+        finish = purger._finish_purge
+        calls = 0
+
+        def killed_after_commit() -> None:
+            nonlocal calls
+            calls += 1
+            if calls > 1:  # the call right after the rename: the process dies there
+                raise KeyboardInterrupt
+            finish()
+
+        purger._finish_purge = killed_after_commit  # type: ignore[method-assign]
+        row = await purger.session(gone.session)
+        record = PurgeRecord(
+            session_id=row.session_id,
+            user_id=row.user_id,
+            agent=row.agent,
+            status=row.status,
+            created_at=row.created_at,
+            last_activity_at=row.last_activity_at,
+            event_count=row.event_count,
+            bytes=0,
+            purged_at=1,
+            actor="test",
+            reason="test",
+            anchor={},
+        )
+        with pytest.raises(KeyboardInterrupt):
+            await purger.purge([PurgeRequest(record=record)])
+        purger._finish_purge = finish  # type: ignore[method-assign]
+        assert (root / "purge.redo").exists()
+        assert session_file(root, gone.session).exists()
+        await store.append(request([turn(kept)], kept.id))
+        assert not (root / "purge.redo").exists()
+        assert not session_file(root, gone.session).exists()
+        assert [r.session_id for r in (await store.purges()).items] == [gone.session]
+        with pytest.raises(SessionNotFoundError):
+            await store.append(request([turn(gone)], gone.id))
 
 
 async def test_damaged_middle_line_raises_integrity_error_naming_file_and_line(
