@@ -38,7 +38,9 @@ repeating an event id) or a deadlock, it is rolled back whole and each request
 runs alone. A group of one calls ``ledger_append`` directly. Groups run one at
 a time, so the writer keeps one pooled connection of its own between them
 (unless the pool holds only one): an append skips the pool's acquire and
-release, about 30-50 µs.
+release, about 30-50 µs. An append that finds no group queued or running runs
+at once on its caller's task (``direct``), skipping the hop through the writer
+task.
 
 Nothing is checked in one transaction and written in another. If the
 connection drops during an append, the caller gets ``StoreError`` and the
@@ -858,7 +860,10 @@ class PostgresStore(PurgeStore):
         self._listener_retry_at = 0.0
         self._notified = asyncio.Event()
         self._group: GroupCommit[tuple[AppendRequest, _Args], AppendResult] = GroupCommit(
-            self._run_group, max_size=group_size, name=f"PostgreSQL at {self.target}"
+            self._run_group,
+            max_size=group_size,
+            name=f"PostgreSQL at {self.target}",
+            direct=True,  # an append alone skips the hop through the writer task
         )
 
     @classmethod

@@ -45,6 +45,7 @@ from ledger.events import Event, TurnAdded
 from ledger.testing import append_request, branch_event, create_event, next_event
 from stores import open_store
 from stores.base import AppendRequest, AppendResult
+from stores.group import GroupCommit
 from stores.sqlite import SQLiteStore, _in_thread
 from tests.conftest import POSTGRES_URL_ENV, run_database_url
 
@@ -96,6 +97,20 @@ async def opened(store: Store) -> AsyncIterator[Store]:
 async def settle(*awaitables: Awaitable[Any]) -> list[Any]:
     """Run the awaitables as concurrent tasks; each one's result or exception."""
     return await asyncio.wait_for(asyncio.gather(*awaitables, return_exceptions=True), TIMEOUT)
+
+
+async def in_one_group(store: Store, requests: list[AppendRequest]) -> list[Any]:
+    """Append ``requests`` as concurrent tasks that queue together and form one group.
+
+    An unrelated append is put in flight first: the PostgreSQL store runs an
+    append that finds its writer idle at once, alone, and the appends arriving
+    meanwhile queue behind it. So this costs two groups: that one, then theirs.
+    """
+    first = asyncio.ensure_future(store.append(append_request([create_event()], None)))
+    await asyncio.sleep(0)  # the first is in flight (SQLite: its writer task is started)
+    answers = await settle(*(store.append(r) for r in requests))
+    assert isinstance(await first, AppendResult)
+    return answers
 
 
 async def state_of(store: Store, session_ids: list[str]) -> list[Any]:
@@ -198,9 +213,9 @@ async def test_one_group_answers_each_caller_as_one_transaction_per_append_would
             except LedgerError as exc:
                 reference.append(exc)
         before = grouped.group_stats.groups
-        answers = await settle(*(grouped.append(r) for r in s.requests))
+        answers = await in_one_group(grouped, s.requests)
         stats = grouped.group_stats
-        assert stats.groups == before + 1, f"not one group: {stats}"
+        assert stats.groups == before + 2, f"not one group: {stats}"
         assert stats.largest == len(s.requests)
         for answer, expected in zip(answers, s.expected, strict=True):
             if expected is None:
@@ -268,8 +283,9 @@ async def test_a_group_of_plain_appends_answers_each_caller_as_one_transaction_p
             except LedgerError as exc:
                 reference.append(exc)
         before = grouped.group_stats.groups
-        answers = await settle(*(grouped.append(r) for r in s.requests))
-        assert grouped.group_stats.groups == before + 1, grouped.group_stats
+        answers = await in_one_group(grouped, s.requests)
+        assert grouped.group_stats.groups == before + 2, grouped.group_stats
+        assert grouped.group_stats.largest == len(s.requests)
         for answer, expected in zip(answers, s.expected, strict=True):
             if expected is None:
                 assert isinstance(answer, AppendResult), repr(answer)
@@ -447,6 +463,9 @@ async def test_postgres_connection_lost_fails_every_caller_of_the_group(
                 "SELECT 1 FROM ledger_sessions WHERE session_id = $1 FOR UPDATE", roots[2].session
             )
             groups = store.group_stats.groups
+            # An append in flight first, so that the four queue together (see in_one_group).
+            first = asyncio.ensure_future(store.append(append_request([create_event()], None)))
+            await asyncio.sleep(0)
             pending = asyncio.gather(
                 *(store.append(append_request([turn(r, "lost")], r.id)) for r in roots),
                 return_exceptions=True,
@@ -468,7 +487,8 @@ async def test_postgres_connection_lost_fails_every_caller_of_the_group(
             await tx.rollback()
         finally:
             await admin.close()
-        assert store.group_stats.groups == groups + 1
+        assert isinstance(await first, AppendResult)
+        assert store.group_stats.groups == groups + 2
         assert store.group_stats.largest == len(roots)
         for answer, root in zip(answers, roots, strict=True):
             assert type(answer) is StoreError, repr(answer)
@@ -558,7 +578,7 @@ async def test_a_caller_cancelled_in_flight_does_not_break_the_writer(make: Make
         assert all(isinstance(a, AppendResult) for a in answers), answers
 
 
-async def test_closing_with_appends_queued_completes_them(make: MakeStore) -> None:
+async def test_closing_with_appends_queued_completes_them(make: MakeStore, kind: str) -> None:
     store = make(group_size=2)
     await store.open()
     roots = [create_event() for _ in range(12)]
@@ -567,12 +587,193 @@ async def test_closing_with_appends_queued_completes_them(make: MakeStore) -> No
     await asyncio.wait_for(store.close(), TIMEOUT)
     answers = await settle(*tasks)
     assert all(isinstance(a, AppendResult) for a in answers), answers
-    assert store.group_stats.groups == 6
+    # PostgreSQL runs the first append alone, directly; the other 11 queue behind it.
+    assert store.group_stats.groups == (1 + 6 if kind == "postgres" else 6)
+    assert store.group_stats.largest == 2
     with pytest.raises(StoreClosedError):
         await store.append(append_request([create_event()], None))
     async with opened(open_store(store.url)) as again:
         for root in roots:
             assert await again.heads(root.session) == {"main": root.id}
+
+
+# --- an append alone runs directly (PostgreSQL) --------------------------------------
+
+
+class Recorder:
+    """A group runner over plain values: records each group and the task that ran it."""
+
+    def __init__(self) -> None:
+        self.groups: list[list[int]] = []
+        self.tasks: list[asyncio.Task[Any] | None] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def __call__(self, group: list[int]) -> list[int | BaseException]:
+        self.groups.append(list(group))
+        self.tasks.append(asyncio.current_task())
+        await asyncio.sleep(0)  # as a database round trip, it always yields
+        await self.gate.wait()
+        return [ValueError(f"refused: {n}") if n < 0 else n * 10 for n in group]
+
+
+def direct_group(runner: Recorder, max_size: int = 64) -> GroupCommit[int, int]:
+    return GroupCommit(runner, max_size=max_size, name="test", direct=True)
+
+
+async def test_an_append_alone_runs_on_its_callers_task() -> None:
+    runner = Recorder()
+    group = direct_group(runner)
+    assert await group.submit(1) == 10
+    with pytest.raises(ValueError, match="refused: -2"):
+        await group.submit(-2)
+    assert runner.groups == [[1], [-2]]
+    assert runner.tasks == [asyncio.current_task()] * 2
+    assert (group.stats.groups, group.stats.appends) == (2, 2)
+
+
+async def test_appends_arriving_during_a_direct_run_form_the_next_group() -> None:
+    runner = Recorder()
+    group = direct_group(runner, max_size=3)
+    runner.gate.clear()
+    first = asyncio.ensure_future(group.submit(0))
+    await asyncio.sleep(0)  # in flight, directly
+    rest = [asyncio.ensure_future(group.submit(n)) for n in (1, -2, 3, 4)]
+    await asyncio.sleep(0)
+    assert runner.groups == [[0]]  # the others wait for it
+    runner.gate.set()
+    answers = await settle(first, *rest)
+    assert answers[:2] == [0, 10] and answers[3:] == [30, 40]
+    assert isinstance(answers[2], ValueError)
+    assert runner.groups == [[0], [1, -2, 3], [4]]
+
+
+async def test_callers_answered_together_appending_again_group_again() -> None:
+    runner = Recorder()
+    group = direct_group(runner)
+
+    async def appender(n: int) -> None:
+        for _ in range(5):
+            await group.submit(n)
+
+    await settle(*(appender(n) for n in range(8)))
+    # The first ran alone and the other seven queued behind it (then the first,
+    # appending again); from then on the eight answered by one group append
+    # again before its writer ends.
+    assert [len(g) for g in runner.groups] == [1] + [8] * 4 + [7], runner.groups
+
+
+async def test_a_direct_caller_cancelled_in_flight_leaves_the_queue_served() -> None:
+    runner = Recorder()
+    group = direct_group(runner)
+    runner.gate.clear()
+    first = asyncio.ensure_future(group.submit(0))
+    await asyncio.sleep(0)
+    behind = asyncio.ensure_future(group.submit(1))
+    await asyncio.sleep(0)
+    first.cancel()
+    runner.gate.set()
+    answers = await settle(first, behind)
+    assert isinstance(answers[0], asyncio.CancelledError) and answers[1] == 10
+    assert await group.submit(2) == 20
+
+
+async def test_close_waits_for_a_direct_run_and_the_queue_behind_it() -> None:
+    runner = Recorder()
+    group = direct_group(runner)
+    runner.gate.clear()
+    tasks = [asyncio.ensure_future(group.submit(n)) for n in (1, 2, 3)]
+    await asyncio.sleep(0)
+    closing = asyncio.ensure_future(group.close())
+    await asyncio.sleep(0)
+    assert not closing.done()
+    runner.gate.set()
+    await asyncio.wait_for(closing, TIMEOUT)
+    assert all(t.done() for t in tasks)
+    assert [t.result() for t in tasks] == [10, 20, 30]
+    assert runner.groups == [[1], [2, 3]]
+    with pytest.raises(StoreClosedError):
+        await group.submit(4)
+
+
+@contextlib.asynccontextmanager
+async def session_held(
+    store: Store, session_id: str
+) -> AsyncIterator[Callable[[], Awaitable[Any]]]:
+    """Another connection holds the session's row lock; yields a coroutine function
+    that returns once an append waits for it."""
+    import asyncpg
+
+    admin = await asyncpg.connect(store._dsn, server_settings=store._settings)
+    try:
+        async with admin.transaction():
+            await admin.execute(
+                "SELECT 1 FROM ledger_sessions WHERE session_id = $1 FOR UPDATE", session_id
+            )
+
+            async def blocked() -> Any:
+                for _ in range(1000):
+                    await admin.execute("SELECT pg_stat_clear_snapshot()")
+                    pid = await admin.fetchval(
+                        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND wait_event_type = 'Lock' AND query LIKE '%ledger_append%'"
+                    )
+                    if pid is not None:
+                        return pid
+                    await asyncio.sleep(0.01)
+                raise AssertionError("the append never blocked")
+
+            yield blocked
+    finally:
+        await admin.close()
+
+
+async def test_postgres_direct_append_cancelled_in_flight_is_whole_or_absent(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    async with opened(open_store(_url("postgres", tmp_path, "cancel"))) as store:
+        root = create_event()
+        await store.append(append_request([root], None))
+        event = turn(root, "cancelled")
+        async with session_held(store, root.session) as blocked:
+            task = asyncio.ensure_future(store.append(append_request([event], root.id)))
+            await blocked()  # running directly, waiting inside its statement
+            others = [create_event() for _ in range(3)]
+            behind = [
+                asyncio.ensure_future(store.append(append_request([r], None))) for r in others
+            ]
+            await asyncio.sleep(0)
+            task.cancel()
+            answers = await settle(task, *behind)
+        assert isinstance(answers[0], asyncio.CancelledError)
+        assert all(isinstance(a, AppendResult) for a in answers[1:]), answers
+        assert await store.heads(root.session) in ({"main": root.id}, {"main": event.id})
+        # The interrupted connection was replaced: appends go on.
+        again = turn(root, "again")
+        heads = await store.heads(root.session)
+        result = await store.append(append_request([again], heads["main"]))
+        assert isinstance(result, AppendResult)
+
+
+async def test_postgres_close_waits_for_a_direct_append_in_flight(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    store = open_store(_url("postgres", tmp_path, "closing"))
+    await store.open()
+    root = create_event()
+    await store.append(append_request([root], None))
+    event = turn(root, "in flight at close")
+    async with session_held(store, root.session) as blocked:
+        task = asyncio.ensure_future(store.append(append_request([event], root.id)))
+        await blocked()
+        closing = asyncio.ensure_future(store.close())
+        await asyncio.sleep(0.05)
+        assert not closing.done()  # it waits for the append
+    # the lock released: the append commits, then the store closes
+    assert isinstance(await asyncio.wait_for(task, TIMEOUT), AppendResult)
+    await asyncio.wait_for(closing, TIMEOUT)
+    async with opened(open_store(store.url)) as again:
+        assert await again.heads(root.session) == {"main": event.id}
 
 
 # --- through the facade ------------------------------------------------------------
