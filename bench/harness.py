@@ -154,10 +154,12 @@ def _status_kib(field_name: str) -> int | None:
 
 
 class MemoryProbe:
-    """Peak resident-set growth over a ``with`` block (Linux; None elsewhere)."""
+    """Peak resident-set growth over a ``with`` block (Linux; None elsewhere), and its
+    wall time in ``seconds``."""
 
     def __init__(self) -> None:
         self.peak: float | None = None
+        self.seconds = 0.0
 
     @contextmanager
     def measure(self) -> Iterator[MemoryProbe]:
@@ -167,7 +169,9 @@ class MemoryProbe:
             before = _status_kib("VmRSS")
         except OSError:
             before = None
+        start = time.perf_counter()
         yield self
+        self.seconds = time.perf_counter() - start
         after = _status_kib("VmHWM")
         if before is not None and after is not None:
             self.peak = max(0, after - before) * 1024.0

@@ -379,9 +379,8 @@ async def state_at_random(ctx: Context) -> None:
         async with ctx.guard(first_title, system.name):
             led = dataset.ledger()
             with ctx.memory().measure() as probe:
-                start = time.perf_counter()
                 state = await led.state(dataset.session)
-                seconds = time.perf_counter() - start
+            seconds = probe.seconds
             if state.seq != n - 1:
                 raise AssertionError(f"state at depth {state.seq}, not {n - 1}")
             ctx.add(first_title, system.name, fmt_time(seconds), cost=seconds, memory=probe.peak)
@@ -471,9 +470,8 @@ async def replay(ctx: Context) -> None:
     for system, dataset in await each_dataset(ctx, title):
         async with ctx.guard(title, system.name):
             with ctx.memory().measure() as probe:
-                start = time.perf_counter()
                 count = await _fold(dataset)
-                seconds = time.perf_counter() - start
+            seconds = probe.seconds
             if count != n:
                 raise AssertionError(f"folded {count} events, not {n}")
             ctx.add(
@@ -490,9 +488,8 @@ async def replay(ctx: Context) -> None:
             raw = RAW_OF[system.backend]
             async with ctx.guard(title, raw):
                 with ctx.memory().measure() as probe:
-                    start = time.perf_counter()
                     count = await _raw_replay(dataset)
-                    seconds = time.perf_counter() - start
+                seconds = probe.seconds
                 ctx.add(
                     title,
                     raw,
@@ -516,10 +513,9 @@ async def _peer_replay(ctx: Context, title: str) -> None:
                     chunk = [ctx.turns[(start_at + i) % len(ctx.turns)] for i in range(1000)]
                     await asyncio.to_thread(thread.append_batch_sync, chunk[: m - start_at])
                 with ctx.memory().measure() as probe:
-                    start = time.perf_counter()
                     stored = thread.recorder.select_events(thread.originator)
                     count = len([orjson.loads(s.state) for s in stored])
-                    seconds = time.perf_counter() - start
+                seconds = probe.seconds
                 ctx.add(
                     title,
                     system.name,
@@ -537,12 +533,11 @@ async def feed(ctx: Context) -> None:
     for system, dataset in await each_dataset(ctx, title):
         async with ctx.guard(title, system.name):
             with ctx.memory().measure() as probe:
-                start = time.perf_counter()
                 position, count = 0, 0
                 while items := await dataset.store.read_feed(position, 1000):
                     position = items[-1].position
                     count += len(items)
-                seconds = time.perf_counter() - start
+            seconds = probe.seconds
             expected = dataset.events + dataset.sessions
             if count != expected:
                 raise AssertionError(f"read {count} feed items, not {expected}")
@@ -570,9 +565,8 @@ async def verify(ctx: Context) -> None:
         async with ctx.guard(title, system.name):
             led = dataset.ledger()
             with ctx.memory().measure() as probe:
-                start = time.perf_counter()
                 report = await led.verify(dataset.session)
-                seconds = time.perf_counter() - start
+            seconds = probe.seconds
             if not report.ok or report.events_checked != n:
                 raise AssertionError(
                     f"verify: {report.events_checked} events, {report.problems[:1]}"
@@ -674,9 +668,8 @@ async def verify_anchored(ctx: Context) -> None:
             anchor = await keyed(dataset).anchor(dataset.session, record=False)
             led = keyed(dataset)  # another cold ledger: the anchor's log is not reused
             with ctx.memory().measure() as probe:
-                start = time.perf_counter()
                 report = await led.verify(dataset.session, anchors=[anchor])
-                seconds = time.perf_counter() - start
+            seconds = probe.seconds
             checks = report.anchors
             if not report.ok or report.events_checked != n or len(checks) != 1:
                 raise AssertionError(
@@ -709,9 +702,8 @@ async def inclusion_proof(ctx: Context) -> None:
             anchor = await led.anchor(dataset.session, record=False)  # the log, now in memory
             cold = keyed(dataset)
             with ctx.memory().measure() as probe:
-                start = time.perf_counter()
                 await cold.prove(dataset.points[0], anchor=anchor)
-                seconds = time.perf_counter() - start
+            seconds = probe.seconds
             ctx.add(cold_title, system.name, fmt_time(seconds), cost=seconds, memory=probe.peak)
             samples = []
             for point in dataset.points:
@@ -790,9 +782,8 @@ async def export_import(ctx: Context) -> None:
             path = ctx.root / "export.bundle"
             led = keyed(dataset)
             with ctx.memory().measure() as probe:
-                start = time.perf_counter()
                 report = await led.export(path, [dataset.session])
-                seconds = time.perf_counter() - start
+            seconds = probe.seconds
             path.unlink()
             if report.events != n:
                 raise AssertionError(f"exported {report.events} events, not {n}")
@@ -820,9 +811,8 @@ async def export_import(ctx: Context) -> None:
                 url = f"sqlite:///{ctx.root}/import-target.db"
             async with Ledger.open(url, key=_KEY) as led:
                 with ctx.memory().measure() as probe:
-                    start = time.perf_counter()
                     imported = await led.import_bundle(source)
-                    seconds = time.perf_counter() - start
+                seconds = probe.seconds
             if imported.written != m or not imported.authenticated:
                 raise AssertionError(f"import: {imported.written} of {m} events written")
             ctx.add(
