@@ -117,6 +117,7 @@ from stores.base import (
     parse_cursor,
     purge_cursor,
     validate_request,
+    walk_path,
 )
 from stores.group import GroupCommit, GroupStats
 
@@ -152,7 +153,6 @@ _USER_LOCK_NS: Final = _LOCK_NS + 1  # second key: hashtext(user_id)
 
 _OPTIONS: Final = ("pool_size", "connect_timeout", "schema", "group_size")
 _SCHEMA_NAME: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
-_NO_LIMIT: Final = 2**63 - 1
 
 # The anchors the ledger issued (ledger.anchors), in the order it issued them.
 # Also created on opening a database of this schema version made before it existed.
@@ -1408,16 +1408,8 @@ class PostgresStore(PurgeStore):
         of ``_window_sql`` and ``_chain_sql``): ``limit`` of them, or fewer at the root
         or where a parent is missing (the caller names that). EventNotFoundError when
         ``event_id`` is unknown."""
-        # A path is mostly a run of the session's events in append order (a
-        # branch's events follow one another), so it is read as windows of the
-        # session's events newest first, a backward range scan of
-        # (session_id, position), and the parent links followed in memory: far
-        # cheaper than the recursive query's one index seek per step. Every query
+        # Windows are backward range scans of (session_id, position); every query
         # after the first names the session (Citus routes it to one shard).
-        # Positions fall strictly along the walk, so even a tampered parent
-        # column cannot make it loop.
-        chosen: list[_Row] = []
-        cursor: str | None = event_id
         # The session, found by the event id (the primary key leads with it).
         # No ORDER BY ... LIMIT: with no statistics yet (a bulk load) the
         # server would walk the position index to the event instead.
@@ -1427,34 +1419,14 @@ class PostgresStore(PurgeStore):
         if not found:
             raise EventNotFoundError(event_id)
         session: str = min(found)[1]
-        below = _NO_LIMIT
-        sparse = False
-        while cursor is not None and (limit is None or len(chosen) < limit):
-            want = _PATH_WINDOW if limit is None else min(limit - len(chosen), _PATH_WINDOW)
-            if sparse:
-                # The last window was mostly other branches' events: one
-                # window's worth of the path by index seeks, then windows again.
-                rows = await self._fetch(chain_sql, session, cursor, below, want)
-                chosen.extend(rows)
-                if len(rows) < want:
-                    break  # the root, or a parent missing: the caller names it
-                cursor, below, sparse = rows[-1][4], rows[-1][0], False
-                continue
-            rows = await self._fetch(window_sql, session, cursor, below, want)
-            if not rows or rows[0][1] != cursor:
-                break  # a parent missing or out of order: the caller names it
-            taken = len(chosen)
-            for row in rows:
-                if row[1] == cursor:
-                    chosen.append(row)
-                    cursor = row[4]
-                    if cursor is None or len(chosen) == limit:
-                        break
-            below = chosen[-1][0]
-            sparse = len(chosen) - taken < len(rows) // 4
-        if not chosen:
-            raise EventNotFoundError(event_id)
-        return chosen
+
+        async def window(cursor: str, below: int, want: int) -> list[_Row]:
+            return await self._fetch(window_sql, session, cursor, below, want)
+
+        async def chain(cursor: str, below: int, want: int) -> list[_Row]:
+            return await self._fetch(chain_sql, session, cursor, below, want)
+
+        return await walk_path(event_id, limit, window, chain, size=_PATH_WINDOW)
 
     async def events(self, session_id: str, *, page_size: int = 1000) -> AsyncIterator[Event]:
         page_size = max(1, page_size)

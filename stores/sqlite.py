@@ -89,6 +89,7 @@ from stores.base import (
     parse_cursor,
     purge_cursor,
     validate_request,
+    walk_path,
 )
 from stores.group import GroupCommit, GroupStats
 
@@ -190,9 +191,8 @@ _OPEN_STATUSES_SQL: Final = ", ".join(f"'{status}'" for status in OPEN_STATUSES)
 _SYNCHRONOUS: Final = {"full": "FULL", "normal": "NORMAL"}
 _CHECKPOINT_PAGES: Final = 10_000
 """WAL pages between automatic checkpoints (SQLite's default: 1,000)."""
-_NO_LIMIT: Final = 2**63 - 1
 _PATH_WINDOW: Final = 4096
-"""Rows read at once by ``ancestors``: a path of a million events takes 245 reads."""
+"""Rows read at once by a walk of a path (``stores.base.walk_path``)."""
 
 log = logging.getLogger(__name__)
 
@@ -1118,51 +1118,21 @@ class SQLiteStore(PurgeStore):
 
     async def _path_rows(self, event_id: str, limit: int | None, column: str) -> list[_Row]:
         """Rows ``(position, id, session_id, column, parent)`` of the parent path from
-        ``event_id`` back, newest first: ``limit`` of them, or fewer at the root or
-        where a parent is missing (the caller names that). EventNotFoundError when
-        ``event_id`` is unknown."""
-        # A path is mostly a run of the session's events in append order (a
-        # branch's events follow one another), so it is read as windows of the
-        # session's events newest first, an index range scan, and the parent
-        # links followed in memory: far cheaper than one index seek per step.
-        # Positions fall strictly along the walk, so even a tampered parent
-        # column cannot make it loop.
-        chosen: list[_Row] = []
-        cursor: str | None = event_id
-        below = _NO_LIMIT
-        sparse = False
-        while cursor is not None and (limit is None or len(chosen) < limit):
-            want = _PATH_WINDOW if limit is None else min(limit - len(chosen), _PATH_WINDOW)
-            if sparse:
-                # The last window was mostly other branches' events: one
-                # window's worth of the path by index seeks, then windows again.
-                rows = await self._chain(cursor, below, want, column)
-                chosen.extend(rows)
-                if len(rows) < want:
-                    break  # the root, or a parent missing
-                cursor, below, sparse = rows[-1][4], rows[-1][0], False
-                continue
-            rows = await self._fetch(
+        ``event_id`` back (``stores.base.walk_path``)."""
+
+        async def window(cursor: str, below: int, want: int) -> list[_Row]:
+            return await self._fetch(
                 f"SELECT e.position, e.id, e.session_id, e.{column}, e.parent FROM events AS e, "
                 "(SELECT position AS p, session_id AS s FROM events WHERE id = ?) AS c "
                 "WHERE e.session_id = c.s AND e.position <= c.p AND e.position < ? "
                 "ORDER BY e.position DESC LIMIT ?",
                 (cursor, below, want),
             )
-            if not rows or rows[0][1] != cursor:
-                break  # unknown, or a parent missing or out of order
-            taken = len(chosen)
-            for row in rows:
-                if row[1] == cursor:
-                    chosen.append(row)
-                    cursor = row[4]
-                    if cursor is None or len(chosen) == limit:
-                        break
-            below = chosen[-1][0]
-            sparse = len(chosen) - taken < len(rows) // 4
-        if not chosen:
-            raise EventNotFoundError(event_id)
-        return chosen
+
+        async def chain(cursor: str, below: int, want: int) -> list[_Row]:
+            return await self._chain(cursor, below, want, column)
+
+        return await walk_path(event_id, limit, window, chain, size=_PATH_WINDOW)
 
     async def _chain(self, event_id: str, below: int, limit: int, column: str) -> list[_Row]:
         """Up to ``limit`` rows of the parent path from ``event_id``, by index seeks."""
