@@ -196,33 +196,44 @@ def scenario(with_invalid: bool) -> Scenario:
     return s
 
 
+async def answers_match_one_transaction_each(alone: Any, grouped: Any, s: Any) -> list[Any]:
+    """``s.requests`` appended as one group to ``grouped`` and one at a time to ``alone``
+    (after ``s.setup`` on both): the same answers, of the expected types, and the same
+    stored state. Returns the group's answers."""
+    for store in (alone, grouped):
+        for request in s.setup:
+            await store.append(request)
+    # One transaction per append, one after the other: the reference answers.
+    reference = []
+    for request in s.requests:
+        try:
+            reference.append(await alone.append(request))
+        except LedgerError as exc:
+            reference.append(exc)
+    before = grouped.group_stats.groups
+    answers = await in_one_group(grouped, s.requests)
+    stats = grouped.group_stats
+    assert stats.groups == before + 2, f"not one group: {stats}"
+    assert stats.largest == len(s.requests)
+    for answer, expected in zip(answers, s.expected, strict=True):
+        if expected is None:
+            assert isinstance(answer, AppendResult), repr(answer)
+        else:
+            assert type(answer) is expected, repr(answer)
+    assert [outcome(x, grouped) for x in answers] == [outcome(x, alone) for x in reference]
+    # Nothing of a refused request was written; everything else was.
+    assert await state_of(grouped, s.sessions) == await state_of(alone, s.sessions)
+    return answers
+
+
 @pytest.mark.parametrize("with_invalid", [False, True], ids=["refusals", "and-invalid"])
 async def test_one_group_answers_each_caller_as_one_transaction_per_append_would(
     make: MakeStore, kind: str, with_invalid: bool
 ) -> None:
     s = scenario(with_invalid)
     async with opened(make(group_size=1)) as alone, opened(make()) as grouped:
-        for store in (alone, grouped):
-            for request in s.setup:
-                await store.append(request)
-        # One transaction per append, one after the other: the reference answers.
-        reference = []
-        for request in s.requests:
-            try:
-                reference.append(await alone.append(request))
-            except LedgerError as exc:
-                reference.append(exc)
-        before = grouped.group_stats.groups
-        answers = await in_one_group(grouped, s.requests)
+        answers = await answers_match_one_transaction_each(alone, grouped, s)
         stats = grouped.group_stats
-        assert stats.groups == before + 2, f"not one group: {stats}"
-        assert stats.largest == len(s.requests)
-        for answer, expected in zip(answers, s.expected, strict=True):
-            if expected is None:
-                assert isinstance(answer, AppendResult), repr(answer)
-            else:
-                assert type(answer) is expected, repr(answer)
-        assert [outcome(x, grouped) for x in answers] == [outcome(x, alone) for x in reference]
         # The loser of the race on one head is told the winner's event.
         conflict = answers[1]
         assert isinstance(conflict, ConflictError)
@@ -230,8 +241,6 @@ async def test_one_group_answers_each_caller_as_one_transaction_per_append_would
         assert answers[3].replayed and answers[3].events == list(s.requests[2].events)
         assert answers[-3].replayed is False and answers[-2].replayed is True
         assert answers[-2].events == list(s.requests[-3].events)
-        # Nothing of a refused request was written; everything else was.
-        assert await state_of(grouped, s.sessions) == await state_of(alone, s.sessions)
         if kind == "postgres":
             # The invalid batch failed the group's statement: it was rolled back
             # and its requests run one by one; refusals alone never need that.
@@ -273,26 +282,7 @@ async def test_a_group_of_plain_appends_answers_each_caller_as_one_transaction_p
 ) -> None:
     s = plain_scenario(with_duplicate)
     async with opened(make(group_size=1)) as alone, opened(make()) as grouped:
-        for store in (alone, grouped):
-            for request in s.setup:
-                await store.append(request)
-        reference = []
-        for request in s.requests:
-            try:
-                reference.append(await alone.append(request))
-            except LedgerError as exc:
-                reference.append(exc)
-        before = grouped.group_stats.groups
-        answers = await in_one_group(grouped, s.requests)
-        assert grouped.group_stats.groups == before + 2, grouped.group_stats
-        assert grouped.group_stats.largest == len(s.requests)
-        for answer, expected in zip(answers, s.expected, strict=True):
-            if expected is None:
-                assert isinstance(answer, AppendResult), repr(answer)
-            else:
-                assert type(answer) is expected, repr(answer)
-        assert [outcome(x, grouped) for x in answers] == [outcome(x, alone) for x in reference]
-        assert await state_of(grouped, s.sessions) == await state_of(alone, s.sessions)
+        await answers_match_one_transaction_each(alone, grouped, s)
 
 
 async def test_groups_form_and_respect_the_bound(make: MakeStore) -> None:
