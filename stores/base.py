@@ -23,6 +23,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import itertools
+import operator
 import warnings
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
@@ -58,6 +59,7 @@ __all__ = [
     "check_ancestry",
     "check_erase",
     "check_head",
+    "decode_page",
 ]
 
 OPEN_STATUSES = ("active", "suspended")
@@ -192,6 +194,35 @@ def check_erase(request: AppendRequest, stored: Event | None, erased: Event) -> 
             f"(session {request.session_id!r})",
             erased.id,
         )
+
+
+# C-level getters: ``decode_page`` runs once per page of a replay.
+_row_id, _row_session, _row_data = (operator.itemgetter(i) for i in (1, 2, 3))
+_event_id, _event_session = operator.attrgetter("id"), operator.attrgetter("session")
+
+
+def decode_page(
+    rows: Sequence[Any],
+    decode_all: Callable[[list[bytes]], list[Event]],
+    decode_one: Callable[[Any], Event],
+) -> list[Event]:
+    """Rows ``(position, id, session_id, data, ...)`` decoded in one pass, their ids
+    and sessions checked against the rows as whole lists (a replay's hot loop).
+
+    On any failure of that pass the rows go through ``decode_one``, which either
+    decodes a row or raises the error that names it.
+    """
+    try:
+        events = decode_all(list(map(_row_data, rows)))
+    except Exception:
+        events = []
+    if (
+        len(events) != len(rows)
+        or list(map(_event_id, events)) != list(map(_row_id, rows))
+        or list(map(_event_session, events)) != list(map(_row_session, rows))
+    ):
+        return [decode_one(row) for row in rows]
+    return events
 
 
 PathRows = Callable[[str, int, int], Awaitable[list[Any]]]

@@ -113,6 +113,7 @@ from stores.base import (
     check_ancestry,
     check_erase,
     check_head,
+    decode_page,
     page_cursor,
     parse_cursor,
     purge_cursor,
@@ -624,31 +625,17 @@ def _decode(row: _Row, target: _Target) -> Event:
 
 
 _get_position = operator.itemgetter(0)
-_get_data = operator.itemgetter(3)
-_get_row_id = operator.itemgetter(1)
-_get_row_session = operator.itemgetter(2)
 _get_index_entry = operator.itemgetter(1, 3, 4)  # (id, seq, parent) of a path_index row
-_get_id = operator.attrgetter("id")
-_get_session = operator.attrgetter("session")
 
 
 def _decode_rows(rows: Sequence[_Row], target: _Target) -> list[Event]:
-    """``_decode`` of many rows, its checks made on whole lists (a feed reader's hot loop).
-
-    On any failure the rows go through ``_decode`` one by one, which names the bad one.
-    """
+    """``_decode`` of many rows (``stores.base.decode_page``)."""
     with gc_paused():  # a page of rows is a bulk read: see ledger.events.gc_paused
-        try:
-            events = list(map(decode_event, map(_unpack, map(_get_data, rows))))
-        except (msgspec.MsgspecError, TypeError, zlib.error):
-            events = []
-        if (
-            len(events) != len(rows)
-            or list(map(_get_id, events)) != list(map(_get_row_id, rows))
-            or list(map(_get_session, events)) != list(map(_get_row_session, rows))
-        ):
-            return [_decode(row, target) for row in rows]
-        return events
+        return decode_page(rows, _decode_all, lambda row: _decode(row, target))
+
+
+def _decode_all(datas: list[bytes]) -> list[Event]:
+    return list(map(decode_event, map(_unpack, datas)))
 
 
 def _append_args(request: AppendRequest) -> _Args:

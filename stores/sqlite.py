@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import operator
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -85,6 +84,7 @@ from stores.base import (
     check_ancestry,
     check_erase,
     check_head,
+    decode_page,
     page_cursor,
     parse_cursor,
     purge_cursor,
@@ -697,29 +697,9 @@ def _purge_record(row: _Row, path: str) -> PurgeRecord:
         ) from None
 
 
-_get_data = operator.itemgetter(3)
-_get_row_id = operator.itemgetter(1)
-_get_row_session = operator.itemgetter(2)
-_get_id = operator.attrgetter("id")
-_get_session = operator.attrgetter("session")
-
-
 def _decode_rows(rows: Sequence[_Row], path: str) -> list[Event]:
-    """``_decode`` of many rows, its checks made on whole lists (a replay's hot loop).
-
-    On any failure the rows go through ``_decode`` one by one, which names the bad one.
-    """
-    try:
-        events = decode_stored_all(list(map(_get_data, rows)))
-    except (msgspec.MsgspecError, TypeError):
-        events = []
-    if (
-        len(events) != len(rows)
-        or list(map(_get_id, events)) != list(map(_get_row_id, rows))
-        or list(map(_get_session, events)) != list(map(_get_row_session, rows))
-    ):
-        return [_decode(row, path) for row in rows]
-    return events
+    """``_decode`` of many rows (``stores.base.decode_page``)."""
+    return decode_page(rows, decode_stored_all, lambda row: _decode(row, path))
 
 
 def _events_page(

@@ -34,7 +34,7 @@ from ledger.events import (
     new_session_id,
 )
 from stores import open_store
-from stores.base import AppendRequest, PurgeRecord, PurgeRequest
+from stores.base import AppendRequest, PurgeRecord, PurgeRequest, SessionRow
 from stores.jsonl import FORMAT, FORMAT_VERSION, JSONLStore
 
 
@@ -344,22 +344,8 @@ async def test_a_purge_cut_short_is_finished_by_the_next_writer(root: Path) -> N
 
         purger._finish_purge = killed_after_commit  # type: ignore[method-assign]
         row = await purger.session(gone.session)
-        record = PurgeRecord(
-            session_id=row.session_id,
-            user_id=row.user_id,
-            agent=row.agent,
-            status=row.status,
-            created_at=row.created_at,
-            last_activity_at=row.last_activity_at,
-            event_count=row.event_count,
-            bytes=0,
-            purged_at=1,
-            actor="test",
-            reason="test",
-            anchor={},
-        )
         with pytest.raises(KeyboardInterrupt):
-            await purger.purge([PurgeRequest(record=record)])
+            await purger.purge([purge_request(row)])
         purger._finish_purge = finish  # type: ignore[method-assign]
         assert (root / "purge.redo").exists()
         assert session_file(root, gone.session).exists()
@@ -471,3 +457,23 @@ async def test_another_instance_sees_appends(root: Path) -> None:
         await two.append(request([later], chain[-1].id))
         assert await one.heads(chain[0].session) == {"main": later.id}
         assert [i.event for i in await one.read_feed(0)] == [*chain, later]
+
+
+def purge_request(row: SessionRow) -> PurgeRequest:
+    """A purge of the session as ``row`` has it (the store checks its count and time)."""
+    return PurgeRequest(
+        record=PurgeRecord(
+            session_id=row.session_id,
+            user_id=row.user_id,
+            agent=row.agent,
+            status=row.status,
+            created_at=row.created_at,
+            last_activity_at=row.last_activity_at,
+            event_count=row.event_count,
+            bytes=0,
+            purged_at=1,
+            actor="test",
+            reason="test",
+            anchor={},
+        )
+    )

@@ -21,9 +21,9 @@ from ledger import Ledger
 from ledger.errors import IntegrityError
 from ledger.events import encode_event
 from stores import jsonl
-from stores.base import PurgeRecord, PurgeRequest, SessionQuery, SessionRow
+from stores.base import SessionQuery
 from stores.jsonl import JSONLStore
-from tests.test_jsonl import collect, new_session, request, session_file, turn
+from tests.test_jsonl import collect, new_session, purge_request, request, session_file, turn
 
 
 async def view(store: JSONLStore) -> dict[str, Any]:
@@ -69,26 +69,6 @@ class ScanCounter:
             scan(store, session_id, *args)
 
         monkeypatch.setattr(JSONLStore, "_scan_session", counting)
-
-
-def purge_request(row: SessionRow) -> PurgeRequest:
-    """A purge of the session as ``row`` has it (the store checks its count and time)."""
-    return PurgeRequest(
-        record=PurgeRecord(
-            session_id=row.session_id,
-            user_id=row.user_id,
-            agent=row.agent,
-            status=row.status,
-            created_at=row.created_at,
-            last_activity_at=row.last_activity_at,
-            event_count=row.event_count,
-            bytes=0,
-            purged_at=1,
-            actor="test",
-            reason="test",
-            anchor={},
-        )
-    )
 
 
 @pytest.fixture
