@@ -48,6 +48,7 @@ from stores.base import AppendRequest, AppendResult
 from stores.group import GroupCommit
 from stores.sqlite import SQLiteStore, _in_thread
 from tests.conftest import POSTGRES_URL_ENV, run_database_url
+from tests.test_crash import create_sessions, spawn
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 60.0
@@ -825,35 +826,18 @@ GROUP_WRITER = textwrap.dedent(
 )
 
 
-def _spawn(script: str, *args: str, log: Path) -> subprocess.Popen[str]:
-    with log.open("w") as stderr:
-        return subprocess.Popen(
-            [sys.executable, "-c", script, *args],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            cwd=ROOT,
-            env={"PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "error", "PATH": ""},
-        )
-
-
-async def _create(url: str, count: int) -> list[str]:
-    async with Ledger.open(url) as led:
-        return [(await led.create(user_id=f"u{n}", agent="a")).session_id for n in range(count)]
-
-
 @pytest.mark.slow
 def test_processes_grouping_the_same_sessions_in_opposite_orders(
     make: MakeStore, tmp_path: Path
 ) -> None:
     """Groups of two processes lock the same sessions in one order: none deadlocks or splits."""
     url = make().url
-    sessions = asyncio.run(_create(url, 12))
+    sessions = asyncio.run(create_sessions(url, 12))
     turns = 8
     orders = [sessions, sessions[::-1], sessions[3:] + sessions[:3]]
     logs = [tmp_path / f"w{n}.log" for n in range(len(orders))]
     procs = [
-        _spawn(GROUP_WRITER, url, json.dumps(order), str(turns), f"w{n}", log=log)
+        spawn(GROUP_WRITER, url, json.dumps(order), str(turns), f"w{n}", log=log)
         for n, (order, log) in enumerate(zip(orders, logs, strict=True))
     ]
     acked: set[str] = set()
@@ -905,11 +889,11 @@ def test_acknowledged_grouped_appends_survive_sigkill(make: MakeStore, tmp_path:
     """16 concurrent appenders in a process killed at random: every acknowledged append is
     there, and every session is one whole chain (a group is never half visible)."""
     url = make().url
-    sessions = asyncio.run(_create(url, 16))
+    sessions = asyncio.run(create_sessions(url, 16))
     acknowledged: list[str] = []
     log = tmp_path / "child.log"
     for round_ in range(6):
-        proc = _spawn(GROUP_CRASH_CHILD, url, json.dumps(sessions), f"r{round_}", log=log)
+        proc = spawn(GROUP_CRASH_CHILD, url, json.dumps(sessions), f"r{round_}", log=log)
         assert proc.stdout is not None
         for _ in range(20 + 15 * round_):
             line = proc.stdout.readline()
