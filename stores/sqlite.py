@@ -353,6 +353,41 @@ def _rollback_to(conn: sqlite3.Connection, savepoint: str) -> None:
         conn.execute(f"RELEASE {savepoint}")
 
 
+def _touch_sessions(conn: sqlite3.Connection, appends: list[tuple[AppendRequest, int]]) -> int:
+    """Move the listing of the sessions appended to (last activity, event count, and
+    the status where an append sets one); ``appends`` pairs each request with its
+    event count. Returns how many rows were updated.
+
+    An UPDATE that assigns ``status`` rewrites the session's entry in the
+    ``(user_id, status)`` index even when the value stays the same: one more page
+    written per append, at a random place of a large file. So the appends that
+    leave the status alone (nearly all) use a statement without it. Splitting the
+    two keeps the outcome of any order: activity is a max and counts add up.
+    """
+    same_status = [
+        (r.events[-1].at, count, r.session_id) for r, count in appends if r.status is None
+    ]
+    new_status = [
+        (r.status, r.events[-1].at, count, r.session_id)
+        for r, count in appends
+        if r.status is not None
+    ]
+    updated = 0
+    if same_status:
+        updated += conn.executemany(
+            "UPDATE sessions SET last_activity_at = max(last_activity_at, ?), "
+            "event_count = event_count + ? WHERE session_id = ?",
+            same_status,
+        ).rowcount
+    if new_status:
+        updated += conn.executemany(
+            "UPDATE sessions SET status = ?, last_activity_at = max(last_activity_at, ?), "
+            "event_count = event_count + ? WHERE session_id = ?",
+            new_status,
+        ).rowcount
+    return updated
+
+
 def _append_tx(conn: sqlite3.Connection, request: AppendRequest, rows: list[_Row]) -> _Row | None:
     """One append, whole or not at all, inside its group's transaction; the original's
     row on a replay.
@@ -398,13 +433,7 @@ def _append_tx(conn: sqlite3.Connection, request: AppendRequest, rows: list[_Row
                     raise SessionCapacityError(f"user {created.user_id!r}", "open sessions", limit)
         else:
             # Existence check and listing update in one statement.
-            updated = conn.execute(
-                "UPDATE sessions SET status = coalesce(?, status), "
-                "last_activity_at = max(last_activity_at, ?), "
-                "event_count = event_count + ? WHERE session_id = ?",
-                (request.status, last.at, len(rows), session_id),
-            ).rowcount
-            if updated == 0:
+            if _touch_sessions(conn, [(request, len(rows))]) == 0:
                 raise SessionNotFoundError(session_id)
         current = conn.execute(
             "SELECT head FROM heads WHERE session_id = ? AND branch = ?",
@@ -553,12 +582,7 @@ def _plain_group_tx(
         return outcomes
     conn.execute("SAVEPOINT plain")
     try:
-        conn.executemany(
-            "UPDATE sessions SET status = coalesce(?, status), "
-            "last_activity_at = max(last_activity_at, ?), "
-            "event_count = event_count + ? WHERE session_id = ?",
-            [(r.status, r.events[-1].at, len(rows), r.session_id) for r, rows in accepted],
-        )
+        _touch_sessions(conn, [(request, len(rows)) for request, rows in accepted])
         conn.executemany(
             "INSERT INTO events (id, session_id, parent, seq, branch, kind, at, "
             "idempotency_key, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
