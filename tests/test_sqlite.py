@@ -272,6 +272,57 @@ async def test_failed_batch_rolls_back_and_leaves_the_connection_usable(db: Path
         await assert_linear(store, root.session)
 
 
+def empty_wal(path: Path) -> None:
+    """Checkpoint the whole WAL into the file and truncate it: what follows starts it anew."""
+    with raw(path) as conn:
+        assert conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone() == (0, 0, 0)
+
+
+def written_since_emptied(path: Path) -> set[str]:
+    """The tables and indexes that own a page the WAL holds (``dbstat``'s names)."""
+    wal = Path(f"{path}-wal").read_bytes()
+    page_size = int.from_bytes(wal[8:12], "big")
+    frames = range(32, len(wal) - 23, 24 + page_size)  # WAL header, then header + page
+    pages = {int.from_bytes(wal[start : start + 4], "big") for start in frames}
+    with raw(path) as conn:
+        try:
+            owners = dict(conn.execute("SELECT pageno, name FROM dbstat"))
+        except sqlite3.OperationalError:
+            pytest.skip("this SQLite has no dbstat table")
+    return {owners[page] for page in pages if page in owners}
+
+
+async def test_an_append_that_keeps_the_status_leaves_the_status_index_unwritten(
+    db: Path,
+) -> None:
+    # Assigning status, even its own value, rewrites the (user_id, status) index
+    # entry: a page more per append. Both the group path and the per-append one.
+    async with SQLiteStore(db) as store:
+        chain = await new_session(store)
+        for key in (None, "key-1"):  # a plain group; an append run alone (a key to look up)
+            event = turn(chain[-1], key=key)
+            empty_wal(db)
+            await store.append(request([event], chain[-1].id))
+            written = written_since_emptied(db)
+            assert "sessions_activity" in written
+            assert "sessions_user_status" not in written
+            chain.append(event)
+        suspend = turn(chain[-1])
+        empty_wal(db)
+        await store.append(
+            AppendRequest(
+                session_id=suspend.session,
+                branch="main",
+                expected_head=chain[-1].id,
+                events=[suspend],
+                status="suspended",
+            )
+        )
+        assert "sessions_user_status" in written_since_emptied(db)
+        row = await store.session(suspend.session)
+        assert (row.status, row.event_count) == ("suspended", 4)
+
+
 async def test_concurrent_tasks_racing_on_one_head_one_wins(db: Path) -> None:
     async with SQLiteStore(db) as store:
         root, head = await new_session(store, turns=1)
