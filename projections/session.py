@@ -52,8 +52,11 @@ class Checkpoint(msgspec.Struct, frozen=True, kw_only=True):
     at: int = 0
 
 
-class SessionState(msgspec.Struct, frozen=True, kw_only=True):
+class SessionState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """The state of one session at one event: the fold of the path to it."""
+
+    # gc=False: immutable and acyclic, as events are; a fold makes one per event,
+    # and tracked ones would set off a collection every few hundred events.
 
     session_id: str
     user_id: str

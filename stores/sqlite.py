@@ -718,17 +718,18 @@ def _events_page(
     session is the one the query selected. When any row fails the checks, the
     page is read again whole and decoded row by row, to name the bad one.
     """
-    rows = conn.execute(
-        "SELECT id, data FROM events "
-        "WHERE session_id = ? AND position > ? AND position <= ? ORDER BY position LIMIT ?",
-        (session_id, after, upper, size),
-    ).fetchall()
-    if not rows:
-        return upper, []
-    found = conn.execute("SELECT position FROM events WHERE id = ?", (rows[-1][0],)).fetchone()
-    last = upper if found is None else found[0]  # None: purged since
-    with gc_paused():
+    with gc_paused():  # the rows too: a page is a bulk read (see gc_paused)
+        rows = conn.execute(
+            "SELECT id, data FROM events "
+            "WHERE session_id = ? AND position > ? AND position <= ? ORDER BY position LIMIT ?",
+            (session_id, after, upper, size),
+        ).fetchall()
+        if not rows:
+            return upper, []
+        found = conn.execute("SELECT position FROM events WHERE id = ?", (rows[-1][0],)).fetchone()
+        last = upper if found is None else found[0]  # None: purged since
         ids, datas = list(map(_row_first, rows)), list(map(_row_second, rows))
+        del rows  # not left for the collection that follows the pause
         events = decode_checked(datas, ids, session_id, decode_stored_all)
         if events is None:
             whole = conn.execute(
