@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import operator
 import queue
 import sqlite3
 import threading
@@ -87,6 +88,7 @@ from stores.base import (
     check_ancestry,
     check_erase,
     check_head,
+    decode_checked,
     decode_page,
     page_cursor,
     parse_cursor,
@@ -791,18 +793,41 @@ def _decode_rows(rows: Sequence[_Row], path: str) -> list[Event]:
     return decode_page(rows, decode_stored_all, lambda row: _decode(row, path))
 
 
+_row_first, _row_second = operator.itemgetter(0), operator.itemgetter(1)
+
+
 def _events_page(
     conn: sqlite3.Connection, path: str, session_id: str, after: int, upper: int, size: int
 ) -> tuple[int, list[Event]]:
     """A session's events at positions in ``(after, upper]``, at most ``size``, decoded
-    and checked (``_decode_rows``), and the last one's position."""
-    rows = conn.execute(
-        f"SELECT {_EVENT_COLUMNS} FROM events "
-        "WHERE session_id = ? AND position > ? AND position <= ? ORDER BY position LIMIT ?",
-        (session_id, after, upper, size),
-    ).fetchall()
-    with gc_paused():
-        return (rows[-1][0] if rows else upper), _decode_rows(rows, path)
+    and checked, and the last one's position.
+
+    A replay's hot loop: only ids and data are read (every Python object made per
+    row costs), so the page's last position is looked up by its id, and a row's
+    session is the one the query selected. When any row fails the checks, the
+    page is read again whole and decoded row by row, to name the bad one.
+    """
+    with gc_paused():  # the rows too: a page is a bulk read (see gc_paused)
+        rows = conn.execute(
+            "SELECT id, data FROM events "
+            "WHERE session_id = ? AND position > ? AND position <= ? ORDER BY position LIMIT ?",
+            (session_id, after, upper, size),
+        ).fetchall()
+        if not rows:
+            return upper, []
+        found = conn.execute("SELECT position FROM events WHERE id = ?", (rows[-1][0],)).fetchone()
+        last = upper if found is None else found[0]  # None: purged since
+        ids, datas = list(map(_row_first, rows)), list(map(_row_second, rows))
+        del rows  # not left for the collection that follows the pause
+        events = decode_checked(datas, ids, session_id, decode_stored_all)
+        if events is None:
+            whole = conn.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM events "
+                "WHERE session_id = ? AND position > ? AND position <= ? ORDER BY position",
+                (session_id, after, last),
+            ).fetchall()
+            events = [_decode(row, path) for row in whole]
+    return last, events
 
 
 def _session_row(row: _Row) -> SessionRow:

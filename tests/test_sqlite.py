@@ -36,6 +36,7 @@ from ledger.events import (
     Event,
     SessionCreated,
     TurnAdded,
+    encode_stored,
     event_problem,
     make_event,
     new_session_id,
@@ -96,8 +97,8 @@ async def new_session(store: SQLiteStore, turns: int = 0) -> list[Event]:
     return chain
 
 
-async def collect(store: SQLiteStore, session_id: str) -> list[Event]:
-    return [event async for event in store.events(session_id, page_size=7)]
+async def collect(store: SQLiteStore, session_id: str, page_size: int = 7) -> list[Event]:
+    return [event async for event in store.events(session_id, page_size=page_size)]
 
 
 async def assert_linear(store: SQLiteStore, session_id: str) -> list[Event]:
@@ -422,6 +423,26 @@ async def test_damaged_row_raises_integrity_error_naming_it(db: Path, damage: st
             assert "position" in str(info.value)
         # the untouched rows still read
         assert await store.get(chain[1].id) == chain[1]
+
+
+@pytest.mark.parametrize("page_size", [1, 2, 3, 1000])
+async def test_a_replay_names_a_row_holding_another_sessions_event(
+    db: Path, page_size: int
+) -> None:
+    # The replay reads no session column: the session it selected must be the
+    # one every event it decodes belongs to, in whichever page the row falls.
+    async with SQLiteStore(db) as store:
+        chain = await new_session(store, turns=4)
+        foreign = turn(create(), "elsewhere")  # never stored
+        with raw(db) as conn:
+            conn.execute(
+                "UPDATE events SET id = ?, data = ? WHERE id = ?",
+                (foreign.id, encode_stored(foreign), chain[3].id),
+            )
+        with pytest.raises(IntegrityError) as info:
+            await collect(store, chain[0].session, page_size)
+        assert info.value.event_id == foreign.id
+        assert "position 4" in str(info.value) and foreign.session in str(info.value)
 
 
 async def test_tampered_parent_column_is_caught_by_ancestors(db: Path) -> None:
