@@ -82,7 +82,6 @@ import contextlib
 import operator
 import os
 import re
-import uuid
 import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from typing import Any, Final, cast
@@ -698,13 +697,13 @@ def _decode_rows(rows: Sequence[_Row], target: _Target) -> list[Event]:
         return decode_page(rows, decode_stored_all, lambda row: _decode(row, target))
 
 
+_SESSION_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def _is_session_id(session_id: str) -> bool:
     """Whether ``session_id`` can be stored in the events' ``uuid`` column and read back
     the same: a lower-case uuid (as ``ledger.events.new_session_id`` makes)."""
-    try:
-        return str(uuid.UUID(session_id)) == session_id
-    except (ValueError, TypeError, AttributeError):
-        return False
+    return isinstance(session_id, str) and _SESSION_ID.fullmatch(session_id) is not None
 
 
 def _keys(request: AppendRequest) -> tuple[list[bytes], bytes | None]:
