@@ -9,7 +9,7 @@ with ``StoreError``, never misread. Every table of session data is keyed by
 session id and every primary key and unique index includes ``session_id``, so
 the schema distributes by session id on Citus unchanged. Times and positions
 are ``bigint``; an event is kept as ``encode_stored``'s bytes (``bytea``),
-deflated whatever its size (``_pack``), beside only the columns a query reads:
+deflated from 600 bytes (``_pack``), beside only the columns a query reads:
 its position, depth, ids (as bytes: ``uuid`` and ``bytea``) and idempotency key.
 A session's branch heads are arrays in its row of ``ledger_sessions``, the row
 every append locks and updates anyway. Older versions of the schema are
