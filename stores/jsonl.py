@@ -159,7 +159,9 @@ from ledger.errors import (
     StoreClosedError,
     StoreError,
 )
+from ledger.events import FORMAT_VERSION as EVENT_FORMAT
 from ledger.events import (
+    Body,
     Event,
     SessionCreated,
     decode_event,
@@ -192,33 +194,43 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "JSONLStore"]
 log = logging.getLogger(__name__)
 
 FORMAT: Final = "session-ledger/jsonl"
-FORMAT_VERSION: Final = 1
-"""The ``version`` in the header line of the files this code writes."""
+FORMAT_VERSION: Final = 2
+"""The ``version`` in the header line of the session files this code makes (it reads 1 and 2)."""
 
 _FEED_FORMAT: Final = "session-ledger/jsonl-feed"
 _INDEX_FORMAT: Final = "session-ledger/jsonl-index"
-_INDEX_VERSION: Final = 1
+_INDEX_VERSION: Final = 2
 _INDEX_FROM: Final = 10_000
 """Events from which a store saves its index at close (fewer are scanned in ~50 ms)."""
+_FEED_VERSION: Final = 1
 _REC: Final = 80
 """Width of a ``feed.log`` line (its header included)."""
 _FEED_HEADER: Final = (
-    orjson.dumps({"ledger": _FEED_FORMAT, "version": FORMAT_VERSION}).ljust(_REC - 1) + b"\n"
+    orjson.dumps({"ledger": _FEED_FORMAT, "version": _FEED_VERSION}).ljust(_REC - 1) + b"\n"
 )
 _RECORD: Final = re.compile(rb"([0-9]{15}) ([0-9a-f-]{36}) ([0-9]{14}) ([0-9]{11})\n")
 _RECORDS: Final = re.compile(rb"(?:[0-9]{15} [0-9a-f-]{36} [0-9]{14} [0-9]{11}\n)*")
 """A run of ``feed.log`` records, none of them a tombstone."""
 _INTENT: Final = re.compile(rb"([0-9a-f-]{36}) ([0-9]{14}) ([0-9]{15}) ([0-9]{9})\n")
 _LINE: Final = re.compile(
-    rb'\{"pos":([1-9][0-9]{0,14}),"batch":\[([1-9][0-9]{0,8}),([1-9][0-9]{0,8})\]'
+    rb'\{"pos":([1-9][0-9]{0,14})(?:,"batch":\[([1-9][0-9]{0,8}),([1-9][0-9]{0,8})\])?'
     rb'(?:,"status":"(active|suspended|closed|expired)")?,"event":'
 )
-_STEP: Final = re.compile(
-    rb'\{"pos":[0-9]+,"batch":\[[0-9]+,[0-9]+\](?:,"status":"[a-z]+")?,"event":'
-    rb'\{"id":"[0-9a-f]+","session":"[0-9a-f-]+","parent":(?:null|"([0-9a-f]+)"),"seq":([0-9]+),'
-)
-"""The start of an event line as this code writes it (``encode_event``'s field order):
-``path_index`` takes an event's parent and seq from it without decoding the line."""
+"""The envelope of an event line (version 1 always has ``batch``; version 2 not for one)."""
+_STEPS: Final = {
+    version: re.compile(
+        rb'\{"pos":[0-9]+(?:,"batch":\[[0-9]+,[0-9]+\])?(?:,"status":"[a-z]+")?,"event":'
+        rb'\{"id":"[0-9a-f]+",%s("parent":(?:null|"([0-9a-f]+)"),)%s"seq":([0-9]+),'
+        % ((rb'"session":"[0-9a-f-]+",', b"") if version == 1 else (b"", b"?"))
+    )
+    for version in (1, 2)
+}
+"""The start of an event line as this code writes it (the event's field order), by
+file version: ``path_index`` takes an event's parent and seq from it without decoding
+the line. Groups: the parent field (absent in version 2: the line before's event), its
+id (None for null), the seq."""
+_STORED_ID: Final = re.compile(rb'\{"id":"(?:[^"\\]|\\.)*",("parent":)?')
+"""The start of an event as a version 2 line holds it: its id, then its parent if written."""
 _TOMBSTONE: Final = re.compile(rb"([0-9]{15}) ([0-9a-f-]{36}) purged {20}\n")
 """A ``feed.log`` record whose event was purged (its position stays taken)."""
 _SESSION_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -284,6 +296,69 @@ class _translate:  # lower case: used as a function, ``with _translate(path):``
 # --- the line format ----------------------------------------------------------------
 
 
+class _StoredEvent(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
+    """An event as a version 2 line holds it: ``Event`` less what the reader rebuilds.
+
+    No ``session`` (the header names it), no ``parent`` when it is the id of the
+    event on the line before, no default values; the rest in ``Event``'s order.
+    """
+
+    id: str
+    parent: str | msgspec.UnsetType | None = msgspec.UNSET
+    seq: int
+    branch: str
+    at: int
+    actor: str
+    body: Body
+    body_digest: str
+    salt: str
+    idempotency_key: str | None = None
+    format: int = EVENT_FORMAT
+
+
+_stored_encoder = msgspec.json.Encoder()
+_json = msgspec.json.encode
+
+
+def _stored(event: Event, previous: str | None) -> bytes:
+    """``event`` as a version 2 line holds it, after the line of event ``previous``."""
+    linear = previous is not None and event.parent == previous
+    return _stored_encoder.encode(
+        _StoredEvent(
+            id=event.id,
+            parent=msgspec.UNSET if linear else event.parent,
+            seq=event.seq,
+            branch=event.branch,
+            at=event.at,
+            actor=event.actor,
+            body=event.body,
+            body_digest=event.body_digest,
+            salt=event.salt,
+            idempotency_key=event.idempotency_key,
+            format=event.format,
+        )
+    )
+
+
+def _rebuild(data: bytes, at: int, session: bytes, previous: bytes | None) -> bytes | None:
+    """``data`` with the version 2 event that starts at byte ``at`` made whole again.
+
+    ``session`` is the session id and ``previous`` the id of the event on the
+    line before (None: no line before), both as JSON. The event gets its
+    session, and its parent when the line leaves it out; the defaults it leaves
+    out are ``Event``'s own. None when it cannot be rebuilt.
+    """
+    match = _STORED_ID.match(data, at)
+    if match is None:
+        return None
+    at += 1
+    if match[1] is not None:
+        return b'%s"session":%s,%s' % (data[:at], session, data[at:])
+    if previous is None:
+        return None
+    return b'%s"session":%s,"parent":%s,%s' % (data[:at], session, previous, data[at:])
+
+
 class _Head(msgspec.Struct):
     """The envelope fields the index needs; the body is skipped, not decoded."""
 
@@ -307,6 +382,7 @@ class _Line(msgspec.Struct):
 
 
 def _header_line(session_id: str) -> bytes:
+    """The first line of a new session file (always of the current version)."""
     return orjson.dumps({"ledger": FORMAT, "version": FORMAT_VERSION, "session": session_id}) + (
         b"\n"
     )
@@ -322,15 +398,31 @@ def _damaged(
     return IntegrityError(f"Damaged line in {str(path)!r}, line {lineno}: {why}", event_id)
 
 
-def _parse(line: bytes, path: Path | str, lineno: int) -> _Line:
+def _parse(
+    line: bytes,
+    path: Path | str,
+    lineno: int,
+    version: int,
+    session: bytes = b"",
+    previous: bytes | None = None,
+) -> _Line:
+    """A line of a file of ``version``, its event made whole (see ``_rebuild``:
+    ``session`` and ``previous`` as JSON; only version 2 leaves things out)."""
     match = _LINE.match(line)
-    if match is None or not line.endswith(b"}\n"):
+    if match is None or not line.endswith(b"}\n") or (version == 1 and match[2] is None):
         raise _damaged(path, lineno, "not an event line of this format")
     pos, index, count, status = match.groups()
-    i, n = int(index), int(count)
+    i, n = (int(index), int(count)) if index else (1, 1)
     if i > n:
         raise _damaged(path, lineno, f"batch [{i}, {n}]")
-    return _Line(int(pos), i, n, status.decode() if status else None, line[match.end() : -2])
+    event = line[match.end() : -2]
+    if version != 1:
+        rebuilt = _rebuild(event, 0, session, previous)
+        if rebuilt is None:
+            why = "no parent, and no line before" if previous is None else "not an event"
+            raise _damaged(path, lineno, f"the event cannot be rebuilt ({why})")
+        event = rebuilt
+    return _Line(int(pos), i, n, status.decode() if status else None, event)
 
 
 def _head(parsed: _Line, path: Path | str, lineno: int) -> _Head:
@@ -347,16 +439,31 @@ def _event(parsed: _Line, path: Path | str, lineno: int) -> Event:
         raise _damaged(path, lineno, f"the event does not decode ({exc})") from None
 
 
+_Batch = tuple[Annotated[int, msgspec.Meta(ge=1)], Annotated[int, msgspec.Meta(ge=1)]]
+
+
 class _Envelope(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    """A whole event line, decoded at once by the readers' fast path."""
+    """A whole event line of version 1, decoded at once by the readers' fast path."""
 
     pos: Annotated[int, msgspec.Meta(ge=1)]
-    batch: tuple[Annotated[int, msgspec.Meta(ge=1)], Annotated[int, msgspec.Meta(ge=1)]]
+    batch: _Batch
     event: Event
     status: Literal["active", "suspended", "closed", "expired"] | None = None
 
 
-_page_decoder = msgspec.json.Decoder(list[_Envelope])
+class _Envelope2(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """A whole event line of version 2 (its event rebuilt), as ``_Envelope``."""
+
+    pos: Annotated[int, msgspec.Meta(ge=1)]
+    event: Event
+    batch: _Batch = (1, 1)
+    status: Literal["active", "suspended", "closed", "expired"] | None = None
+
+
+_page_decoders: Final[dict[int, msgspec.json.Decoder[list[_Envelope] | list[_Envelope2]]]] = {
+    1: msgspec.json.Decoder(list[_Envelope]),
+    2: msgspec.json.Decoder(list[_Envelope2]),
+}
 
 _get_event = operator.attrgetter("event")
 _get_id = operator.attrgetter("id")
@@ -385,13 +492,20 @@ def _decode_page(data: bytes, session: _Session, first: int, stop: int) -> list[
     last_bytes = operator.itemgetter(*map((-1 - base).__add__, session.ends[first:stop]))(data)
     if (last_bytes.count(10) if count > 1 else int(last_bytes == 10)) != count:
         return None
-    page = b"[%s]" % data[:-1].replace(b"\n", b",")
+    if session.version == 1:
+        page = b"[%s]" % data[:-1].replace(b"\n", b",")
+    else:
+        rebuilt = _rebuilt_page(data, session, first, stop)
+        if rebuilt is None:
+            return None
+        page = rebuilt
+    decoder = _page_decoders[session.version]
     try:
         if count < _GC_PAUSE_FROM:
-            envelopes = _page_decoder.decode(page)
+            envelopes = decoder.decode(page)
         else:
             with gc_paused():  # a bulk decode: see ledger.events.gc_paused
-                envelopes = _page_decoder.decode(page)
+                envelopes = decoder.decode(page)
     except (msgspec.MsgspecError, UnicodeDecodeError, TypeError):
         return None
     events: list[Event] = list(map(_get_event, envelopes))
@@ -403,7 +517,28 @@ def _decode_page(data: bytes, session: _Session, first: int, stop: int) -> list[
     return events
 
 
-def _check_header(line: bytes, path: Path, session_id: str) -> None:
+def _rebuilt_page(data: bytes, session: _Session, first: int, stop: int) -> bytes | None:
+    """Lines ``first`` to ``stop - 1`` of a version 2 ``session`` (``data``) as a JSON
+    array of whole lines (see ``_rebuild``), or None if one cannot be rebuilt.
+
+    An implied parent is taken from the index: if a line holds another event
+    than the index says, the caller's check of the ids finds it.
+    """
+    token = _json(session.session_id)
+    ids = session.ids
+    previous = _json(ids[first - 1]) if first else None
+    lines: list[bytes] = []
+    for k, line in enumerate(data[:-1].split(b"\n"), first):
+        rebuilt = _rebuild(line, line.find(b'"event":{') + 8, token, previous)
+        if rebuilt is None:
+            return None
+        lines.append(rebuilt)
+        previous = _json(ids[k])
+    return b"[%s]" % b",".join(lines)
+
+
+def _check_header(line: bytes, path: Path, session_id: str) -> int:
+    """The version of the session file whose first line is ``line``."""
     try:
         header = orjson.loads(line)
     except orjson.JSONDecodeError:
@@ -416,8 +551,10 @@ def _check_header(line: bytes, path: Path, session_id: str) -> None:
             f"{str(path)!r} has format version {version}, newer than this code knows "
             f"({FORMAT_VERSION}): upgrade the session ledger to open it"
         )
-    if version != FORMAT_VERSION or header.get("session") != session_id:
+    if version not in (1, FORMAT_VERSION) or header.get("session") != session_id:
         raise _damaged(path, 1, "the header's version or session is wrong")
+    assert isinstance(version, int)
+    return version
 
 
 def _lines(fd: int, start: int = 0) -> Iterator[tuple[int, bytes]]:
@@ -505,6 +642,7 @@ class _SavedSession(msgspec.Struct, array_like=True):
     created_at: int
     last_at: int
     create_key: str | None
+    version: int
 
 
 class _SavedIndex(msgspec.Struct):
@@ -595,6 +733,7 @@ class _Session:
         "starts",
         "status",
         "user_id",
+        "version",
     )
 
     def __init__(self, session_id: str, folder: Path) -> None:
@@ -615,6 +754,7 @@ class _Session:
         self.last_at = 0
         self.create_key: str | None = None
         self.number = -1  # in ``JSONLStore._numbered``, once indexed
+        self.version = FORMAT_VERSION  # of its file
 
     @property
     def path(self) -> Path:
@@ -982,6 +1122,7 @@ class JSONLStore(PurgeStore):
         session.user_id, session.agent, session.status = entry.user_id, entry.agent, entry.status
         session.created_at, session.last_at = entry.created_at, entry.last_at
         session.create_key = entry.create_key
+        session.version = entry.version
         session.number = len(self._numbered)
         self._numbered.append(session)
         where = session.number << _LINE_BITS
@@ -1044,6 +1185,7 @@ class JSONLStore(PurgeStore):
                             created_at=session.created_at,
                             last_at=session.last_at,
                             create_key=session.create_key,
+                            version=session.version,
                         )
                     )
                 last = os.pread(self._feed_fd, _REC, self._n * _REC) if self._n else b""
@@ -1077,10 +1219,10 @@ class JSONLStore(PurgeStore):
                 version = orjson.loads(head).get("version")
             except (orjson.JSONDecodeError, AttributeError):
                 version = None
-            if isinstance(version, int) and version > FORMAT_VERSION:
+            if isinstance(version, int) and version > _FEED_VERSION:
                 raise StoreError(
                     f"{str(self._feed_path)!r} has format version {version}, newer than this "
-                    f"code knows ({FORMAT_VERSION}): upgrade the session ledger to open it"
+                    f"code knows ({_FEED_VERSION}): upgrade the session ledger to open it"
                 )
             raise IntegrityError(
                 f"Damaged line in {str(self._feed_path)!r}, line 1: not a {_FEED_FORMAT} "
@@ -1120,15 +1262,17 @@ class JSONLStore(PurgeStore):
         last_pos = 0
         committed = session.size  # end of the last complete batch
         tail_line = len(session.ids) + 2 if session.ids else 1
+        token = _json(session_id)
+        previous = _json(session.ids[len(session.ids) - 1]) if session.ids else None
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             for lineno, (offset, line) in enumerate(_lines(fd, committed), tail_line):
                 if not line.endswith(b"\n"):
                     break  # cut short: the tail
                 if lineno == 1:
-                    _check_header(line, path, session_id)
+                    session.version = _check_header(line, path, session_id)
                     continue
-                parsed = _parse(line, path, lineno)
+                parsed = _parse(line, path, lineno, session.version, token, previous)
                 if parsed.index != len(batch) + 1 or (batch and parsed.count != count):
                     raise _damaged(
                         path, lineno, f"batch [{parsed.index}, {parsed.count}] out of order"
@@ -1138,6 +1282,7 @@ class JSONLStore(PurgeStore):
                     raise _damaged(path, lineno, f"position {parsed.pos} after {last_pos}")
                 last_pos = parsed.pos
                 head = _head(parsed, path, lineno)
+                previous = _json(head.id)
                 if parsed.pos <= total and feed[
                     parsed.pos * _REC : (parsed.pos + 1) * _REC
                 ] != _record(parsed.pos, session_id, offset, len(line)):
@@ -1328,6 +1473,7 @@ class JSONLStore(PurgeStore):
         path = self._sessions_dir / (session_id + _SUFFIX)
         first_off = run[0][2]
         data = b""
+        version = session.version if session is not None else FORMAT_VERSION
         with contextlib.suppress(FileNotFoundError):
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -1335,7 +1481,7 @@ class JSONLStore(PurgeStore):
                 data = os.pread(fd, size, first_off)
                 if session is None:
                     header = os.pread(fd, first_off, 0)
-                    _check_header(header, path, session_id)
+                    version = _check_header(header, path, session_id)
             finally:
                 os.close(fd)
         if not data and self._purged_meanwhile(run[0][0]):
@@ -1343,6 +1489,9 @@ class JSONLStore(PurgeStore):
             return True
         if session is None:
             session = _Session(session_id, self._sessions_dir)
+            session.version = version
+        token = _json(session_id)
+        previous = _json(session.ids[len(session.ids) - 1]) if session.ids else None
         base_lineno = len(session.ids) + 2
         batch: list[_Pending] = []
         for lineno, (pos, _, offset, length) in enumerate(run, base_lineno):
@@ -1354,12 +1503,13 @@ class JSONLStore(PurgeStore):
                     f"missing or cut short, though {str(self._feed_path)!r} "
                     f"line {pos + 1} names it",
                 )
-            parsed = _parse(line, path, lineno)
+            parsed = _parse(line, path, lineno, version, token, previous)
             if parsed.pos != pos or parsed.index != len(batch) + 1:
                 raise _damaged(
                     path, lineno, f"does not match {str(self._feed_path)!r} line {pos + 1}"
                 )
             head = _head(parsed, path, lineno)
+            previous = _json(head.id)
             root: SessionCreated | None = None
             if not session.ids and not batch:
                 body = _event(parsed, path, lineno).body
@@ -1414,8 +1564,8 @@ class JSONLStore(PurgeStore):
                 if (
                     match is None
                     or int(match[1]) != first + len(records)
-                    or int(match[2]) != index
-                    or int(match[3]) != count
+                    or int(match[2] or 1) != index
+                    or int(match[3] or 1) != count
                     or index > count
                 ):
                     complete = False
@@ -1476,7 +1626,9 @@ class JSONLStore(PurgeStore):
                 f"Invalid status for session {session_id!r}: {request.status!r} "
                 f"(one of {', '.join(sorted(_STATUSES))})"
             )
-        payloads = [encode_event(e) for e in request.events]
+        # As a new file's lines hold them, each after its parent's line; the
+        # writer redoes the first if its parent is not the file's last line.
+        payloads = [_stored(e, e.parent) for e in request.events]
         for payload in payloads:
             if b"\n" in payload:  # msgspec escapes control characters; be sure
                 raise InvalidEventError(f"Event of session {session_id!r} encodes with a newline")
@@ -1607,11 +1759,19 @@ class JSONLStore(PurgeStore):
         match = _LINE.match(old)
         if match is None:
             raise _damaged(session.path, lineno, "not an event line of this format", erased.id)
-        line = old[: match.end()] + encode_event(erased)
+        line = old[: match.end()] + self._payload(session, k, erased)
         pad = len(old) - len(line) - 2
         if pad < 0:  # an Erased body and no salt are always shorter; be sure
             raise StoreError(f"Redacted line is longer than {erased.id!r} in {str(session.path)!r}")
         return start, line + b" " * pad + b"}\n"
+
+    @staticmethod
+    def _payload(session: _Session | None, k: int, event: Event) -> bytes:
+        """``event`` as line ``k`` of ``session``'s file holds it (None: a new file)."""
+        if session is not None and session.version == 1:
+            return encode_event(event)
+        previous = session.ids[k - 1] if session is not None and k else None
+        return _stored(event, previous)
 
     def _finish_erase(self) -> None:
         """Apply ``redact.redo`` if its batch committed, then remove it (holds the lock)."""
@@ -1655,16 +1815,21 @@ class JSONLStore(PurgeStore):
         offset = 0 if session is None else session.size
         count = len(payloads)
         first_pos = self._n + 1
-        status = b',"status":"%s"' % request.status.encode() if request.status is not None else b""
+        status = self._status_field(session, request.status)
+        version = FORMAT_VERSION if session is None else session.version
+        if version == 1:
+            payloads = [encode_event(e) for e in request.events]
+        elif session is not None and request.events[0].parent != session.ids[len(session.ids) - 1]:
+            payloads[0] = self._payload(session, len(session.ids), request.events[0])
+        batched = count > 1 or version == 1  # version 2 leaves out a batch of one
         parts: list[bytes] = [_header_line(session_id)] if new else []
         records: list[bytes] = []
         pending: list[_Pending] = []
         at = offset + (len(parts[0]) if new else 0)
         for i, (event, payload) in enumerate(zip(request.events, payloads, strict=True), 1):
-            line = b'{"pos":%d,"batch":[%d,%d]%s,"event":%s}\n' % (
+            line = b'{"pos":%d%s%s,"event":%s}\n' % (
                 first_pos + i - 1,
-                i,
-                count,
+                b',"batch":[%d,%d]' % (i, count) if batched else b"",
                 status if i == count else b"",
                 payload,
             )
@@ -1734,6 +1899,17 @@ class JSONLStore(PurgeStore):
         self._apply(session, pending, len(session.ids) + 2)
         self._sessions[session_id] = session
         self._n = first_pos + count - 1
+
+    @staticmethod
+    def _status_field(session: _Session | None, status: str | None) -> bytes:
+        """The ``status`` field of a batch's last line: version 2 writes only a change."""
+        if status is None:
+            return b""
+        if session is None or session.version != 1:
+            current = session.status if session is not None else "active"
+            if status == current:
+                return b""
+        return b',"status":"%s"' % status.encode()
 
     def _drop_snapshots(self, session_id: str) -> None:
         """A redaction changed what folds of this session see: its snapshot file goes."""
@@ -2180,7 +2356,11 @@ class JSONLStore(PurgeStore):
         lineno = k + 2
         if len(line) != session.ends[k] - session.starts[k]:
             raise _damaged(session.path, lineno, "cut short", session.ids[k])
-        event = _event(_parse(line, session.path, lineno), session.path, lineno)
+        previous = _json(session.ids[k - 1]) if k else None
+        parsed = _parse(
+            line, session.path, lineno, session.version, _json(session.session_id), previous
+        )
+        event = _event(parsed, session.path, lineno)
         if event.id != session.ids[k] or event.session != session.session_id:
             raise _damaged(
                 session.path,
@@ -2215,16 +2395,23 @@ class JSONLStore(PurgeStore):
         starts, ends, ids = session.starts, session.ends, session.ids
         base = starts[first]
         data = self._pread(session, base, ends[stop - 1] - base, cache)
-        match = _STEP.match
+        match = _STEPS[session.version].match
         steps: list[_Step] = []
         for k in range(first, stop):
             found = match(data, starts[k] - base)
-            if found is None:  # not as this code writes lines: decode it, or name the damage
+            if found is None or (found[1] is None and not k):
+                # not as this code writes lines: decode it, or name the damage
                 event = self._decode(session, k, data[starts[k] - base : ends[k] - base])
                 steps.append((event.id, event.seq, event.parent))
                 continue
-            parent = found[1]
-            steps.append((ids[k], int(found[2]), parent.decode() if parent else None))
+            parent = found[2]
+            steps.append(
+                (
+                    ids[k],
+                    int(found[3]),
+                    ids[k - 1] if found[1] is None else parent.decode() if parent else None,
+                )
+            )
         return steps
 
     async def _lines_between(
