@@ -129,6 +129,7 @@ import array
 import asyncio
 import binascii
 import bisect
+import collections
 import contextlib
 import errno
 import fcntl
@@ -214,23 +215,24 @@ _RECORDS: Final = re.compile(rb"(?:[0-9]{15} [0-9a-f-]{36} [0-9]{14} [0-9]{11}\n
 _INTENT: Final = re.compile(rb"([0-9a-f-]{36}) ([0-9]{14}) ([0-9]{15}) ([0-9]{9})\n")
 _LINE: Final = re.compile(
     rb'\{"pos":([1-9][0-9]{0,14})(?:,"batch":\[([1-9][0-9]{0,8}),([1-9][0-9]{0,8})\])?'
-    rb'(?:,"status":"(active|suspended|closed|expired)")?,"event":'
+    rb'(?:,"status":"(active|suspended|closed|expired)")?'
+    rb'(?:,"parent":(null|"[^"\\]*(?:\\.[^"\\]*)*"))?,"event":'
 )
-"""The envelope of an event line (version 1 always has ``batch``; version 2 not for one)."""
+"""An event line's envelope: position, batch, status, parent. Version 1 lines always
+have ``batch`` and never ``parent`` (their events hold it)."""
 _STEPS: Final = {
-    version: re.compile(
-        rb'\{"pos":[0-9]+(?:,"batch":\[[0-9]+,[0-9]+\])?(?:,"status":"[a-z]+")?,"event":'
-        rb'\{"id":"[0-9a-f]+",%s("parent":(?:null|"([0-9a-f]+)"),)%s"seq":([0-9]+),'
-        % ((rb'"session":"[0-9a-f-]+",', b"") if version == 1 else (b"", b"?"))
-    )
-    for version in (1, 2)
+    1: re.compile(
+        rb'\{"pos":[0-9]+,"batch":\[[0-9]+,[0-9]+\](?:,"status":"[a-z]+")?,"event":\{"id":'
+        rb'"[0-9a-f]+","session":"[0-9a-f-]+","parent":(null|"([0-9a-f]+)"),"seq":([0-9]+),'
+    ),
+    2: re.compile(
+        rb'\{"pos":[0-9]+(?:,"batch":\[[0-9]+,[0-9]+\])?(?:,"status":"[a-z]+")?'
+        rb'(?:,"parent":(null|"([0-9a-f]+)"))?,"event":\{"id":"[0-9a-f]+","seq":([0-9]+),'
+    ),
 }
-"""The start of an event line as this code writes it (the event's field order), by
-file version: ``path_index`` takes an event's parent and seq from it without decoding
-the line. Groups: the parent field (absent in version 2: the line before's event), its
-id (None for null), the seq."""
-_STORED_ID: Final = re.compile(rb'\{"id":"(?:[^"\\]|\\.)*",("parent":)?')
-"""The start of an event as a version 2 line holds it: its id, then its parent if written."""
+"""The start of an event line as this code writes it, by file version: ``path_index``
+takes an event's parent and seq from it without decoding the line. Groups: the parent
+(None when left out: the event of the line before), its id (None for null), the seq."""
 _TOMBSTONE: Final = re.compile(rb"([0-9]{15}) ([0-9a-f-]{36}) purged {20}\n")
 """A ``feed.log`` record whose event was purged (its position stays taken)."""
 _SESSION_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -297,14 +299,10 @@ class _translate:  # lower case: used as a function, ``with _translate(path):``
 
 
 class _StoredEvent(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
-    """An event as a version 2 line holds it: ``Event`` less what the reader rebuilds.
-
-    No ``session`` (the header names it), no ``parent`` when it is the id of the
-    event on the line before, no default values; the rest in ``Event``'s order.
-    """
+    """An event as a version 2 line holds it: ``Event`` less its session (the header
+    names it) and parent (the line's envelope gives it), its defaults left out."""
 
     id: str
-    parent: str | msgspec.UnsetType | None = msgspec.UNSET
     seq: int
     branch: str
     at: int
@@ -318,15 +316,14 @@ class _StoredEvent(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
 
 _stored_encoder = msgspec.json.Encoder()
 _json = msgspec.json.encode
+_set = msgspec.structs.force_setattr
 
 
-def _stored(event: Event, previous: str | None) -> bytes:
-    """``event`` as a version 2 line holds it, after the line of event ``previous``."""
-    linear = previous is not None and event.parent == previous
+def _stored(event: Event) -> bytes:
+    """``event`` as a version 2 line holds it."""
     return _stored_encoder.encode(
         _StoredEvent(
             id=event.id,
-            parent=msgspec.UNSET if linear else event.parent,
             seq=event.seq,
             branch=event.branch,
             at=event.at,
@@ -340,23 +337,12 @@ def _stored(event: Event, previous: str | None) -> bytes:
     )
 
 
-def _rebuild(data: bytes, at: int, session: bytes, previous: bytes | None) -> bytes | None:
-    """``data`` with the version 2 event that starts at byte ``at`` made whole again.
-
-    ``session`` is the session id and ``previous`` the id of the event on the
-    line before (None: no line before), both as JSON. The event gets its
-    session, and its parent when the line leaves it out; the defaults it leaves
-    out are ``Event``'s own. None when it cannot be rebuilt.
-    """
-    match = _STORED_ID.match(data, at)
-    if match is None:
-        return None
-    at += 1
-    if match[1] is not None:
-        return b'%s"session":%s,%s' % (data[:at], session, data[at:])
-    if previous is None:
-        return None
-    return b'%s"session":%s,"parent":%s,%s' % (data[:at], session, previous, data[at:])
+def _parent_field(event: Event, previous: str | None) -> bytes:
+    """A version 2 line's ``parent``: left out when it is the event of the line before
+    (``previous``; None on the first line, where a left out parent is null)."""
+    if event.parent == previous:
+        return b""
+    return b',"parent":%s' % _json(event.parent)
 
 
 class _Head(msgspec.Struct):
@@ -379,6 +365,9 @@ class _Line(msgspec.Struct):
     count: int
     status: str | None
     event: bytes
+    version: int
+    parent: bytes | None
+    """Version 2: the envelope's parent (JSON), None when left out."""
 
 
 def _header_line(session_id: str) -> bytes:
@@ -398,31 +387,29 @@ def _damaged(
     return IntegrityError(f"Damaged line in {str(path)!r}, line {lineno}: {why}", event_id)
 
 
-def _parse(
-    line: bytes,
-    path: Path | str,
-    lineno: int,
-    version: int,
-    session: bytes = b"",
-    previous: bytes | None = None,
-) -> _Line:
-    """A line of a file of ``version``, its event made whole (see ``_rebuild``:
-    ``session`` and ``previous`` as JSON; only version 2 leaves things out)."""
+def _parse(line: bytes, path: Path | str, lineno: int, version: int, session: bytes) -> _Line:
+    """A line of a file of ``version`` (whose session id is ``session``, as JSON).
+
+    A version 2 event gets back its session, and a null parent that ``_event``
+    replaces: a line of its own, no more text to parse than version 1's.
+    """
     match = _LINE.match(line)
-    if match is None or not line.endswith(b"}\n") or (version == 1 and match[2] is None):
+    if (
+        match is None
+        or not line.endswith(b"}\n")
+        or (version == 1 and (match[2] is None or match[5] is not None))
+    ):
         raise _damaged(path, lineno, "not an event line of this format")
-    pos, index, count, status = match.groups()
+    pos, index, count, status, parent = match.groups()
     i, n = (int(index), int(count)) if index else (1, 1)
     if i > n:
         raise _damaged(path, lineno, f"batch [{i}, {n}]")
     event = line[match.end() : -2]
     if version != 1:
-        rebuilt = _rebuild(event, 0, session, previous)
-        if rebuilt is None:
-            why = "no parent, and no line before" if previous is None else "not an event"
-            raise _damaged(path, lineno, f"the event cannot be rebuilt ({why})")
-        event = rebuilt
-    return _Line(int(pos), i, n, status.decode() if status else None, event)
+        if not event.startswith(b"{"):
+            raise _damaged(path, lineno, "not an event line of this format")
+        event = b'{"session":%s,"parent":null,%s' % (session, event[1:])
+    return _Line(int(pos), i, n, status.decode() if status else None, event, version, parent)
 
 
 def _head(parsed: _Line, path: Path | str, lineno: int) -> _Head:
@@ -432,11 +419,19 @@ def _head(parsed: _Line, path: Path | str, lineno: int) -> _Head:
         raise _damaged(path, lineno, f"the event does not decode ({exc})") from None
 
 
-def _event(parsed: _Line, path: Path | str, lineno: int) -> Event:
+def _event(parsed: _Line, path: Path | str, lineno: int, previous: str | None = None) -> Event:
+    """The event of a line; ``previous``: the id of the event of the line before, if any."""
     try:
-        return decode_event(parsed.event)
+        event = decode_event(parsed.event)
+        if parsed.version != 1:
+            parent = previous if parsed.parent is None else _parent_decoder.decode(parsed.parent)
+            _set(event, "parent", parent)
+        return event
     except (msgspec.MsgspecError, TypeError) as exc:
         raise _damaged(path, lineno, f"the event does not decode ({exc})") from None
+
+
+_parent_decoder = msgspec.json.Decoder(str | None)
 
 
 _Batch = tuple[Annotated[int, msgspec.Meta(ge=1)], Annotated[int, msgspec.Meta(ge=1)]]
@@ -452,12 +447,13 @@ class _Envelope(msgspec.Struct, forbid_unknown_fields=True, gc=False):
 
 
 class _Envelope2(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    """A whole event line of version 2 (its event rebuilt), as ``_Envelope``."""
+    """A whole event line of version 2 (its event given a session and a null parent)."""
 
     pos: Annotated[int, msgspec.Meta(ge=1)]
     event: Event
     batch: _Batch = (1, 1)
     status: Literal["active", "suspended", "closed", "expired"] | None = None
+    parent: str | msgspec.UnsetType | None = msgspec.UNSET
 
 
 _page_decoders: Final[dict[int, msgspec.json.Decoder[list[_Envelope] | list[_Envelope2]]]] = {
@@ -492,13 +488,15 @@ def _decode_page(data: bytes, session: _Session, first: int, stop: int) -> list[
     last_bytes = operator.itemgetter(*map((-1 - base).__add__, session.ends[first:stop]))(data)
     if (last_bytes.count(10) if count > 1 else int(last_bytes == 10)) != count:
         return None
-    if session.version == 1:
-        page = b"[%s]" % data[:-1].replace(b"\n", b",")
-    else:
-        rebuilt = _rebuilt_page(data, session, first, stop)
-        if rebuilt is None:
+    if session.version != 1:
+        # _parse's work for every line at once, where each line has exactly one
+        # "event":{, its own (a line with none would not decode)
+        parts = data.split(b'"event":{')
+        if len(parts) != count + 1:
             return None
-        page = rebuilt
+        inserted = b'"event":{"session":%s,"parent":null,' % _json(session.session_id)
+        data = inserted.join(parts)
+    page = b"[%s]" % data[:-1].replace(b"\n", b",")
     decoder = _page_decoders[session.version]
     try:
         if count < _GC_PAUSE_FROM:
@@ -510,6 +508,8 @@ def _decode_page(data: bytes, session: _Session, first: int, stop: int) -> list[
         return None
     events: list[Event] = list(map(_get_event, envelopes))
     ids = session.ids
+    if session.version != 1:
+        _link(events, list(map(_get_parent, envelopes)), ids, first)
     if list(map(_get_id, events)) != list(map(ids.__getitem__, range(first, stop))) or not all(
         map(session.session_id.__eq__, map(_get_session, events))
     ):
@@ -517,24 +517,22 @@ def _decode_page(data: bytes, session: _Session, first: int, stop: int) -> list[
     return events
 
 
-def _rebuilt_page(data: bytes, session: _Session, first: int, stop: int) -> bytes | None:
-    """Lines ``first`` to ``stop - 1`` of a version 2 ``session`` (``data``) as a JSON
-    array of whole lines (see ``_rebuild``), or None if one cannot be rebuilt.
-
-    An implied parent is taken from the index: if a line holds another event
-    than the index says, the caller's check of the ids finds it.
-    """
-    token = _json(session.session_id)
-    ids = session.ids
-    previous = _json(ids[first - 1]) if first else None
-    lines: list[bytes] = []
-    for k, line in enumerate(data[:-1].split(b"\n"), first):
-        rebuilt = _rebuild(line, line.find(b'"event":{') + 8, token, previous)
-        if rebuilt is None:
-            return None
-        lines.append(rebuilt)
-        previous = _json(ids[k])
-    return b"[%s]" % b",".join(lines)
+def _link(
+    events: list[Event],
+    parents: list[str | msgspec.UnsetType | None],
+    ids: dict[int, str],
+    first: int,
+) -> None:
+    """Give the events of version 2 lines ``first``... their parents: the envelope's
+    (``parents``, UNSET when left out), or the event of the line before (from the
+    index: a line holding another event than the index says fails the caller's check)."""
+    before = [
+        ids[first - 1] if first else None,
+        *map(ids.__getitem__, range(first, first + len(events) - 1)),
+    ]
+    if parents.count(msgspec.UNSET) != len(parents):  # not one linear run
+        before = [b if p is msgspec.UNSET else p for p, b in zip(parents, before, strict=True)]
+    collections.deque(map(_set, events, itertools.repeat("parent"), before), maxlen=0)
 
 
 def _check_header(line: bytes, path: Path, session_id: str) -> int:
@@ -1263,7 +1261,6 @@ class JSONLStore(PurgeStore):
         committed = session.size  # end of the last complete batch
         tail_line = len(session.ids) + 2 if session.ids else 1
         token = _json(session_id)
-        previous = _json(session.ids[len(session.ids) - 1]) if session.ids else None
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             for lineno, (offset, line) in enumerate(_lines(fd, committed), tail_line):
@@ -1272,7 +1269,7 @@ class JSONLStore(PurgeStore):
                 if lineno == 1:
                     session.version = _check_header(line, path, session_id)
                     continue
-                parsed = _parse(line, path, lineno, session.version, token, previous)
+                parsed = _parse(line, path, lineno, session.version, token)
                 if parsed.index != len(batch) + 1 or (batch and parsed.count != count):
                     raise _damaged(
                         path, lineno, f"batch [{parsed.index}, {parsed.count}] out of order"
@@ -1282,7 +1279,6 @@ class JSONLStore(PurgeStore):
                     raise _damaged(path, lineno, f"position {parsed.pos} after {last_pos}")
                 last_pos = parsed.pos
                 head = _head(parsed, path, lineno)
-                previous = _json(head.id)
                 if parsed.pos <= total and feed[
                     parsed.pos * _REC : (parsed.pos + 1) * _REC
                 ] != _record(parsed.pos, session_id, offset, len(line)):
@@ -1491,7 +1487,6 @@ class JSONLStore(PurgeStore):
             session = _Session(session_id, self._sessions_dir)
             session.version = version
         token = _json(session_id)
-        previous = _json(session.ids[len(session.ids) - 1]) if session.ids else None
         base_lineno = len(session.ids) + 2
         batch: list[_Pending] = []
         for lineno, (pos, _, offset, length) in enumerate(run, base_lineno):
@@ -1503,13 +1498,12 @@ class JSONLStore(PurgeStore):
                     f"missing or cut short, though {str(self._feed_path)!r} "
                     f"line {pos + 1} names it",
                 )
-            parsed = _parse(line, path, lineno, version, token, previous)
+            parsed = _parse(line, path, lineno, version, token)
             if parsed.pos != pos or parsed.index != len(batch) + 1:
                 raise _damaged(
                     path, lineno, f"does not match {str(self._feed_path)!r} line {pos + 1}"
                 )
             head = _head(parsed, path, lineno)
-            previous = _json(head.id)
             root: SessionCreated | None = None
             if not session.ids and not batch:
                 body = _event(parsed, path, lineno).body
@@ -1628,7 +1622,7 @@ class JSONLStore(PurgeStore):
             )
         # As a new file's lines hold them, each after its parent's line; the
         # writer redoes the first if its parent is not the file's last line.
-        payloads = [_stored(e, e.parent) for e in request.events]
+        payloads = [_stored(e) for e in request.events]
         for payload in payloads:
             if b"\n" in payload:  # msgspec escapes control characters; be sure
                 raise InvalidEventError(f"Event of session {session_id!r} encodes with a newline")
@@ -1759,19 +1753,11 @@ class JSONLStore(PurgeStore):
         match = _LINE.match(old)
         if match is None:
             raise _damaged(session.path, lineno, "not an event line of this format", erased.id)
-        line = old[: match.end()] + self._payload(session, k, erased)
+        line = old[: match.end()] + (encode_event if session.version == 1 else _stored)(erased)
         pad = len(old) - len(line) - 2
         if pad < 0:  # an Erased body and no salt are always shorter; be sure
             raise StoreError(f"Redacted line is longer than {erased.id!r} in {str(session.path)!r}")
         return start, line + b" " * pad + b"}\n"
-
-    @staticmethod
-    def _payload(session: _Session | None, k: int, event: Event) -> bytes:
-        """``event`` as line ``k`` of ``session``'s file holds it (None: a new file)."""
-        if session is not None and session.version == 1:
-            return encode_event(event)
-        previous = session.ids[k - 1] if session is not None and k else None
-        return _stored(event, previous)
 
     def _finish_erase(self) -> None:
         """Apply ``redact.redo`` if its batch committed, then remove it (holds the lock)."""
@@ -1819,18 +1805,21 @@ class JSONLStore(PurgeStore):
         version = FORMAT_VERSION if session is None else session.version
         if version == 1:
             payloads = [encode_event(e) for e in request.events]
-        elif session is not None and request.events[0].parent != session.ids[len(session.ids) - 1]:
-            payloads[0] = self._payload(session, len(session.ids), request.events[0])
+            parent = b""
+        else:
+            last = session.ids[len(session.ids) - 1] if session is not None else None
+            parent = _parent_field(request.events[0], last)  # the others follow their parent
         batched = count > 1 or version == 1  # version 2 leaves out a batch of one
         parts: list[bytes] = [_header_line(session_id)] if new else []
         records: list[bytes] = []
         pending: list[_Pending] = []
         at = offset + (len(parts[0]) if new else 0)
         for i, (event, payload) in enumerate(zip(request.events, payloads, strict=True), 1):
-            line = b'{"pos":%d%s%s,"event":%s}\n' % (
+            line = b'{"pos":%d%s%s%s,"event":%s}\n' % (
                 first_pos + i - 1,
                 b',"batch":[%d,%d]' % (i, count) if batched else b"",
                 status if i == count else b"",
+                parent if i == 1 else b"",
                 payload,
             )
             parts.append(line)
@@ -2356,11 +2345,8 @@ class JSONLStore(PurgeStore):
         lineno = k + 2
         if len(line) != session.ends[k] - session.starts[k]:
             raise _damaged(session.path, lineno, "cut short", session.ids[k])
-        previous = _json(session.ids[k - 1]) if k else None
-        parsed = _parse(
-            line, session.path, lineno, session.version, _json(session.session_id), previous
-        )
-        event = _event(parsed, session.path, lineno)
+        parsed = _parse(line, session.path, lineno, session.version, _json(session.session_id))
+        event = _event(parsed, session.path, lineno, session.ids[k - 1] if k else None)
         if event.id != session.ids[k] or event.session != session.session_id:
             raise _damaged(
                 session.path,
@@ -2399,19 +2385,15 @@ class JSONLStore(PurgeStore):
         steps: list[_Step] = []
         for k in range(first, stop):
             found = match(data, starts[k] - base)
-            if found is None or (found[1] is None and not k):
-                # not as this code writes lines: decode it, or name the damage
+            if found is None:  # not as this code writes lines: decode it, or name the damage
                 event = self._decode(session, k, data[starts[k] - base : ends[k] - base])
                 steps.append((event.id, event.seq, event.parent))
                 continue
-            parent = found[2]
-            steps.append(
-                (
-                    ids[k],
-                    int(found[3]),
-                    ids[k - 1] if found[1] is None else parent.decode() if parent else None,
-                )
-            )
+            if found[1] is None:  # left out (version 2): the event of the line before
+                parent = ids[k - 1] if k else None
+            else:
+                parent = found[2].decode() if found[2] else None
+            steps.append((ids[k], int(found[3]), parent))
         return steps
 
     async def _lines_between(

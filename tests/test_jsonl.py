@@ -95,13 +95,11 @@ def session_file(root: Path, session_id: str) -> Path:
     return root / "sessions" / f"{session_id}.jsonl"
 
 
-def stored(event: Event, after: Event | None) -> bytes:
-    """``event`` as a version 2 line holds it, after the line of ``after``: the event
-    model's JSON less its session, its parent when that is ``after``, and defaults."""
+def stored(event: Event) -> bytes:
+    """``event`` as a version 2 line holds it: the event model's JSON less its session,
+    its parent and its default values."""
     fields = msgspec.json.decode(encode_event(event))
-    del fields["session"]
-    if after is not None and event.parent == after.id:
-        del fields["parent"]
+    del fields["session"], fields["parent"]
     for name, default in (("idempotency_key", None), ("format", 1)):
         if fields[name] == default:
             del fields[name]
@@ -109,8 +107,10 @@ def stored(event: Event, after: Event | None) -> bytes:
 
 
 def line(pos: int, event: Event, after: Event | None, batch: str = "") -> bytes:
-    """A version 2 event line (``batch``: ``',"batch":[i,n]'`` when not a batch of one)."""
-    return b'{"pos":%d%s,"event":%s}\n' % (pos, batch.encode(), stored(event, after))
+    """A version 2 event line after the line of ``after`` (``batch``: ``',"batch":[i,n]'``
+    when not a batch of one): its parent is written unless it is ``after`` (or none)."""
+    parent = b"" if event.parent == (after and after.id) else b',"parent":"%s"' % event.parent
+    return b'{"pos":%d%s%s,"event":%s}\n' % (pos, batch.encode(), parent, stored(event))
 
 
 def read_plainly(path: Path) -> list[Any]:
@@ -142,9 +142,8 @@ async def test_files_are_readable_json_lines(root: Path) -> None:
         line(1, chain[0], None).rstrip(),
         line(2, chain[1], chain[0]).rstrip(),
         line(3, chain[2], chain[1]).rstrip(),
-        b'{"pos":4,"status":"suspended","event":%s}' % stored(chain[3], chain[2]),
+        b'{"pos":4,"status":"suspended","event":%s}' % stored(chain[3]),
     ]
-    assert events[0]["event"]["parent"] is None  # the root's is written
     assert not {"session", "parent", "idempotency_key", "format"} & set(events[1]["event"])
     feed = (root / "feed.log").read_bytes()
     assert len(feed) == 80 * 5

@@ -23,6 +23,7 @@ from stores.jsonl import JSONLStore
 from tests.strategies import bodies, chains, event_ids, events, names, texts
 from tests.test_jsonl import collect, create, new_session, request, session_file, turn
 
+
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     return tmp_path / "store"
@@ -38,19 +39,16 @@ STATUSES = st.none() | st.sampled_from(["active", "suspended", "closed", "expire
 @given(event=events(), other=event_ids, after=st.sampled_from(["parent", "other", "none"]))
 def test_a_version_2_line_rebuilds_any_event_exactly(event: Event, other: str, after: str) -> None:
     previous = {"parent": event.parent, "other": other, "none": None}[after]
-    line = b'{"pos":7,"event":%s}\n' % jsonl._stored(event, previous)
-    fields = json.loads(line)["event"]
-    assert "session" not in fields
-    assert ("parent" in fields) == (previous is None or event.parent != previous)
-    parsed = jsonl._parse(
-        line,
-        "f.jsonl",
-        3,
-        2,
-        msgspec.json.encode(event.session),
-        None if previous is None else msgspec.json.encode(previous),
+    line = b'{"pos":7%s,"event":%s}\n' % (
+        jsonl._parent_field(event, previous),
+        jsonl._stored(event),
     )
-    rebuilt = jsonl._event(parsed, "f.jsonl", 3)
+    fields = json.loads(line)
+    assert not {"session", "parent"} & set(fields["event"])
+    assert ("idempotency_key" in fields["event"]) == (event.idempotency_key is not None)
+    assert ("parent" in fields) == (event.parent != previous)
+    parsed = jsonl._parse(line, "f.jsonl", 3, 2, msgspec.json.encode(event.session))
+    rebuilt = jsonl._event(parsed, "f.jsonl", 3, previous)
     assert rebuilt == event
     assert event_problem(rebuilt) is None  # the id and digest recompute
 
@@ -239,15 +237,16 @@ async def test_a_version_1_line_is_redacted_as_version_1(root: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("line", "old", "new", "why"),
+    ("old", "new", "why"),
     [
-        (2, b'"parent":null,', b"", "no parent, and no line before"),
-        (3, b'{"id":', b'{"ID":', "not an event"),
+        (b'"event":{"id":', b'"event":["id":', "not an event line of this format"),
+        (b'"event":{"id":', b'"event":{"ID":', "does not decode"),
     ],
 )
 async def test_a_line_that_cannot_be_rebuilt_is_named(
-    root: Path, line: int, old: bytes, new: bytes, why: str
+    root: Path, old: bytes, new: bytes, why: str
 ) -> None:
+    line = 3  # the second event's
     async with JSONLStore(root) as store:
         chain = await new_session(store, turns=2)
     path = session_file(root, chain[0].session)

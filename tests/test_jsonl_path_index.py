@@ -128,7 +128,7 @@ def rewrite(store: JSONLStore, event: Event, old: bytes, new: bytes) -> None:
     """Replace ``old`` by ``new`` (as long) in ``event``'s line, under the open store."""
     path = store.directory / "sessions" / f"{event.session}.jsonl"
     data = path.read_bytes()
-    start = data.index(b'"id":"%s"' % event.id.encode())
+    start = data.rindex(b"\n", 0, data.index(b'"id":"%s"' % event.id.encode())) + 1
     end = data.index(b"\n", start)
     line = data[start:end]
     assert len(old) == len(new) and old in line
@@ -160,7 +160,7 @@ async def test_a_broken_parent_link_is_named_as_ancestors_names_it(tmp_path: Pat
         events = await six_events(store)
         fork = turn(events[2], branch="side")
         await store.append(request([fork], None))
-        later = turn(events[-1])  # written after the fork: its parent written out too
+        later = turn(events[-1])  # after the fork's line: its parent written out too
         await store.append(request([later], events[-1].id))
         rewrite(store, fork, events[2].id.encode(), later.id.encode())
         with pytest.raises(IntegrityError) as by_index:
