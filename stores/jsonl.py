@@ -19,21 +19,34 @@ Layout. ``jsonl:///path/to/dir`` keeps everything under one directory (mode
 Session files. The first line is a header naming the format, its version and
 the session::
 
-    {"ledger":"session-ledger/jsonl","version":1,"session":"<session-id>"}
+    {"ledger":"session-ledger/jsonl","version":2,"session":"<session-id>"}
 
 and every line after it is one event, in append order::
 
-    {"pos":17,"batch":[1,2],"event":{...}}
-    {"pos":18,"batch":[2,2],"status":"suspended","event":{...}}
+    {"pos":17,"event":{...}}
+    {"pos":18,"batch":[1,2],"parent":"<event id>","event":{...}}
+    {"pos":19,"batch":[2,2],"status":"suspended","event":{...}}
 
-``event`` is exactly ``ledger.events.encode_event(event)`` (msgspec JSON), so
-ids recompute from the file. ``pos`` is the event's position in the global
-feed. ``batch`` is ``[i, n]``: the ``i``-th of the ``n`` events appended
-together; a batch counts only when all ``n`` lines are there, which makes a
-batch all or nothing. ``status``, on a batch's last line, is the session's
-listing status after it (``active``, ``suspended``, ``closed`` or ``expired``, as
-``ledger.Ledger`` sets it; without one the status is unchanged, or ``active``
-for a new session). Lines have no length limit.
+``event`` is the event's msgspec JSON (``Event``'s field order) less its
+``session`` (the header names it), its ``parent`` and its default values
+(``idempotency_key`` null, ``format`` 1): the reader puts them back, so ids
+and digests recompute from the file. ``pos`` is the event's position in the
+global feed. ``batch`` is ``[i, n]``: the ``i``-th of the ``n`` events appended
+together (left out for a batch of one); a batch counts only when all ``n``
+lines are there, which makes a batch all or nothing. ``status``, on a batch's
+last line, is the session's listing status after it (``active``,
+``suspended``, ``closed`` or ``expired``, as ``ledger.Ledger`` sets it),
+written only when it changes (so without one the status is unchanged, or
+``active`` for a new session). ``parent`` is written only when it is not the
+id of the event on the line before (a fork, a branch taken up again): a
+linear run has none, and on the first line a left-out parent is null. A line
+that cannot be rebuilt is an ``IntegrityError`` naming the file and line.
+Lines have no length limit.
+
+Version 1 files (before version 2) have ``batch`` on every line, ``status`` on
+every batch given one, no ``parent`` field, and ``event`` exactly
+``ledger.events.encode_event(event)``. They are still read, and keep getting
+version 1 lines: a file has one version, its header's. New files are version 2.
 
 The feed. ``feed.log`` starts with an 80-byte header line
 (``{"ledger":"session-ledger/jsonl-feed","version":1}`` padded with spaces);
@@ -76,7 +89,10 @@ exclusive ``flock`` on ``lock``. Under it a writer (1) reads whatever other
 processes appended since its last look (the new records of ``feed.log``, then
 the lines they name), (2) checks idempotency, the session, limits and the
 branch head (``stores.base.check_head``), (3) records its intent (session,
-offset, positions) in ``lock``, (4) appends the batch's lines to the session
+offset, positions) in ``lock``'s first 78 bytes, through a shared mapping (no
+system call, and the write seldom dirties ``lock``'s inode, which would join
+the journal commit of the next ``fsync``; never synced: only a live process
+needs it, an open scans), (4) appends the batch's lines to the session
 file in one write and ``fsync``\\ s it (and the directory when the file is
 new), and only then (5) appends the batch's records to ``feed.log``. An append
 returns only after step 5, so an acknowledged event is on disk. Readers, in
@@ -213,6 +229,8 @@ _RECORD: Final = re.compile(rb"([0-9]{15}) ([0-9a-f-]{36}) ([0-9]{14}) ([0-9]{11
 _RECORDS: Final = re.compile(rb"(?:[0-9]{15} [0-9a-f-]{36} [0-9]{14} [0-9]{11}\n)*")
 """A run of ``feed.log`` records, none of them a tombstone."""
 _INTENT: Final = re.compile(rb"([0-9a-f-]{36}) ([0-9]{14}) ([0-9]{15}) ([0-9]{9})\n")
+_INTENT_BYTES: Final = 78
+"""Length of the intent record at the start of ``lock``."""
 _LINE: Final = re.compile(
     rb'\{"pos":([1-9][0-9]{0,14})(?:,"batch":\[([1-9][0-9]{0,8}),([1-9][0-9]{0,8})\])?'
     rb'(?:,"status":"(active|suspended|closed|expired)")?'
@@ -853,6 +871,10 @@ class JSONLStore(PurgeStore):
         # purged sessions whose cached descriptor the event loop's thread must close
         self._stale: set[str] = set()
         self._lock_fd = -1
+        # ``lock``'s intent record, mapped: written and read with no system call,
+        # and a write seldom dirties the inode (only when the page was clean), so
+        # the journal commit of an append's fsync rarely carries it
+        self._intent: mmap.mmap | None = None
         self._feed_fd = -1
         self._n = 0  # feed records this process has read and indexed
         self._sessions: dict[str, _Session] = {}
@@ -871,7 +893,7 @@ class JSONLStore(PurgeStore):
         # processes); the event loop only ever tries it without blocking.
         self._sync = threading.Lock()
         self._write_lock = asyncio.Lock()
-        self._appended = asyncio.Event()
+        self._appended: asyncio.Event | None = None  # made by a feed waiter, set by an append
         # Session files kept open, by session id, least recently used first;
         # used and changed on the event loop's thread only (never by a worker).
         self._fds: dict[str, int] = {}
@@ -904,6 +926,7 @@ class JSONLStore(PurgeStore):
                     # Derived data: the next open scans the files instead.
                     log.warning("%s: the index was not saved: %s", self._index_path, exc)
             fds, self._fds = self._fds, {}
+            self._unmap_intent()
             for fd in (*fds.values(), self._feed_fd, self._lock_fd, self._purges_fd):
                 if fd >= 0:
                     with _translate(self.directory):
@@ -928,6 +951,9 @@ class JSONLStore(PurgeStore):
                     self._purges_path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
                 )
                 with self._locked():
+                    if os.fstat(self._lock_fd).st_size < _INTENT_BYTES:
+                        os.ftruncate(self._lock_fd, _INTENT_BYTES)
+                    self._intent = mmap.mmap(self._lock_fd, _INTENT_BYTES)
                     self._finish_purge()
                     with gc_paused():  # builds the whole index: see ledger.events.gc_paused
                         if not self._load_index():
@@ -938,11 +964,17 @@ class JSONLStore(PurgeStore):
                     self._purges_seen = os.fstat(self._purges_fd).st_size
                     self._finish_erase()
         except BaseException:
+            self._unmap_intent()
             for fd in (self._feed_fd, self._lock_fd, self._purges_fd):
                 if fd >= 0:
                     os.close(fd)
             self._feed_fd = self._lock_fd = self._purges_fd = -1
             raise
+
+    def _unmap_intent(self) -> None:
+        if self._intent is not None:
+            self._intent.close()
+            self._intent = None
 
     def _try_lock(self) -> bool:
         """Take the writers' lock if it is free at once (a ``_locked`` without waiting)."""
@@ -1524,7 +1556,8 @@ class JSONLStore(PurgeStore):
 
     def _repair_intent(self) -> None:
         """Finish or undo the write of a writer that died holding the lock (holds the lock)."""
-        raw = os.pread(self._lock_fd, _REC, 0)
+        assert self._intent is not None
+        raw = self._intent[:]
         if raw[52:67] != b"%015d" % (self._n + 1):
             return  # done (the common case), stale or no intent: what the checks below find
         intent = _INTENT.fullmatch(raw)
@@ -1646,8 +1679,9 @@ class JSONLStore(PurgeStore):
                 original = await asyncio.to_thread(self._append_sync, request, payloads)
         if original is not None:
             return AppendResult([original], replayed=True)
-        self._appended.set()
-        self._appended = asyncio.Event()
+        if self._appended is not None:
+            self._appended.set()
+            self._appended = None
         return AppendResult(list(request.events))
 
     def _append_sync(self, request: AppendRequest, payloads: list[bytes]) -> Event | None:
@@ -1831,11 +1865,8 @@ class JSONLStore(PurgeStore):
             pending.append(_Pending(at, at + len(line), first_pos + i - 1, None, head, root))
             at += len(line)
         pending[-1].status = request.status
-        os.pwrite(
-            self._lock_fd,
-            b"%s %014d %015d %09d\n" % (session_id.encode(), offset, first_pos, count),
-            0,
-        )
+        assert self._intent is not None
+        self._intent[:] = b"%s %014d %015d %09d\n" % (session_id.encode(), offset, first_pos, count)
         started = time.perf_counter()
         if cache and self._stale:
             self._close_stale_fds()
@@ -2679,6 +2710,8 @@ class JSONLStore(PurgeStore):
         deadline = loop.time() + max(0.0, max_wait)
         while True:
             appended = self._appended
+            if appended is None:
+                appended = self._appended = asyncio.Event()
             await self._refresh()
             remaining = deadline - loop.time()
             if self._n > after or remaining <= 0:
