@@ -506,15 +506,14 @@ def _decode_page(data: bytes, session: _Session, first: int, stop: int) -> list[
     last_bytes = operator.itemgetter(*map((-1 - base).__add__, session.ends[first:stop]))(data)
     if (last_bytes.count(10) if count > 1 else int(last_bytes == 10)) != count:
         return None
-    if session.version != 1:
-        # _parse's work for every line at once, where each line has exactly one
-        # "event":{, its own (a line with none would not decode)
-        parts = data.split(b'"event":{')
-        if len(parts) != count + 1:
-            return None
+    if session.version == 1:
+        page = b"[%s]" % data[:-1].replace(b"\n", b",")
+    else:
+        # _parse's work: the first "event":{ of a line is its envelope's key (one
+        # in a body comes after it; a line without its own fails to decode)
         inserted = b'"event":{"session":%s,"parent":null,' % _json(session.session_id)
-        data = inserted.join(parts)
-    page = b"[%s]" % data[:-1].replace(b"\n", b",")
+        lines = data[:-1].split(b"\n")
+        page = b"[%s]" % b",".join([line.replace(b'"event":{', inserted, 1) for line in lines])
     decoder = _page_decoders[session.version]
     try:
         if count < _GC_PAUSE_FROM:

@@ -278,3 +278,19 @@ async def test_only_a_change_of_status_is_written(root: Path) -> None:
     async with JSONLStore(root) as store:
         assert await store.session(chain[0].session) == row
         assert row.status == "active"
+
+
+async def test_events_whose_bodies_hold_an_event_key_read_back(root: Path) -> None:
+    # "event":{ inside a body, as a framework's record may have: only each line's
+    # first one is its envelope's
+    async with JSONLStore(root) as store:
+        chain = await new_session(store)
+        batch = [turn(chain[-1], {"event": {"id": "x", "event": {}}})]
+        for n in range(5):
+            batch.append(turn(batch[-1], {"event": {"n": n}}))
+        await store.append(request(batch, chain[-1].id))
+        chain += batch
+        assert await collect(store, chain[0].session) == chain
+        assert [await store.get(e.id) for e in chain] == chain
+    async with JSONLStore(root) as store:
+        assert [i.event for i in await store.read_feed(0)] == chain
