@@ -198,6 +198,9 @@ CREATE TABLE IF NOT EXISTS ledger_events (
     -- Led by the id: it also serves get(event_id) without a session.
     PRIMARY KEY (id, session_id)
 );
+-- data is compressed already (encode_stored): kept in the row, not tried again by
+-- TOAST's compressor and moved out of line (a second table and index) past ~2 kB.
+ALTER TABLE ledger_events ALTER COLUMN data SET STORAGE MAIN;
 -- The feed: a plain (non-unique) index, as a unique one without session_id
 -- would not distribute.
 CREATE INDEX IF NOT EXISTS ledger_events_position ON ledger_events (position);
@@ -629,26 +632,20 @@ def _translate(
 # --- encoding and decoding ------------------------------------------------------------
 
 _PACK_FROM: Final = 600
-"""Events this long or longer (as JSON) are stored deflated (``encode_stored``: its
+"""Events this long or longer (as JSON) are stored compressed (``encode_stored``: its
 preset dictionary holds what every event repeats). PostgreSQL compresses a value
 only in rows over about 2 kB, so without this most turns would be stored as they
 are. A shorter event is mostly its envelope (~420 bytes of ids, digests and keys,
-hex digits that deflate only to about half) and stays plain: inflating it would
-cost a reader 4-7x decoding it (a feed of small events read at 150k/s instead of
-400k/s), to save some 250 bytes."""
-
-_PACK_LEVEL: Final = 1
-"""zlib's fastest level: 606 bytes a turn of the bench's conversation instead of 580
-at level 6, for ~30% less time. Compressing is most of an append's own work in a
-large batch; inflating costs the same at any level."""
+hex digits that compress only to about half) and stays plain: unpacking it would
+cost a reader more than decoding it, to save some 250 bytes."""
 
 _ZLIB_STREAM: Final = b"x"
 """The first byte of what version 3 stored for a large event: a zlib stream (``0x78``)."""
 
 
 def _pack(event: Event) -> bytes:
-    """What ``data`` holds: ``encode_stored`` of the event, deflated from ``_PACK_FROM``."""
-    return encode_stored(event, level=_PACK_LEVEL, compress_from=_PACK_FROM)
+    """What ``data`` holds: ``encode_stored`` of the event, compressed from ``_PACK_FROM``."""
+    return encode_stored(event, compress_from=_PACK_FROM)
 
 
 def _unpack(data: bytes) -> Event:

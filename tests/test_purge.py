@@ -278,12 +278,12 @@ async def test_sqlite_a_purged_sessions_content_is_gone_from_the_files(tmp_path:
         s = await led.create(user_id="u", agent="a")
         for i in range(10):  # small events: stored as plain JSON
             await led.add_turn(s.session_id, role="user", content=f"{secret} {i}")
-        # A large one is stored deflated: a piece of its stored bytes is looked for too.
+        # A large one is stored compressed: a piece of its stored bytes is looked for too.
         big = await led.add_turn(s.session_id, role="user", content=os.urandom(3000).hex())
         keep = await led.create(user_id="u", agent="a")
         with contextlib.closing(sqlite3.connect(db)) as raw:
             (stored,) = raw.execute("SELECT data FROM events WHERE id = ?", (big.id,)).fetchone()
-        assert stored[:1] == b"\x01"
+        assert stored[:1] == b"\x02"
         piece = stored[len(stored) // 2 : len(stored) // 2 + 64]
         assert _holding(tmp_path, secret.encode())
         assert _holding(tmp_path, piece)

@@ -310,7 +310,7 @@ async def _redact_big_and_small(led: Ledger, secret: str) -> tuple[str, list[str
     s = await led.create(user_id="u", agent="a")
     other = await led.create(user_id="u", agent="a")
     small = await led.add_turn(s.session_id, role="user", content=f"my name is {secret}")
-    # Incompressible, so that even deflated (SQLite) it spans overflow pages.
+    # Incompressible, so that even compressed (SQLite) it spans overflow pages.
     big = await led.add_turn(
         s.session_id, role="user", content=f"{secret} {os.urandom(6000).hex()}"
     )
@@ -332,11 +332,11 @@ async def test_sqlite_erased_content_is_gone_from_the_database_wal_and_shm(
         ids = [e.id async for e in led.events(session_id)]
         # Not vacuous: the content is in the files, the WAL among them, before.
         assert _files_holding(db.parent, secret.encode()), "the marker should be on disk"
-        # The big turn is stored deflated: look for a piece of its stored bytes too.
+        # The big turn is stored compressed: look for a piece of its stored bytes too.
         with contextlib.closing(sqlite3.connect(db)) as raw:
             (stored,) = raw.execute("SELECT data FROM events WHERE id = ?", (erased[1],)).fetchone()
             (page_size,) = raw.execute("PRAGMA page_size").fetchone()
-        assert stored[:1] == b"\x01" and len(stored) > page_size  # deflated, overflowing
+        assert stored[:1] == b"\x02" and len(stored) > page_size  # compressed, overflowing
         piece = stored[len(stored) // 2 : len(stored) // 2 + 64]
         assert _files_holding(db.parent, piece)
         assert (db.parent / "ledger.db-wal").exists()
