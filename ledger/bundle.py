@@ -39,6 +39,7 @@ import hmac
 import os
 import shutil
 import tempfile
+from bisect import bisect_right
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from contextlib import aclosing, suppress
 from pathlib import Path
@@ -65,8 +66,9 @@ from ledger.events import (
     canonical,
     event_problem,
 )
-from ledger.merkle import StreamingRoot
+from ledger.merkle import HASH_SIZE, StreamingRoot
 from ledger.verify import _Bad, _check_step
+from ledger.verify_worker import Worker, check_events, encode_request, event_id_if_sound
 from projections.session import SESSION, SessionState
 from stores.base import AppendRequest, AppendResult, EventStore, SessionRow
 
@@ -87,11 +89,18 @@ MAIN: Final = "main"
 BATCH_EVENTS: Final = 10_000
 """Events per append of an import (fewer at a branch change, a fork or a restore)."""
 BATCH_BYTES: Final = 4 << 20
+BLOCK_BYTES: Final = 4 << 20
+"""Pass 1 digests the bundle in blocks of whole lines of this size or more; the
+passes after it read a block again only while its digest still matches."""
+PARALLEL_BYTES: Final = 8 << 20
+"""From this bundle size on, a worker process recomputes the ids in pass 1."""
+CHUNK: Final = 4096
+"""Events per request to the worker, and ids per Merkle hashing (a power of two)."""
 _YIELD_EVERY: Final = 2000
+"""Lines between two yields to the event loop, so a long import does not starve it."""
 
 Progress = Callable[[int], object]
 """Told how much more is done: events exported, or bundle bytes read by an import."""
-"""Lines between two yields to the event loop, so a long import does not starve it."""
 
 
 # ---------------------------------------------------------------------------- lines
@@ -141,6 +150,9 @@ class _Version(msgspec.Struct):
 _encode = msgspec.json.Encoder().encode
 _decode_line = msgspec.json.Decoder(
     _Header | _SessionLine | _EventLine | _AnchorLine | _Trailer
+).decode
+_decode_lines = msgspec.json.Decoder(
+    list[_Header | _SessionLine | _EventLine | _AnchorLine | _Trailer]
 ).decode
 _decode_version = msgspec.json.Decoder(_Version).decode
 
@@ -387,6 +399,10 @@ class _Plan(msgspec.Struct, kw_only=True):
     count: int = 0
     keep: set[str] = msgspec.field(default_factory=set)
     """Ids the session's Branched/Restored events point back to: their states are kept."""
+    folded: bool = False
+    """Pass 1 folded it whole (it has no Branched or Restored event): pass 2 need not."""
+    statuses: list[tuple[int, str]] = msgspec.field(default_factory=list)
+    """The listing status after the n-th event of branch main, at each n where it changes."""
     root_id: str = ""
     create_key: str | None = None
     """The root's idempotency key: unique per user in the target store."""
@@ -395,10 +411,21 @@ class _Plan(msgspec.Struct, kw_only=True):
     action: str = "imported"
 
 
+class _Block(msgspec.Struct, frozen=True):
+    """Whole lines of the bundle, as pass 1 read them: where, and their digest."""
+
+    offset: int
+    size: int
+    line: int
+    """The number of its first line."""
+    digest: bytes
+
+
 class _Scan(msgspec.Struct, kw_only=True):
     header: _Header
     plans: list[_Plan]
     events: int
+    blocks: list[_Block]
     deferred: BundleError | None
     """A digest mismatch: raised only if no more specific problem is found."""
 
@@ -427,20 +454,112 @@ def _check_key(header: _Header, key: bytes | None) -> None:
     )
 
 
-def _scan(file: IO[bytes], key: bytes | None) -> _Scan:
-    """Pass 1: framing, ids and digests, anchors, counts; the fork points of each session."""
+class _Root:
+    """A session's Merkle root over its event ids, hashed ``CHUNK`` ids at a time."""
+
+    def __init__(self) -> None:
+        self._tree = StreamingRoot()
+        self._ids = bytearray()
+
+    def add(self, leaf: bytes) -> None:
+        self._ids += leaf
+        if len(self._ids) >= CHUNK * HASH_SIZE:
+            self._tree.extend(self._ids)
+            self._ids.clear()
+
+    def root(self) -> bytes:
+        self._tree.extend(self._ids)
+        self._ids.clear()
+        return self._tree.root()
+
+
+class _Blocks:
+    """Pass 1's digests of the bundle, in blocks of whole lines of ``BLOCK_BYTES`` or more."""
+
+    def __init__(self) -> None:
+        self.done: list[_Block] = []
+        self._digest = blake3.blake3()
+        self._offset = self._size = 0
+        self._line = 1
+
+    def add(self, number: int, raw: bytes) -> None:
+        self._digest.update(raw)
+        self._size += len(raw)
+        if self._size >= BLOCK_BYTES:
+            self.close(number)
+
+    def close(self, number: int) -> None:
+        """End the block at line ``number``."""
+        if self._size:
+            self.done.append(_Block(self._offset, self._size, self._line, self._digest.digest()))
+        self._offset += self._size
+        self._size, self._line, self._digest = 0, number + 1, blake3.blake3()
+
+
+class _Contents:
+    """Each event's body digest and id recomputed (``event_problem``'s checks): here,
+    one by one, or, with a worker process (``ledger.verify_worker``), chunk by chunk
+    there while this process checks everything else. A chunk that fills up while the
+    worker still takes in the one before is checked here, so neither process waits.
+    """
+
+    def __init__(self, worker: Worker | None) -> None:
+        self.worker = worker
+        self._chunk: list[Event] = []
+        self._sent = 0
+        self._failed = False
+
+    def problem(self, event: Event) -> str | None:
+        """What is wrong with the event; with a worker, None: ``all_sound`` answers later."""
+        if self.worker is None:
+            return None if event_id_if_sound(event) is not None else event_problem(event)
+        self._chunk.append(event)
+        if len(self._chunk) == CHUNK:
+            self._hand_over()
+        return None
+
+    def _hand_over(self) -> None:
+        assert self.worker is not None
+        if self.worker.busy():
+            self._failed |= not check_events(self._chunk, False)[0]
+        else:
+            self.worker.send(encode_request(self._chunk))
+            self._sent += 1
+        self._chunk = []
+
+    async def all_sound(self) -> bool:
+        """Did every event verify? (False too if the worker failed.)"""
+        if self.worker is None:
+            return True  # each problem was raised at its event
+        if self._chunk:
+            self._hand_over()
+        answers = await self.worker.results()
+        return (
+            not self._failed
+            and answers is not None
+            and len(answers) == self._sent
+            and all(ok for ok, _ in answers)
+        )
+
+
+def _scan(file: IO[bytes], key: bytes | None, contents: _Contents) -> _Scan:
+    """Pass 1: framing, ids and digests, anchors, counts, the fork points of each
+    session, and each session folded up to its first Branched or Restored event."""
     total = blake3.blake3()
+    blocks = _Blocks()
     header: _Header | None = None
     plans: list[_Plan] = []
     seen: set[str] = set()
     plan: _Plan | None = None
+    walker: _Walker | None = None
     digest: Any = None
-    root = StreamingRoot()
+    root = _Root()
     events = 0
     deferred: BundleError | None = None
     last = 0
     for number, raw, line in _lines(file):
         last = number
+        blocks.add(number, raw)
         if number == 1:
             if not isinstance(line, _Header):
                 raise BundleError(f"Not a {BUNDLE_FORMAT} file: line 1 is not its header", line=1)
@@ -458,7 +577,7 @@ def _scan(file: IO[bytes], key: bytes | None) -> _Scan:
                 sid = plan.row.session_id
                 if event.session != sid:
                     raise _bad(f"belongs to session {event.session!r}", number, sid, event.id)
-                problem = event_problem(event)
+                problem = contents.problem(event)
                 if problem:
                     raise _bad(problem, number, sid, event.id)
                 body = event.body
@@ -466,6 +585,7 @@ def _scan(file: IO[bytes], key: bytes | None) -> _Scan:
                     plan.keep.add(event.parent)
                     if isinstance(body, Restored):
                         plan.keep.add(body.checkpoint)
+                    walker = None  # its fork point's state was not kept: pass 2 folds it
                 if plan.count == 0:
                     plan.root_id, plan.create_key = event.id, event.idempotency_key
                 plan.count += 1
@@ -476,8 +596,10 @@ def _scan(file: IO[bytes], key: bytes | None) -> _Scan:
                         sid,
                         event.id,
                     )
-                root.append(bytes.fromhex(event.id))
+                root.add(_leaf(event, number, sid))
                 digest.update(raw)
+                if walker is not None:
+                    _step(walker, event, number)
             case _SessionLine(session=row):
                 if plan is not None:
                     raise _bad(
@@ -489,9 +611,10 @@ def _scan(file: IO[bytes], key: bytes | None) -> _Scan:
                     raise _bad("the session is in the bundle twice", number, row.session_id)
                 seen.add(row.session_id)
                 plan = _Plan(row=row, first_line=number)
+                walker = _Walker(row.session_id, plan.keep, key)
                 digest = blake3.blake3()
                 digest.update(raw)
-                root = StreamingRoot()
+                root = _Root()
             case _AnchorLine(anchor=anchor, digest=claimed):
                 if plan is None:
                     raise _bad(
@@ -500,9 +623,11 @@ def _scan(file: IO[bytes], key: bytes | None) -> _Scan:
                 deferred = deferred or _check_anchor(
                     plan, anchor, claimed, root, digest, header, key, number
                 )
+                if walker is not None:
+                    _folded(plan, walker)
                 plans.append(plan)
                 events += plan.count
-                plan = None
+                plan = walker = None
             case _Trailer() as trailer:
                 if plan is not None:
                     raise _bad(
@@ -513,6 +638,7 @@ def _scan(file: IO[bytes], key: bytes | None) -> _Scan:
                 deferred = deferred or _check_trailer(
                     trailer, total, len(plans), events, number, header, key
                 )
+                blocks.close(number)
                 break
             case _Header():
                 raise _bad("a second header", number)
@@ -535,14 +661,38 @@ def _scan(file: IO[bytes], key: bytes | None) -> _Scan:
     if extra:
         raise _bad("a line after the trailer", last + 1)
     assert header is not None
-    return _Scan(header=header, plans=plans, events=events, deferred=deferred)
+    return _Scan(header=header, plans=plans, events=events, blocks=blocks.done, deferred=deferred)
+
+
+def _leaf(event: Event, number: int, session_id: str) -> bytes:
+    """The event's id as a Merkle leaf (with a worker, its id is checked only later)."""
+    with suppress(ValueError):
+        leaf = bytes.fromhex(event.id)
+        if len(leaf) == HASH_SIZE:
+            return leaf
+    raise _bad("its id is not 64 hex digits", number, session_id, event.id)
+
+
+def _step(walker: _Walker, event: Event, number: int) -> SessionState:
+    try:
+        return walker.step(event)
+    except _Bad as exc:
+        raise _bad(str(exc), number, walker.session_id, event.id) from None
+
+
+def _folded(plan: _Plan, walker: _Walker) -> None:
+    """The whole session folded: its listing row checked, its statuses kept for pass 3."""
+    problem = walker.listing_problem(plan.row)
+    if problem:
+        raise _bad(problem, plan.first_line, plan.row.session_id)
+    plan.statuses, plan.folded = walker.statuses, True
 
 
 def _check_anchor(
     plan: _Plan,
     anchor: Anchor,
     claimed: str,
-    root: StreamingRoot,
+    root: _Root,
     digest: Any,
     header: _Header,
     key: bytes | None,
@@ -617,15 +767,39 @@ def _check_trailer(
     )
 
 
-def _events(file: IO[bytes]) -> Iterator[tuple[int, int, Event | None]]:
-    """Passes 2 and 3: (line, size, event) for each event line, (line, 0, None) at an anchor."""
-    for number, raw, line in _lines(file):
-        if isinstance(line, _EventLine):
-            yield number, len(raw), line.event
-        elif isinstance(line, _AnchorLine):
-            yield number, 0, None
-        elif isinstance(line, _Trailer):
-            return
+def _verified(file: IO[bytes], blocks: Sequence[_Block]) -> Iterator[tuple[int, list[bytes]]]:
+    """Passes 2 and 3 read the bundle anew: each block of lines (its first line's number,
+    its lines without their newlines) once its digest is still the one pass 1 took,
+    so that they use only bytes pass 1 verified."""
+    if blocks:
+        file.seek(blocks[0].offset)
+    for block in blocks:
+        data = file.read(block.size)
+        if not hmac.compare_digest(blake3.blake3(data).digest(), block.digest):
+            raise BundleError(
+                f"Bundle line {block.line}: the bundle changed while it was imported "
+                "(its lines differ from those verified)",
+                line=block.line,
+            )
+        yield block.line, data.split(b"\n")[:-1]
+
+
+def _events(
+    file: IO[bytes], blocks: Sequence[_Block], first: int = 1
+) -> Iterator[tuple[int, int, Event | None]]:
+    """Passes 2 and 3, from line ``first``: (line, size, event) for each event line,
+    (line, 0, None) at an anchor."""
+    starts = [block.line for block in blocks]
+    for line, pieces in _verified(file, blocks[max(0, bisect_right(starts, first) - 1) :]):
+        # Each line decoded alone in pass 1, so together they decode to the same.
+        decoded = _decode_lines(b"[" + b",".join(pieces) + b"]")
+        for number, (piece, item) in enumerate(zip(pieces, decoded, strict=True), line):
+            if number < first:
+                continue
+            if isinstance(item, _EventLine):
+                yield number, len(piece) + 1, item.event
+            elif isinstance(item, _AnchorLine):
+                yield number, 0, None
 
 
 class _Walker:
@@ -645,6 +819,8 @@ class _Walker:
         self.entries: dict[str, str] = {}  # kept checkpoint id -> its entry
         self.count = 0
         self.last_at = 0
+        self.main = 0  # events of branch main
+        self.statuses: list[tuple[int, str]] = []
 
     def step(self, event: Event) -> SessionState:
         """The state after ``event``; raises ``_Bad`` saying what is wrong with it."""
@@ -676,6 +852,10 @@ class _Walker:
                 self.entries[event.id] = body.entry
         self.count += 1
         self.last_at = max(self.last_at, event.at)
+        if event.branch == MAIN:
+            self.main += 1
+            if not self.statuses or self.statuses[-1][1] != state.status:
+                self.statuses.append((self.main, state.status))
         return state
 
     def _fork(self, event: Event, body: Branched | Restored) -> SessionState:
@@ -726,32 +906,25 @@ class _Walker:
 
 
 async def _check(store: EventStore, file: IO[bytes], scan: _Scan, key: bytes | None) -> None:
-    """Pass 2: fold each session, check its listing row, compare it with the target's."""
-    plans = iter(scan.plans)
-    plan: _Plan | None = None
-    walker: _Walker | None = None
-    target: _Target | None = None
-    for number, _size, event in _events(file):
-        if plan is None:
-            plan = next(plans)
-            walker = _Walker(plan.row.session_id, plan.keep, key)
-            target = await _Target.open(store, plan)
-        assert walker is not None and target is not None
-        sid = plan.row.session_id
-        if event is None:
-            problem = walker.listing_problem(plan.row)
-            if problem:
-                raise _bad(problem, plan.first_line, sid)
-            await target.finish(plan, number)
-            plan = None
-            continue
-        try:
-            walker.step(event)
-        except _Bad as exc:
-            raise _bad(str(exc), number, sid, event.id) from None
-        await target.compare(event, walker.count, number)
-        if number % _YIELD_EVERY == 0:
-            await asyncio.sleep(0)
+    """Pass 2, of the sessions that need it: one with a fork folded whole, knowing its
+    fork points now; one the target store holds compared with it, id by id."""
+    for plan in scan.plans:
+        target = await _Target.open(store, plan)
+        if plan.folded and target.events is None:
+            continue  # nothing more to learn of it
+        walker = None if plan.folded else _Walker(plan.row.session_id, plan.keep, key)
+        events = _events(file, scan.blocks, plan.first_line + 1)
+        for index, (number, _size, event) in enumerate(events, 1):
+            if event is None:
+                if walker is not None:
+                    _folded(plan, walker)
+                await target.finish(plan, number)
+                break
+            if walker is not None:
+                _step(walker, event, number)
+            await target.compare(event, index, number)
+            if number % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
     if scan.deferred is not None:
         raise scan.deferred
 
@@ -852,15 +1025,25 @@ class _Writer:
         self.heads: dict[str, str] = {}
         self.run: list[Event] = []
         self.size = 0
+        self.count = 0
+        self.main = 0
+        self.changes = iter(plan.statuses)
+        self.change = next(self.changes, None)
         self.status: str | None = None
         self.written = 0
         self.pending: tuple[asyncio.Future[AppendResult], int] | None = None
 
-    def skip(self, event: Event) -> None:
-        """An event the target already holds: only the heads move."""
-        self.heads[event.branch] = event.id
-
-    async def add(self, event: Event, state: SessionState, size: int) -> None:
+    async def add(self, event: Event, size: int) -> None:
+        """The session's next event: appended, unless the target holds it already."""
+        self.count += 1
+        if event.branch == MAIN:
+            self.main += 1
+            if self.change is not None and self.change[0] == self.main:
+                self.status = self.change[1]
+                self.change = next(self.changes, None)
+        if self.count <= self.plan.present:
+            self.heads[event.branch] = event.id  # already there: only the heads move
+            return
         run = self.run
         if run and (
             event.branch != run[-1].branch
@@ -871,8 +1054,6 @@ class _Writer:
             await self.flush()  # a new list: the one sent stays as it was
         self.run.append(event)
         self.size += size
-        if event.branch == MAIN:
-            self.status = state.status
 
     async def flush(self) -> None:
         """Send the run, once the append before it has committed."""
@@ -913,20 +1094,28 @@ class _Writer:
         return _incomplete(self.done, self.scan, self.plan, self.written, cause)
 
 
-async def _write(
-    store: EventStore, file: IO[bytes], scan: _Scan, key: bytes | None
-) -> list[SessionImport]:
-    """Pass 3: each session's missing events, in runs of one branch, compare-and-swapped."""
+async def _write(store: EventStore, file: IO[bytes], scan: _Scan) -> list[SessionImport]:
+    """Pass 3: each session's missing events, in runs of one branch, compare-and-swapped.
+
+    It reads only lines pass 1 verified (``_verified``), so it need not check them again.
+    """
     done: list[SessionImport] = []
     plans = iter(scan.plans)
     writer: _Writer | None = None
-    walker: _Walker | None = None
-    for number, size, event in _events(file):
+    events = _events(file, scan.blocks)
+    while True:
+        try:
+            number, size, event = next(events)
+        except StopIteration:
+            return done
+        except BundleError as exc:
+            if writer is None and not done:
+                raise
+            writer = writer or _Writer(store, scan, scan.plans[len(done)], done)
+            raise await writer.fail(exc) from None
         if writer is None:
-            plan = next(plans)
-            writer = _Writer(store, scan, plan, done)
-            walker = _Walker(plan.row.session_id, plan.keep, key)
-        assert walker is not None
+            writer = _Writer(store, scan, next(plans), done)
+        plan = writer.plan
         if event is None:
             await writer.flush()
             await writer.settle()
@@ -939,22 +1128,10 @@ async def _write(
                 )
             )
             writer = None
-            continue
-        if plan.action not in ("imported", "resumed"):
-            continue
-        # Checked again as it is written: this pass reads the file anew.
-        try:
-            problem = event_problem(event)
-            if problem:
-                raise _Bad(problem)
-            state = walker.step(event)
-        except _Bad as exc:
-            raise await writer.fail(_bad(str(exc), number, plan.row.session_id, event.id)) from None
-        if walker.count <= plan.present:
-            writer.skip(event)
-        else:
-            await writer.add(event, state, size)
-    return done
+        elif plan.action in ("imported", "resumed"):
+            await writer.add(event, size)
+        if number % _YIELD_EVERY == 0:
+            await asyncio.sleep(0)
 
 
 def _incomplete(
@@ -1039,6 +1216,11 @@ class _CountingReader:
     def readline(self) -> bytes:
         return self._file.readline()
 
+    def read(self, size: int) -> bytes:
+        data = self._file.read(size)
+        self._progress(len(data))
+        return data
+
     def __iter__(self) -> Iterator[bytes]:
         pending = 0
         try:
@@ -1061,7 +1243,7 @@ def _seekable(file: IO[bytes]) -> bool:
 async def _import(
     store: EventStore, file: IO[bytes], key: bytes | None, dry_run: bool
 ) -> ImportReport:
-    scan = await asyncio.to_thread(_scan, file, key)  # no I/O of the loop's: keep it free
+    scan = await _scan_in_parallel(file, key)
     await _check(store, file, scan, key)
     await _check_create_keys(store, scan)
     header = scan.header
@@ -1076,7 +1258,7 @@ async def _import(
             for p in scan.plans
         ]
     else:
-        sessions = await _write(store, file, scan, key)
+        sessions = await _write(store, file, scan)
     return ImportReport(
         sessions=sessions,
         events=scan.events,
@@ -1086,3 +1268,29 @@ async def _import(
         authenticated=key is not None,
         dry_run=dry_run,
     )
+
+
+async def _scan_in_parallel(file: IO[bytes], key: bytes | None) -> _Scan:
+    """Pass 1, with a worker process for a bundle of ``PARALLEL_BYTES`` or more.
+
+    Should anything fail there, pass 1 runs again in this process alone: it names
+    the first problem in the bundle's order (the worker's verdicts come late).
+    """
+    if file.seek(0, os.SEEK_END) >= PARALLEL_BYTES:
+        with suppress(OSError, BundleError):
+            scan = await _scan_with_worker(file, key)
+            if scan is not None:
+                return scan
+    return await asyncio.to_thread(_scan, file, key, _Contents(None))
+
+
+async def _scan_with_worker(file: IO[bytes], key: bytes | None) -> _Scan | None:
+    """Pass 1 with a worker process; None if an event did not verify there."""
+    worker = Worker("--content")
+    try:
+        contents = _Contents(worker)
+        # In a thread: no I/O of the loop's, keep it free.
+        scan = await asyncio.to_thread(_scan, file, key, contents)
+        return scan if await contents.all_sound() else None
+    finally:
+        await worker.close()
