@@ -262,13 +262,14 @@ async def export_bundle(
     for session_id in session_ids:
         row = await store.session(session_id)
         digest = blake3.blake3()
-        root = StreamingRoot()
+        root = _Root()
+        size = 0
         line = _encode(_SessionLine(session=row)) + b"\n"
         digest.update(line)
         put(line)
         async with aclosing(_first(store.events(session_id), row.event_count)) as events_of:
             async for event in events_of:
-                problem = event_problem(event)
+                problem = None if event_id_if_sound(event) is not None else event_problem(event)
                 if problem or event.session != session_id:
                     raise IntegrityError(
                         f"Cannot export session {session_id!r}: event {event.id!r} "
@@ -278,25 +279,24 @@ async def export_bundle(
                 line = _encode(_EventLine(event=event)) + b"\n"
                 digest.update(line)
                 put(line)
-                root.append(bytes.fromhex(event.id))
-                if root.size % _YIELD_EVERY == 0:
+                root.add(event.id)
+                size += 1
+                if size % _YIELD_EVERY == 0:
                     if progress is not None:
                         progress(_YIELD_EVERY)
                     await asyncio.sleep(0)
-        if root.size != row.event_count:
+        if size != row.event_count:
             raise IntegrityError(
                 f"Cannot export session {session_id!r}: its listing counts "
-                f"{row.event_count} events, the store holds {root.size}"
+                f"{row.event_count} events, the store holds {size}"
             )
-        anchor = signed(
-            Anchor(session=session_id, size=root.size, root=root.root().hex(), at=at), key
-        )
+        anchor = signed(Anchor(session=session_id, size=size, root=root.root().hex(), at=at), key)
         anchors.append(anchor)
         put(_encode(_AnchorLine(anchor=anchor, digest=digest.hexdigest())) + b"\n")
-        events += root.size
-        lines += root.size + 2
+        events += size
+        lines += size + 2
         if progress is not None:
-            progress(root.size % _YIELD_EVERY)
+            progress(size % _YIELD_EVERY)
     trailer = _Trailer(
         sessions=len(anchors), events=events, lines=lines, digest=total.hexdigest(), mac=None
     )
@@ -459,18 +459,24 @@ class _Root:
 
     def __init__(self) -> None:
         self._tree = StreamingRoot()
-        self._ids = bytearray()
+        self._ids: list[str] = []
 
-    def add(self, leaf: bytes) -> None:
-        self._ids += leaf
-        if len(self._ids) >= CHUNK * HASH_SIZE:
-            self._tree.extend(self._ids)
-            self._ids.clear()
+    def add(self, event_id: str) -> None:
+        """Raises ``ValueError`` for ids that are not hex digits, 32 bytes each."""
+        self._ids.append(event_id)
+        if len(self._ids) == CHUNK:
+            self._hash()
 
     def root(self) -> bytes:
-        self._tree.extend(self._ids)
-        self._ids.clear()
+        self._hash()
         return self._tree.root()
+
+    def _hash(self) -> None:
+        leaves = bytes.fromhex("".join(self._ids))
+        if len(leaves) != len(self._ids) * HASH_SIZE:
+            raise ValueError("event ids of other than 32 bytes")
+        self._tree.extend(leaves)
+        self._ids.clear()
 
 
 class _Blocks:
@@ -596,7 +602,10 @@ def _scan(file: IO[bytes], key: bytes | None, contents: _Contents) -> _Scan:
                         sid,
                         event.id,
                     )
-                root.add(_leaf(event, number, sid))
+                try:
+                    root.add(event.id)
+                except ValueError:  # as below
+                    raise _bad("an event id is not 64 hex digits", number, sid) from None
                 digest.update(raw)
                 if walker is not None:
                     _step(walker, event, number)
@@ -664,15 +673,6 @@ def _scan(file: IO[bytes], key: bytes | None, contents: _Contents) -> _Scan:
     return _Scan(header=header, plans=plans, events=events, blocks=blocks.done, deferred=deferred)
 
 
-def _leaf(event: Event, number: int, session_id: str) -> bytes:
-    """The event's id as a Merkle leaf (with a worker, its id is checked only later)."""
-    with suppress(ValueError):
-        leaf = bytes.fromhex(event.id)
-        if len(leaf) == HASH_SIZE:
-            return leaf
-    raise _bad("its id is not 64 hex digits", number, session_id, event.id)
-
-
 def _step(walker: _Walker, event: Event, number: int) -> SessionState:
     try:
         return walker.step(event)
@@ -712,7 +712,11 @@ def _check_anchor(
         raise _bad(
             f"the anchor counts {anchor.size} events, the bundle has {plan.count}", number, sid
         )
-    if not hmac.compare_digest(anchor.root, root.root().hex()):
+    try:
+        ours = root.root().hex()
+    except ValueError:  # with a worker: its verdict on the ids comes later
+        raise _bad("an event id is not 64 hex digits", number, sid) from None
+    if not hmac.compare_digest(anchor.root, ours):
         raise _bad(
             "the Merkle root of its event ids does not match its anchor: an event was "
             "added, removed, reordered or rewritten",
