@@ -1040,24 +1040,24 @@ class _Writer:
     async def add(self, event: Event, size: int) -> None:
         """The session's next event: appended, unless the target holds it already."""
         self.count += 1
-        if event.branch == MAIN:
+        if self.count <= self.plan.present:
+            self.heads[event.branch] = event.id  # already there: only the heads move
+        else:
+            run = self.run
+            if run and (
+                event.branch != run[-1].branch
+                or isinstance(event.body, Branched | Restored)
+                or len(run) >= BATCH_EVENTS
+                or self.size >= BATCH_BYTES
+            ):
+                await self.flush()  # a new list: the one sent stays as it was
+            self.run.append(event)
+            self.size += size
+        if event.branch == MAIN:  # the status the run's append will carry
             self.main += 1
             if self.change is not None and self.change[0] == self.main:
                 self.status = self.change[1]
                 self.change = next(self.changes, None)
-        if self.count <= self.plan.present:
-            self.heads[event.branch] = event.id  # already there: only the heads move
-            return
-        run = self.run
-        if run and (
-            event.branch != run[-1].branch
-            or isinstance(event.body, Branched | Restored)
-            or len(run) >= BATCH_EVENTS
-            or self.size >= BATCH_BYTES
-        ):
-            await self.flush()  # a new list: the one sent stays as it was
-        self.run.append(event)
-        self.size += size
 
     async def flush(self) -> None:
         """Send the run, once the append before it has committed."""
