@@ -17,19 +17,26 @@ bytes of the session's lines (its session line and its events);
 ``T`` is blake3 over every byte before the trailer, whose ``mac`` (with a key)
 covers the whole file, so a bundle changed in any byte or cut short is refused.
 
-Import reads the file three times and keeps O(sessions + branches + fork
-points) in memory, never the events nor a set of their ids:
+Import keeps O(sessions + branches + fork points + bundle size / 1 MiB) in
+memory, never the events nor a set of their ids, in three passes:
 
-1. scan: framing, every id and body digest (``event_problem``), the anchors'
-   roots and MACs, the digests, the counts; and, per session, the ids its
-   ``Branched``/``Restored`` events point back to;
-2. check: each session folded as ``verify`` folds it (parents, depths,
-   branches, lifecycle, checkpoint checksums), keeping only the states of its
-   branch heads and of the ids found in pass 1; its listing row compared with
-   the fold; and compared, id by id, with the same session in the target store;
+1. scan, the whole file: framing, every id and body digest (``event_problem``;
+   for a large bundle in a worker process, ``ledger.verify_worker``), the
+   anchors' roots and MACs, the digests, the counts; per session, the ids its
+   ``Branched``/``Restored`` events point back to; each session folded as
+   ``verify`` folds it (parents, depths, branches, lifecycle, checkpoint
+   checksums) up to its first fork, and, if that is its end, its listing row
+   compared with the fold; and a digest of each block of about 1 MiB of lines;
+2. check, only the sessions that need it: one with a fork folded again, keeping
+   the states of its branch heads and of the ids found in pass 1; one the
+   target store holds compared with it, id by id;
 3. write: only when all of that passed, session by session, through the
    store's atomic appends (one batch per run of a branch, ``expected_head`` the
    compare-and-swap).
+
+Passes 2 and 3 read a block again only while its digest is still pass 1's, so
+they see exactly the bytes pass 1 verified: a bundle changed meanwhile is
+refused where it changed, and pass 3 need not check each event again.
 """
 
 from __future__ import annotations
@@ -89,7 +96,7 @@ MAIN: Final = "main"
 BATCH_EVENTS: Final = 10_000
 """Events per append of an import (fewer at a branch change, a fork or a restore)."""
 BATCH_BYTES: Final = 4 << 20
-BLOCK_BYTES: Final = 4 << 20
+BLOCK_BYTES: Final = 1 << 20
 """Pass 1 digests the bundle in blocks of whole lines of this size or more; the
 passes after it read a block again only while its digest still matches."""
 PARALLEL_BYTES: Final = 8 << 20
@@ -1178,7 +1185,8 @@ async def import_bundle(
     """Verify a whole bundle, then write its sessions into ``store``.
 
     ``progress(n)`` is told of every ``n`` bytes read; the import reads the
-    bundle three times (two passes that verify, one that writes).
+    bundle twice (a pass that verifies, one that writes), and in between the
+    sessions that have forks or that the target holds already.
 
     Nothing is written unless every line, id, digest, anchor, MAC and session
     of the bundle verifies and no session conflicts with the target. A stream
