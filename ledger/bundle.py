@@ -45,9 +45,17 @@ import asyncio
 import hmac
 import os
 import shutil
+import sys
 import tempfile
-from bisect import bisect_right
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
+from bisect import bisect_left
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from contextlib import aclosing, suppress
 from pathlib import Path
 from typing import IO, Any, Final, cast
@@ -778,14 +786,16 @@ def _check_trailer(
     )
 
 
-def _verified(file: IO[bytes], blocks: Sequence[_Block]) -> Iterator[tuple[int, list[bytes]]]:
+def _verified(file: IO[bytes], blocks: Iterable[_Block]) -> Iterator[tuple[int, list[bytes]]]:
     """Passes 2 and 3 read the bundle anew: each block of lines (its first line's number,
     its lines without their newlines) once its digest is still the one pass 1 took,
     so that they use only bytes pass 1 verified."""
-    if blocks:
-        file.seek(blocks[0].offset)
+    position = None
     for block in blocks:
+        if position != block.offset:
+            file.seek(block.offset)
         data = file.read(block.size)
+        position = block.offset + len(data)
         if not hmac.compare_digest(blake3.blake3(data).digest(), block.digest):
             raise BundleError(
                 f"Bundle line {block.line}: the bundle changed while it was imported "
@@ -796,21 +806,46 @@ def _verified(file: IO[bytes], blocks: Sequence[_Block]) -> Iterator[tuple[int, 
 
 
 def _events(
-    file: IO[bytes], blocks: Sequence[_Block], first: int = 1
+    file: IO[bytes], blocks: Sequence[_Block], spans: Sequence[tuple[int, int]] | None = None
 ) -> Iterator[tuple[int, int, Event | None]]:
-    """Passes 2 and 3, from line ``first``: (line, size, event) for each event line,
-    (line, 0, None) at an anchor."""
-    starts = [block.line for block in blocks]
-    for line, pieces in _verified(file, blocks[max(0, bisect_right(starts, first) - 1) :]):
+    """Passes 2 and 3: (line, size, event) for each event line, (line, 0, None) at an
+    anchor; of every line, or of those in ``spans`` (first and last line, in order)."""
+    wanted = _Spans(spans) if spans is not None else None
+    ends = [block.line for block in blocks[1:]] + [sys.maxsize]  # each one's next line
+    chosen = (
+        block
+        for block, end in zip(blocks, ends, strict=True)
+        if wanted is None or wanted.meets(block.line, end - 1)
+    )
+    for line, pieces in _verified(file, chosen):
         # Each line decoded alone in pass 1, so together they decode to the same.
         decoded = _decode_lines(b"[" + b",".join(pieces) + b"]")
         for number, (piece, item) in enumerate(zip(pieces, decoded, strict=True), line):
-            if number < first:
+            if wanted is not None and not wanted.holds(number):
                 continue
             if isinstance(item, _EventLine):
                 yield number, len(piece) + 1, item.event
             elif isinstance(item, _AnchorLine):
                 yield number, 0, None
+
+
+class _Spans:
+    """Ranges of lines (first, last), in order, asked about in increasing order."""
+
+    def __init__(self, spans: Sequence[tuple[int, int]]) -> None:
+        self._spans = spans
+        self._lasts = [last for _, last in spans]
+        self._at = 0
+
+    def meets(self, first: int, last: int) -> bool:
+        """Does any span meet the lines first..last?"""
+        i = bisect_left(self._lasts, first)
+        return i < len(self._spans) and self._spans[i][0] <= last
+
+    def holds(self, line: int) -> bool:
+        while self._at < len(self._spans) and self._spans[self._at][1] < line:
+            self._at += 1
+        return self._at < len(self._spans) and self._spans[self._at][0] <= line
 
 
 class _Walker:
@@ -917,27 +952,44 @@ class _Walker:
 
 
 async def _check(store: EventStore, file: IO[bytes], scan: _Scan, key: bytes | None) -> None:
-    """Pass 2, of the sessions that need it: one with a fork folded whole, knowing its
-    fork points now; one the target store holds compared with it, id by id."""
+    """Pass 2, of the sessions that need it, in one reading: one with a fork folded
+    whole, knowing its fork points now; one the target store holds compared with it,
+    id by id."""
+    needed: list[tuple[_Plan, bool]] = []
     for plan in scan.plans:
-        target = await _Target.open(store, plan)
-        if plan.folded and target.events is None:
-            continue  # nothing more to learn of it
-        walker = None if plan.folded else _Walker(plan.row.session_id, plan.keep, key)
-        events = _events(file, scan.blocks, plan.first_line + 1)
-        for index, (number, _size, event) in enumerate(events, 1):
-            if event is None:
-                if walker is not None:
-                    _folded(plan, walker)
-                await target.finish(plan, number)
-                break
-            if walker is not None:
-                _step(walker, event, number)
-            await target.compare(event, index, number)
-            if number % _YIELD_EVERY == 0:
-                await asyncio.sleep(0)
+        held = bool(await store.heads(plan.row.session_id))
+        if held or not plan.folded:
+            needed.append((plan, held))
+    spans = [(plan.first_line + 1, plan.first_line + plan.count + 1) for plan, _ in needed]
+    events = _events(file, scan.blocks, spans)
+    for plan, held in needed:
+        await _check_session(store, plan, held, events, key)
     if scan.deferred is not None:
         raise scan.deferred
+
+
+async def _check_session(
+    store: EventStore,
+    plan: _Plan,
+    held: bool,
+    events: Iterator[tuple[int, int, Event | None]],
+    key: bytes | None,
+) -> None:
+    """One session of pass 2: its events from ``events``, up to its anchor."""
+    sid = plan.row.session_id
+    walker = None if plan.folded else _Walker(sid, plan.keep, key)
+    target = _Target(sid, aiter(store.events(sid)) if held else None)
+    for index, (number, _size, event) in enumerate(events, 1):
+        if event is None:
+            if walker is not None:
+                _folded(plan, walker)
+            await target.finish(plan, number)
+            return
+        if walker is not None:
+            _step(walker, event, number)
+        await target.compare(event, index, number)
+        if number % _YIELD_EVERY == 0:
+            await asyncio.sleep(0)
 
 
 class _Target:
@@ -947,13 +999,6 @@ class _Target:
         self.session_id = session_id
         self.events = events
         self.present = 0
-
-    @classmethod
-    async def open(cls, store: EventStore, plan: _Plan) -> _Target:
-        sid = plan.row.session_id
-        if not await store.heads(sid):
-            return cls(sid, None)
-        return cls(sid, aiter(store.events(sid)))
 
     async def compare(self, event: Event, index: int, number: int) -> None:
         if self.events is None:
@@ -1203,12 +1248,12 @@ async def import_bundle(
     if isinstance(source, str | os.PathLike):
         file = await asyncio.to_thread(Path(source).open, "rb")
         with file:
-            return await _import(store, _reading(file, progress), key, dry_run)
+            return await _import(store, file, progress, key, dry_run)
     if _seekable(source):
-        return await _import(store, _reading(source, progress), key, dry_run)
+        return await _import(store, source, progress, key, dry_run)
     with tempfile.TemporaryFile() as spool:
         shutil.copyfileobj(source, spool, 1 << 20)
-        return await _import(store, _reading(spool, progress), key, dry_run)
+        return await _import(store, spool, progress, key, dry_run)
 
 
 def _reading(file: IO[bytes], progress: Progress | None) -> IO[bytes]:
@@ -1253,9 +1298,14 @@ def _seekable(file: IO[bytes]) -> bool:
 
 
 async def _import(
-    store: EventStore, file: IO[bytes], key: bytes | None, dry_run: bool
+    store: EventStore,
+    file: IO[bytes],
+    progress: Progress | None,
+    key: bytes | None,
+    dry_run: bool,
 ) -> ImportReport:
-    scan = await _scan_in_parallel(file, key)
+    """The passes; ``progress`` hears of the reading of passes 1 and 3, the whole file."""
+    scan = await _scan_in_parallel(_reading(file, progress), key)
     await _check(store, file, scan, key)
     await _check_create_keys(store, scan)
     header = scan.header
@@ -1270,7 +1320,7 @@ async def _import(
             for p in scan.plans
         ]
     else:
-        sessions = await _write(store, file, scan)
+        sessions = await _write(store, _reading(file, progress), scan)
     return ImportReport(
         sessions=sessions,
         events=scan.events,

@@ -554,6 +554,45 @@ async def test_a_bundle_changed_midway_stops_where_it_changed(
         assert (await led.verify()).ok
 
 
+@pytest.mark.parametrize("block", [1, 700, 1 << 20])
+async def test_sessions_with_and_without_forks_in_any_blocks_import_the_same(
+    monkeypatch: pytest.MonkeyPatch, block: int
+) -> None:
+    monkeypatch.setattr("ledger.bundle.BLOCK_BYTES", block)
+    async with ledger(MemoryStore()) as source, ledger(MemoryStore()) as dest:
+        ids = []
+        for user in ("a", "b", "c", "d"):
+            if user in "ac":
+                ids.append(await story(source, user=user))  # forks: pass 2 folds them
+            else:
+                sid = (await source.create(user_id=user, agent="x")).session_id
+                await source.add_turn(sid, role="user", content="linear")
+                ids.append(sid)
+        report = await import_bytes(dest, await exported(source, *ids))
+        assert report.written == 2 * 15 + 2 * 2
+        for sid in ids:
+            assert await snapshot(dest, sid) == await snapshot(source, sid)
+
+
+@given(
+    st.lists(st.tuples(st.integers(1, 60), st.integers(0, 5)), max_size=8),
+    st.integers(1, 70),
+    st.integers(0, 10),
+)
+def test_spans_meet_and_hold_the_lines_they_cover(
+    pieces: list[tuple[int, int]], first: int, length: int
+) -> None:
+    spans, end = [], 0
+    for gap, size in pieces:  # in order, apart
+        spans.append((end + gap, end + gap + size))
+        end += gap + size
+    covered = {line for a, b in spans for line in range(a, b + 1)}
+    meets = ledger_bundle._Spans(spans).meets(first, first + length)
+    assert meets == any(line in covered for line in range(first, first + length + 1))
+    holds = ledger_bundle._Spans(spans)
+    assert [line for line in range(1, end + 2) if holds.holds(line)] == sorted(covered)
+
+
 class Recording(MemoryStore):
     """A memory store that keeps each append it was asked for."""
 
