@@ -619,7 +619,7 @@ def _scan(file: IO[bytes], key: bytes | None, contents: _Contents) -> _Scan:
                     )
                 try:
                     root.add(event.id)
-                except ValueError:  # as below
+                except ValueError:  # with a worker, the id check comes later
                     raise _bad("an event id is not 64 hex digits", number, sid) from None
                 digest.update(raw)
                 if walker is not None:
