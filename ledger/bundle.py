@@ -25,11 +25,12 @@ memory, never the events nor a set of their ids, in three passes:
    anchors' roots and MACs, the digests, the counts; per session, the ids its
    ``Branched``/``Restored`` events point back to; each session folded as
    ``verify`` folds it (parents, depths, branches, lifecycle, checkpoint
-   checksums) up to its first fork, and, if that is its end, its listing row
-   compared with the fold; and a digest of each block of about 1 MiB of lines;
-2. check, only the sessions that need it: one with a fork folded again, keeping
-   the states of its branch heads and of the ids found in pass 1; one the
-   target store holds compared with it, id by id;
+   checksums), keeping the states of its branch heads and of its last 4,096
+   events, and its listing row compared with the fold; and a digest of each
+   block of about 1 MiB of lines;
+2. check, only the sessions that need it: one with a fork from further back
+   folded again, keeping the states of its branch heads and of the ids found in
+   pass 1; one the target store holds compared with it, id by id;
 3. write: only when all of that passed, session by session, through the
    store's atomic appends (one batch per run of a branch, ``expected_head`` the
    compare-and-swap).
@@ -48,6 +49,7 @@ import shutil
 import sys
 import tempfile
 from bisect import bisect_left
+from collections import deque
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -111,6 +113,9 @@ PARALLEL_BYTES: Final = 8 << 20
 """From this bundle size on, a worker process recomputes the ids in pass 1."""
 CHUNK: Final = 4096
 """Events per request to the worker, and ids per Merkle hashing (a power of two)."""
+RECENT: Final = 4096
+"""States pass 1 keeps of a session's last events: a fork from further back (rare)
+makes pass 2 fold the session again, knowing its fork points."""
 _YIELD_EVERY: Final = 2000
 """Lines between two yields to the event loop, so a long import does not starve it."""
 
@@ -415,7 +420,7 @@ class _Plan(msgspec.Struct, kw_only=True):
     keep: set[str] = msgspec.field(default_factory=set)
     """Ids the session's Branched/Restored events point back to: their states are kept."""
     folded: bool = False
-    """Pass 1 folded it whole (it has no Branched or Restored event): pass 2 need not."""
+    """Pass 1 folded it whole (no fork from further back than ``RECENT``): pass 2 need not."""
     statuses: list[tuple[int, str]] = msgspec.field(default_factory=list)
     """The listing status after the n-th event of branch main, at each n where it changes."""
     root_id: str = ""
@@ -565,7 +570,7 @@ class _Contents:
 
 def _scan(file: IO[bytes], key: bytes | None, contents: _Contents) -> _Scan:
     """Pass 1: framing, ids and digests, anchors, counts, the fork points of each
-    session, and each session folded up to its first Branched or Restored event."""
+    session, and each session folded (up to a fork from further back than ``RECENT``)."""
     total = blake3.blake3()
     blocks = _Blocks()
     header: _Header | None = None
@@ -606,7 +611,6 @@ def _scan(file: IO[bytes], key: bytes | None, contents: _Contents) -> _Scan:
                     plan.keep.add(event.parent)
                     if isinstance(body, Restored):
                         plan.keep.add(body.checkpoint)
-                    walker = None  # its fork point's state was not kept: pass 2 folds it
                 if plan.count == 0:
                     plan.root_id, plan.create_key = event.id, event.idempotency_key
                 plan.count += 1
@@ -623,7 +627,10 @@ def _scan(file: IO[bytes], key: bytes | None, contents: _Contents) -> _Scan:
                     raise _bad("an event id is not 64 hex digits", number, sid) from None
                 digest.update(raw)
                 if walker is not None:
-                    _step(walker, event, number)
+                    try:
+                        _step(walker, event, number)
+                    except _Forgotten:
+                        walker = None
             case _SessionLine(session=row):
                 if plan is not None:
                     raise _bad(
@@ -635,7 +642,7 @@ def _scan(file: IO[bytes], key: bytes | None, contents: _Contents) -> _Scan:
                     raise _bad("the session is in the bundle twice", number, row.session_id)
                 seen.add(row.session_id)
                 plan = _Plan(row=row, first_line=number)
-                walker = _Walker(row.session_id, plan.keep, key)
+                walker = _Walker(row.session_id, None, key)
                 digest = blake3.blake3()
                 digest.update(raw)
                 root = _Root()
@@ -848,21 +855,28 @@ class _Spans:
         return self._at < len(self._spans) and self._spans[self._at][0] <= line
 
 
+class _Forgotten(Exception):
+    """A fork from further back than the states pass 1 keeps: pass 2 folds the session."""
+
+
 class _Walker:
     """One session folded as ``verify`` folds it, in one pass and bounded memory.
 
     It keeps the state of each branch head, and the state after each event
     listed in ``keep`` (the fork points and restored entries found by pass 1),
-    which is all a ``Branched`` or ``Restored`` event needs to be checked.
+    which is all a ``Branched`` or ``Restored`` event needs to be checked. Pass 1
+    does not know them yet (``keep`` None): it keeps the last ``RECENT`` states,
+    and raises ``_Forgotten`` for a fork from before them.
     """
 
-    def __init__(self, session_id: str, keep: set[str], key: bytes | None) -> None:
+    def __init__(self, session_id: str, keep: set[str] | None, key: bytes | None) -> None:
         self.session_id = session_id
         self.keep = keep
         self.key = key
         self.heads: dict[str, SessionState] = {}
         self.kept: dict[str, SessionState] = {}
         self.entries: dict[str, str] = {}  # kept checkpoint id -> its entry
+        self.recent: deque[str] = deque()
         self.count = 0
         self.last_at = 0
         self.main = 0  # events of branch main
@@ -892,10 +906,7 @@ class _Walker:
                 )
             state = _check_step(head, event, self.key)
         self.heads[event.branch] = state
-        if event.id in self.keep:
-            self.kept[event.id] = state
-            if isinstance(body, Checkpointed):
-                self.entries[event.id] = body.entry
+        self._keep(event, state)
         self.count += 1
         self.last_at = max(self.last_at, event.at)
         if event.branch == MAIN:
@@ -904,11 +915,26 @@ class _Walker:
                 self.statuses.append((self.main, state.status))
         return state
 
+    def _keep(self, event: Event, state: SessionState) -> None:
+        if self.keep is None:
+            self.recent.append(event.id)
+            if len(self.recent) > RECENT:
+                old = self.recent.popleft()
+                del self.kept[old]
+                self.entries.pop(old, None)
+        elif event.id not in self.keep:
+            return
+        self.kept[event.id] = state
+        if isinstance(event.body, Checkpointed):
+            self.entries[event.id] = event.body.entry
+
     def _fork(self, event: Event, body: Branched | Restored) -> SessionState:
         if event.parent is None:
             raise _Bad("only the root has no parent")
         parent = self.kept.get(event.parent)
         if parent is None:
+            if self.keep is None:
+                raise _Forgotten
             raise _Bad(f"parent {event.parent!r} is not an earlier event of this session")
         if isinstance(body, Branched):
             if event.branch in self.heads or body.name != event.branch:
@@ -920,6 +946,8 @@ class _Walker:
                 raise _Bad("Restored's parent is not its checkpoint's entry")
             entry = self.entries.get(body.checkpoint)
             if entry is None:
+                if self.keep is None:
+                    raise _Forgotten
                 raise _Bad(
                     f"restores {body.checkpoint!r}, not an earlier checkpoint of this session"
                 )

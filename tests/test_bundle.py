@@ -308,7 +308,9 @@ def test_any_flipped_byte_is_named_and_nothing_is_written(
     damaged = bytearray(original)
     damaged[position] ^= data.draw(st.integers(1, 255))
     line = original.count(b"\n", 0, position) + 1
-    error = asyncio.run(refused(bytes(damaged), KEY if kind == "keyed" else None))
+    with pytest.MonkeyPatch.context() as patch:  # 1: pass 2 folds the sessions with forks
+        patch.setattr("ledger.bundle.RECENT", data.draw(st.sampled_from([1, 4096])))
+        error = asyncio.run(refused(bytes(damaged), KEY if kind == "keyed" else None))
     # Named where it is, or where it first shows (a count, a root, a digest further on).
     assert error.line is not None and error.line >= line, (line, str(error))
     assert str(error)
@@ -570,6 +572,28 @@ async def test_sessions_with_and_without_forks_in_any_blocks_import_the_same(
                 ids.append(sid)
         report = await import_bytes(dest, await exported(source, *ids))
         assert report.written == 2 * 15 + 2 * 2
+        for sid in ids:
+            assert await snapshot(dest, sid) == await snapshot(source, sid)
+
+
+@pytest.mark.parametrize(("recent", "again"), [(4096, 0), (3, 2), (1, 2)])
+async def test_pass_2_folds_again_only_a_session_forking_from_further_back(
+    monkeypatch: pytest.MonkeyPatch, recent: int, again: int
+) -> None:
+    # story() forks from 3 events back (a branch) and from 6 back (a restore).
+    monkeypatch.setattr("ledger.bundle.RECENT", recent)
+    folded: list[str] = []
+    check_session = ledger_bundle._check_session
+
+    async def counting(store: Any, plan: Any, *args: Any) -> None:
+        folded.append(plan.row.session_id)
+        await check_session(store, plan, *args)
+
+    monkeypatch.setattr("ledger.bundle._check_session", counting)
+    async with ledger(MemoryStore(), KEY) as source, ledger(MemoryStore(), KEY) as dest:
+        ids = [await story(source), await story(source, user="user-7")]
+        report = await import_bytes(dest, await exported(source))
+        assert report.written == 30 and len(folded) == again
         for sid in ids:
             assert await snapshot(dest, sid) == await snapshot(source, sid)
 
