@@ -109,7 +109,7 @@ BATCH_BYTES: Final = 4 << 20
 BLOCK_BYTES: Final = 1 << 20
 """Pass 1 digests the bundle in blocks of whole lines of this size or more; the
 passes after it read a block again only while its digest still matches."""
-PARALLEL_BYTES: Final = 8 << 20
+PARALLEL_BYTES: Final = 64 << 20
 """From this bundle size on, a worker process recomputes the ids in pass 1."""
 CHUNK: Final = 4096
 """Events per request to the worker, and ids per Merkle hashing (a power of two)."""
