@@ -17,19 +17,27 @@ bytes of the session's lines (its session line and its events);
 ``T`` is blake3 over every byte before the trailer, whose ``mac`` (with a key)
 covers the whole file, so a bundle changed in any byte or cut short is refused.
 
-Import reads the file three times and keeps O(sessions + branches + fork
-points) in memory, never the events nor a set of their ids:
+Import keeps O(sessions + branches + fork points + bundle size / 1 MiB) in
+memory, never the events nor a set of their ids, in three passes:
 
-1. scan: framing, every id and body digest (``event_problem``), the anchors'
-   roots and MACs, the digests, the counts; and, per session, the ids its
-   ``Branched``/``Restored`` events point back to;
-2. check: each session folded as ``verify`` folds it (parents, depths,
-   branches, lifecycle, checkpoint checksums), keeping only the states of its
-   branch heads and of the ids found in pass 1; its listing row compared with
-   the fold; and compared, id by id, with the same session in the target store;
+1. scan, the whole file: framing, every id and body digest (``event_problem``;
+   for a large bundle in a worker process, ``ledger.verify_worker``), the
+   anchors' roots and MACs, the digests, the counts; per session, the ids its
+   ``Branched``/``Restored`` events point back to; each session folded as
+   ``verify`` folds it (parents, depths, branches, lifecycle, checkpoint
+   checksums), keeping the states of its branch heads and of its last 4,096
+   events, and its listing row compared with the fold; and a digest of each
+   block of about 1 MiB of lines;
+2. check, only the sessions that need it: one with a fork from further back
+   folded again, keeping the states of its branch heads and of the ids found in
+   pass 1; one the target store holds compared with it, id by id;
 3. write: only when all of that passed, session by session, through the
    store's atomic appends (one batch per run of a branch, ``expected_head`` the
    compare-and-swap).
+
+Passes 2 and 3 read a block again only while its digest is still pass 1's, so
+they see exactly the bytes pass 1 verified: a bundle changed meanwhile is
+refused where it changed, and pass 3 need not check each event again.
 """
 
 from __future__ import annotations
@@ -38,8 +46,18 @@ import asyncio
 import hmac
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
+from bisect import bisect_left
+from collections import deque
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from contextlib import aclosing, suppress
 from pathlib import Path
 from typing import IO, Any, Final, cast
@@ -65,8 +83,9 @@ from ledger.events import (
     canonical,
     event_problem,
 )
-from ledger.merkle import StreamingRoot
+from ledger.merkle import HASH_SIZE, StreamingRoot
 from ledger.verify import _Bad, _check_step
+from ledger.verify_worker import Worker, check_events, encode_request, event_id_if_sound
 from projections.session import SESSION, SessionState
 from stores.base import AppendRequest, AppendResult, EventStore, SessionRow
 
@@ -87,11 +106,21 @@ MAIN: Final = "main"
 BATCH_EVENTS: Final = 10_000
 """Events per append of an import (fewer at a branch change, a fork or a restore)."""
 BATCH_BYTES: Final = 4 << 20
+BLOCK_BYTES: Final = 1 << 20
+"""Pass 1 digests the bundle in blocks of whole lines of this size or more; the
+passes after it read a block again only while its digest still matches."""
+PARALLEL_BYTES: Final = 64 << 20
+"""From this bundle size on, a worker process recomputes the ids in pass 1."""
+CHUNK: Final = 4096
+"""Events per request to the worker, and ids per Merkle hashing (a power of two)."""
+RECENT: Final = 4096
+"""States pass 1 keeps of a session's last events: a fork from further back (rare)
+makes pass 2 fold the session again, knowing its fork points."""
 _YIELD_EVERY: Final = 2000
+"""Lines between two yields to the event loop, so a long import does not starve it."""
 
 Progress = Callable[[int], object]
 """Told how much more is done: events exported, or bundle bytes read by an import."""
-"""Lines between two yields to the event loop, so a long import does not starve it."""
 
 
 # ---------------------------------------------------------------------------- lines
@@ -141,6 +170,9 @@ class _Version(msgspec.Struct):
 _encode = msgspec.json.Encoder().encode
 _decode_line = msgspec.json.Decoder(
     _Header | _SessionLine | _EventLine | _AnchorLine | _Trailer
+).decode
+_decode_lines = msgspec.json.Decoder(
+    list[_Header | _SessionLine | _EventLine | _AnchorLine | _Trailer]
 ).decode
 _decode_version = msgspec.json.Decoder(_Version).decode
 
@@ -250,13 +282,14 @@ async def export_bundle(
     for session_id in session_ids:
         row = await store.session(session_id)
         digest = blake3.blake3()
-        root = StreamingRoot()
+        root = _Root()
+        size = 0
         line = _encode(_SessionLine(session=row)) + b"\n"
         digest.update(line)
         put(line)
         async with aclosing(_first(store.events(session_id), row.event_count)) as events_of:
             async for event in events_of:
-                problem = event_problem(event)
+                problem = None if event_id_if_sound(event) is not None else event_problem(event)
                 if problem or event.session != session_id:
                     raise IntegrityError(
                         f"Cannot export session {session_id!r}: event {event.id!r} "
@@ -266,25 +299,24 @@ async def export_bundle(
                 line = _encode(_EventLine(event=event)) + b"\n"
                 digest.update(line)
                 put(line)
-                root.append(bytes.fromhex(event.id))
-                if root.size % _YIELD_EVERY == 0:
+                root.add(event.id)
+                size += 1
+                if size % _YIELD_EVERY == 0:
                     if progress is not None:
                         progress(_YIELD_EVERY)
                     await asyncio.sleep(0)
-        if root.size != row.event_count:
+        if size != row.event_count:
             raise IntegrityError(
                 f"Cannot export session {session_id!r}: its listing counts "
-                f"{row.event_count} events, the store holds {root.size}"
+                f"{row.event_count} events, the store holds {size}"
             )
-        anchor = signed(
-            Anchor(session=session_id, size=root.size, root=root.root().hex(), at=at), key
-        )
+        anchor = signed(Anchor(session=session_id, size=size, root=root.root().hex(), at=at), key)
         anchors.append(anchor)
         put(_encode(_AnchorLine(anchor=anchor, digest=digest.hexdigest())) + b"\n")
-        events += root.size
-        lines += root.size + 2
+        events += size
+        lines += size + 2
         if progress is not None:
-            progress(root.size % _YIELD_EVERY)
+            progress(size % _YIELD_EVERY)
     trailer = _Trailer(
         sessions=len(anchors), events=events, lines=lines, digest=total.hexdigest(), mac=None
     )
@@ -387,6 +419,10 @@ class _Plan(msgspec.Struct, kw_only=True):
     count: int = 0
     keep: set[str] = msgspec.field(default_factory=set)
     """Ids the session's Branched/Restored events point back to: their states are kept."""
+    folded: bool = False
+    """Pass 1 folded it whole (no fork from further back than ``RECENT``): pass 2 need not."""
+    statuses: list[tuple[int, str]] = msgspec.field(default_factory=list)
+    """The listing status after the n-th event of branch main, at each n where it changes."""
     root_id: str = ""
     create_key: str | None = None
     """The root's idempotency key: unique per user in the target store."""
@@ -395,10 +431,21 @@ class _Plan(msgspec.Struct, kw_only=True):
     action: str = "imported"
 
 
+class _Block(msgspec.Struct, frozen=True):
+    """Whole lines of the bundle, as pass 1 read them: where, and their digest."""
+
+    offset: int
+    size: int
+    line: int
+    """The number of its first line."""
+    digest: bytes
+
+
 class _Scan(msgspec.Struct, kw_only=True):
     header: _Header
     plans: list[_Plan]
     events: int
+    blocks: list[_Block]
     deferred: BundleError | None
     """A digest mismatch: raised only if no more specific problem is found."""
 
@@ -427,20 +474,118 @@ def _check_key(header: _Header, key: bytes | None) -> None:
     )
 
 
-def _scan(file: IO[bytes], key: bytes | None) -> _Scan:
-    """Pass 1: framing, ids and digests, anchors, counts; the fork points of each session."""
+class _Root:
+    """A session's Merkle root over its event ids, hashed ``CHUNK`` ids at a time."""
+
+    def __init__(self) -> None:
+        self._tree = StreamingRoot()
+        self._ids: list[str] = []
+
+    def add(self, event_id: str) -> None:
+        """Raises ``ValueError`` for ids that are not hex digits, 32 bytes each."""
+        self._ids.append(event_id)
+        if len(self._ids) == CHUNK:
+            self._hash()
+
+    def root(self) -> bytes:
+        self._hash()
+        return self._tree.root()
+
+    def _hash(self) -> None:
+        leaves = bytes.fromhex("".join(self._ids))
+        if len(leaves) != len(self._ids) * HASH_SIZE:
+            raise ValueError("event ids of other than 32 bytes")
+        self._tree.extend(leaves)
+        self._ids.clear()
+
+
+class _Blocks:
+    """Pass 1's digests of the bundle, in blocks of whole lines of ``BLOCK_BYTES`` or more."""
+
+    def __init__(self) -> None:
+        self.done: list[_Block] = []
+        self._digest = blake3.blake3()
+        self._offset = self._size = 0
+        self._line = 1
+
+    def add(self, number: int, raw: bytes) -> None:
+        self._digest.update(raw)
+        self._size += len(raw)
+        if self._size >= BLOCK_BYTES:
+            self.close(number)
+
+    def close(self, number: int) -> None:
+        """End the block at line ``number``."""
+        if self._size:
+            self.done.append(_Block(self._offset, self._size, self._line, self._digest.digest()))
+        self._offset += self._size
+        self._size, self._line, self._digest = 0, number + 1, blake3.blake3()
+
+
+class _Contents:
+    """Each event's body digest and id recomputed (``event_problem``'s checks): here,
+    one by one, or, with a worker process (``ledger.verify_worker``), chunk by chunk
+    there while this process checks everything else. A chunk that fills up while the
+    worker still takes in the one before is checked here, so neither process waits.
+    """
+
+    def __init__(self, worker: Worker | None) -> None:
+        self.worker = worker
+        self._chunk: list[Event] = []
+        self._sent = 0
+        self._failed = False
+
+    def problem(self, event: Event) -> str | None:
+        """What is wrong with the event; with a worker, None: ``all_sound`` answers later."""
+        if self.worker is None:
+            return None if event_id_if_sound(event) is not None else event_problem(event)
+        self._chunk.append(event)
+        if len(self._chunk) == CHUNK:
+            self._hand_over()
+        return None
+
+    def _hand_over(self) -> None:
+        assert self.worker is not None
+        if self.worker.busy():
+            self._failed |= not check_events(self._chunk, False)[0]
+        else:
+            self.worker.send(encode_request(self._chunk))
+            self._sent += 1
+        self._chunk = []
+
+    async def all_sound(self) -> bool:
+        """Did every event verify? (False too if the worker failed.)"""
+        if self.worker is None:
+            return True  # each problem was raised at its event
+        if self._chunk:
+            self._hand_over()
+        answers = await self.worker.results()
+        return (
+            not self._failed
+            and answers is not None
+            and len(answers) == self._sent
+            and all(ok for ok, _ in answers)
+        )
+
+
+def _scan(file: IO[bytes], key: bytes | None, contents: _Contents) -> _Scan:
+    """Pass 1: framing, ids and digests, anchors, counts, the fork points of each
+    session, and each session folded (up to a fork from further back than ``RECENT``)."""
     total = blake3.blake3()
+    blocks = _Blocks()
     header: _Header | None = None
     plans: list[_Plan] = []
     seen: set[str] = set()
     plan: _Plan | None = None
+    walker: _Walker | None = None
     digest: Any = None
-    root = StreamingRoot()
+    root = _Root()
     events = 0
     deferred: BundleError | None = None
     last = 0
     for number, raw, line in _lines(file):
         last = number
+        blocks.add(number, raw)
         if number == 1:
             if not isinstance(line, _Header):
                 raise BundleError(f"Not a {BUNDLE_FORMAT} file: line 1 is not its header", line=1)
@@ -458,7 +603,7 @@ def _scan(file: IO[bytes], key: bytes | None) -> _Scan:
                 sid = plan.row.session_id
                 if event.session != sid:
                     raise _bad(f"belongs to session {event.session!r}", number, sid, event.id)
-                problem = event_problem(event)
+                problem = contents.problem(event)
                 if problem:
                     raise _bad(problem, number, sid, event.id)
                 body = event.body
@@ -476,8 +621,16 @@ def _scan(file: IO[bytes], key: bytes | None) -> _Scan:
                         sid,
                         event.id,
                     )
-                root.append(bytes.fromhex(event.id))
+                try:
+                    root.add(event.id)
+                except ValueError:  # with a worker, the id check comes later
+                    raise _bad("an event id is not 64 hex digits", number, sid) from None
                 digest.update(raw)
+                if walker is not None:
+                    try:
+                        _step(walker, event, number)
+                    except _Forgotten:
+                        walker = None
             case _SessionLine(session=row):
                 if plan is not None:
                     raise _bad(
@@ -489,9 +642,10 @@ def _scan(file: IO[bytes], key: bytes | None) -> _Scan:
                     raise _bad("the session is in the bundle twice", number, row.session_id)
                 seen.add(row.session_id)
                 plan = _Plan(row=row, first_line=number)
+                walker = _Walker(row.session_id, None, key)
                 digest = blake3.blake3()
                 digest.update(raw)
-                root = StreamingRoot()
+                root = _Root()
             case _AnchorLine(anchor=anchor, digest=claimed):
                 if plan is None:
                     raise _bad(
@@ -500,9 +654,11 @@ def _scan(file: IO[bytes], key: bytes | None) -> _Scan:
                 deferred = deferred or _check_anchor(
                     plan, anchor, claimed, root, digest, header, key, number
                 )
+                if walker is not None:
+                    _folded(plan, walker)
                 plans.append(plan)
                 events += plan.count
-                plan = None
+                plan = walker = None
             case _Trailer() as trailer:
                 if plan is not None:
                     raise _bad(
@@ -513,6 +669,7 @@ def _scan(file: IO[bytes], key: bytes | None) -> _Scan:
                 deferred = deferred or _check_trailer(
                     trailer, total, len(plans), events, number, header, key
                 )
+                blocks.close(number)
                 break
             case _Header():
                 raise _bad("a second header", number)
@@ -535,14 +692,29 @@ def _scan(file: IO[bytes], key: bytes | None) -> _Scan:
     if extra:
         raise _bad("a line after the trailer", last + 1)
     assert header is not None
-    return _Scan(header=header, plans=plans, events=events, deferred=deferred)
+    return _Scan(header=header, plans=plans, events=events, blocks=blocks.done, deferred=deferred)
+
+
+def _step(walker: _Walker, event: Event, number: int) -> SessionState:
+    try:
+        return walker.step(event)
+    except _Bad as exc:
+        raise _bad(str(exc), number, walker.session_id, event.id) from None
+
+
+def _folded(plan: _Plan, walker: _Walker) -> None:
+    """The whole session folded: its listing row checked, its statuses kept for pass 3."""
+    problem = walker.listing_problem(plan.row)
+    if problem:
+        raise _bad(problem, plan.first_line, plan.row.session_id)
+    plan.statuses, plan.folded = walker.statuses, True
 
 
 def _check_anchor(
     plan: _Plan,
     anchor: Anchor,
     claimed: str,
-    root: StreamingRoot,
+    root: _Root,
     digest: Any,
     header: _Header,
     key: bytes | None,
@@ -562,7 +734,11 @@ def _check_anchor(
         raise _bad(
             f"the anchor counts {anchor.size} events, the bundle has {plan.count}", number, sid
         )
-    if not hmac.compare_digest(anchor.root, root.root().hex()):
+    try:
+        ours = root.root().hex()
+    except ValueError:  # with a worker: its verdict on the ids comes later
+        raise _bad("an event id is not 64 hex digits", number, sid) from None
+    if not hmac.compare_digest(anchor.root, ours):
         raise _bad(
             "the Merkle root of its event ids does not match its anchor: an event was "
             "added, removed, reordered or rewritten",
@@ -617,15 +793,70 @@ def _check_trailer(
     )
 
 
-def _events(file: IO[bytes]) -> Iterator[tuple[int, int, Event | None]]:
-    """Passes 2 and 3: (line, size, event) for each event line, (line, 0, None) at an anchor."""
-    for number, raw, line in _lines(file):
-        if isinstance(line, _EventLine):
-            yield number, len(raw), line.event
-        elif isinstance(line, _AnchorLine):
-            yield number, 0, None
-        elif isinstance(line, _Trailer):
-            return
+def _verified(file: IO[bytes], blocks: Iterable[_Block]) -> Iterator[tuple[int, list[bytes]]]:
+    """Passes 2 and 3 read the bundle anew: each block of lines (its first line's number,
+    its lines without their newlines) once its digest is still the one pass 1 took,
+    so that they use only bytes pass 1 verified."""
+    position = None
+    for block in blocks:
+        if position != block.offset:
+            file.seek(block.offset)
+        data = file.read(block.size)
+        position = block.offset + len(data)
+        if not hmac.compare_digest(blake3.blake3(data).digest(), block.digest):
+            raise BundleError(
+                f"Bundle line {block.line}: the bundle changed while it was imported "
+                "(its lines differ from those verified)",
+                line=block.line,
+            )
+        yield block.line, data.split(b"\n")[:-1]
+
+
+def _events(
+    file: IO[bytes], blocks: Sequence[_Block], spans: Sequence[tuple[int, int]] | None = None
+) -> Iterator[tuple[int, int, Event | None]]:
+    """Passes 2 and 3: (line, size, event) for each event line, (line, 0, None) at an
+    anchor; of every line, or of those in ``spans`` (first and last line, in order)."""
+    wanted = _Spans(spans) if spans is not None else None
+    ends = [block.line for block in blocks[1:]] + [sys.maxsize]  # each one's next line
+    chosen = (
+        block
+        for block, end in zip(blocks, ends, strict=True)
+        if wanted is None or wanted.meets(block.line, end - 1)
+    )
+    for line, pieces in _verified(file, chosen):
+        # Each line decoded alone in pass 1, so together they decode to the same.
+        decoded = _decode_lines(b"[" + b",".join(pieces) + b"]")
+        for number, (piece, item) in enumerate(zip(pieces, decoded, strict=True), line):
+            if wanted is not None and not wanted.holds(number):
+                continue
+            if isinstance(item, _EventLine):
+                yield number, len(piece) + 1, item.event
+            elif isinstance(item, _AnchorLine):
+                yield number, 0, None
+
+
+class _Spans:
+    """Ranges of lines (first, last), in order, asked about in increasing order."""
+
+    def __init__(self, spans: Sequence[tuple[int, int]]) -> None:
+        self._spans = spans
+        self._lasts = [last for _, last in spans]
+        self._at = 0
+
+    def meets(self, first: int, last: int) -> bool:
+        """Does any span meet the lines first..last?"""
+        i = bisect_left(self._lasts, first)
+        return i < len(self._spans) and self._spans[i][0] <= last
+
+    def holds(self, line: int) -> bool:
+        while self._at < len(self._spans) and self._spans[self._at][1] < line:
+            self._at += 1
+        return self._at < len(self._spans) and self._spans[self._at][0] <= line
+
+
+class _Forgotten(Exception):
+    """A fork from further back than the states pass 1 keeps: pass 2 folds the session."""
 
 
 class _Walker:
@@ -633,18 +864,23 @@ class _Walker:
 
     It keeps the state of each branch head, and the state after each event
     listed in ``keep`` (the fork points and restored entries found by pass 1),
-    which is all a ``Branched`` or ``Restored`` event needs to be checked.
+    which is all a ``Branched`` or ``Restored`` event needs to be checked. Pass 1
+    does not know them yet (``keep`` None): it keeps the last ``RECENT`` states,
+    and raises ``_Forgotten`` for a fork from before them.
     """
 
-    def __init__(self, session_id: str, keep: set[str], key: bytes | None) -> None:
+    def __init__(self, session_id: str, keep: set[str] | None, key: bytes | None) -> None:
         self.session_id = session_id
         self.keep = keep
         self.key = key
         self.heads: dict[str, SessionState] = {}
         self.kept: dict[str, SessionState] = {}
         self.entries: dict[str, str] = {}  # kept checkpoint id -> its entry
+        self.recent: deque[str] = deque()
         self.count = 0
         self.last_at = 0
+        self.main = 0  # events of branch main
+        self.statuses: list[tuple[int, str]] = []
 
     def step(self, event: Event) -> SessionState:
         """The state after ``event``; raises ``_Bad`` saying what is wrong with it."""
@@ -670,19 +906,35 @@ class _Walker:
                 )
             state = _check_step(head, event, self.key)
         self.heads[event.branch] = state
-        if event.id in self.keep:
-            self.kept[event.id] = state
-            if isinstance(body, Checkpointed):
-                self.entries[event.id] = body.entry
+        self._keep(event, state)
         self.count += 1
         self.last_at = max(self.last_at, event.at)
+        if event.branch == MAIN:
+            self.main += 1
+            if not self.statuses or self.statuses[-1][1] != state.status:
+                self.statuses.append((self.main, state.status))
         return state
+
+    def _keep(self, event: Event, state: SessionState) -> None:
+        if self.keep is None:
+            self.recent.append(event.id)
+            if len(self.recent) > RECENT:
+                old = self.recent.popleft()
+                del self.kept[old]
+                self.entries.pop(old, None)
+        elif event.id not in self.keep:
+            return
+        self.kept[event.id] = state
+        if isinstance(event.body, Checkpointed):
+            self.entries[event.id] = event.body.entry
 
     def _fork(self, event: Event, body: Branched | Restored) -> SessionState:
         if event.parent is None:
             raise _Bad("only the root has no parent")
         parent = self.kept.get(event.parent)
         if parent is None:
+            if self.keep is None:
+                raise _Forgotten
             raise _Bad(f"parent {event.parent!r} is not an earlier event of this session")
         if isinstance(body, Branched):
             if event.branch in self.heads or body.name != event.branch:
@@ -694,6 +946,8 @@ class _Walker:
                 raise _Bad("Restored's parent is not its checkpoint's entry")
             entry = self.entries.get(body.checkpoint)
             if entry is None:
+                if self.keep is None:
+                    raise _Forgotten
                 raise _Bad(
                     f"restores {body.checkpoint!r}, not an earlier checkpoint of this session"
                 )
@@ -726,34 +980,44 @@ class _Walker:
 
 
 async def _check(store: EventStore, file: IO[bytes], scan: _Scan, key: bytes | None) -> None:
-    """Pass 2: fold each session, check its listing row, compare it with the target's."""
-    plans = iter(scan.plans)
-    plan: _Plan | None = None
-    walker: _Walker | None = None
-    target: _Target | None = None
-    for number, _size, event in _events(file):
-        if plan is None:
-            plan = next(plans)
-            walker = _Walker(plan.row.session_id, plan.keep, key)
-            target = await _Target.open(store, plan)
-        assert walker is not None and target is not None
-        sid = plan.row.session_id
-        if event is None:
-            problem = walker.listing_problem(plan.row)
-            if problem:
-                raise _bad(problem, plan.first_line, sid)
-            await target.finish(plan, number)
-            plan = None
-            continue
-        try:
-            walker.step(event)
-        except _Bad as exc:
-            raise _bad(str(exc), number, sid, event.id) from None
-        await target.compare(event, walker.count, number)
-        if number % _YIELD_EVERY == 0:
-            await asyncio.sleep(0)
+    """Pass 2, of the sessions that need it, in one reading: one with a fork folded
+    whole, knowing its fork points now; one the target store holds compared with it,
+    id by id."""
+    needed: list[tuple[_Plan, bool]] = []
+    for plan in scan.plans:
+        held = bool(await store.heads(plan.row.session_id))
+        if held or not plan.folded:
+            needed.append((plan, held))
+    spans = [(plan.first_line + 1, plan.first_line + plan.count + 1) for plan, _ in needed]
+    events = _events(file, scan.blocks, spans)
+    for plan, held in needed:
+        await _check_session(store, plan, held, events, key)
     if scan.deferred is not None:
         raise scan.deferred
+
+
+async def _check_session(
+    store: EventStore,
+    plan: _Plan,
+    held: bool,
+    events: Iterator[tuple[int, int, Event | None]],
+    key: bytes | None,
+) -> None:
+    """One session of pass 2: its events from ``events``, up to its anchor."""
+    sid = plan.row.session_id
+    walker = None if plan.folded else _Walker(sid, plan.keep, key)
+    target = _Target(sid, aiter(store.events(sid)) if held else None)
+    for index, (number, _size, event) in enumerate(events, 1):
+        if event is None:
+            if walker is not None:
+                _folded(plan, walker)
+            await target.finish(plan, number)
+            return
+        if walker is not None:
+            _step(walker, event, number)
+        await target.compare(event, index, number)
+        if number % _YIELD_EVERY == 0:
+            await asyncio.sleep(0)
 
 
 class _Target:
@@ -763,13 +1027,6 @@ class _Target:
         self.session_id = session_id
         self.events = events
         self.present = 0
-
-    @classmethod
-    async def open(cls, store: EventStore, plan: _Plan) -> _Target:
-        sid = plan.row.session_id
-        if not await store.heads(sid):
-            return cls(sid, None)
-        return cls(sid, aiter(store.events(sid)))
 
     async def compare(self, event: Event, index: int, number: int) -> None:
         if self.events is None:
@@ -852,27 +1109,35 @@ class _Writer:
         self.heads: dict[str, str] = {}
         self.run: list[Event] = []
         self.size = 0
+        self.count = 0
+        self.main = 0
+        self.changes = iter(plan.statuses)
+        self.change = next(self.changes, None)
         self.status: str | None = None
         self.written = 0
         self.pending: tuple[asyncio.Future[AppendResult], int] | None = None
 
-    def skip(self, event: Event) -> None:
-        """An event the target already holds: only the heads move."""
-        self.heads[event.branch] = event.id
-
-    async def add(self, event: Event, state: SessionState, size: int) -> None:
-        run = self.run
-        if run and (
-            event.branch != run[-1].branch
-            or isinstance(event.body, Branched | Restored)
-            or len(run) >= BATCH_EVENTS
-            or self.size >= BATCH_BYTES
-        ):
-            await self.flush()  # a new list: the one sent stays as it was
-        self.run.append(event)
-        self.size += size
-        if event.branch == MAIN:
-            self.status = state.status
+    async def add(self, event: Event, size: int) -> None:
+        """The session's next event: appended, unless the target holds it already."""
+        self.count += 1
+        if self.count <= self.plan.present:
+            self.heads[event.branch] = event.id  # already there: only the heads move
+        else:
+            run = self.run
+            if run and (
+                event.branch != run[-1].branch
+                or isinstance(event.body, Branched | Restored)
+                or len(run) >= BATCH_EVENTS
+                or self.size >= BATCH_BYTES
+            ):
+                await self.flush()  # a new list: the one sent stays as it was
+            self.run.append(event)
+            self.size += size
+        if event.branch == MAIN:  # the status the run's append will carry
+            self.main += 1
+            if self.change is not None and self.change[0] == self.main:
+                self.status = self.change[1]
+                self.change = next(self.changes, None)
 
     async def flush(self) -> None:
         """Send the run, once the append before it has committed."""
@@ -913,20 +1178,28 @@ class _Writer:
         return _incomplete(self.done, self.scan, self.plan, self.written, cause)
 
 
-async def _write(
-    store: EventStore, file: IO[bytes], scan: _Scan, key: bytes | None
-) -> list[SessionImport]:
-    """Pass 3: each session's missing events, in runs of one branch, compare-and-swapped."""
+async def _write(store: EventStore, file: IO[bytes], scan: _Scan) -> list[SessionImport]:
+    """Pass 3: each session's missing events, in runs of one branch, compare-and-swapped.
+
+    It reads only lines pass 1 verified (``_verified``), so it need not check them again.
+    """
     done: list[SessionImport] = []
     plans = iter(scan.plans)
     writer: _Writer | None = None
-    walker: _Walker | None = None
-    for number, size, event in _events(file):
+    events = _events(file, scan.blocks)
+    while True:
+        try:
+            number, size, event = next(events)
+        except StopIteration:
+            return done
+        except BundleError as exc:
+            if writer is None and not done:
+                raise
+            writer = writer or _Writer(store, scan, scan.plans[len(done)], done)
+            raise await writer.fail(exc) from None
         if writer is None:
-            plan = next(plans)
-            writer = _Writer(store, scan, plan, done)
-            walker = _Walker(plan.row.session_id, plan.keep, key)
-        assert walker is not None
+            writer = _Writer(store, scan, next(plans), done)
+        plan = writer.plan
         if event is None:
             await writer.flush()
             await writer.settle()
@@ -939,22 +1212,10 @@ async def _write(
                 )
             )
             writer = None
-            continue
-        if plan.action not in ("imported", "resumed"):
-            continue
-        # Checked again as it is written: this pass reads the file anew.
-        try:
-            problem = event_problem(event)
-            if problem:
-                raise _Bad(problem)
-            state = walker.step(event)
-        except _Bad as exc:
-            raise await writer.fail(_bad(str(exc), number, plan.row.session_id, event.id)) from None
-        if walker.count <= plan.present:
-            writer.skip(event)
-        else:
-            await writer.add(event, state, size)
-    return done
+        elif plan.action in ("imported", "resumed"):
+            await writer.add(event, size)
+        if number % _YIELD_EVERY == 0:
+            await asyncio.sleep(0)
 
 
 def _incomplete(
@@ -997,7 +1258,8 @@ async def import_bundle(
     """Verify a whole bundle, then write its sessions into ``store``.
 
     ``progress(n)`` is told of every ``n`` bytes read; the import reads the
-    bundle three times (two passes that verify, one that writes).
+    bundle twice (a pass that verifies, one that writes), and in between the
+    sessions that have forks or that the target holds already.
 
     Nothing is written unless every line, id, digest, anchor, MAC and session
     of the bundle verifies and no session conflicts with the target. A stream
@@ -1014,12 +1276,12 @@ async def import_bundle(
     if isinstance(source, str | os.PathLike):
         file = await asyncio.to_thread(Path(source).open, "rb")
         with file:
-            return await _import(store, _reading(file, progress), key, dry_run)
+            return await _import(store, file, progress, key, dry_run)
     if _seekable(source):
-        return await _import(store, _reading(source, progress), key, dry_run)
+        return await _import(store, source, progress, key, dry_run)
     with tempfile.TemporaryFile() as spool:
         shutil.copyfileobj(source, spool, 1 << 20)
-        return await _import(store, _reading(spool, progress), key, dry_run)
+        return await _import(store, spool, progress, key, dry_run)
 
 
 def _reading(file: IO[bytes], progress: Progress | None) -> IO[bytes]:
@@ -1038,6 +1300,11 @@ class _CountingReader:
 
     def readline(self) -> bytes:
         return self._file.readline()
+
+    def read(self, size: int) -> bytes:
+        data = self._file.read(size)
+        self._progress(len(data))
+        return data
 
     def __iter__(self) -> Iterator[bytes]:
         pending = 0
@@ -1059,9 +1326,14 @@ def _seekable(file: IO[bytes]) -> bool:
 
 
 async def _import(
-    store: EventStore, file: IO[bytes], key: bytes | None, dry_run: bool
+    store: EventStore,
+    file: IO[bytes],
+    progress: Progress | None,
+    key: bytes | None,
+    dry_run: bool,
 ) -> ImportReport:
-    scan = await asyncio.to_thread(_scan, file, key)  # no I/O of the loop's: keep it free
+    """The passes; ``progress`` hears of the reading of passes 1 and 3, the whole file."""
+    scan = await _scan_in_parallel(_reading(file, progress), key)
     await _check(store, file, scan, key)
     await _check_create_keys(store, scan)
     header = scan.header
@@ -1076,7 +1348,7 @@ async def _import(
             for p in scan.plans
         ]
     else:
-        sessions = await _write(store, file, scan, key)
+        sessions = await _write(store, _reading(file, progress), scan)
     return ImportReport(
         sessions=sessions,
         events=scan.events,
@@ -1086,3 +1358,29 @@ async def _import(
         authenticated=key is not None,
         dry_run=dry_run,
     )
+
+
+async def _scan_in_parallel(file: IO[bytes], key: bytes | None) -> _Scan:
+    """Pass 1, with a worker process for a bundle of ``PARALLEL_BYTES`` or more.
+
+    Should anything fail there, pass 1 runs again in this process alone: it names
+    the first problem in the bundle's order (the worker's verdicts come late).
+    """
+    if file.seek(0, os.SEEK_END) >= PARALLEL_BYTES:
+        with suppress(OSError, BundleError):
+            scan = await _scan_with_worker(file, key)
+            if scan is not None:
+                return scan
+    return await asyncio.to_thread(_scan, file, key, _Contents(None))
+
+
+async def _scan_with_worker(file: IO[bytes], key: bytes | None) -> _Scan | None:
+    """Pass 1 with a worker process; None if an event did not verify there."""
+    worker = Worker("--content")
+    try:
+        contents = _Contents(worker)
+        # In a thread: no I/O of the loop's, keep it free.
+        scan = await asyncio.to_thread(_scan, file, key, contents)
+        return scan if await contents.all_sound() else None
+    finally:
+        await worker.close()

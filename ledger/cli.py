@@ -1172,9 +1172,10 @@ def import_lines(report: ImportReport, where: str) -> list[str]:
 async def cmd_import(led: Ledger, args: argparse.Namespace, out: Output) -> int:
     source: str | IO[bytes] = sys.stdin.buffer if args.file == "-" else args.file
     try:
-        # Two passes verify the bundle, a third writes it; a pipe's size is unknown.
+        # One pass verifies the bundle (a second reads only sessions with forks or
+        # already in the store), another writes it; a pipe's size is unknown.
         size = None if args.file == "-" else await asyncio.to_thread(os.path.getsize, args.file)
-        total = None if size is None else size * (2 if args.dry_run else 3)
+        total = None if size is None else size * (1 if args.dry_run else 2)
         with Progress("importing (bytes read)", total) as progress:
             report = await led.import_bundle(
                 source, dry_run=args.dry_run, progress=progress.advance

@@ -246,14 +246,37 @@ class StreamingRoot:
 
     def append(self, data: bytes) -> None:
         """Add one leaf (its data, hashed here as the RFC's leaf)."""
-        node = self._hash(b"\x00" + data)
-        height = 0
+        self._push(0, self._hash(b"\x00" + data))
+
+    def extend(self, packed: bytes | bytearray) -> None:
+        """Add leaves packed back to back, ``HASH_SIZE`` bytes each (event ids).
+
+        Each complete subtree they fill is hashed as a whole (``MerkleLog.from_leaves``),
+        level by level: a few calls per thousand leaves rather than two per leaf.
+        """
+        if len(packed) % HASH_SIZE:
+            raise ValueError(
+                f"{len(packed)} bytes are not a whole number of {HASH_SIZE}-byte leaves"
+            )
+        start, count = 0, len(packed) // HASH_SIZE
+        while start < count:
+            # The largest subtree that starts here (a multiple of its size) and fits.
+            aligned = (self.size & -self.size).bit_length() - 1 if self.size else count.bit_length()
+            height = min(aligned, (count - start).bit_length() - 1)
+            end = start + (1 << height)
+            leaves = packed[start * HASH_SIZE : end * HASH_SIZE]
+            top = MerkleLog.from_leaves(leaves, hash=self._hash).levels[-1]
+            self._push(height, bytes(top))
+            start = end
+
+    def _push(self, height: int, node: bytes) -> None:
+        """Add a complete subtree of ``2**height`` leaves, given its hash."""
+        self.size += 1 << height
         stack = self._stack
         while stack and stack[-1][0] == height:
             node = self._hash(b"\x01" + stack.pop()[1] + node)
             height += 1
         stack.append((height, node))
-        self.size += 1
 
     def root(self) -> bytes:
         if not self._stack:

@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import ledger.bundle as ledger_bundle
 from ledger import Ledger, LedgerConfig, SessionNotFoundError
 from ledger.anchors import make_anchor
 from ledger.bundle import BUNDLE_FORMAT, key_id
@@ -31,7 +32,7 @@ from ledger.errors import (
     BundleKeyError,
     ImportIncompleteError,
 )
-from stores.base import FeedStore
+from stores.base import AppendRequest, AppendResult, FeedStore
 from stores.memory import MemoryStore
 from tests.conftest import store_factory
 from tests.test_ledger import everything
@@ -307,7 +308,9 @@ def test_any_flipped_byte_is_named_and_nothing_is_written(
     damaged = bytearray(original)
     damaged[position] ^= data.draw(st.integers(1, 255))
     line = original.count(b"\n", 0, position) + 1
-    error = asyncio.run(refused(bytes(damaged), KEY if kind == "keyed" else None))
+    with pytest.MonkeyPatch.context() as patch:  # 1: pass 2 folds the sessions with forks
+        patch.setattr("ledger.bundle.RECENT", data.draw(st.sampled_from([1, 4096])))
+        error = asyncio.run(refused(bytes(damaged), KEY if kind == "keyed" else None))
     # Named where it is, or where it first shows (a count, a root, a digest further on).
     assert error.line is not None and error.line >= line, (line, str(error))
     assert str(error)
@@ -452,6 +455,196 @@ async def test_a_create_key_taken_in_the_target_is_refused() -> None:
             await import_bytes(dest, await exported(source))
         assert info.value.session_id == s.session_id
         assert await everything(dest) == before
+
+
+# ---------------------------------------------------------------------------- the passes
+
+
+@pytest.fixture
+def with_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every bundle counts as large: pass 1 has the worker process recompute the ids."""
+    monkeypatch.setattr("ledger.bundle.PARALLEL_BYTES", 0)
+    monkeypatch.setattr("ledger.bundle.CHUNK", 4)  # several requests, and chunks checked here
+
+
+async def test_with_the_worker_a_bundle_imports_the_same(
+    with_worker: None, bundles: dict[str, Any]
+) -> None:
+    async with ledger(MemoryStore(), KEY) as alone, ledger(MemoryStore(), KEY) as helped:
+        for led in (alone, helped):
+            report = await import_bytes(led, bundles["keyed"])
+            assert report.written == 30 and report.authenticated
+        assert await everything(helped) == await everything(alone)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_with_the_worker_a_flipped_byte_is_named_as_without_it(
+    bundles: dict[str, Any], data: st.DataObject
+) -> None:
+    original: bytes = bundles["plain"]
+    position = data.draw(st.integers(0, len(original) - 1))
+    damaged = bytearray(original)
+    damaged[position] ^= data.draw(st.integers(1, 255))
+    alone = asyncio.run(refused(bytes(damaged)))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("ledger.bundle.PARALLEL_BYTES", 0)
+        patch.setattr("ledger.bundle.CHUNK", 4)
+        helped = asyncio.run(refused(bytes(damaged)))
+    assert (type(helped), str(helped)) == (type(alone), str(alone))
+
+
+async def test_with_the_worker_a_changed_body_is_named(
+    with_worker: None, bundles: dict[str, Any]
+) -> None:
+    # Only the id check sees this one: the worker's verdict, then pass 1 again alone.
+    lines = lines_of(bundles["plain"])
+    row = json.loads(lines[3])
+    row["event"]["body"]["content"] = "Goodbye!"
+    lines[3] = json.dumps(row, separators=(",", ":")).encode() + b"\n"
+    error = await refused(b"".join(lines))
+    assert str(error).endswith(f"event {row['event']['id']!r}: body does not match its digest")
+
+
+def changing_after_pass_2(
+    monkeypatch: pytest.MonkeyPatch, path: Path, line: int, text: bytes
+) -> None:
+    """The bundle file rewritten between the checking passes and the writing one."""
+    check = ledger_bundle._check_create_keys
+
+    def change() -> None:
+        lines = lines_of(path.read_bytes())
+        lines[line - 1] = lines[line - 1].replace(b"Hello!", text)
+        path.write_bytes(b"".join(lines))
+
+    async def then_change(store: Any, scan: Any) -> None:
+        await check(store, scan)
+        await asyncio.to_thread(change)
+
+    monkeypatch.setattr("ledger.bundle._check_create_keys", then_change)
+
+
+async def test_a_bundle_changed_before_the_writing_pass_writes_nothing(
+    bundles: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The write pass reads the file again: only the bytes pass 1 verified get written.
+    path = tmp_path / "b.jsonl"
+    path.write_bytes(bundles["plain"])
+    line = next(i for i, raw in enumerate(lines_of(bundles["plain"]), 1) if b"Hello!" in raw)
+    changing_after_pass_2(monkeypatch, path, line, b"Howdy!")
+    led, before = await target()
+    with pytest.raises(BundleError, match="the bundle changed while it was imported"):
+        await led.import_bundle(path)
+    assert await everything(led) == before
+    await led.close()
+
+
+async def test_a_bundle_changed_midway_stops_where_it_changed(
+    bundles: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("ledger.bundle.BLOCK_BYTES", 1)  # a block a line
+    path = tmp_path / "b.jsonl"
+    path.write_bytes(bundles["plain"])
+    line = [i for i, raw in enumerate(lines_of(bundles["plain"]), 1) if b"Hello!" in raw][1]
+    changing_after_pass_2(monkeypatch, path, line, b"Howdy!")
+    async with ledger(MemoryStore()) as led:
+        with pytest.raises(ImportIncompleteError) as info:
+            await led.import_bundle(path)
+        assert f"Bundle line {line}: the bundle changed while it was imported" in str(info.value)
+        first, stopped = info.value.report.sessions
+        assert (first.action, first.written, stopped.action) == ("imported", 15, "partial")
+        assert (await led.verify()).ok
+
+
+@pytest.mark.parametrize("block", [1, 700, 1 << 20])
+async def test_sessions_with_and_without_forks_in_any_blocks_import_the_same(
+    monkeypatch: pytest.MonkeyPatch, block: int
+) -> None:
+    monkeypatch.setattr("ledger.bundle.BLOCK_BYTES", block)
+    async with ledger(MemoryStore()) as source, ledger(MemoryStore()) as dest:
+        ids = []
+        for user in ("a", "b", "c", "d"):
+            if user in "ac":
+                ids.append(await story(source, user=user))  # forks: pass 2 folds them
+            else:
+                sid = (await source.create(user_id=user, agent="x")).session_id
+                await source.add_turn(sid, role="user", content="linear")
+                ids.append(sid)
+        report = await import_bytes(dest, await exported(source, *ids))
+        assert report.written == 2 * 15 + 2 * 2
+        for sid in ids:
+            assert await snapshot(dest, sid) == await snapshot(source, sid)
+
+
+@pytest.mark.parametrize(("recent", "again"), [(4096, 0), (3, 2), (1, 2)])
+async def test_pass_2_folds_again_only_a_session_forking_from_further_back(
+    monkeypatch: pytest.MonkeyPatch, recent: int, again: int
+) -> None:
+    # story() forks from 3 events back (a branch) and from 6 back (a restore).
+    monkeypatch.setattr("ledger.bundle.RECENT", recent)
+    folded: list[str] = []
+    check_session = ledger_bundle._check_session
+
+    async def counting(store: Any, plan: Any, *args: Any) -> None:
+        folded.append(plan.row.session_id)
+        await check_session(store, plan, *args)
+
+    monkeypatch.setattr("ledger.bundle._check_session", counting)
+    async with ledger(MemoryStore(), KEY) as source, ledger(MemoryStore(), KEY) as dest:
+        ids = [await story(source), await story(source, user="user-7")]
+        report = await import_bytes(dest, await exported(source))
+        assert report.written == 30 and len(folded) == again
+        for sid in ids:
+            assert await snapshot(dest, sid) == await snapshot(source, sid)
+
+
+@given(
+    st.lists(st.tuples(st.integers(1, 60), st.integers(0, 5)), max_size=8),
+    st.integers(1, 70),
+    st.integers(0, 10),
+)
+def test_spans_meet_and_hold_the_lines_they_cover(
+    pieces: list[tuple[int, int]], first: int, length: int
+) -> None:
+    spans, end = [], 0
+    for gap, size in pieces:  # in order, apart
+        spans.append((end + gap, end + gap + size))
+        end += gap + size
+    covered = {line for a, b in spans for line in range(a, b + 1)}
+    meets = ledger_bundle._Spans(spans).meets(first, first + length)
+    assert meets == any(line in covered for line in range(first, first + length + 1))
+    holds = ledger_bundle._Spans(spans)
+    assert [line for line in range(1, end + 2) if holds.holds(line)] == sorted(covered)
+
+
+class Recording(MemoryStore):
+    """A memory store that keeps each append it was asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[AppendRequest] = []
+
+    async def append(self, request: AppendRequest) -> AppendResult:
+        self.requests.append(request)
+        return await super().append(request)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+async def test_each_append_of_main_carries_the_status_its_events_fold_to(
+    bundles: dict[str, Any], monkeypatch: pytest.MonkeyPatch, batch: int
+) -> None:
+    # Pass 3 no longer folds: pass 1 (or 2, for a session with forks) noted where
+    # the status changes, so that a stopped import leaves a true listing behind.
+    monkeypatch.setattr("ledger.bundle.BATCH_EVENTS", batch)
+    store = Recording()
+    async with ledger(store) as led:
+        await import_bytes(led, bundles["plain"])
+        for request in store.requests:
+            last = request.events[-1]
+            if request.branch == "main":
+                assert request.status == (await led.state(last.session, at=last.id)).status
+            else:
+                assert request.status is None
 
 
 # ---------------------------------------------------------------------------- a failing store

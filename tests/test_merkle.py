@@ -260,3 +260,21 @@ def test_streaming_root_is_the_rfc_9162_tree_head(leaves: list[bytes]) -> None:
         log.append(leaf)
         assert root.root() == log.root() and root.size == log.size
     assert StreamingRoot().root() == MerkleLog().root()
+
+
+@given(st.lists(st.binary(min_size=32, max_size=32), max_size=300), st.data())
+def test_streaming_root_extended_in_any_pieces_is_the_tree_head(
+    leaves: list[bytes], data: st.DataObject
+) -> None:
+    root = StreamingRoot()
+    done = 0
+    while done < len(leaves):
+        end = data.draw(st.integers(done + 1, len(leaves)))
+        root.extend(b"".join(leaves[done:end]))
+        done = end
+        expected = MerkleLog.from_leaves(b"".join(leaves[:done]))
+        assert root.root() == expected.root() and root.size == expected.size
+    root.extend(b"")
+    assert root.size == len(leaves)
+    with pytest.raises(ValueError, match="whole number"):
+        root.extend(b"x" * 33)
