@@ -152,16 +152,18 @@ class Context:
             self.add(scenario, system, f"error: {describe(exc)}")
 
     @contextlib.asynccontextmanager
-    async def guard(self, scenario: str, system: str) -> AsyncIterator[None]:
+    async def guard(self, scenario: str, system: str, *, times: float = 1) -> AsyncIterator[None]:
         """A failure of one system in one scenario becomes its row; the rest goes on.
 
-        So does a measurement that outlasts ``sizes.limit_seconds``: it is cancelled.
+        So does a measurement that outlasts ``times`` x ``sizes.limit_seconds``: it
+        is cancelled.
         """
+        limit = times * self.sizes.limit_seconds
         try:
-            async with asyncio.timeout(self.sizes.limit_seconds):
+            async with asyncio.timeout(limit):
                 yield
         except TimeoutError:
-            self.add(scenario, system, f"stopped: over {self.sizes.limit_seconds:g} s")
+            self.add(scenario, system, f"stopped: over {limit:g} s")
         except Exception as exc:
             self.fail(scenario, system, exc)
 
