@@ -31,7 +31,6 @@ import blake3
 import msgspec
 
 from ledger.events import (
-    _SALT,
     FORMAT_VERSION,
     Erased,
     Event,
@@ -85,39 +84,62 @@ _decode_envelopes = msgspec.json.Decoder(list[Envelope]).decode
 _decode_events = msgspec.json.Decoder(list[Event]).decode
 
 
-def sound_id(event: Event | Envelope, kind: str, body: bytes) -> bytes | None:
+def sound_id(
+    event: Event | Envelope, kind: str, body: bytes, hasher: blake3.blake3 | None = None
+) -> bytes | None:
     """The event's id (bytes) when it verifies on its own, else None: ``event_problem``'s
     checks of an event whose body is not ``Erased``, given the body's kind and its
-    canonical bytes (whatever form the body itself has)."""
-    if event.format != FORMAT_VERSION or not _SALT.fullmatch(event.salt):
+    canonical bytes (whatever form the body itself has).
+
+    ``hasher``: one to reset and reuse (a new one costs as much as the hashing itself).
+    """
+    salt = _salt_bytes(event.salt)
+    if event.format != FORMAT_VERSION or salt is None:
         return None
-    if _blake3(bytes.fromhex(event.salt) + body).hexdigest() != event.body_digest:
+    hasher = hasher or _blake3()
+    hasher.reset()
+    hasher.update(salt)
+    hasher.update(body)
+    if hasher.hexdigest() != event.body_digest:
         return None
-    header = canonical(
-        [
-            event.format,
-            event.session,
-            event.parent,
-            event.seq,
-            event.branch,
-            event.at,
-            event.actor,
-            kind,
-            event.idempotency_key,
-            event.body_digest,
-        ]
+    hasher.reset()
+    hasher.update(
+        canonical(
+            [
+                event.format,
+                event.session,
+                event.parent,
+                event.seq,
+                event.branch,
+                event.at,
+                event.actor,
+                kind,
+                event.idempotency_key,
+                event.body_digest,
+            ]
+        )
     )
-    digest = _blake3(header).digest()
+    digest = hasher.digest()
     return digest if digest.hex() == event.id else None
 
 
-def event_id_if_sound(event: Event) -> bytes | None:
+def _salt_bytes(salt: str) -> bytes | None:
+    """The salt's 16 bytes when it is 32 lower-case hex digits (``_SALT``), else None:
+    the round trip through ``fromhex`` rules out upper case and spaces, without a regex."""
+    try:
+        raw = bytes.fromhex(salt)
+    except ValueError:
+        return None
+    return raw if len(raw) == 16 and raw.hex() == salt else None
+
+
+def event_id_if_sound(event: Event, hasher: blake3.blake3 | None = None) -> bytes | None:
     """The event's id (bytes) when ``event_problem`` finds nothing wrong with it, else None
     (then ask ``event_problem`` why): the same checks, with fewer calls."""
     body = event.body
     if type(body) is Erased:
         return bytes.fromhex(event.id) if event_problem(event) is None else None
-    return sound_id(event, type(body).__name__, canonical(body))
+    return sound_id(event, type(body).__name__, canonical(body), hasher)
 
 
 def check_events(events: Sequence[Event], log: bool) -> Answer:
@@ -126,8 +148,9 @@ def check_events(events: Sequence[Event], log: bool) -> Answer:
     The answer the worker gives for the same events: the caller checks some chunks itself.
     """
     ids = []
+    hasher = _blake3()
     for event in events:
-        leaf = event_id_if_sound(event)
+        leaf = event_id_if_sound(event, hasher)
         if leaf is None:
             return False, []
         ids.append(leaf)
@@ -141,10 +164,11 @@ def check_chunk(blob: bytes | bytearray, log: bool) -> Answer:
     body (rare) makes the whole chunk decode again as events, for ``event_problem``.
     """
     ids = []
+    hasher = _blake3()
     for envelope in _decode_envelopes(blob):
         body = bytes(envelope.body)
         kind = body[9 : body.index(b'"', 9)].decode()  # the tag comes first: {"kind":"..."
-        leaf = sound_id(envelope, kind, body) if kind != "Erased" else None
+        leaf = sound_id(envelope, kind, body, hasher) if kind != "Erased" else None
         if leaf is None:
             return check_events(_decode_events(blob), log)  # exactly event_problem's verdict
         ids.append(leaf)
