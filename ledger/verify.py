@@ -432,8 +432,8 @@ async def _walk_split(
     try:
         async with contextlib.aclosing(_chunks(store, session_id)) as chunks:
             async for chunk in chunks:
-                if await walker.walk(chunk) < len(chunk):
-                    return None
+                if await walker.walk(chunk) < len(chunk) or walker.problems:
+                    return None  # a problem: the report is the sequential walk's
                 answers.append(check_events(chunk, need_log))
                 if not answers[-1][0]:
                     return None
@@ -444,7 +444,7 @@ async def _walk_split(
         return None
     finally:
         await tail.close()
-    if walker.checked != start or walker.problems or answer is None or not answer.sure:
+    if walker.checked != start or answer is None or not answer.sure:
         return None
     if not all(_continues(walker.heads.get(b), *first) for b, first in answer.firsts.items()):
         return None
