@@ -20,7 +20,6 @@ import abc
 import asyncio
 import os
 import shutil
-import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,8 +31,7 @@ import orjson
 
 from bench.content import Turn
 from ledger import Ledger
-from ledger.events import TurnAdded, make_event
-from stores.base import AppendRequest
+from ledger.events import TurnAdded
 
 __all__ = [
     "LEDGER_BACKENDS",
@@ -150,59 +148,40 @@ class LedgerThread(Thread):
         self.led = led
         self.user = user
         self.sid = ""
-        self.head = ""
-        self.seq = 0
         self.count = 0
 
     async def start(self) -> LedgerThread:
         state = await self.led.create(user_id=self.user, agent="bench")
-        self.sid, self.head, self.seq, self.count = state.session_id, state.head, 0, 0
+        self.sid, self.count = state.session_id, 0
         return self
 
     async def append(self, turn: Turn) -> None:
         if self.count >= _ROTATE:
             await self.start()
-        event = await self.led.add_turn(
+        await self.led.add_turn(
             self.sid,
             role=turn.role,
             content=turn.content,
             tokens_in=turn.tokens_in,
             tokens_out=turn.tokens_out,
         )
-        self.head, self.seq = event.id, event.seq
         self.count += 1
 
     async def append_batch(self, turns: Sequence[Turn]) -> None:
         if self.count + len(turns) > _ROTATE:
             await self.start()
-        events = []
-        parent, seq, at = self.head, self.seq, 0
-        for turn in turns:
-            body = TurnAdded(
-                role=turn.role,
-                content=turn.content,
-                tokens_in=turn.tokens_in,
-                tokens_out=turn.tokens_out,
-            )
-            at = max(at + 1, time.time_ns())
-            seq += 1
-            event = make_event(
-                session=self.sid,
-                parent=parent,
-                seq=seq,
-                branch="main",
-                at=at,
-                actor=self.user,
-                body=body,
-            )
-            events.append(event)
-            parent = event.id
-        await self.led.store.append(
-            AppendRequest(
-                session_id=self.sid, branch="main", expected_head=self.head, events=events
-            )
+        await self.led.add_turns(
+            self.sid,
+            [
+                TurnAdded(
+                    role=turn.role,
+                    content=turn.content,
+                    tokens_in=turn.tokens_in,
+                    tokens_out=turn.tokens_out,
+                )
+                for turn in turns
+            ],
         )
-        self.head, self.seq = parent, seq
         self.count += len(turns)
 
     async def last(self, n: int) -> int:

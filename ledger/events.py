@@ -257,18 +257,19 @@ _ZDICT: Final = (
 )
 
 
-def encode_stored(event: Event) -> bytes:
+def encode_stored(event: Event, *, level: int = 6, compress_from: int = COMPRESS_FROM) -> bytes:
     """The bytes a store keeps for an event: its JSON, deflated when it is large.
 
     Small events stay plain JSON (decoding them costs nothing extra); large
     ones are ``0x01`` and a raw deflate stream with a preset dictionary.
+    ``level`` and ``compress_from`` are the writer's choice: any stream decodes the same.
     """
     data = _event_encoder.encode(event)
-    if len(data) < COMPRESS_FROM:
+    if len(data) < compress_from:
         return data
     # memLevel 8, not 9: a third of the cost (smaller tables to set up) and, for
     # event JSON, in practice the very same stream; any stream decodes the same.
-    packer = zlib.compressobj(6, zlib.DEFLATED, -15, 8, zlib.Z_DEFAULT_STRATEGY, _ZDICT)
+    packer = zlib.compressobj(level, zlib.DEFLATED, -15, 8, zlib.Z_DEFAULT_STRATEGY, _ZDICT)
     packed = _DEFLATED + packer.compress(data) + packer.flush()
     return packed if len(packed) < len(data) else data
 

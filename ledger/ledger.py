@@ -10,7 +10,14 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Generator,
+    Mapping,
+    Sequence,
+)
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
@@ -116,6 +123,24 @@ MAIN = "main"
 
 def _now() -> int:
     return time.time_ns()
+
+
+def _turn_body(turn: TurnAdded | Mapping[str, Any], index: int, session_id: str) -> TurnAdded:
+    """A turn of ``add_turns``: a ``TurnAdded`` as it is, a mapping as ``add_turn``'s arguments."""
+    if isinstance(turn, TurnAdded):
+        return turn
+    if not isinstance(turn, Mapping):
+        raise InvalidEventError(
+            f"Invalid turn {index} for session {session_id!r}: "
+            f"a TurnAdded or a mapping, not {type(turn).__name__}"
+        )
+    try:
+        fields = dict(turn)
+        fields["tool_calls"] = list(fields.get("tool_calls", ()))
+        fields["metadata"] = fields.get("metadata") or {}
+        return TurnAdded(**fields)
+    except TypeError as exc:  # an unknown or missing argument, tool_calls not a sequence
+        raise InvalidEventError(f"Invalid turn {index} for session {session_id!r}: {exc}") from None
 
 
 class _Batch:
@@ -332,21 +357,89 @@ class Ledger:
             turn_id=turn_id,
             metadata=metadata or {},
         )
+        events = await self._write(
+            session_id,
+            branch,
+            self._plan_turns(session_id, [body], branch),
+            actor=actor,
+            key=idempotency_key,
+            expected=expected_head,
+        )
+        return events[0]
+
+    async def add_turns(
+        self,
+        session_id: str,
+        turns: Sequence[TurnAdded | Mapping[str, Any]],
+        *,
+        branch: str = MAIN,
+        actor: str | None = None,
+        idempotency_key: str | None = None,
+        expected_head: str | None = None,
+    ) -> list[Event]:
+        """Append several turns as one append: all of them, or none.
+
+        Each turn is a ``TurnAdded`` or a mapping of ``add_turn``'s keyword
+        arguments (``{"role": "user", "content": "Hi"}``). The turns are chained
+        in order and written in one transaction, with the checkpoints that
+        ``auto_checkpoint_every`` puts between them. Returns the turns' events,
+        in order (an empty list, writing nothing, for no turns). A retried
+        ``idempotency_key`` returns the original turns and writes nothing.
+
+        Raises:
+            InvalidEventError: a turn that is not one (its index named), or not JSON.
+            SessionCapacityError: the turns would pass ``max_turns_per_session``.
+            the errors of ``add_turn``, for the batch as a whole.
+        """
+        bodies = [_turn_body(turn, index, session_id) for index, turn in enumerate(turns)]
+        if not bodies:
+            return []
+        events = await self._write(
+            session_id,
+            branch,
+            self._plan_turns(session_id, bodies, branch),
+            actor=actor,
+            key=idempotency_key,
+            expected=expected_head,
+        )
+        if len(events) < len(bodies):  # the key was used: only its first event came back
+            return await self._batch_from(events[0], len(bodies))
+        return [event for event in events if isinstance(event.body, TurnAdded)]
+
+    def _plan_turns(
+        self, session_id: str, bodies: Sequence[TurnAdded], branch: str
+    ) -> Callable[[_Batch, SessionState], None]:
+        """The plan of a write of turns: limits checked for all, checkpoints where due."""
         every = self.config.auto_checkpoint_every
+        limit = self.config.max_turns_per_session
 
         def plan(batch: _Batch, state: SessionState) -> None:
             _require_active(state)
-            limit = self.config.max_turns_per_session
-            if limit and state.turn_count >= limit:
+            if limit and state.turn_count + len(bodies) > limit:
                 raise SessionCapacityError(f"session {session_id!r}", "turns", limit)
-            batch.add(body, branch=branch)
-            if every and batch.state.turn_count % every == 0:
-                self._plan_checkpoint(batch, branch, f"auto-{batch.state.turn_count}")
+            for body in bodies:
+                batch.add(body, branch=branch)
+                if every and batch.state.turn_count % every == 0:
+                    self._plan_checkpoint(batch, branch, f"auto-{batch.state.turn_count}")
 
-        events = await self._write(
-            session_id, branch, plan, actor=actor, key=idempotency_key, expected=expected_head
-        )
-        return events[0]
+        return plan
+
+    async def _batch_from(self, first: Event, count: int) -> list[Event]:
+        """The ``count`` turns of the batch that ``first`` opened, for a retried key.
+
+        A batch is one transaction, so its events follow one another in the
+        session's append order, each the parent of the next.
+        """
+        turns: list[Event] = []
+        last: str | None = None
+        async for event in self.store.events(first.session):
+            if event.id == first.id or (last is not None and event.parent == last):
+                last = event.id
+                if isinstance(event.body, TurnAdded):
+                    turns.append(event)
+                    if len(turns) == count:
+                        break
+        return turns
 
     async def record(
         self,

@@ -59,6 +59,7 @@ __all__ = [
     "check_ancestry",
     "check_erase",
     "check_head",
+    "decode_checked",
     "decode_page",
 ]
 
@@ -196,9 +197,33 @@ def check_erase(request: AppendRequest, stored: Event | None, erased: Event) -> 
         )
 
 
-# C-level getters: ``decode_page`` runs once per page of a replay.
+# C-level getters: ``decode_checked`` runs once per page of a replay.
 _row_id, _row_session, _row_data = (operator.itemgetter(i) for i in (1, 2, 3))
 _event_id, _event_session = operator.attrgetter("id"), operator.attrgetter("session")
+
+
+def decode_checked(
+    datas: list[bytes],
+    ids: list[str],
+    sessions: list[str] | str,
+    decode_all: Callable[[list[bytes]], list[Event]],
+) -> list[Event] | None:
+    """``decode_all(datas)``, or None unless every event decodes and has its row's id
+    and session (``sessions``: one per row, or the one every row was selected by).
+
+    The checks run on whole lists in C (a replay's hot loop); a caller that gets
+    None goes row by row to name the bad one.
+    """
+    try:
+        events = decode_all(datas)
+    except Exception:
+        return None
+    if len(events) != len(ids) or list(map(_event_id, events)) != ids:
+        return None
+    found = list(map(_event_session, events))
+    if isinstance(sessions, str):
+        return events if found.count(sessions) == len(found) else None
+    return events if found == sessions else None
 
 
 def decode_page(
@@ -206,23 +231,19 @@ def decode_page(
     decode_all: Callable[[list[bytes]], list[Event]],
     decode_one: Callable[[Any], Event],
 ) -> list[Event]:
-    """Rows ``(position, id, session_id, data, ...)`` decoded in one pass, their ids
-    and sessions checked against the rows as whole lists (a replay's hot loop).
+    """Rows ``(position, id, session_id, data, ...)`` decoded in one pass
+    (``decode_checked``).
 
     On any failure of that pass the rows go through ``decode_one``, which either
     decodes a row or raises the error that names it.
     """
-    try:
-        events = decode_all(list(map(_row_data, rows)))
-    except Exception:
-        events = []
-    if (
-        len(events) != len(rows)
-        or list(map(_event_id, events)) != list(map(_row_id, rows))
-        or list(map(_event_session, events)) != list(map(_row_session, rows))
-    ):
-        return [decode_one(row) for row in rows]
-    return events
+    events = decode_checked(
+        list(map(_row_data, rows)),
+        list(map(_row_id, rows)),
+        list(map(_row_session, rows)),
+        decode_all,
+    )
+    return [decode_one(row) for row in rows] if events is None else events
 
 
 PathRows = Callable[[str, int, int], Awaitable[list[Any]]]

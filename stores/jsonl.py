@@ -19,21 +19,34 @@ Layout. ``jsonl:///path/to/dir`` keeps everything under one directory (mode
 Session files. The first line is a header naming the format, its version and
 the session::
 
-    {"ledger":"session-ledger/jsonl","version":1,"session":"<session-id>"}
+    {"ledger":"session-ledger/jsonl","version":2,"session":"<session-id>"}
 
 and every line after it is one event, in append order::
 
-    {"pos":17,"batch":[1,2],"event":{...}}
-    {"pos":18,"batch":[2,2],"status":"suspended","event":{...}}
+    {"pos":17,"event":{...}}
+    {"pos":18,"batch":[1,2],"parent":"<event id>","event":{...}}
+    {"pos":19,"batch":[2,2],"status":"suspended","event":{...}}
 
-``event`` is exactly ``ledger.events.encode_event(event)`` (msgspec JSON), so
-ids recompute from the file. ``pos`` is the event's position in the global
-feed. ``batch`` is ``[i, n]``: the ``i``-th of the ``n`` events appended
-together; a batch counts only when all ``n`` lines are there, which makes a
-batch all or nothing. ``status``, on a batch's last line, is the session's
-listing status after it (``active``, ``suspended``, ``closed`` or ``expired``, as
-``ledger.Ledger`` sets it; without one the status is unchanged, or ``active``
-for a new session). Lines have no length limit.
+``event`` is the event's msgspec JSON (``Event``'s field order) less its
+``session`` (the header names it), its ``parent`` and its default values
+(``idempotency_key`` null, ``format`` 1): the reader puts them back, so ids
+and digests recompute from the file. ``pos`` is the event's position in the
+global feed. ``batch`` is ``[i, n]``: the ``i``-th of the ``n`` events appended
+together (left out for a batch of one); a batch counts only when all ``n``
+lines are there, which makes a batch all or nothing. ``status``, on a batch's
+last line, is the session's listing status after it (``active``,
+``suspended``, ``closed`` or ``expired``, as ``ledger.Ledger`` sets it),
+written only when it changes (so without one the status is unchanged, or
+``active`` for a new session). ``parent`` is written only when it is not the
+id of the event on the line before (a fork, a branch taken up again): a
+linear run has none, and on the first line a left-out parent is null. A line
+that cannot be rebuilt is an ``IntegrityError`` naming the file and line.
+Lines have no length limit.
+
+Version 1 files (before version 2) have ``batch`` on every line, ``status`` on
+every batch given one, no ``parent`` field, and ``event`` exactly
+``ledger.events.encode_event(event)``. They are still read, and keep getting
+version 1 lines: a file has one version, its header's. New files are version 2.
 
 The feed. ``feed.log`` starts with an 80-byte header line
 (``{"ledger":"session-ledger/jsonl-feed","version":1}`` padded with spaces);
@@ -76,7 +89,10 @@ exclusive ``flock`` on ``lock``. Under it a writer (1) reads whatever other
 processes appended since its last look (the new records of ``feed.log``, then
 the lines they name), (2) checks idempotency, the session, limits and the
 branch head (``stores.base.check_head``), (3) records its intent (session,
-offset, positions) in ``lock``, (4) appends the batch's lines to the session
+offset, positions) in ``lock``'s first 78 bytes, through a shared mapping (no
+system call, and the write seldom dirties ``lock``'s inode, which would join
+the journal commit of the next ``fsync``; never synced: only a live process
+needs it, an open scans), (4) appends the batch's lines to the session
 file in one write and ``fsync``\\ s it (and the directory when the file is
 new), and only then (5) appends the batch's records to ``feed.log``. An append
 returns only after step 5, so an acknowledged event is on disk. Readers, in
@@ -129,6 +145,7 @@ import array
 import asyncio
 import binascii
 import bisect
+import collections
 import contextlib
 import errno
 import fcntl
@@ -159,7 +176,9 @@ from ledger.errors import (
     StoreClosedError,
     StoreError,
 )
+from ledger.events import FORMAT_VERSION as EVENT_FORMAT
 from ledger.events import (
+    Body,
     Event,
     SessionCreated,
     decode_event,
@@ -192,33 +211,46 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "JSONLStore"]
 log = logging.getLogger(__name__)
 
 FORMAT: Final = "session-ledger/jsonl"
-FORMAT_VERSION: Final = 1
-"""The ``version`` in the header line of the files this code writes."""
+FORMAT_VERSION: Final = 2
+"""The ``version`` in the header line of the session files this code makes (it reads 1 and 2)."""
 
 _FEED_FORMAT: Final = "session-ledger/jsonl-feed"
 _INDEX_FORMAT: Final = "session-ledger/jsonl-index"
-_INDEX_VERSION: Final = 1
+_INDEX_VERSION: Final = 2
 _INDEX_FROM: Final = 10_000
 """Events from which a store saves its index at close (fewer are scanned in ~50 ms)."""
+_FEED_VERSION: Final = 1
 _REC: Final = 80
 """Width of a ``feed.log`` line (its header included)."""
 _FEED_HEADER: Final = (
-    orjson.dumps({"ledger": _FEED_FORMAT, "version": FORMAT_VERSION}).ljust(_REC - 1) + b"\n"
+    orjson.dumps({"ledger": _FEED_FORMAT, "version": _FEED_VERSION}).ljust(_REC - 1) + b"\n"
 )
 _RECORD: Final = re.compile(rb"([0-9]{15}) ([0-9a-f-]{36}) ([0-9]{14}) ([0-9]{11})\n")
 _RECORDS: Final = re.compile(rb"(?:[0-9]{15} [0-9a-f-]{36} [0-9]{14} [0-9]{11}\n)*")
 """A run of ``feed.log`` records, none of them a tombstone."""
 _INTENT: Final = re.compile(rb"([0-9a-f-]{36}) ([0-9]{14}) ([0-9]{15}) ([0-9]{9})\n")
+_INTENT_BYTES: Final = 78
+"""Length of the intent record at the start of ``lock``."""
 _LINE: Final = re.compile(
-    rb'\{"pos":([1-9][0-9]{0,14}),"batch":\[([1-9][0-9]{0,8}),([1-9][0-9]{0,8})\]'
-    rb'(?:,"status":"(active|suspended|closed|expired)")?,"event":'
+    rb'\{"pos":([1-9][0-9]{0,14})(?:,"batch":\[([1-9][0-9]{0,8}),([1-9][0-9]{0,8})\])?'
+    rb'(?:,"status":"(active|suspended|closed|expired)")?'
+    rb'(?:,"parent":(null|"[^"\\]*(?:\\.[^"\\]*)*"))?,"event":'
 )
-_STEP: Final = re.compile(
-    rb'\{"pos":[0-9]+,"batch":\[[0-9]+,[0-9]+\](?:,"status":"[a-z]+")?,"event":'
-    rb'\{"id":"[0-9a-f]+","session":"[0-9a-f-]+","parent":(?:null|"([0-9a-f]+)"),"seq":([0-9]+),'
-)
-"""The start of an event line as this code writes it (``encode_event``'s field order):
-``path_index`` takes an event's parent and seq from it without decoding the line."""
+"""An event line's envelope: position, batch, status, parent. Version 1 lines always
+have ``batch`` and never ``parent`` (their events hold it)."""
+_STEPS: Final = {
+    1: re.compile(
+        rb'\{"pos":[0-9]+,"batch":\[[0-9]+,[0-9]+\](?:,"status":"[a-z]+")?,"event":\{"id":'
+        rb'"[0-9a-f]+","session":"[0-9a-f-]+","parent":(null|"([0-9a-f]+)"),"seq":([0-9]+),'
+    ),
+    2: re.compile(
+        rb'\{"pos":[0-9]+(?:,"batch":\[[0-9]+,[0-9]+\])?(?:,"status":"[a-z]+")?'
+        rb'(?:,"parent":(null|"([0-9a-f]+)"))?,"event":\{"id":"[0-9a-f]+","seq":([0-9]+),'
+    ),
+}
+"""The start of an event line as this code writes it, by file version: ``path_index``
+takes an event's parent and seq from it without decoding the line. Groups: the parent
+(None when left out: the event of the line before), its id (None for null), the seq."""
 _TOMBSTONE: Final = re.compile(rb"([0-9]{15}) ([0-9a-f-]{36}) purged {20}\n")
 """A ``feed.log`` record whose event was purged (its position stays taken)."""
 _SESSION_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -284,6 +316,53 @@ class _translate:  # lower case: used as a function, ``with _translate(path):``
 # --- the line format ----------------------------------------------------------------
 
 
+class _StoredEvent(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
+    """An event as a version 2 line holds it: ``Event`` less its session (the header
+    names it) and parent (the line's envelope gives it), its defaults left out."""
+
+    id: str
+    seq: int
+    branch: str
+    at: int
+    actor: str
+    body: Body
+    body_digest: str
+    salt: str
+    idempotency_key: str | None = None
+    format: int = EVENT_FORMAT
+
+
+_stored_encoder = msgspec.json.Encoder()
+_json = msgspec.json.encode
+_set = msgspec.structs.force_setattr
+
+
+def _stored(event: Event) -> bytes:
+    """``event`` as a version 2 line holds it."""
+    return _stored_encoder.encode(
+        _StoredEvent(
+            id=event.id,
+            seq=event.seq,
+            branch=event.branch,
+            at=event.at,
+            actor=event.actor,
+            body=event.body,
+            body_digest=event.body_digest,
+            salt=event.salt,
+            idempotency_key=event.idempotency_key,
+            format=event.format,
+        )
+    )
+
+
+def _parent_field(event: Event, previous: str | None) -> bytes:
+    """A version 2 line's ``parent``: left out when it is the event of the line before
+    (``previous``; None on the first line, where a left out parent is null)."""
+    if event.parent == previous:
+        return b""
+    return b',"parent":%s' % _json(event.parent)
+
+
 class _Head(msgspec.Struct):
     """The envelope fields the index needs; the body is skipped, not decoded."""
 
@@ -304,9 +383,13 @@ class _Line(msgspec.Struct):
     count: int
     status: str | None
     event: bytes
+    version: int
+    parent: bytes | None
+    """Version 2: the envelope's parent (JSON), None when left out."""
 
 
 def _header_line(session_id: str) -> bytes:
+    """The first line of a new session file (always of the current version)."""
     return orjson.dumps({"ledger": FORMAT, "version": FORMAT_VERSION, "session": session_id}) + (
         b"\n"
     )
@@ -322,15 +405,29 @@ def _damaged(
     return IntegrityError(f"Damaged line in {str(path)!r}, line {lineno}: {why}", event_id)
 
 
-def _parse(line: bytes, path: Path | str, lineno: int) -> _Line:
+def _parse(line: bytes, path: Path | str, lineno: int, version: int, session: bytes) -> _Line:
+    """A line of a file of ``version`` (whose session id is ``session``, as JSON).
+
+    A version 2 event gets back its session, and a null parent that ``_event``
+    replaces: a line of its own, no more text to parse than version 1's.
+    """
     match = _LINE.match(line)
-    if match is None or not line.endswith(b"}\n"):
+    if (
+        match is None
+        or not line.endswith(b"}\n")
+        or (version == 1 and (match[2] is None or match[5] is not None))
+    ):
         raise _damaged(path, lineno, "not an event line of this format")
-    pos, index, count, status = match.groups()
-    i, n = int(index), int(count)
+    pos, index, count, status, parent = match.groups()
+    i, n = (int(index), int(count)) if index else (1, 1)
     if i > n:
         raise _damaged(path, lineno, f"batch [{i}, {n}]")
-    return _Line(int(pos), i, n, status.decode() if status else None, line[match.end() : -2])
+    event = line[match.end() : -2]
+    if version != 1:
+        if not event.startswith(b"{"):
+            raise _damaged(path, lineno, "not an event line of this format")
+        event = b'{"session":%s,"parent":null,%s' % (session, event[1:])
+    return _Line(int(pos), i, n, status.decode() if status else None, event, version, parent)
 
 
 def _head(parsed: _Line, path: Path | str, lineno: int) -> _Head:
@@ -340,23 +437,47 @@ def _head(parsed: _Line, path: Path | str, lineno: int) -> _Head:
         raise _damaged(path, lineno, f"the event does not decode ({exc})") from None
 
 
-def _event(parsed: _Line, path: Path | str, lineno: int) -> Event:
+def _event(parsed: _Line, path: Path | str, lineno: int, previous: str | None = None) -> Event:
+    """The event of a line; ``previous``: the id of the event of the line before, if any."""
     try:
-        return decode_event(parsed.event)
+        event = decode_event(parsed.event)
+        if parsed.version != 1:
+            parent = previous if parsed.parent is None else _parent_decoder.decode(parsed.parent)
+            _set(event, "parent", parent)
+        return event
     except (msgspec.MsgspecError, TypeError) as exc:
         raise _damaged(path, lineno, f"the event does not decode ({exc})") from None
 
 
+_parent_decoder = msgspec.json.Decoder(str | None)
+
+
+_Batch = tuple[Annotated[int, msgspec.Meta(ge=1)], Annotated[int, msgspec.Meta(ge=1)]]
+
+
 class _Envelope(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    """A whole event line, decoded at once by the readers' fast path."""
+    """A whole event line of version 1, decoded at once by the readers' fast path."""
 
     pos: Annotated[int, msgspec.Meta(ge=1)]
-    batch: tuple[Annotated[int, msgspec.Meta(ge=1)], Annotated[int, msgspec.Meta(ge=1)]]
+    batch: _Batch
     event: Event
     status: Literal["active", "suspended", "closed", "expired"] | None = None
 
 
-_page_decoder = msgspec.json.Decoder(list[_Envelope])
+class _Envelope2(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """A whole event line of version 2 (its event given a session and a null parent)."""
+
+    pos: Annotated[int, msgspec.Meta(ge=1)]
+    event: Event
+    batch: _Batch = (1, 1)
+    status: Literal["active", "suspended", "closed", "expired"] | None = None
+    parent: str | msgspec.UnsetType | None = msgspec.UNSET
+
+
+_page_decoders: Final[dict[int, msgspec.json.Decoder[list[_Envelope] | list[_Envelope2]]]] = {
+    1: msgspec.json.Decoder(list[_Envelope]),
+    2: msgspec.json.Decoder(list[_Envelope2]),
+}
 
 _get_event = operator.attrgetter("event")
 _get_id = operator.attrgetter("id")
@@ -385,17 +506,27 @@ def _decode_page(data: bytes, session: _Session, first: int, stop: int) -> list[
     last_bytes = operator.itemgetter(*map((-1 - base).__add__, session.ends[first:stop]))(data)
     if (last_bytes.count(10) if count > 1 else int(last_bytes == 10)) != count:
         return None
-    page = b"[%s]" % data[:-1].replace(b"\n", b",")
+    if session.version == 1:
+        page = b"[%s]" % data[:-1].replace(b"\n", b",")
+    else:
+        # _parse's work: the first "event":{ of a line is its envelope's key (one
+        # in a body comes after it; a line without its own fails to decode)
+        inserted = b'"event":{"session":%s,"parent":null,' % _json(session.session_id)
+        lines = data[:-1].split(b"\n")
+        page = b"[%s]" % b",".join([line.replace(b'"event":{', inserted, 1) for line in lines])
+    decoder = _page_decoders[session.version]
     try:
         if count < _GC_PAUSE_FROM:
-            envelopes = _page_decoder.decode(page)
+            envelopes = decoder.decode(page)
         else:
             with gc_paused():  # a bulk decode: see ledger.events.gc_paused
-                envelopes = _page_decoder.decode(page)
+                envelopes = decoder.decode(page)
     except (msgspec.MsgspecError, UnicodeDecodeError, TypeError):
         return None
     events: list[Event] = list(map(_get_event, envelopes))
     ids = session.ids
+    if session.version != 1:
+        _link(events, list(map(_get_parent, envelopes)), ids, first)
     if list(map(_get_id, events)) != list(map(ids.__getitem__, range(first, stop))) or not all(
         map(session.session_id.__eq__, map(_get_session, events))
     ):
@@ -403,7 +534,26 @@ def _decode_page(data: bytes, session: _Session, first: int, stop: int) -> list[
     return events
 
 
-def _check_header(line: bytes, path: Path, session_id: str) -> None:
+def _link(
+    events: list[Event],
+    parents: list[str | msgspec.UnsetType | None],
+    ids: dict[int, str],
+    first: int,
+) -> None:
+    """Give the events of version 2 lines ``first``... their parents: the envelope's
+    (``parents``, UNSET when left out), or the event of the line before (from the
+    index: a line holding another event than the index says fails the caller's check)."""
+    before = [
+        ids[first - 1] if first else None,
+        *map(ids.__getitem__, range(first, first + len(events) - 1)),
+    ]
+    if parents.count(msgspec.UNSET) != len(parents):  # not one linear run
+        before = [b if p is msgspec.UNSET else p for p, b in zip(parents, before, strict=True)]
+    collections.deque(map(_set, events, itertools.repeat("parent"), before), maxlen=0)
+
+
+def _check_header(line: bytes, path: Path, session_id: str) -> int:
+    """The version of the session file whose first line is ``line``."""
     try:
         header = orjson.loads(line)
     except orjson.JSONDecodeError:
@@ -416,8 +566,10 @@ def _check_header(line: bytes, path: Path, session_id: str) -> None:
             f"{str(path)!r} has format version {version}, newer than this code knows "
             f"({FORMAT_VERSION}): upgrade the session ledger to open it"
         )
-    if version != FORMAT_VERSION or header.get("session") != session_id:
+    if version not in (1, FORMAT_VERSION) or header.get("session") != session_id:
         raise _damaged(path, 1, "the header's version or session is wrong")
+    assert isinstance(version, int)
+    return version
 
 
 def _lines(fd: int, start: int = 0) -> Iterator[tuple[int, bytes]]:
@@ -505,6 +657,7 @@ class _SavedSession(msgspec.Struct, array_like=True):
     created_at: int
     last_at: int
     create_key: str | None
+    version: int
 
 
 class _SavedIndex(msgspec.Struct):
@@ -595,6 +748,7 @@ class _Session:
         "starts",
         "status",
         "user_id",
+        "version",
     )
 
     def __init__(self, session_id: str, folder: Path) -> None:
@@ -615,6 +769,7 @@ class _Session:
         self.last_at = 0
         self.create_key: str | None = None
         self.number = -1  # in ``JSONLStore._numbered``, once indexed
+        self.version = FORMAT_VERSION  # of its file
 
     @property
     def path(self) -> Path:
@@ -715,6 +870,10 @@ class JSONLStore(PurgeStore):
         # purged sessions whose cached descriptor the event loop's thread must close
         self._stale: set[str] = set()
         self._lock_fd = -1
+        # ``lock``'s intent record, mapped: written and read with no system call,
+        # and a write seldom dirties the inode (only when the page was clean), so
+        # the journal commit of an append's fsync rarely carries it
+        self._intent: mmap.mmap | None = None
         self._feed_fd = -1
         self._n = 0  # feed records this process has read and indexed
         self._sessions: dict[str, _Session] = {}
@@ -733,7 +892,7 @@ class JSONLStore(PurgeStore):
         # processes); the event loop only ever tries it without blocking.
         self._sync = threading.Lock()
         self._write_lock = asyncio.Lock()
-        self._appended = asyncio.Event()
+        self._appended: asyncio.Event | None = None  # made by a feed waiter, set by an append
         # Session files kept open, by session id, least recently used first;
         # used and changed on the event loop's thread only (never by a worker).
         self._fds: dict[str, int] = {}
@@ -766,6 +925,7 @@ class JSONLStore(PurgeStore):
                     # Derived data: the next open scans the files instead.
                     log.warning("%s: the index was not saved: %s", self._index_path, exc)
             fds, self._fds = self._fds, {}
+            self._unmap_intent()
             for fd in (*fds.values(), self._feed_fd, self._lock_fd, self._purges_fd):
                 if fd >= 0:
                     with _translate(self.directory):
@@ -790,6 +950,9 @@ class JSONLStore(PurgeStore):
                     self._purges_path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
                 )
                 with self._locked():
+                    if os.fstat(self._lock_fd).st_size < _INTENT_BYTES:
+                        os.ftruncate(self._lock_fd, _INTENT_BYTES)
+                    self._intent = mmap.mmap(self._lock_fd, _INTENT_BYTES)
                     self._finish_purge()
                     with gc_paused():  # builds the whole index: see ledger.events.gc_paused
                         if not self._load_index():
@@ -800,11 +963,17 @@ class JSONLStore(PurgeStore):
                     self._purges_seen = os.fstat(self._purges_fd).st_size
                     self._finish_erase()
         except BaseException:
+            self._unmap_intent()
             for fd in (self._feed_fd, self._lock_fd, self._purges_fd):
                 if fd >= 0:
                     os.close(fd)
             self._feed_fd = self._lock_fd = self._purges_fd = -1
             raise
+
+    def _unmap_intent(self) -> None:
+        if self._intent is not None:
+            self._intent.close()
+            self._intent = None
 
     def _try_lock(self) -> bool:
         """Take the writers' lock if it is free at once (a ``_locked`` without waiting)."""
@@ -982,6 +1151,7 @@ class JSONLStore(PurgeStore):
         session.user_id, session.agent, session.status = entry.user_id, entry.agent, entry.status
         session.created_at, session.last_at = entry.created_at, entry.last_at
         session.create_key = entry.create_key
+        session.version = entry.version
         session.number = len(self._numbered)
         self._numbered.append(session)
         where = session.number << _LINE_BITS
@@ -1044,6 +1214,7 @@ class JSONLStore(PurgeStore):
                             created_at=session.created_at,
                             last_at=session.last_at,
                             create_key=session.create_key,
+                            version=session.version,
                         )
                     )
                 last = os.pread(self._feed_fd, _REC, self._n * _REC) if self._n else b""
@@ -1077,10 +1248,10 @@ class JSONLStore(PurgeStore):
                 version = orjson.loads(head).get("version")
             except (orjson.JSONDecodeError, AttributeError):
                 version = None
-            if isinstance(version, int) and version > FORMAT_VERSION:
+            if isinstance(version, int) and version > _FEED_VERSION:
                 raise StoreError(
                     f"{str(self._feed_path)!r} has format version {version}, newer than this "
-                    f"code knows ({FORMAT_VERSION}): upgrade the session ledger to open it"
+                    f"code knows ({_FEED_VERSION}): upgrade the session ledger to open it"
                 )
             raise IntegrityError(
                 f"Damaged line in {str(self._feed_path)!r}, line 1: not a {_FEED_FORMAT} "
@@ -1120,15 +1291,16 @@ class JSONLStore(PurgeStore):
         last_pos = 0
         committed = session.size  # end of the last complete batch
         tail_line = len(session.ids) + 2 if session.ids else 1
+        token = _json(session_id)
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             for lineno, (offset, line) in enumerate(_lines(fd, committed), tail_line):
                 if not line.endswith(b"\n"):
                     break  # cut short: the tail
                 if lineno == 1:
-                    _check_header(line, path, session_id)
+                    session.version = _check_header(line, path, session_id)
                     continue
-                parsed = _parse(line, path, lineno)
+                parsed = _parse(line, path, lineno, session.version, token)
                 if parsed.index != len(batch) + 1 or (batch and parsed.count != count):
                     raise _damaged(
                         path, lineno, f"batch [{parsed.index}, {parsed.count}] out of order"
@@ -1328,6 +1500,7 @@ class JSONLStore(PurgeStore):
         path = self._sessions_dir / (session_id + _SUFFIX)
         first_off = run[0][2]
         data = b""
+        version = session.version if session is not None else FORMAT_VERSION
         with contextlib.suppress(FileNotFoundError):
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -1335,7 +1508,7 @@ class JSONLStore(PurgeStore):
                 data = os.pread(fd, size, first_off)
                 if session is None:
                     header = os.pread(fd, first_off, 0)
-                    _check_header(header, path, session_id)
+                    version = _check_header(header, path, session_id)
             finally:
                 os.close(fd)
         if not data and self._purged_meanwhile(run[0][0]):
@@ -1343,6 +1516,8 @@ class JSONLStore(PurgeStore):
             return True
         if session is None:
             session = _Session(session_id, self._sessions_dir)
+            session.version = version
+        token = _json(session_id)
         base_lineno = len(session.ids) + 2
         batch: list[_Pending] = []
         for lineno, (pos, _, offset, length) in enumerate(run, base_lineno):
@@ -1354,7 +1529,7 @@ class JSONLStore(PurgeStore):
                     f"missing or cut short, though {str(self._feed_path)!r} "
                     f"line {pos + 1} names it",
                 )
-            parsed = _parse(line, path, lineno)
+            parsed = _parse(line, path, lineno, version, token)
             if parsed.pos != pos or parsed.index != len(batch) + 1:
                 raise _damaged(
                     path, lineno, f"does not match {str(self._feed_path)!r} line {pos + 1}"
@@ -1380,7 +1555,8 @@ class JSONLStore(PurgeStore):
 
     def _repair_intent(self) -> None:
         """Finish or undo the write of a writer that died holding the lock (holds the lock)."""
-        raw = os.pread(self._lock_fd, _REC, 0)
+        assert self._intent is not None
+        raw = self._intent[:]
         if raw[52:67] != b"%015d" % (self._n + 1):
             return  # done (the common case), stale or no intent: what the checks below find
         intent = _INTENT.fullmatch(raw)
@@ -1414,8 +1590,8 @@ class JSONLStore(PurgeStore):
                 if (
                     match is None
                     or int(match[1]) != first + len(records)
-                    or int(match[2]) != index
-                    or int(match[3]) != count
+                    or int(match[2] or 1) != index
+                    or int(match[3] or 1) != count
                     or index > count
                 ):
                     complete = False
@@ -1476,7 +1652,9 @@ class JSONLStore(PurgeStore):
                 f"Invalid status for session {session_id!r}: {request.status!r} "
                 f"(one of {', '.join(sorted(_STATUSES))})"
             )
-        payloads = [encode_event(e) for e in request.events]
+        # As a new file's lines hold them, each after its parent's line; the
+        # writer redoes the first if its parent is not the file's last line.
+        payloads = [_stored(e) for e in request.events]
         for payload in payloads:
             if b"\n" in payload:  # msgspec escapes control characters; be sure
                 raise InvalidEventError(f"Event of session {session_id!r} encodes with a newline")
@@ -1500,8 +1678,9 @@ class JSONLStore(PurgeStore):
                 original = await asyncio.to_thread(self._append_sync, request, payloads)
         if original is not None:
             return AppendResult([original], replayed=True)
-        self._appended.set()
-        self._appended = asyncio.Event()
+        if self._appended is not None:
+            self._appended.set()
+            self._appended = None
         return AppendResult(list(request.events))
 
     def _append_sync(self, request: AppendRequest, payloads: list[bytes]) -> Event | None:
@@ -1607,7 +1786,7 @@ class JSONLStore(PurgeStore):
         match = _LINE.match(old)
         if match is None:
             raise _damaged(session.path, lineno, "not an event line of this format", erased.id)
-        line = old[: match.end()] + encode_event(erased)
+        line = old[: match.end()] + (encode_event if session.version == 1 else _stored)(erased)
         pad = len(old) - len(line) - 2
         if pad < 0:  # an Erased body and no salt are always shorter; be sure
             raise StoreError(f"Redacted line is longer than {erased.id!r} in {str(session.path)!r}")
@@ -1655,17 +1834,25 @@ class JSONLStore(PurgeStore):
         offset = 0 if session is None else session.size
         count = len(payloads)
         first_pos = self._n + 1
-        status = b',"status":"%s"' % request.status.encode() if request.status is not None else b""
+        status = self._status_field(session, request.status)
+        version = FORMAT_VERSION if session is None else session.version
+        if version == 1:
+            payloads = [encode_event(e) for e in request.events]
+            parent = b""
+        else:
+            last = session.ids[len(session.ids) - 1] if session is not None else None
+            parent = _parent_field(request.events[0], last)  # the others follow their parent
+        batched = count > 1 or version == 1  # version 2 leaves out a batch of one
         parts: list[bytes] = [_header_line(session_id)] if new else []
         records: list[bytes] = []
         pending: list[_Pending] = []
         at = offset + (len(parts[0]) if new else 0)
         for i, (event, payload) in enumerate(zip(request.events, payloads, strict=True), 1):
-            line = b'{"pos":%d,"batch":[%d,%d]%s,"event":%s}\n' % (
+            line = b'{"pos":%d%s%s%s,"event":%s}\n' % (
                 first_pos + i - 1,
-                i,
-                count,
+                b',"batch":[%d,%d]' % (i, count) if batched else b"",
                 status if i == count else b"",
+                parent if i == 1 else b"",
                 payload,
             )
             parts.append(line)
@@ -1677,11 +1864,8 @@ class JSONLStore(PurgeStore):
             pending.append(_Pending(at, at + len(line), first_pos + i - 1, None, head, root))
             at += len(line)
         pending[-1].status = request.status
-        os.pwrite(
-            self._lock_fd,
-            b"%s %014d %015d %09d\n" % (session_id.encode(), offset, first_pos, count),
-            0,
-        )
+        assert self._intent is not None
+        self._intent[:] = b"%s %014d %015d %09d\n" % (session_id.encode(), offset, first_pos, count)
         started = time.perf_counter()
         if cache and self._stale:
             self._close_stale_fds()
@@ -1734,6 +1918,17 @@ class JSONLStore(PurgeStore):
         self._apply(session, pending, len(session.ids) + 2)
         self._sessions[session_id] = session
         self._n = first_pos + count - 1
+
+    @staticmethod
+    def _status_field(session: _Session | None, status: str | None) -> bytes:
+        """The ``status`` field of a batch's last line: version 2 writes only a change."""
+        if status is None:
+            return b""
+        if session is None or session.version != 1:
+            current = session.status if session is not None else "active"
+            if status == current:
+                return b""
+        return b',"status":"%s"' % status.encode()
 
     def _drop_snapshots(self, session_id: str) -> None:
         """A redaction changed what folds of this session see: its snapshot file goes."""
@@ -2180,7 +2375,8 @@ class JSONLStore(PurgeStore):
         lineno = k + 2
         if len(line) != session.ends[k] - session.starts[k]:
             raise _damaged(session.path, lineno, "cut short", session.ids[k])
-        event = _event(_parse(line, session.path, lineno), session.path, lineno)
+        parsed = _parse(line, session.path, lineno, session.version, _json(session.session_id))
+        event = _event(parsed, session.path, lineno, session.ids[k - 1] if k else None)
         if event.id != session.ids[k] or event.session != session.session_id:
             raise _damaged(
                 session.path,
@@ -2215,7 +2411,7 @@ class JSONLStore(PurgeStore):
         starts, ends, ids = session.starts, session.ends, session.ids
         base = starts[first]
         data = self._pread(session, base, ends[stop - 1] - base, cache)
-        match = _STEP.match
+        match = _STEPS[session.version].match
         steps: list[_Step] = []
         for k in range(first, stop):
             found = match(data, starts[k] - base)
@@ -2223,8 +2419,11 @@ class JSONLStore(PurgeStore):
                 event = self._decode(session, k, data[starts[k] - base : ends[k] - base])
                 steps.append((event.id, event.seq, event.parent))
                 continue
-            parent = found[1]
-            steps.append((ids[k], int(found[2]), parent.decode() if parent else None))
+            if found[1] is None:  # left out (version 2): the event of the line before
+                parent = ids[k - 1] if k else None
+            else:
+                parent = found[2].decode() if found[2] else None
+            steps.append((ids[k], int(found[3]), parent))
         return steps
 
     async def _lines_between(
@@ -2510,6 +2709,8 @@ class JSONLStore(PurgeStore):
         deadline = loop.time() + max(0.0, max_wait)
         while True:
             appended = self._appended
+            if appended is None:
+                appended = self._appended = asyncio.Event()
             await self._refresh()
             remaining = deadline - loop.time()
             if self._n > after or remaining <= 0:

@@ -8,10 +8,14 @@ schema version; a database written by a newer version of this code is refused
 with ``StoreError``, never misread. Every table of session data is keyed by
 session id and every primary key and unique index includes ``session_id``, so
 the schema distributes by session id on Citus unchanged. Times and positions
-are ``bigint``; an event is kept as the exact bytes of its encoding (``bytea``),
-deflated when it is 1 KiB or more (``_pack``). Older versions of the schema are
-upgraded in place on open: version 1 (a second index on the event id) and
-version 2 (append functions that ran slower as the tables grew).
+are ``bigint``; an event is kept as ``encode_stored``'s bytes (``bytea``),
+deflated from 600 bytes (``_pack``), beside only the columns a query reads:
+its position, depth, ids (as bytes: ``uuid`` and ``bytea``) and idempotency key.
+A session's branch heads are arrays in its row of ``ledger_sessions``, the row
+every append locks and updates anyway. Older versions of the schema are
+upgraded in place on open: version 1 (a second index on the event id), version
+2 (append functions that ran slower as the tables grew) and version 3 (hex ids,
+unread columns, a table of heads, wider indexes of sessions by time).
 
 Appends. One append is one statement, ``SELECT * FROM ledger_append(...)``: a
 PL/pgSQL function that does every check and every write of the batch in the
@@ -80,7 +84,7 @@ import os
 import re
 import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import asyncpg
@@ -98,7 +102,15 @@ from ledger.errors import (
     StoreClosedError,
     StoreError,
 )
-from ledger.events import Event, SessionCreated, decode_event, encode_event, gc_paused
+from ledger.events import (
+    Event,
+    SessionCreated,
+    decode_event,
+    decode_stored,
+    decode_stored_all,
+    encode_stored,
+    gc_paused,
+)
 from stores.base import (
     AppendRequest,
     AppendResult,
@@ -124,17 +136,17 @@ from stores.group import GroupCommit, GroupStats
 
 __all__ = ["DEFAULT_GROUP_SIZE", "SCHEMA_VERSION", "SESSION_TABLES", "PostgresStore"]
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 """The version row of ``ledger_schema`` that this code writes. 1: before the events'
 primary key led with the event id; 2: before the append functions' current form
-(tables unchanged). Opened, an older database is upgraded in place."""
+(tables unchanged); 3: before ids were stored as bytes and the events' columns
+that no query reads were dropped. Opened, an older database is upgraded in place."""
 
 DEFAULT_GROUP_SIZE: Final = 64
 """The most appends one group commit holds, unless ``group_size`` says otherwise."""
 
 SESSION_TABLES: Final = (
     "ledger_events",
-    "ledger_heads",
     "ledger_sessions",
     "ledger_snapshots",
     "ledger_purges",
@@ -172,15 +184,15 @@ CREATE TABLE IF NOT EXISTS ledger_schema (
     installed_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE SEQUENCE IF NOT EXISTS ledger_feed_position AS bigint;
+-- Only what a query needs beside the event's stored bytes (data): ids as their
+-- bytes (a session id's 16, an event id's 32), fixed-width columns first (no
+-- alignment padding).
 CREATE TABLE IF NOT EXISTS ledger_events (
-    session_id text NOT NULL,
-    id text NOT NULL,
     position bigint NOT NULL,
-    parent text,
     seq bigint NOT NULL,
-    branch text NOT NULL,
-    kind text NOT NULL,
-    at bigint NOT NULL,
+    session_id uuid NOT NULL,
+    id bytea NOT NULL,
+    parent bytea,
     idempotency_key text,
     data bytea NOT NULL,
     -- Led by the id: it also serves get(event_id) without a session.
@@ -193,12 +205,8 @@ CREATE INDEX IF NOT EXISTS ledger_events_session_position
     ON ledger_events (session_id, position);
 CREATE UNIQUE INDEX IF NOT EXISTS ledger_events_session_key
     ON ledger_events (session_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
-CREATE TABLE IF NOT EXISTS ledger_heads (
-    session_id text NOT NULL,
-    branch text NOT NULL,
-    head text NOT NULL,
-    PRIMARY KEY (session_id, branch)
-);
+-- The branch heads live in the session's row (heads[i] is the head of
+-- branches[i]): the row every append locks and updates anyway.
 CREATE TABLE IF NOT EXISTS ledger_sessions (
     session_id text NOT NULL PRIMARY KEY,
     user_id text NOT NULL,
@@ -207,12 +215,15 @@ CREATE TABLE IF NOT EXISTS ledger_sessions (
     created_at bigint NOT NULL,
     last_activity_at bigint NOT NULL,
     event_count bigint NOT NULL,
-    create_key text
+    create_key text,
+    branches text[] NOT NULL,
+    heads text[] NOT NULL
 );
-CREATE INDEX IF NOT EXISTS ledger_sessions_activity
-    ON ledger_sessions (last_activity_at, session_id);
-CREATE INDEX IF NOT EXISTS ledger_sessions_user
-    ON ledger_sessions (user_id, last_activity_at, session_id);
+-- Every append moves its session's last_activity_at, so these two get a new
+-- entry each time (until VACUUM): keyed by the time alone, not the session id
+-- too, an entry is a third of the size. Ties, rare, are sorted by the query.
+CREATE INDEX IF NOT EXISTS ledger_sessions_activity ON ledger_sessions (last_activity_at);
+CREATE INDEX IF NOT EXISTS ledger_sessions_user ON ledger_sessions (user_id, last_activity_at);
 CREATE INDEX IF NOT EXISTS ledger_sessions_user_status ON ledger_sessions (user_id, status);
 -- Not unique: a create key is unique per user under the user's advisory lock,
 -- and a unique index without session_id would not distribute.
@@ -229,19 +240,22 @@ CREATE TABLE IF NOT EXISTS ledger_snapshots (
 CREATE OR REPLACE FUNCTION ledger_append(
     p_session text, p_branch text, p_expected text, p_status text,
     p_user text, p_agent text, p_max_open bigint, p_max_branches bigint,
-    p_ids text[], p_parents text[], p_seqs bigint[], p_kinds text[],
-    p_ats bigint[], p_keys text[], p_data bytea[]
+    p_first_at bigint, p_last_at bigint,
+    p_ids bytea[], p_parents bytea[], p_seqs bigint[], p_keys text[], p_data bytea[]
 ) RETURNS TABLE (o_outcome text, o_detail text, o_position bigint, o_id text, o_data bytea)
 LANGUAGE plpgsql AS $$
 DECLARE
     v_n integer := cardinality(p_ids);
     v_key text := p_keys[1];
-    v_last_id text := p_ids[cardinality(p_ids)];
-    v_last_at bigint := p_ats[cardinality(p_ats)];
+    v_last_id text := encode(p_ids[cardinality(p_ids)], 'hex');
+    v_last_at bigint := p_last_at;
     v_current text;
     v_count bigint;
     v_first bigint;
     v_found record;
+    v_branches text[];
+    v_heads text[];
+    v_branch integer;
 BEGIN
     IF p_user IS NOT NULL THEN
         -- A SessionCreated: the creates of one user run one at a time.
@@ -249,12 +263,12 @@ BEGIN
         IF v_key IS NOT NULL THEN
             SELECT e.position, e.id, e.session_id, e.data INTO v_found
             FROM ledger_sessions AS s JOIN ledger_events AS e
-                ON e.session_id = s.session_id AND e.idempotency_key = s.create_key
+                ON e.session_id = s.session_id::uuid AND e.idempotency_key = s.create_key
             WHERE s.user_id = p_user AND s.create_key = v_key
             ORDER BY e.position LIMIT 1;
             IF FOUND THEN
-                RETURN QUERY SELECT 'replay', v_found.session_id, v_found.position, v_found.id,
-                    v_found.data;
+                RETURN QUERY SELECT 'replay', v_found.session_id::text, v_found.position,
+                    encode(v_found.id, 'hex'), v_found.data;
                 RETURN;
             END IF;
         END IF;
@@ -267,27 +281,26 @@ BEGIN
                 RETURN;
             END IF;
         END IF;
-        SELECT h.head INTO v_current FROM ledger_heads AS h
-        WHERE h.session_id = p_session AND h.branch = p_branch;
+        SELECT s.heads[array_position(s.branches, p_branch)] INTO v_current
+        FROM ledger_sessions AS s WHERE s.session_id = p_session;
         IF v_current IS DISTINCT FROM p_expected THEN
             RETURN QUERY SELECT 'head', v_current, NULL::bigint, NULL::text, NULL::bytea;
             RETURN;
         END IF;
         INSERT INTO ledger_sessions AS s (session_id, user_id, agent, status, created_at,
-            last_activity_at, event_count, create_key)
-        VALUES (p_session, p_user, p_agent, coalesce(p_status, 'active'), p_ats[1],
-            v_last_at, v_n, v_key)
+            last_activity_at, event_count, create_key, branches, heads)
+        VALUES (p_session, p_user, p_agent, coalesce(p_status, 'active'), p_first_at,
+            v_last_at, v_n, v_key, ARRAY[p_branch], ARRAY[v_last_id])
         ON CONFLICT (session_id) DO NOTHING;
         IF NOT FOUND THEN
             -- The session id exists (a concurrent create may just have made it).
             RETURN QUERY SELECT 'exists', v_current, NULL::bigint, NULL::text, NULL::bytea;
             RETURN;
         END IF;
-        INSERT INTO ledger_heads (session_id, branch, head)
-        VALUES (p_session, p_branch, v_last_id);
     ELSE
         -- The session's row lock: every append to this session waits here.
-        PERFORM 1 FROM ledger_sessions AS s WHERE s.session_id = p_session FOR UPDATE;
+        SELECT s.branches, s.heads INTO v_branches, v_heads
+        FROM ledger_sessions AS s WHERE s.session_id = p_session FOR UPDATE;
         IF NOT FOUND THEN
             RETURN QUERY SELECT 'not_found', NULL::text, NULL::bigint, NULL::text,
                 NULL::bytea;
@@ -295,44 +308,32 @@ BEGIN
         END IF;
         IF v_key IS NOT NULL THEN
             SELECT e.position, e.id, e.session_id, e.data INTO v_found FROM ledger_events AS e
-            WHERE e.session_id = p_session AND e.idempotency_key = v_key;
+            WHERE e.session_id = p_session::uuid AND e.idempotency_key = v_key;
             IF FOUND THEN
-                RETURN QUERY SELECT 'replay', v_found.session_id, v_found.position, v_found.id,
-                    v_found.data;
+                RETURN QUERY SELECT 'replay', v_found.session_id::text, v_found.position,
+                    encode(v_found.id, 'hex'), v_found.data;
                 RETURN;
             END IF;
         END IF;
-        IF p_expected IS NOT NULL THEN
-            -- The compare-and-swap is the head's update itself (the row is ours
-            -- under the session's lock); on a miss, the current head for the error.
-            UPDATE ledger_heads AS h SET head = v_last_id
-            WHERE h.session_id = p_session AND h.branch = p_branch AND h.head = p_expected;
-            IF NOT FOUND THEN
-                SELECT h.head INTO v_current FROM ledger_heads AS h
-                WHERE h.session_id = p_session AND h.branch = p_branch;
-                RETURN QUERY SELECT 'head', v_current, NULL::bigint, NULL::text, NULL::bytea;
-                RETURN;
-            END IF;
+        -- The compare-and-swap, on the row read under the session's lock.
+        v_branch := array_position(v_branches, p_branch);
+        v_current := v_heads[v_branch];
+        IF v_current IS DISTINCT FROM p_expected THEN
+            RETURN QUERY SELECT 'head', v_current, NULL::bigint, NULL::text, NULL::bytea;
+            RETURN;
+        END IF;
+        IF v_branch IS NOT NULL THEN
+            v_heads[v_branch] := v_last_id;
+        ELSIF p_max_branches IS NOT NULL AND cardinality(v_branches) >= p_max_branches THEN
+            RETURN QUERY SELECT 'branches', NULL::text, NULL::bigint, NULL::text, NULL::bytea;
+            RETURN;
         ELSE
-            SELECT h.head INTO v_current FROM ledger_heads AS h
-            WHERE h.session_id = p_session AND h.branch = p_branch;
-            IF FOUND THEN
-                RETURN QUERY SELECT 'head', v_current, NULL::bigint, NULL::text, NULL::bytea;
-                RETURN;
-            END IF;
-            IF p_max_branches IS NOT NULL THEN
-                SELECT count(*) INTO v_count FROM ledger_heads AS h
-                WHERE h.session_id = p_session;
-                IF v_count >= p_max_branches THEN
-                    RETURN QUERY SELECT 'branches', NULL::text, NULL::bigint, NULL::text,
-                        NULL::bytea;
-                    RETURN;
-                END IF;
-            END IF;
-            INSERT INTO ledger_heads (session_id, branch, head)
-            VALUES (p_session, p_branch, v_last_id);
+            v_branches := v_branches || p_branch;
+            v_heads := v_heads || v_last_id;
         END IF;
         UPDATE ledger_sessions AS s SET
+            branches = v_branches,
+            heads = v_heads,
             status = coalesce(p_status, s.status),
             last_activity_at = greatest(s.last_activity_at, v_last_at),
             event_count = s.event_count + v_n
@@ -345,12 +346,10 @@ BEGIN
     IF v_n > 1 THEN
         PERFORM setval('ledger_feed_position', v_first + v_n - 1);
     END IF;
-    INSERT INTO ledger_events (session_id, id, position, parent, seq, branch, kind, at,
-        idempotency_key, data)
-    SELECT p_session, t.id, v_first + t.ord - 1, t.parent, t.seq, p_branch, t.kind, t.at,
-        t.key, t.data
-    FROM unnest(p_ids, p_parents, p_seqs, p_kinds, p_ats, p_keys, p_data)
-        WITH ORDINALITY AS t(id, parent, seq, kind, at, key, data, ord);
+    INSERT INTO ledger_events (position, seq, session_id, id, parent, idempotency_key, data)
+    SELECT v_first + t.ord - 1, t.seq, p_session::uuid, t.id, t.parent, t.key, t.data
+    FROM unnest(p_ids, p_parents, p_seqs, p_keys, p_data)
+        WITH ORDINALITY AS t(id, parent, seq, key, data, ord);
     PERFORM pg_notify('{channel}', (v_first + v_n - 1)::text);
     RETURN QUERY SELECT 'ok', NULL::text, v_first + v_n - 1, NULL::text, NULL::bytea;
 END
@@ -362,9 +361,8 @@ $$;
 CREATE OR REPLACE FUNCTION ledger_append_group(
     p_sessions text[], p_branches text[], p_expected text[], p_statuses text[],
     p_users text[], p_agents text[], p_max_open bigint[], p_max_branches bigint[],
-    p_counts integer[],
-    p_ids text[], p_parents text[], p_seqs bigint[], p_kinds text[],
-    p_ats bigint[], p_keys text[], p_data bytea[]
+    p_first_ats bigint[], p_last_ats bigint[], p_counts integer[],
+    p_ids bytea[], p_parents bytea[], p_seqs bigint[], p_keys text[], p_data bytea[]
 ) RETURNS TABLE (o_request integer, o_outcome text, o_detail text, o_position bigint,
     o_id text, o_data bytea)
 LANGUAGE plpgsql AS $$
@@ -395,8 +393,9 @@ BEGIN
         INTO o_request, o_outcome, o_detail, o_position, o_id, o_data
         FROM ledger_append(p_sessions[i], p_branches[i], p_expected[i], p_statuses[i],
             p_users[i], p_agents[i], p_max_open[i], p_max_branches[i],
-            p_ids[v_lo:v_hi], p_parents[v_lo:v_hi], p_seqs[v_lo:v_hi], p_kinds[v_lo:v_hi],
-            p_ats[v_lo:v_hi], p_keys[v_lo:v_hi], p_data[v_lo:v_hi]) AS a;
+            p_first_ats[i], p_last_ats[i],
+            p_ids[v_lo:v_hi], p_parents[v_lo:v_hi], p_seqs[v_lo:v_hi], p_keys[v_lo:v_hi],
+            p_data[v_lo:v_hi]) AS a;
         RETURN NEXT;
         v_lo := v_hi + 1;
     END LOOP;
@@ -412,6 +411,62 @@ DROP INDEX IF EXISTS ledger_events_id;
 """Version 1 kept the events' primary key as (session_id, id) and a second index on
 id alone for ``get``; one key led by the id serves both, for one index fewer per
 event. Rebuilding the key locks the events table while it runs (once)."""
+
+_UPGRADE_3_TO_4: Final = """
+DO $$
+DECLARE
+    v_function regprocedure;
+    v_bad record;
+BEGIN
+    -- Refused whole, naming it, rather than converted into what would read back
+    -- differently (an upper-case id would come back in lower case).
+    SELECT e.session_id, e.id INTO v_bad FROM ledger_events AS e
+    WHERE e.session_id !~ '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+        OR e.id !~ '^([0-9a-f]{2})+$' OR e.parent !~ '^([0-9a-f]{2})+$'
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'event % of session %: ids must be lower-case hex and session ids '
+            'lower-case uuids', quote_literal(v_bad.id), quote_literal(v_bad.session_id);
+    END IF;
+    -- The append functions change their arguments' types: a new definition
+    -- would be an overload beside the old, not a replacement.
+    FOR v_function IN
+        SELECT p.oid::regprocedure FROM pg_proc AS p
+        WHERE p.proname IN ('ledger_append', 'ledger_append_group')
+            AND p.pronamespace = current_schema()::regnamespace
+    LOOP
+        EXECUTE 'DROP FUNCTION ' || v_function;
+    END LOOP;
+END
+$$;
+ALTER TABLE ledger_events
+    ALTER COLUMN session_id TYPE uuid USING session_id::uuid,
+    ALTER COLUMN id TYPE bytea USING decode(id, 'hex'),
+    ALTER COLUMN parent TYPE bytea USING decode(parent, 'hex'),
+    DROP COLUMN branch,
+    DROP COLUMN kind,
+    DROP COLUMN at;
+DROP INDEX ledger_sessions_activity, ledger_sessions_user;
+ALTER TABLE ledger_sessions
+    ADD COLUMN branches text[] NOT NULL DEFAULT '{}',
+    ADD COLUMN heads text[] NOT NULL DEFAULT '{}';
+UPDATE ledger_sessions AS s SET branches = h.branches, heads = h.heads
+FROM (
+    SELECT session_id, array_agg(branch ORDER BY branch) AS branches,
+        array_agg(head ORDER BY branch) AS heads
+    FROM ledger_heads GROUP BY session_id
+) AS h
+WHERE h.session_id = s.session_id;
+ALTER TABLE ledger_sessions
+    ALTER COLUMN branches DROP DEFAULT,
+    ALTER COLUMN heads DROP DEFAULT;
+DROP TABLE ledger_heads;
+"""
+"""Version 3 kept ids as hex text and each event's branch, kind and time in columns
+no query reads (its data holds them). Rewriting the table locks it while it runs
+(once); its rows' data stay as they are (``_unpack`` reads them). The two indexes
+of sessions by time are made again, narrower, by the schema script. The heads
+move from their own table (a row per branch) into their session's row."""
 
 _PURGE_SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS ledger_purges (
@@ -433,9 +488,9 @@ _APPEND_GROUP_SQL: Final = (
     "SELECT o_request, o_outcome, o_detail, o_position, o_id, o_data FROM ledger_append_group("
     "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
 )
-_REQUEST_FIELDS: Final = 8
+_REQUEST_FIELDS: Final = 10
 """The leading arguments of ``ledger_append`` that are one per request; the rest are per event."""
-_EVENT_COLUMNS: Final = "position, id, session_id, data"
+_EVENT_COLUMNS: Final = "position, encode(id, 'hex'), session_id::text, data"
 _PATH_WINDOW: Final = 4096
 """Rows read at once by a walk of a path: a path of a million events takes 245 reads."""
 
@@ -448,7 +503,8 @@ def _window_sql(column: str) -> str:
     # scan with it (as a join, with no statistics after a bulk load, it scanned
     # the whole session).
     return (
-        f"SELECT position, id, session_id, {column}, parent FROM ledger_events "
+        f"SELECT position, encode(id, 'hex'), session_id::text, {column}, "
+        "encode(parent, 'hex') FROM ledger_events "
         "WHERE session_id = $1 AND position < $3 AND position <= "
         "(SELECT position FROM ledger_events WHERE session_id = $1 AND id = $2) "
         "ORDER BY position DESC LIMIT $4"
@@ -467,7 +523,8 @@ def _chain_sql(column: str) -> str:
         " FROM chain AS c JOIN ledger_events AS e"
         " ON e.session_id = c.session_id AND e.id = c.parent AND e.position < c.position"
         " WHERE c.depth < $4"
-        f") SELECT position, id, session_id, {column}, parent FROM chain ORDER BY depth"
+        f") SELECT position, encode(id, 'hex'), session_id::text, {column}, "
+        "encode(parent, 'hex') FROM chain ORDER BY depth"
     )
 
 
@@ -571,45 +628,53 @@ def _translate(
 
 # --- encoding and decoding ------------------------------------------------------------
 
-_PACK_AT: Final = 1024
-"""Encodings this long or longer are stored zlib-compressed (when that is smaller).
-
-PostgreSQL compresses a value only in rows over about 2 kB, so most turns would
-be stored as they are. Below this size an event is mostly ids and digests
-(random hex, which hardly compresses), and inflating costs a feed reader about as
-much as the rest of decoding the event: such events are stored as they are."""
+_PACK_FROM: Final = 600
+"""Events this long or longer (as JSON) are stored deflated (``encode_stored``: its
+preset dictionary holds what every event repeats). PostgreSQL compresses a value
+only in rows over about 2 kB, so without this most turns would be stored as they
+are. A shorter event is mostly its envelope (~420 bytes of ids, digests and keys,
+hex digits that deflate only to about half) and stays plain: inflating it would
+cost a reader 4-7x decoding it (a feed of small events read at 150k/s instead of
+400k/s), to save some 250 bytes."""
 
 _PACK_LEVEL: Final = 1
-"""zlib's fastest level: a 2 KB turn deflates in about 21 µs instead of 28 µs (level 6),
-to 44% of its size instead of 43%. Compressing is most of an append's own work in a
+"""zlib's fastest level: 606 bytes a turn of the bench's conversation instead of 580
+at level 6, for ~30% less time. Compressing is most of an append's own work in a
 large batch; inflating costs the same at any level."""
+
+_ZLIB_STREAM: Final = b"x"
+"""The first byte of what version 3 stored for a large event: a zlib stream (``0x78``)."""
 
 
 def _pack(event: Event) -> bytes:
-    """What ``data`` holds: the event's JSON encoding, or a zlib stream of it.
+    """What ``data`` holds: ``encode_stored`` of the event, deflated from ``_PACK_FROM``."""
+    return encode_stored(event, level=_PACK_LEVEL, compress_from=_PACK_FROM)
 
-    JSON always starts with ``{``, a zlib stream never does (its first byte is
-    ``0x78`` at the default window), so ``_unpack`` needs no flag column; the
-    stream's Adler-32 checksum catches a damaged value.
+
+def _unpack(data: bytes) -> Event:
+    """The event ``data`` holds (``_pack``'s, or a version 3 row's zlib stream).
+
+    Raises ``msgspec.DecodeError`` or ``zlib.error`` for a damaged value.
     """
-    encoded = encode_event(event)
-    if len(encoded) >= _PACK_AT:
-        packed = zlib.compress(encoded, _PACK_LEVEL)
-        if len(packed) < len(encoded):
-            return packed
-    return encoded
+    if data[:1] == _ZLIB_STREAM:
+        return decode_event(zlib.decompress(data))
+    return decode_stored(data)
 
 
-def _unpack(data: bytes) -> bytes:
-    """The event's JSON encoding from ``data``; ``zlib.error`` for a damaged stream."""
-    return data if data[:1] == b"{" else zlib.decompress(data)
+def _id_key(event_id: str) -> bytes | None:
+    """An event id as the tables keep it, its bytes; None for what no stored id can be."""
+    try:
+        key = bytes.fromhex(event_id)
+    except ValueError:
+        return None
+    return key if key.hex() == event_id else None  # one spelling: lower-case, no spaces
 
 
 def _decode(row: _Row, target: _Target) -> Event:
     """A stored event, or IntegrityError: a bad row is never skipped nor returned."""
     position, event_id, session_id, data = row[0], row[1], row[2], row[3]
     try:
-        event = decode_event(_unpack(data))
+        event = _unpack(data)
     except (msgspec.MsgspecError, TypeError, zlib.error) as exc:
         raise IntegrityError(
             f"Stored event does not decode: {event_id!r} (position {position} at {target}): {exc}",
@@ -629,20 +694,56 @@ _get_index_entry = operator.itemgetter(1, 3, 4)  # (id, seq, parent) of a path_i
 
 
 def _decode_rows(rows: Sequence[_Row], target: _Target) -> list[Event]:
-    """``_decode`` of many rows (``stores.base.decode_page``)."""
+    """``_decode`` of many rows (``stores.base.decode_page``): a page holding a
+    version 3 row goes row by row."""
     with gc_paused():  # a page of rows is a bulk read: see ledger.events.gc_paused
-        return decode_page(rows, _decode_all, lambda row: _decode(row, target))
+        return decode_page(rows, decode_stored_all, lambda row: _decode(row, target))
 
 
-def _decode_all(datas: list[bytes]) -> list[Event]:
-    return list(map(decode_event, map(_unpack, datas)))
+_SESSION_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _is_session_id(session_id: str) -> bool:
+    """Whether ``session_id`` can be stored in the events' ``uuid`` column and read back
+    the same: a lower-case uuid (as ``ledger.events.new_session_id`` makes)."""
+    return isinstance(session_id, str) and _SESSION_ID.fullmatch(session_id) is not None
+
+
+def _keys(request: AppendRequest) -> tuple[list[bytes], bytes | None]:
+    """The request's event ids as stored, and its first event's parent's.
+
+    Raises:
+        InvalidEventError: a session id that is not a lower-case uuid, or an event
+            id that is not lower-case hex (no real one is either).
+    """
+    if not _is_session_id(request.session_id):
+        raise InvalidEventError(
+            f"Invalid session id for the PostgreSQL store: {request.session_id!r} "
+            "(a lower-case uuid string)"
+        )
+    events = request.events
+    ids = [_id_key(e.id) for e in events]
+    parent = events[0].parent
+    parent_key = None if parent is None else _id_key(parent)
+    if None in ids or (parent is not None and parent_key is None):
+        bad = events[ids.index(None)].id if None in ids else parent
+        raise InvalidEventError(
+            f"Invalid event id for the PostgreSQL store: {bad!r} "
+            f"(session {request.session_id!r}; lower-case hex)"
+        )
+    return cast(list[bytes], ids), parent_key
 
 
 def _append_args(request: AppendRequest) -> _Args:
-    """The arguments of ``ledger_append`` for one request: 8 per request, 7 arrays per event."""
+    """The arguments of ``ledger_append`` for one request: 10 per request, 5 arrays per event.
+
+    The events are one chain (``validate_request``): each one's parent is the
+    one before it, so only the first's parent is looked up.
+    """
     events = request.events
     first = events[0]
     created = first.body if isinstance(first.body, SessionCreated) else None
+    ids, parent = _keys(request)
     return (
         request.session_id,
         request.branch,
@@ -652,11 +753,11 @@ def _append_args(request: AppendRequest) -> _Args:
         created.agent if created else None,
         request.max_open_sessions if created else None,
         request.max_branches if not created and request.expected_head is None else None,
-        [e.id for e in events],
-        [e.parent for e in events],
+        first.at,
+        events[-1].at,
+        ids,
+        [parent, *ids[:-1]],
         [e.seq for e in events],
-        [e.kind for e in events],
-        [e.at for e in events],
         [e.idempotency_key for e in events],
         [_pack(e) for e in events],
     )
@@ -675,7 +776,6 @@ async def _purge_one(conn: Any, record: PurgeRecord) -> bool:
         return False  # gone, or written to since the purge was planned: kept
     for table in (
         "ledger_events",
-        "ledger_heads",
         "ledger_snapshots",
         "ledger_anchors",
         "ledger_sessions",
@@ -955,6 +1055,8 @@ class PostgresStore(PurgeStore):
                 f"The database at {self.target} has ledger tables but no schema version: "
                 "it was not written by the session ledger"
             )
+        if version is not None and version < 4:
+            await self._upgrade_to_4(conn, version)
         await conn.execute(
             _SCHEMA.format(
                 user_lock_ns=_USER_LOCK_NS,
@@ -969,6 +1071,18 @@ class PostgresStore(PurgeStore):
             await conn.execute(_UPGRADE_1_TO_2)
         if version != SCHEMA_VERSION:
             await conn.execute("INSERT INTO ledger_schema (version) VALUES ($1)", SCHEMA_VERSION)
+
+    async def _upgrade_to_4(self, conn: Any, version: int) -> None:
+        """``_UPGRADE_3_TO_4`` in the open's transaction: a row it cannot convert (an id
+        that is not hex) refuses the open, naming it, and leaves the database as it was."""
+        try:
+            async with conn.transaction():  # a savepoint: the message below is ours
+                await conn.execute(_UPGRADE_3_TO_4)
+        except asyncpg.PostgresError as exc:
+            raise StoreError(
+                f"Cannot upgrade the session ledger at {self.target} from schema version "
+                f"{version} to {SCHEMA_VERSION}: {exc}"
+            ) from None
 
     async def _close(self) -> None:
         # Appends already queued are committed (or fail) first; new ones are
@@ -1202,9 +1316,9 @@ class PostgresStore(PurgeStore):
                     )
                     rows = await conn.fetch(
                         f"SELECT {_EVENT_COLUMNS} FROM ledger_events "
-                        "WHERE session_id = $1 AND id = ANY($2::text[]) FOR UPDATE",
+                        "WHERE session_id = $1 AND id = ANY($2::bytea[]) FOR UPDATE",
                         session_id,
-                        [erased.id for erased in request.erase],
+                        [_id_key(erased.id) for erased in request.erase],
                     )
                     stored = {row[1]: _decode(row, self.target) for row in rows}
                     for erased in request.erase:
@@ -1213,7 +1327,7 @@ class PostgresStore(PurgeStore):
                     if row[0] == "ok":
                         await conn.executemany(
                             "UPDATE ledger_events SET data = $3 WHERE session_id = $1 AND id = $2",
-                            [(session_id, e.id, _pack(e)) for e in request.erase],
+                            [(session_id, _id_key(e.id), _pack(e)) for e in request.erase],
                         )
                         await conn.execute(
                             "DELETE FROM ledger_snapshots WHERE session_id = $1", session_id
@@ -1337,14 +1451,18 @@ class PostgresStore(PurgeStore):
     async def get(self, event_id: str) -> Event:
         # No ORDER BY in SQL: without statistics (after a bulk load) the planner
         # would walk the feed's position index to the event instead of using the key.
-        rows = await self._fetch(
-            f"SELECT {_EVENT_COLUMNS} FROM ledger_events WHERE id = $1", event_id
+        key = _id_key(event_id)
+        rows = key and await self._fetch(
+            f"SELECT {_EVENT_COLUMNS} FROM ledger_events WHERE id = $1", key
         )
         if not rows:
             raise EventNotFoundError(event_id)
         return _decode(min(rows, key=lambda row: row[0]), self.target)
 
     async def find_by_key(self, session_id: str, key: str) -> Event | None:
+        if not _is_session_id(session_id):
+            self._check_open()
+            return None  # never stored
         rows = await self._fetch(
             f"SELECT {_EVENT_COLUMNS} FROM ledger_events "
             "WHERE session_id = $1 AND idempotency_key = $2",
@@ -1355,9 +1473,9 @@ class PostgresStore(PurgeStore):
 
     async def find_created(self, user_id: str, key: str) -> Event | None:
         rows = await self._fetch(
-            "SELECT e.position, e.id, e.session_id, e.data "
+            "SELECT e.position, encode(e.id, 'hex'), e.session_id::text, e.data "
             "FROM ledger_sessions AS s JOIN ledger_events AS e "
-            "ON e.session_id = s.session_id AND e.idempotency_key = s.create_key "
+            "ON e.session_id = s.session_id::uuid AND e.idempotency_key = s.create_key "
             "WHERE s.user_id = $1 AND s.create_key = $2 ORDER BY e.position LIMIT 1",
             user_id,
             key,
@@ -1400,18 +1518,20 @@ class PostgresStore(PurgeStore):
         # The session, found by the event id (the primary key leads with it).
         # No ORDER BY ... LIMIT: with no statistics yet (a bulk load) the
         # server would walk the position index to the event instead.
-        found = await self._fetch(
-            "SELECT position, session_id FROM ledger_events WHERE id = $1", event_id
+        key = _id_key(event_id)
+        found = key and await self._fetch(
+            "SELECT position, session_id::text FROM ledger_events WHERE id = $1", key
         )
         if not found:
             raise EventNotFoundError(event_id)
         session: str = min(found)[1]
 
+        # The cursors are ids read back from the rows (hex): stored ids, so keys.
         async def window(cursor: str, below: int, want: int) -> list[_Row]:
-            return await self._fetch(window_sql, session, cursor, below, want)
+            return await self._fetch(window_sql, session, bytes.fromhex(cursor), below, want)
 
         async def chain(cursor: str, below: int, want: int) -> list[_Row]:
-            return await self._fetch(chain_sql, session, cursor, below, want)
+            return await self._fetch(chain_sql, session, bytes.fromhex(cursor), below, want)
 
         return await walk_path(event_id, limit, window, chain, size=_PATH_WINDOW)
 
@@ -1422,6 +1542,9 @@ class PostgresStore(PurgeStore):
         self, session_id: str, start: int, *, page_size: int = 1000
     ) -> AsyncIterator[Event]:
         page_size = max(1, page_size)
+        if not _is_session_id(session_id):
+            self._check_open()
+            return  # never stored
         # The session's events as of now, as MemoryStore gives them.
         rows = await self._fetch(
             "SELECT coalesce(max(position), 0) FROM ledger_events WHERE session_id = $1",
@@ -1455,7 +1578,9 @@ class PostgresStore(PurgeStore):
 
     async def heads(self, session_id: str) -> dict[str, str]:
         rows = await self._fetch(
-            "SELECT branch, head FROM ledger_heads WHERE session_id = $1", session_id
+            "SELECT t.branch, t.head FROM ledger_sessions AS s, "
+            "unnest(s.branches, s.heads) AS t(branch, head) WHERE s.session_id = $1",
+            session_id,
         )
         return {str(branch): str(head) for branch, head in rows}
 

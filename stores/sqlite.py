@@ -38,10 +38,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import operator
+import queue
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Concatenate, Final, ParamSpec, TypeVar, cast
 from urllib.parse import parse_qsl
@@ -84,6 +88,7 @@ from stores.base import (
     check_ancestry,
     check_erase,
     check_head,
+    decode_checked,
     decode_page,
     page_cursor,
     parse_cursor,
@@ -353,9 +358,112 @@ def _rollback_to(conn: sqlite3.Connection, savepoint: str) -> None:
         conn.execute(f"RELEASE {savepoint}")
 
 
-def _append_tx(conn: sqlite3.Connection, request: AppendRequest, rows: list[_Row]) -> _Row | None:
+_INSERT_EVENTS: Final = (
+    "INSERT INTO events (id, session_id, parent, seq, branch, kind, at, idempotency_key, data) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+class _Packed:
+    """The event rows of a group's appends, packed by the store's packing thread
+    while the writer thread runs the group's SQL.
+
+    Packing an event (``encode_stored``: its JSON, deflated when large) is the
+    costliest step of an append outside the writer. On the event loop it would
+    add to every group: the loop runs the callers between two groups while the
+    writer waits, and the writer runs a group while the loop waits. Here it
+    overlaps the writer's statements instead (zlib releases the GIL). ``rows(i)``
+    waits only for the ``i``-th append's rows.
+    """
+
+    def __init__(self, group: list[AppendRequest], packer: ThreadPoolExecutor) -> None:
+        self._packed: queue.SimpleQueue[list[_Row] | BaseException] = queue.SimpleQueue()
+        self._taken: list[list[_Row] | BaseException] = []
+        packer.submit(self._pack, group)
+
+    def _pack(self, group: list[AppendRequest]) -> None:
+        for request in group:
+            try:
+                self._packed.put(_rows_of(request))
+            except BaseException as exc:  # the writer waits for every append's answer
+                self._packed.put(exc)
+
+    def rows(self, index: int) -> list[_Row]:
+        """The ``index``-th append's rows; InvalidEventError when one of its events
+        does not encode (that append's own refusal)."""
+        while len(self._taken) <= index:
+            self._taken.append(self._packed.get())
+        rows = self._taken[index]
+        if isinstance(rows, BaseException):
+            raise rows
+        return rows
+
+
+def _rows_of(request: AppendRequest) -> list[_Row]:
+    rows: list[_Row] = []
+    for event in request.events:
+        try:
+            data = encode_stored(event)
+        except (msgspec.MsgspecError, TypeError, ValueError, OverflowError) as exc:
+            raise InvalidEventError(
+                f"Event does not encode: {event.id!r} of session {request.session_id!r} ({exc})"
+            ) from None
+        rows.append(
+            (
+                event.id,
+                request.session_id,
+                event.parent,
+                event.seq,
+                event.branch,
+                event.kind,
+                event.at,
+                event.idempotency_key,
+                data,
+            )
+        )
+    return rows
+
+
+def _touch_sessions(conn: sqlite3.Connection, appends: list[tuple[AppendRequest, int]]) -> int:
+    """Move the listing of the sessions appended to (last activity, event count, and
+    the status where an append sets one); ``appends`` pairs each request with its
+    event count. Returns how many rows were updated.
+
+    An UPDATE that assigns ``status`` rewrites the session's entry in the
+    ``(user_id, status)`` index even when the value stays the same: one more page
+    written per append, at a random place of a large file. So the appends that
+    leave the status alone (nearly all) use a statement without it. Splitting the
+    two keeps the outcome of any order: activity is a max and counts add up.
+    """
+    same_status = [
+        (r.events[-1].at, count, r.session_id) for r, count in appends if r.status is None
+    ]
+    new_status = [
+        (r.status, r.events[-1].at, count, r.session_id)
+        for r, count in appends
+        if r.status is not None
+    ]
+    updated = 0
+    if same_status:
+        updated += conn.executemany(
+            "UPDATE sessions SET last_activity_at = max(last_activity_at, ?), "
+            "event_count = event_count + ? WHERE session_id = ?",
+            same_status,
+        ).rowcount
+    if new_status:
+        updated += conn.executemany(
+            "UPDATE sessions SET status = ?, last_activity_at = max(last_activity_at, ?), "
+            "event_count = event_count + ? WHERE session_id = ?",
+            new_status,
+        ).rowcount
+    return updated
+
+
+def _append_tx(
+    conn: sqlite3.Connection, request: AppendRequest, rows: Callable[[], list[_Row]]
+) -> _Row | None:
     """One append, whole or not at all, inside its group's transaction; the original's
-    row on a replay.
+    row on a replay. ``rows`` gives its rows (``_Packed.rows``), asked for last.
 
     It runs in a savepoint of its own: when it raises, everything it wrote is
     rolled back and the rest of the group stands. Mirrors ``MemoryStore.append``
@@ -398,13 +506,7 @@ def _append_tx(conn: sqlite3.Connection, request: AppendRequest, rows: list[_Row
                     raise SessionCapacityError(f"user {created.user_id!r}", "open sessions", limit)
         else:
             # Existence check and listing update in one statement.
-            updated = conn.execute(
-                "UPDATE sessions SET status = coalesce(?, status), "
-                "last_activity_at = max(last_activity_at, ?), "
-                "event_count = event_count + ? WHERE session_id = ?",
-                (request.status, last.at, len(rows), session_id),
-            ).rowcount
-            if updated == 0:
+            if _touch_sessions(conn, [(request, len(request.events))]) == 0:
                 raise SessionNotFoundError(session_id)
         current = conn.execute(
             "SELECT head FROM heads WHERE session_id = ? AND branch = ?",
@@ -427,7 +529,7 @@ def _append_tx(conn: sqlite3.Connection, request: AppendRequest, rows: list[_Row
                     request.status or "active",
                     first.at,
                     last.at,
-                    len(rows),
+                    len(request.events),
                     key,
                 ),
             )
@@ -439,16 +541,12 @@ def _append_tx(conn: sqlite3.Connection, request: AppendRequest, rows: list[_Row
                 raise SessionCapacityError(
                     f"session {session_id!r}", "branches", request.max_branches
                 )
-        conn.executemany(
-            "INSERT INTO events (id, session_id, parent, seq, branch, kind, at, "
-            "idempotency_key, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
         conn.execute(
             "INSERT INTO heads (session_id, branch, head) VALUES (?, ?, ?) "
             "ON CONFLICT (session_id, branch) DO UPDATE SET head = excluded.head",
             (session_id, branch, last.id),
         )
+        conn.executemany(_INSERT_EVENTS, rows())
         if request.erase:
             _erase_rows(conn, request)
         conn.execute("RELEASE append")
@@ -459,7 +557,7 @@ def _append_tx(conn: sqlite3.Connection, request: AppendRequest, rows: list[_Row
 
 
 def _group_tx(
-    conn: sqlite3.Connection, path: str, group: list[tuple[AppendRequest, list[_Row]]]
+    conn: sqlite3.Connection, path: str, group: list[AppendRequest], packed: _Packed
 ) -> list[_Row | LedgerError | None]:
     """A group of appends as one write transaction and one commit (one WAL sync).
 
@@ -469,18 +567,18 @@ def _group_tx(
     refused (conflict, unknown session, a limit, a constraint) is rolled back
     alone and its error returned in its place. Any other failure, and a failed
     commit, raises: SQLite then rolls the whole transaction back, and nothing
-    of the group is written.
+    of the group is written. The events' rows come from ``packed``, made meanwhile.
     """
     outcomes: list[_Row | LedgerError | None] = []
     conn.execute("BEGIN IMMEDIATE")
     try:
-        plain = _plain_group_tx(conn, group) if all(map(_is_plain, group)) else None
+        plain = _plain_group_tx(conn, group, packed) if all(map(_is_plain, group)) else None
         if plain is not None:
             conn.execute("COMMIT")
             return plain
-        for request, rows in group:
+        for index, request in enumerate(group):
             try:
-                outcomes.append(_append_tx(conn, request, rows))
+                outcomes.append(_append_tx(conn, request, functools.partial(packed.rows, index)))
             except (LedgerError, sqlite3.IntegrityError) as exc:
                 # A refusal, or a constraint only this batch broke, is its own;
                 # any other error (I/O, a full disk, corruption) is the group's,
@@ -495,10 +593,9 @@ def _group_tx(
     return outcomes
 
 
-def _is_plain(item: tuple[AppendRequest, list[_Row]]) -> bool:
+def _is_plain(request: AppendRequest) -> bool:
     """An append to an existing branch with nothing to look up first: no idempotency
     key to replay, no session to create, no branch to count, nothing to erase."""
-    request = item[0]
     return (
         request.expected_head is not None
         and not request.erase
@@ -508,19 +605,19 @@ def _is_plain(item: tuple[AppendRequest, list[_Row]]) -> bool:
 
 
 def _plain_group_tx(
-    conn: sqlite3.Connection, group: list[tuple[AppendRequest, list[_Row]]]
+    conn: sqlite3.Connection, group: list[AppendRequest], packed: _Packed
 ) -> list[_Row | LedgerError | None] | None:
     """A group of plain appends (``_is_plain``) with a handful of statements in all.
 
     The same checks as ``_append_tx``, in the same order, but made for the whole
     group at once: one read of the sessions and heads concerned, each request
     checked in queue order against the heads the requests before it leave, then
-    one ``executemany`` per table for the accepted ones. None (and nothing
-    written) when a write breaks a constraint, which only the per-append path
-    can pin on one request.
+    one ``executemany`` per table for the accepted ones, the events last (their
+    rows are the last to be packed). None (and nothing written) when a write
+    breaks a constraint or an event does not encode, which only the per-append
+    path can pin on one request.
     """
-    requests = [request for request, _ in group]
-    session_ids = list({request.session_id for request in requests})
+    session_ids = list({request.session_id for request in group})
     marks = ", ".join("?" * len(session_ids))
     known = {
         row[0]
@@ -536,8 +633,8 @@ def _plain_group_tx(
         )
     }
     outcomes: list[_Row | LedgerError | None] = []
-    accepted: list[tuple[AppendRequest, list[_Row]]] = []
-    for request, rows in group:
+    accepted: list[tuple[int, AppendRequest]] = []
+    for index, request in enumerate(group):
         session_id, branch = request.session_id, request.branch
         try:
             if session_id not in known:
@@ -547,29 +644,23 @@ def _plain_group_tx(
             outcomes.append(refused)
             continue
         heads[(session_id, branch)] = request.events[-1].id
-        accepted.append((request, rows))
+        accepted.append((index, request))
         outcomes.append(None)
     if not accepted:
         return outcomes
     conn.execute("SAVEPOINT plain")
     try:
-        conn.executemany(
-            "UPDATE sessions SET status = coalesce(?, status), "
-            "last_activity_at = max(last_activity_at, ?), "
-            "event_count = event_count + ? WHERE session_id = ?",
-            [(r.status, r.events[-1].at, len(rows), r.session_id) for r, rows in accepted],
-        )
-        conn.executemany(
-            "INSERT INTO events (id, session_id, parent, seq, branch, kind, at, "
-            "idempotency_key, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [row for _, rows in accepted for row in rows],
-        )
+        _touch_sessions(conn, [(request, len(request.events)) for _, request in accepted])
         conn.executemany(
             "INSERT INTO heads (session_id, branch, head) VALUES (?, ?, ?) "
             "ON CONFLICT (session_id, branch) DO UPDATE SET head = excluded.head",
-            [(r.session_id, r.branch, r.events[-1].id) for r, _ in accepted],
+            [(r.session_id, r.branch, r.events[-1].id) for _, r in accepted],
         )
-    except sqlite3.IntegrityError:
+        # Each row as soon as it is packed: the inserts overlap the packing.
+        conn.executemany(
+            _INSERT_EVENTS, (row for index, _ in accepted for row in packed.rows(index))
+        )
+    except (sqlite3.IntegrityError, LedgerError):
         _rollback_to(conn, "plain")
         return None
     except BaseException:
@@ -702,18 +793,41 @@ def _decode_rows(rows: Sequence[_Row], path: str) -> list[Event]:
     return decode_page(rows, decode_stored_all, lambda row: _decode(row, path))
 
 
+_row_first, _row_second = operator.itemgetter(0), operator.itemgetter(1)
+
+
 def _events_page(
     conn: sqlite3.Connection, path: str, session_id: str, after: int, upper: int, size: int
 ) -> tuple[int, list[Event]]:
     """A session's events at positions in ``(after, upper]``, at most ``size``, decoded
-    and checked (``_decode_rows``), and the last one's position."""
-    rows = conn.execute(
-        f"SELECT {_EVENT_COLUMNS} FROM events "
-        "WHERE session_id = ? AND position > ? AND position <= ? ORDER BY position LIMIT ?",
-        (session_id, after, upper, size),
-    ).fetchall()
-    with gc_paused():
-        return (rows[-1][0] if rows else upper), _decode_rows(rows, path)
+    and checked, and the last one's position.
+
+    A replay's hot loop: only ids and data are read (every Python object made per
+    row costs), so the page's last position is looked up by its id, and a row's
+    session is the one the query selected. When any row fails the checks, the
+    page is read again whole and decoded row by row, to name the bad one.
+    """
+    with gc_paused():  # the rows too: a page is a bulk read (see gc_paused)
+        rows = conn.execute(
+            "SELECT id, data FROM events "
+            "WHERE session_id = ? AND position > ? AND position <= ? ORDER BY position LIMIT ?",
+            (session_id, after, upper, size),
+        ).fetchall()
+        if not rows:
+            return upper, []
+        found = conn.execute("SELECT position FROM events WHERE id = ?", (rows[-1][0],)).fetchone()
+        last = upper if found is None else found[0]  # None: purged since
+        ids, datas = list(map(_row_first, rows)), list(map(_row_second, rows))
+        del rows  # not left for the collection that follows the pause
+        events = decode_checked(datas, ids, session_id, decode_stored_all)
+        if events is None:
+            whole = conn.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM events "
+                "WHERE session_id = ? AND position > ? AND position <= ? ORDER BY position",
+                (session_id, after, last),
+            ).fetchall()
+            events = [_decode(row, path) for row in whole]
+    return last, events
 
 
 def _session_row(row: _Row) -> SessionRow:
@@ -798,9 +912,10 @@ class SQLiteStore(PurgeStore):
         # lets close() wait for a snapshot write in flight.
         self._write_lock = asyncio.Lock()
         self._appended = asyncio.Event()
-        self._group: GroupCommit[tuple[AppendRequest, list[_Row]], _Row | None] = GroupCommit(
+        self._group: GroupCommit[AppendRequest, _Row | None] = GroupCommit(
             self._run_group, max_size=group_size, name=repr(self.filename)
         )
+        self._packer: ThreadPoolExecutor | None = None  # packs the rows of a group (_Packed)
 
     @classmethod
     def from_url(
@@ -863,11 +978,16 @@ class SQLiteStore(PurgeStore):
             await _close_all(reader, writer)
             raise
         self._writer, self._reader = writer, reader
+        self._packer = ThreadPoolExecutor(1, thread_name_prefix="ledger-sqlite-packer")
 
     async def _close(self) -> None:
         # Appends already queued are committed (or fail) first; new ones are
         # refused, the store being marked closed.
         await self._group.close()
+        if self._packer is not None:
+            # Not waited for: a packing left running belongs to a group that has failed.
+            self._packer.shutdown(wait=False)
+            self._packer = None
         async with self._write_lock:
             reader, writer = self._reader, self._writer
             self._reader = self._writer = None
@@ -889,22 +1009,7 @@ class SQLiteStore(PurgeStore):
     async def append(self, request: AppendRequest) -> AppendResult:
         self._check_open()
         validate_request(request)
-        session_id = request.session_id
-        rows: list[_Row] = [
-            (
-                e.id,
-                session_id,
-                e.parent,
-                e.seq,
-                e.branch,
-                e.kind,
-                e.at,
-                e.idempotency_key,
-                encode_stored(e),
-            )
-            for e in request.events
-        ]
-        original = await self._group.submit((request, rows))
+        original = await self._group.submit(request)
         if original is None and request.erase:
             await self._after_erase()
         if original is not None:
@@ -916,17 +1021,17 @@ class SQLiteStore(PurgeStore):
         """How many groups this store has committed, and how many appends they held."""
         return self._group.stats
 
-    async def _run_group(
-        self, group: list[tuple[AppendRequest, list[_Row]]]
-    ) -> list[_Row | LedgerError | None]:
-        """One group commit (``stores.group``): one transaction, one WAL sync."""
+    async def _run_group(self, group: list[AppendRequest]) -> list[_Row | LedgerError | None]:
+        """One group commit (``stores.group``): one transaction, one WAL sync; the
+        events' rows packed meanwhile (``_Packed``)."""
         self._check_open_for_group()
-        assert self._writer is not None
+        assert self._writer is not None and self._packer is not None
+        packed = _Packed(group, self._packer)
         try:
-            outcomes = await _in_thread(self._writer, _group_tx, self.filename, group)
+            outcomes = await _in_thread(self._writer, _group_tx, self.filename, group, packed)
         except (sqlite3.Error, ValueError) as exc:
             # Nothing of the group was written; each caller hears of its own append.
-            return [_translated(exc, self.filename, request.session_id) for request, _ in group]
+            return [_translated(exc, self.filename, request.session_id) for request in group]
         # Wake this process's feed waiters now; other processes' are polled.
         self._appended.set()
         self._appended = asyncio.Event()

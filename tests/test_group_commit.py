@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from ledger import Ledger
@@ -284,6 +285,38 @@ async def test_a_group_of_plain_appends_answers_each_caller_as_one_transaction_p
     s = plain_scenario(with_duplicate)
     async with opened(make(group_size=1)) as alone, opened(make()) as grouped:
         await answers_match_one_transaction_each(alone, grouped, s)
+
+
+@pytest.mark.parametrize("plain", [True, False], ids=["plain-group", "mixed-group"])
+async def test_sqlite_an_event_that_does_not_encode_fails_only_its_own_append(
+    tmp_path: Path, plain: bool
+) -> None:
+    # Rows are encoded in the store's packing thread while its writer runs the
+    # group: an event that does not encode is still its own caller's refusal.
+    async with opened(SQLiteStore(tmp_path / "ledger.db")) as store:
+        a, b, c = (create_event() for _ in range(3))
+        for root in (a, b, c):
+            await store.append(append_request([root], None))
+        unencodable = msgspec.structs.replace(
+            turn(b, "b"), body=TurnAdded(role="user", content=object())
+        )
+        requests = [
+            append_request([turn(a, "a")], a.id),
+            append_request([unencodable], b.id),
+            append_request([turn(c, "c")], c.id),
+        ]
+        if not plain:  # a session created in the group: each append in a savepoint
+            requests.append(append_request([create_event()], None))
+        answers = await in_one_group(store, requests)
+        assert store.group_stats.largest == len(requests)
+        refused = answers.pop(1)
+        assert isinstance(refused, InvalidEventError), repr(refused)
+        assert unencodable.id in str(refused) and b.session in str(refused)
+        assert all(isinstance(answer, AppendResult) for answer in answers), answers
+        assert await store.heads(b.session) == {"main": b.id}
+        assert (await store.session(b.session)).event_count == 1
+        for root, request in ((a, requests[0]), (c, requests[2])):
+            assert [e async for e in store.events(root.session)] == [root, *request.events]
 
 
 async def test_groups_form_and_respect_the_bound(make: MakeStore) -> None:
@@ -719,6 +752,25 @@ async def session_held(
         await admin.close()
 
 
+async def appends_settled(store: Store) -> None:
+    """Wait until no backend of this database is running an append."""
+    import asyncpg
+
+    admin = await asyncpg.connect(store._dsn, server_settings=store._settings)
+    try:
+        for _ in range(1000):
+            running = await admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND state = 'active' AND query LIKE '%ledger_append%' AND pid <> pg_backend_pid()"
+            )
+            if not running:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("an append never finished")
+    finally:
+        await admin.close()
+
+
 async def test_postgres_direct_append_cancelled_in_flight_is_whole_or_absent(
     postgres_url: str, tmp_path: Path
 ) -> None:
@@ -738,11 +790,13 @@ async def test_postgres_direct_append_cancelled_in_flight_is_whole_or_absent(
             answers = await settle(task, *behind)
         assert isinstance(answers[0], asyncio.CancelledError)
         assert all(isinstance(a, AppendResult) for a in answers[1:]), answers
-        assert await store.heads(root.session) in ({"main": root.id}, {"main": event.id})
-        # The interrupted connection was replaced: appends go on.
-        again = turn(root, "again")
+        # The cancelled statement's backend may still be finishing it, now the lock is gone.
+        await appends_settled(store)
         heads = await store.heads(root.session)
-        result = await store.append(append_request([again], heads["main"]))
+        assert heads in ({"main": root.id}, {"main": event.id})
+        # The interrupted connection was replaced: appends go on, after whichever is the head.
+        head = event if heads["main"] == event.id else root
+        result = await store.append(append_request([turn(head, "again")], head.id))
         assert isinstance(result, AppendResult)
 
 

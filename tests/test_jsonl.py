@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from ledger import Ledger
@@ -94,6 +95,24 @@ def session_file(root: Path, session_id: str) -> Path:
     return root / "sessions" / f"{session_id}.jsonl"
 
 
+def stored(event: Event) -> bytes:
+    """``event`` as a version 2 line holds it: the event model's JSON less its session,
+    its parent and its default values."""
+    fields = msgspec.json.decode(encode_event(event))
+    del fields["session"], fields["parent"]
+    for name, default in (("idempotency_key", None), ("format", 1)):
+        if fields[name] == default:
+            del fields[name]
+    return msgspec.json.encode(fields)
+
+
+def line(pos: int, event: Event, after: Event | None, batch: str = "") -> bytes:
+    """A version 2 event line after the line of ``after`` (``batch``: ``',"batch":[i,n]'``
+    when not a batch of one): its parent is written unless it is ``after`` (or none)."""
+    parent = b"" if event.parent == (after and after.id) else b',"parent":"%s"' % event.parent
+    return b'{"pos":%d%s%s,"event":%s}\n' % (pos, batch.encode(), parent, stored(event))
+
+
 def read_plainly(path: Path) -> list[Any]:
     """A person's view: plain text, one JSON object per line."""
     with open(path) as f:
@@ -115,12 +134,17 @@ async def test_files_are_readable_json_lines(root: Path) -> None:
     events = lines[1:]
     assert [line["event"]["id"] for line in events] == [e.id for e in chain]
     assert [line["pos"] for line in events] == [1, 2, 3, 4]
-    assert all(line["batch"] == [1, 1] for line in events)
+    assert not any("batch" in line for line in events)  # each a batch of one
     assert events[-1]["status"] == "suspended"
     assert "status" not in events[1]
-    # the event is the event model's own JSON, byte for byte
-    raw = path.read_bytes().splitlines()[1]
-    assert raw == b'{"pos":1,"batch":[1,1],"event":%s}' % encode_event(chain[0])
+    # the event model's own JSON, less the session, the parent of a linear run, defaults
+    assert path.read_bytes().splitlines()[1:] == [
+        line(1, chain[0], None).rstrip(),
+        line(2, chain[1], chain[0]).rstrip(),
+        line(3, chain[2], chain[1]).rstrip(),
+        b'{"pos":4,"status":"suspended","event":%s}' % stored(chain[3]),
+    ]
+    assert not {"session", "parent", "idempotency_key", "format"} & set(events[1]["event"])
     feed = (root / "feed.log").read_bytes()
     assert len(feed) == 80 * 5
     assert json.loads(feed[:80]) == {"ledger": "session-ledger/jsonl-feed", "version": 1}
@@ -134,7 +158,7 @@ async def test_a_batch_is_marked_as_one(root: Path) -> None:
         batch.append(turn(batch[-1], "b"))
         await store.append(request(batch, first.id))
     lines = [json.loads(x) for x in session_file(root, first.session).read_text().splitlines()]
-    assert [x["batch"] for x in lines[1:]] == [[1, 1], [1, 2], [2, 2]]
+    assert [x.get("batch") for x in lines[1:]] == [None, [1, 2], [2, 2]]
 
 
 async def test_permissions(tmp_path: Path) -> None:
@@ -238,7 +262,7 @@ async def test_torn_final_line_is_moved_aside_reported_and_the_session_goes_on(
             await led.add_turn(sid, role="user", content=f"turn {n}")
         history = await led.history(sid)
     path = session_file(root, sid)
-    torn = b'{"pos":5,"batch":[1,1],"event":{"id":"abc'
+    torn = b'{"pos":5,"event":{"id":"abc'
     with path.open("ab") as f:  # what a writer killed mid-write leaves
         f.write(torn)
     caplog.set_level(logging.WARNING, logger="stores.jsonl")
@@ -262,8 +286,8 @@ async def test_an_incomplete_batch_at_the_tail_is_moved_aside_whole(root: Path) 
     path = session_file(root, first.session)
     a = turn(first, "a")
     b = turn(a, "b")
-    line_a = b'{"pos":2,"batch":[1,2],"event":%s}\n' % encode_event(a)
-    line_b = b'{"pos":3,"batch":[2,2],"event":%s}\n' % encode_event(b)
+    line_a = line(2, a, first, ',"batch":[1,2]')
+    line_b = line(3, b, a, ',"batch":[2,2]')
     with path.open("ab") as f:
         f.write(line_a + line_b[:20])
     async with JSONLStore(root) as store:
@@ -279,7 +303,7 @@ async def test_a_synced_batch_without_its_feed_record_is_kept(root: Path) -> Non
         (first,) = await new_session(store)
     a = turn(first, "a")
     with session_file(root, first.session).open("ab") as f:
-        f.write(b'{"pos":2,"batch":[1,1],"event":%s}\n' % encode_event(a))
+        f.write(line(2, a, first))
     async with JSONLStore(root) as store:
         assert store.recovered == []
         assert await collect(store, first.session) == [first, a]
@@ -297,7 +321,7 @@ async def test_a_dead_writer_is_repaired_by_the_next_writer(root: Path) -> None:
         with (root / "lock").open("r+b") as f:
             f.write(b"%s %014d %015d %09d\n" % (first.session.encode(), offset, 2, 1))
         with path.open("ab") as f:
-            f.write(b'{"pos":2,"batch":[1,1],"ev')
+            f.write(b'{"pos":2,"ev')
         second = turn(first)
         await store.append(request([second], first.id))
         assert store.recovered == [path.with_name(path.name + ".torn-1")]
@@ -318,7 +342,7 @@ async def test_a_dead_writers_synced_batch_is_adopted_by_the_next_writer(root: P
         with (root / "lock").open("r+b") as f:
             f.write(b"%s %014d %015d %09d\n" % (first.session.encode(), offset, 2, 1))
         with path.open("ab") as f:
-            f.write(b'{"pos":2,"batch":[1,1],"event":%s}\n' % encode_event(a))
+            f.write(line(2, a, first))
         b = turn(a, "b")
         await store.append(request([b], a.id))
         assert store.recovered == []
@@ -408,7 +432,7 @@ async def test_newer_format_version_refuses_to_open(root: Path) -> None:
     async with JSONLStore(root) as store:
         (first,) = await new_session(store)
     path = session_file(root, first.session)
-    data = path.read_bytes().replace(b'"version":1', b'"version":2', 1)
+    data = path.read_bytes().replace(b'"version":2', b'"version":3', 1)
     path.write_bytes(data)
     with pytest.raises(StoreError, match="newer"):
         await JSONLStore(root).open()

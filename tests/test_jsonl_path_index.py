@@ -128,7 +128,7 @@ def rewrite(store: JSONLStore, event: Event, old: bytes, new: bytes) -> None:
     """Replace ``old`` by ``new`` (as long) in ``event``'s line, under the open store."""
     path = store.directory / "sessions" / f"{event.session}.jsonl"
     data = path.read_bytes()
-    start = data.index(b'"id":"%s"' % event.id.encode())
+    start = data.rindex(b"\n", 0, data.index(b'"id":"%s"' % event.id.encode())) + 1
     end = data.index(b"\n", start)
     line = data[start:end]
     assert len(old) == len(new) and old in line
@@ -136,17 +136,12 @@ def rewrite(store: JSONLStore, event: Event, old: bytes, new: bytes) -> None:
 
 
 async def test_a_line_in_another_field_order_is_decoded_not_misread(tmp_path: Path) -> None:
-    # The same event with its id and session swapped: a valid line, but not as this
+    # The same event with its seq and branch swapped: a valid line, but not as this
     # code writes one, so it is decoded, and gives the same step.
     async with JSONLStore(tmp_path) as store:
         events = await six_events(store)
         e = events[3]
-        rewrite(
-            store,
-            e,
-            b'"id":"%s","session":"%s"' % (e.id.encode(), e.session.encode()),
-            b'"session":"%s","id":"%s"' % (e.session.encode(), e.id.encode()),
-        )
+        rewrite(store, e, b'"seq":3,"branch":"main"', b'"branch":"main","seq":3')
         assert await store.path_index(events[-1].id, 100) == steps(events[::-1])
 
 
@@ -159,16 +154,21 @@ async def test_a_damaged_line_on_the_path_is_named(tmp_path: Path) -> None:
 
 
 async def test_a_broken_parent_link_is_named_as_ancestors_names_it(tmp_path: Path) -> None:
-    # The 4th event's parent now names a later event: the walk must not follow it.
+    # A fork's parent (written out: not the line before) now names a later event: the
+    # walk must not follow it.
     async with JSONLStore(tmp_path) as store:
         events = await six_events(store)
-        rewrite(store, events[3], events[2].id.encode(), events[5].id.encode())
+        fork = turn(events[2], branch="side")
+        await store.append(request([fork], None))
+        later = turn(events[-1])  # after the fork's line: its parent written out too
+        await store.append(request([later], events[-1].id))
+        rewrite(store, fork, events[2].id.encode(), later.id.encode())
         with pytest.raises(IntegrityError) as by_index:
-            await store.path_index(events[-1].id, 100)
+            await store.path_index(fork.id, 100)
         with pytest.raises(IntegrityError) as by_ancestors:
-            await store.ancestors(events[-1].id, 100)
+            await store.ancestors(fork.id, 100)
         assert str(by_index.value) == str(by_ancestors.value)
-        assert events[3].id in str(by_index.value)
+        assert fork.id in str(by_index.value)
 
 
 class CountingJSONLStore(JSONLStore):

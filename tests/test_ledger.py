@@ -15,17 +15,21 @@ from ledger import (
     ConflictError,
     EventNotFoundError,
     Expired,
+    InvalidEventError,
     Ledger,
     LedgerConfig,
     Projection,
     Recorded,
     Restored,
+    SessionCapacityError,
     SessionClosedError,
     SessionExpiredError,
+    SessionNotFoundError,
     SessionState,
     SessionSuspendedError,
     SessionTransitionError,
     StoreClosedError,
+    TurnAdded,
 )
 from ledger.events import Event
 from projections.session import state_checksum
@@ -207,6 +211,94 @@ async def test_auto_checkpoint_every_n_turns(make_store: MakeStore) -> None:
         assert all(t.kind == "TurnAdded" for t in turns)
         await led.restore(s.session_id, state.checkpoints[0].id)
         assert (await led.state(s.session_id)).turn_count == 2
+
+
+async def test_add_turns_appends_them_in_one_append(make_store: MakeStore) -> None:
+    async with ledger(make_store, auto_checkpoint_every=2) as led:
+        s = await led.create(user_id="u", agent="a")
+        first = await led.add_turn(s.session_id, role="user", content="0")
+        turns = await led.add_turns(
+            s.session_id,
+            [
+                {"role": "assistant", "content": "1", "tokens_out": 4, "tool_calls": ("t",)},
+                TurnAdded(role="tool", content={"result": 2}, name="search"),
+                {"role": "user", "content": "3"},
+            ],
+        )
+        assert [t.body.content for t in turns] == ["1", {"result": 2}, "3"]  # type: ignore[attr-defined]
+        assert turns[0].body == TurnAdded(
+            role="assistant", content="1", tokens_out=4, tool_calls=["t"]
+        )
+        assert all(t.kind == "TurnAdded" for t in turns)
+        # Chained after the head, with the auto checkpoints of turns 2 and 4 between them.
+        history = await led.history(s.session_id)
+        assert [e.kind for e in history[1:]] == [
+            "TurnAdded", "TurnAdded", "Checkpointed", "TurnAdded", "TurnAdded", "Checkpointed",
+        ]  # fmt: skip
+        assert [e.id for e in history if e.kind == "TurnAdded"] == [first.id] + [
+            t.id for t in turns
+        ]
+        # One append: the three turns and their checkpoints have consecutive feed positions.
+        feed = await led.store.read_feed(0, 100)
+        positions = [item.position for item in feed if item.event.id in {e.id for e in history[2:]}]
+        assert positions == list(range(positions[0], positions[0] + 5))
+        state = await led.state(s.session_id)
+        assert state.turn_count == 4 and state.tokens_out == 4
+        assert await led.add_turns(s.session_id, []) == []
+        assert (await led.state(s.session_id)).head == state.head
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"role": "user", "content": object()}, "not JSON-encodable"),
+        ({"role": "user", "content": "x", "colour": "red"}, "turn 1 "),
+        ({"content": "no role"}, "turn 1 "),
+        ({"role": "user", "content": "x", "tool_calls": 3}, "turn 1 "),
+        ("just text", "turn 1 "),
+    ],
+)
+async def test_add_turns_with_a_bad_turn_writes_none(
+    make_store: MakeStore, bad: Any, message: str
+) -> None:
+    async with ledger(make_store) as led:
+        s = await led.create(user_id="u", agent="a")
+        before = await everything(led)
+        with pytest.raises(InvalidEventError, match=message) as info:
+            await led.add_turns(s.session_id, [{"role": "user", "content": "fine"}, bad])
+        assert s.session_id in str(info.value)
+        assert await everything(led) == before
+
+
+async def test_add_turns_is_refused_whole(make_store: MakeStore) -> None:
+    async with ledger(make_store, max_turns_per_session=3) as led:
+        s = await led.create(user_id="u", agent="a")
+        await led.add_turn(s.session_id, role="user", content="1")
+        before = await everything(led)
+        two = [{"role": "user", "content": "2"}, {"role": "user", "content": "3"}]
+        three = [*two, {"role": "user", "content": "4"}]
+        with pytest.raises(SessionCapacityError, match=s.session_id):
+            await led.add_turns(s.session_id, three)
+        with pytest.raises(ConflictError, match=s.session_id):
+            await led.add_turns(s.session_id, two, expected_head=s.head)
+        with pytest.raises(SessionNotFoundError, match="no-such-session"):
+            await led.add_turns("no-such-session", two)
+        assert await everything(led) == before
+        assert len(await led.add_turns(s.session_id, two)) == 2  # the limit itself is fine
+        await led.close(s.session_id)
+        with pytest.raises(SessionClosedError):
+            await led.add_turns(s.session_id, [{"role": "user", "content": "late"}])
+
+
+async def test_add_turns_retried_returns_the_original_turns(make_store: MakeStore) -> None:
+    async with ledger(make_store, auto_checkpoint_every=2) as led:
+        s = await led.create(user_id="u", agent="a")
+        batch = [{"role": "user", "content": str(i)} for i in range(3)]
+        turns = await led.add_turns(s.session_id, batch, idempotency_key="b-1")
+        await led.add_turn(s.session_id, role="user", content="later")
+        before = await everything(led)
+        assert await led.add_turns(s.session_id, batch, idempotency_key="b-1") == turns
+        assert await everything(led) == before
 
 
 async def test_get_or_create_returns_the_latest_active_session(make_store: MakeStore) -> None:

@@ -21,10 +21,12 @@ import tempfile
 import textwrap
 import time
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -33,11 +35,13 @@ import stores.postgres
 from ledger import Ledger
 from ledger.errors import (
     ConfigError,
+    ConflictError,
     EventNotFoundError,
     IntegrityError,
+    InvalidEventError,
     StoreError,
 )
-from ledger.events import Event, TurnAdded, encode_event
+from ledger.events import Event, TurnAdded, decode_stored, encode_event
 from ledger.testing import append_request, branch_event, create_event, next_event
 from projections.base import fold
 from projections.engine import FoldEngine
@@ -190,6 +194,156 @@ async def test_schema_version_is_recorded_and_a_newer_one_refused(
     assert no_driver_traceback(info.value)
 
 
+# Version 3's append functions, by their arguments: here stand-ins that fail if called.
+_V3_FUNCTIONS = {
+    "ledger_append": "text, text, text, text, text, text, bigint, bigint, "
+    "text[], text[], bigint[], text[], bigint[], text[], bytea[]",
+    "ledger_append_group": "text[], text[], text[], text[], text[], text[], bigint[], bigint[], "
+    "integer[], text[], text[], bigint[], text[], bigint[], text[], bytea[]",
+}
+
+
+async def back_to_version(conn: Any, version: int) -> None:
+    """Turn this code's tables back into what version 3 made (its columns, its
+    indexes, its heads table, its functions) and record ``version``."""
+    await conn.execute(
+        """
+        DROP FUNCTION ledger_append_group, ledger_append;
+        ALTER TABLE ledger_events
+            ALTER COLUMN session_id TYPE text USING session_id::text,
+            ALTER COLUMN id TYPE text USING encode(id, 'hex'),
+            ALTER COLUMN parent TYPE text USING encode(parent, 'hex'),
+            ADD COLUMN branch text NOT NULL DEFAULT 'main',
+            ADD COLUMN kind text NOT NULL DEFAULT 'TurnAdded',
+            ADD COLUMN at bigint NOT NULL DEFAULT 0;
+        CREATE TABLE ledger_heads (
+            session_id text NOT NULL, branch text NOT NULL, head text NOT NULL,
+            PRIMARY KEY (session_id, branch));
+        INSERT INTO ledger_heads SELECT s.session_id, t.branch, t.head
+            FROM ledger_sessions AS s, unnest(s.branches, s.heads) AS t(branch, head);
+        ALTER TABLE ledger_sessions DROP COLUMN branches, DROP COLUMN heads;
+        DROP INDEX ledger_sessions_activity, ledger_sessions_user;
+        CREATE INDEX ledger_sessions_activity ON ledger_sessions (last_activity_at, session_id);
+        CREATE INDEX ledger_sessions_user
+            ON ledger_sessions (user_id, last_activity_at, session_id);
+        DELETE FROM ledger_schema;
+        """
+    )
+    for name, arguments in _V3_FUNCTIONS.items():
+        await conn.execute(
+            f"CREATE FUNCTION {name}({arguments}) RETURNS TABLE (o text) "
+            f"LANGUAGE plpgsql AS $$ BEGIN RAISE 'a version {version} function'; END $$"
+        )
+    await conn.execute("INSERT INTO ledger_schema (version) VALUES ($1)", version)
+
+
+async def versions_of(conn: Any) -> list[int]:
+    versions: list[int] = await conn.fetchval(
+        "SELECT array_agg(version ORDER BY version) FROM ledger_schema"
+    )
+    return versions
+
+
+async def test_a_version_3_database_is_upgraded_in_place(
+    url: str, postgres_url: str, schema: str
+) -> None:
+    root = create()
+    small = turn(root, "small, plain JSON as version 3 wrote it", key="k-1")
+    large = turn(small, "large, a zlib stream as version 3 wrote it " * 100)
+    side = branch_event(small, "side")
+    async with PostgresStore.from_url(url) as store:
+        await store.append(append_request([root], None))
+        await store.append(append_request([small, large], root.id))
+        await store.append(append_request([side], None))
+    async with admin(postgres_url, schema) as conn:
+        await back_to_version(conn, 3)
+        for event, data in (
+            (small, encode_event(small)),
+            (large, zlib.compress(encode_event(large), 1)),
+        ):
+            await conn.execute("UPDATE ledger_events SET data = $2 WHERE id = $1", event.id, data)
+    async with PostgresStore.from_url(url) as store:
+        assert await store.heads(root.session) == {"main": large.id, "side": side.id}
+        assert [item.event for item in await store.read_feed()] == [root, small, large, side]
+        assert [e async for e in store.events(root.session)] == [root, small, large, side]
+        assert await store.ancestors(large.id) == [large, small, root]
+        assert await store.get(large.id) == large
+        replayed = await store.append(append_request([turn(large, "again", key="k-1")], large.id))
+        assert replayed.replayed and replayed.events == [small]
+        with pytest.raises(ConflictError):
+            await store.append(append_request([turn(small, "stale")], small.id))
+        after = turn(large, "after the upgrade")
+        await store.append(append_request([after], large.id))
+        await store.append(append_request([turn(side, "on side")], side.id))
+        assert (await store.session(root.session)).event_count == 6
+    async with admin(postgres_url, schema) as conn:
+        columns = dict(
+            await conn.fetch(
+                "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute "
+                "WHERE attrelid = 'ledger_events'::regclass AND attnum > 0 "
+                "AND NOT attisdropped"
+            )
+        )
+        heads_table = await conn.fetchval("SELECT to_regclass('ledger_heads')")
+        functions = await conn.fetchval(
+            "SELECT count(*) FROM pg_proc WHERE proname LIKE 'ledger_append%' "
+            "AND pronamespace = current_schema()::regnamespace"
+        )
+        assert await versions_of(conn) == [3, SCHEMA_VERSION]
+    assert columns == {
+        "position": "bigint",
+        "seq": "bigint",
+        "session_id": "uuid",
+        "id": "bytea",
+        "parent": "bytea",
+        "idempotency_key": "text",
+        "data": "bytea",
+    }
+    assert heads_table is None
+    assert functions == 2  # the old ones dropped, not left beside the new as overloads
+
+
+@pytest.mark.parametrize("bad", ["id", "session"])
+async def test_a_version_3_database_that_cannot_be_converted_is_refused_untouched(
+    url: str, postgres_url: str, schema: str, bad: str
+) -> None:
+    root = create()
+    async with PostgresStore.from_url(url) as store:
+        await store.append(append_request([root], None))
+    async with admin(postgres_url, schema) as conn:
+        await back_to_version(conn, 3)
+        column = "id" if bad == "id" else "session_id"
+        await conn.execute(f"UPDATE ledger_events SET {column} = upper({column})")
+    with pytest.raises(StoreError) as info:
+        await PostgresStore.from_url(url).open()
+    message = str(info.value)
+    assert "schema version 3 to 4" in message and root.id.upper()[:8] in message.upper()
+    assert no_driver_traceback(info.value)
+    async with admin(postgres_url, schema) as conn:
+        assert await versions_of(conn) == [3]
+        assert await conn.fetchval("SELECT to_regclass('ledger_heads') IS NOT NULL")
+
+
+async def test_processes_opening_a_version_3_database_at_once_upgrade_it_once(
+    url: str, postgres_url: str, schema: str
+) -> None:
+    roots = [create(f"user-{n}") for n in range(3)]
+    async with PostgresStore.from_url(url) as store:
+        for root in roots:
+            await store.append(append_request([root], None))
+    async with admin(postgres_url, schema) as conn:
+        await back_to_version(conn, 3)
+    stores = [PostgresStore.from_url(url) for _ in range(6)]  # a pool, a connection each
+    try:
+        await asyncio.gather(*(s.open() for s in stores))
+        for n, root in enumerate(roots):
+            await stores[n].append(append_request([turn(root)], root.id))
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
+    async with admin(postgres_url, schema) as conn:
+        assert await versions_of(conn) == [3, SCHEMA_VERSION]
+
+
 async def test_a_version_1_database_is_upgraded_in_place(
     url: str, postgres_url: str, schema: str
 ) -> None:
@@ -200,11 +354,11 @@ async def test_a_version_1_database_is_upgraded_in_place(
         await store.append(append_request([first], root.id))
     # Back to version 1's catalog: the key led by session_id, a second index on id.
     async with admin(postgres_url, schema) as conn:
+        await back_to_version(conn, 1)
         await conn.execute(
             "ALTER TABLE ledger_events DROP CONSTRAINT ledger_events_pkey, "
             "ADD CONSTRAINT ledger_events_pkey PRIMARY KEY (session_id, id); "
-            "CREATE INDEX ledger_events_id ON ledger_events (id); "
-            "DELETE FROM ledger_schema; INSERT INTO ledger_schema (version) VALUES (1)"
+            "CREATE INDEX ledger_events_id ON ledger_events (id)"
         )
     async with PostgresStore.from_url(url) as store:
         second = turn(first, "x" * 5000)
@@ -235,19 +389,7 @@ async def test_a_version_2_database_gets_the_current_append_functions(
         await store.append(append_request([root], None))
     # Back to version 2: its functions (here stand-ins that fail if called), its row.
     async with admin(postgres_url, schema) as conn:
-        for name in ("ledger_append", "ledger_append_group"):
-            arguments, result = await conn.fetchrow(
-                "SELECT pg_get_function_arguments(oid), pg_get_function_result(oid) "
-                "FROM pg_proc WHERE oid = to_regproc($1)",
-                name,
-            )
-            await conn.execute(
-                f"CREATE OR REPLACE FUNCTION {name}({arguments}) RETURNS {result} "
-                "LANGUAGE plpgsql AS $$ BEGIN RAISE 'a version 2 function'; END $$"
-            )
-        await conn.execute(
-            "DELETE FROM ledger_schema; INSERT INTO ledger_schema (version) VALUES (2)"
-        )
+        await back_to_version(conn, 2)
     async with PostgresStore.from_url(url) as store:
         first = turn(root)
         await store.append(append_request([first], root.id))
@@ -262,23 +404,28 @@ async def test_a_version_2_database_gets_the_current_append_functions(
     assert versions == [2, SCHEMA_VERSION]
 
 
-async def test_large_events_are_stored_compressed_and_read_back_exactly(
+async def test_events_from_600_bytes_are_stored_deflated_and_read_back_exactly(
     url: str, postgres_url: str, schema: str
 ) -> None:
     root = create()
     small = turn(root, "short")
-    large = turn(small, "the order shipment status " * 200)
+    mid = turn(small, "the order shipment status " * 8)  # a short turn: ~650 bytes
+    large = turn(mid, "the order shipment status " * 200)
+    assert len(encode_event(small)) < 600 <= len(encode_event(mid))
     async with PostgresStore.from_url(url) as store:
         await store.append(append_request([root], None))
-        await store.append(append_request([small, large], root.id))
+        await store.append(append_request([small, mid, large], root.id))
         async with admin(postgres_url, schema) as conn:
-            rows = dict(await conn.fetch("SELECT id, data FROM ledger_events"))
-        assert rows[small.id] == encode_event(small)  # small: the JSON as it is
-        assert len(rows[large.id]) < len(encode_event(large)) // 4  # large: deflated
-        assert rows[large.id][:1] != b"{"
+            rows = dict(await conn.fetch("SELECT encode(id, 'hex'), data FROM ledger_events"))
+        assert rows[small.id] == encode_event(small)  # mostly its envelope: plain
+        # Deflated with the stored form's dictionary, however short the content.
+        assert len(rows[mid.id]) < len(encode_event(mid)) * 2 // 3
+        assert len(rows[large.id]) < len(encode_event(large)) // 4
+        assert decode_stored(rows[mid.id]) == mid
+        assert decode_stored(rows[large.id]) == large
         assert await store.get(large.id) == large
-        assert [item.event for item in await store.read_feed()] == [root, small, large]
-        assert [e async for e in store.events(root.session)] == [root, small, large]
+        assert [item.event for item in await store.read_feed()] == [root, small, mid, large]
+        assert [e async for e in store.events(root.session)] == [root, small, mid, large]
         assert (await store.ancestors(large.id))[0] == large
 
 
@@ -293,7 +440,7 @@ async def test_damaged_compressed_row_raises_integrity_error_naming_it(
             # One byte of the stream flipped: the inflated bytes fail its checksum.
             await conn.execute(
                 "UPDATE ledger_events SET data = set_byte(data, 20, get_byte(data, 20) # 1) "
-                "WHERE id = $1",
+                "WHERE id = decode($1, 'hex')",
                 large.id,
             )
         for call in (store.get(large.id), store.read_feed(0, 10)):
@@ -736,12 +883,13 @@ async def test_damaged_row_raises_integrity_error_naming_it(
         async with admin(postgres_url, schema) as conn:
             if damage == "garbage":
                 await conn.execute(
-                    "UPDATE ledger_events SET data = '\\x00ff'::bytea WHERE id = $1", first.id
+                    "UPDATE ledger_events SET data = '\\x00ff'::bytea WHERE id = decode($1, 'hex')",
+                    first.id,
                 )
             else:
                 await conn.execute(
                     "UPDATE ledger_events SET data = (SELECT data FROM ledger_events "
-                    "WHERE id = $2) WHERE id = $1",
+                    "WHERE id = decode($2, 'hex')) WHERE id = decode($1, 'hex')",
                     first.id,
                     root.id,
                 )
@@ -927,7 +1075,9 @@ async def test_ancestors_name_a_tampered_parent_column(
         parent = events[1].id if tampered == "other" else "f" * 64
         async with admin(postgres_url, schema) as conn:
             await conn.execute(
-                "UPDATE ledger_events SET parent = $1 WHERE id = $2", parent, victim.id
+                "UPDATE ledger_events SET parent = decode($1, 'hex') WHERE id = decode($2, 'hex')",
+                parent,
+                victim.id,
             )
         with pytest.raises(IntegrityError) as info:
             await store.ancestors(events[-1].id)
@@ -1060,11 +1210,42 @@ async def test_a_first_fold_by_the_path_index_names_a_bad_parent_column(
         async with admin(postgres_url, schema) as conn:
             if tampered == "skips":  # the parent column skips one event
                 await conn.execute(
-                    "UPDATE ledger_events SET parent = $1 WHERE id = $2", events[699].id, child.id
+                    "UPDATE ledger_events SET parent = decode($1, 'hex') "
+                    "WHERE id = decode($2, 'hex')",
+                    events[699].id,
+                    child.id,
                 )
             else:
-                await conn.execute("DELETE FROM ledger_events WHERE id = $1", events[700].id)
+                await conn.execute(
+                    "DELETE FROM ledger_events WHERE id = decode($1, 'hex')", events[700].id
+                )
         engine = FoldEngine(store, snapshot_every=8)
         with pytest.raises(IntegrityError) as info:
             await engine.state_at(SESSION, root.session, events[-1].id)
         assert child.id in str(info.value)
+
+
+# --- ids as the tables keep them ----------------------------------------------------
+
+
+async def test_ids_that_would_not_read_back_the_same_are_refused_and_nothing_written(
+    url: str,
+) -> None:
+    async with PostgresStore.from_url(url) as store:
+        root = create()
+        upper_session = msgspec.structs.replace(root, session=root.session.upper())
+        with pytest.raises(InvalidEventError) as info:
+            await store.append(append_request([upper_session], None))
+        assert root.session.upper() in str(info.value)
+        for bad_id in ("not-hex", root.id.upper(), f"{root.id[:10]} {root.id[10:]}"):
+            with pytest.raises(InvalidEventError) as info:
+                await store.append(append_request([msgspec.structs.replace(root, id=bad_id)], None))
+            assert repr(bad_id) in str(info.value)
+        assert await store.read_feed() == []
+        # Reads by such ids find nothing, as for any unknown id.
+        assert [e async for e in store.events("not-a-uuid")] == []
+        assert await store.find_by_key(root.session.upper(), "k") is None
+        with pytest.raises(EventNotFoundError):
+            await store.get("not-hex")
+        with pytest.raises(EventNotFoundError):
+            await store.ancestors(root.id.upper())

@@ -36,6 +36,7 @@ from ledger.events import (
     Event,
     SessionCreated,
     TurnAdded,
+    encode_stored,
     event_problem,
     make_event,
     new_session_id,
@@ -96,8 +97,8 @@ async def new_session(store: SQLiteStore, turns: int = 0) -> list[Event]:
     return chain
 
 
-async def collect(store: SQLiteStore, session_id: str) -> list[Event]:
-    return [event async for event in store.events(session_id, page_size=7)]
+async def collect(store: SQLiteStore, session_id: str, page_size: int = 7) -> list[Event]:
+    return [event async for event in store.events(session_id, page_size=page_size)]
 
 
 async def assert_linear(store: SQLiteStore, session_id: str) -> list[Event]:
@@ -272,6 +273,57 @@ async def test_failed_batch_rolls_back_and_leaves_the_connection_usable(db: Path
         await assert_linear(store, root.session)
 
 
+def empty_wal(path: Path) -> None:
+    """Checkpoint the whole WAL into the file and truncate it: what follows starts it anew."""
+    with raw(path) as conn:
+        assert conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone() == (0, 0, 0)
+
+
+def written_since_emptied(path: Path) -> set[str]:
+    """The tables and indexes that own a page the WAL holds (``dbstat``'s names)."""
+    wal = Path(f"{path}-wal").read_bytes()
+    page_size = int.from_bytes(wal[8:12], "big")
+    frames = range(32, len(wal) - 23, 24 + page_size)  # WAL header, then header + page
+    pages = {int.from_bytes(wal[start : start + 4], "big") for start in frames}
+    with raw(path) as conn:
+        try:
+            owners = dict(conn.execute("SELECT pageno, name FROM dbstat"))
+        except sqlite3.OperationalError:
+            pytest.skip("this SQLite has no dbstat table")
+    return {owners[page] for page in pages if page in owners}
+
+
+async def test_an_append_that_keeps_the_status_leaves_the_status_index_unwritten(
+    db: Path,
+) -> None:
+    # Assigning status, even its own value, rewrites the (user_id, status) index
+    # entry: a page more per append. Both the group path and the per-append one.
+    async with SQLiteStore(db) as store:
+        chain = await new_session(store)
+        for key in (None, "key-1"):  # a plain group; an append run alone (a key to look up)
+            event = turn(chain[-1], key=key)
+            empty_wal(db)
+            await store.append(request([event], chain[-1].id))
+            written = written_since_emptied(db)
+            assert "sessions_activity" in written
+            assert "sessions_user_status" not in written
+            chain.append(event)
+        suspend = turn(chain[-1])
+        empty_wal(db)
+        await store.append(
+            AppendRequest(
+                session_id=suspend.session,
+                branch="main",
+                expected_head=chain[-1].id,
+                events=[suspend],
+                status="suspended",
+            )
+        )
+        assert "sessions_user_status" in written_since_emptied(db)
+        row = await store.session(suspend.session)
+        assert (row.status, row.event_count) == ("suspended", 4)
+
+
 async def test_concurrent_tasks_racing_on_one_head_one_wins(db: Path) -> None:
     async with SQLiteStore(db) as store:
         root, head = await new_session(store, turns=1)
@@ -371,6 +423,26 @@ async def test_damaged_row_raises_integrity_error_naming_it(db: Path, damage: st
             assert "position" in str(info.value)
         # the untouched rows still read
         assert await store.get(chain[1].id) == chain[1]
+
+
+@pytest.mark.parametrize("page_size", [1, 2, 3, 1000])
+async def test_a_replay_names_a_row_holding_another_sessions_event(
+    db: Path, page_size: int
+) -> None:
+    # The replay reads no session column: the session it selected must be the
+    # one every event it decodes belongs to, in whichever page the row falls.
+    async with SQLiteStore(db) as store:
+        chain = await new_session(store, turns=4)
+        foreign = turn(create(), "elsewhere")  # never stored
+        with raw(db) as conn:
+            conn.execute(
+                "UPDATE events SET id = ?, data = ? WHERE id = ?",
+                (foreign.id, encode_stored(foreign), chain[3].id),
+            )
+        with pytest.raises(IntegrityError) as info:
+            await collect(store, chain[0].session, page_size)
+        assert info.value.event_id == foreign.id
+        assert "position 4" in str(info.value) and foreign.session in str(info.value)
 
 
 async def test_tampered_parent_column_is_caught_by_ancestors(db: Path) -> None:

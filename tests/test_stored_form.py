@@ -23,8 +23,9 @@ from ledger.events import (
     make_event,
     new_session_id,
 )
+from stores.base import decode_checked
 from stores.sqlite import SCHEMA_VERSION, SQLiteStore
-from tests.strategies import events, json_values
+from tests.strategies import chains, events, json_values
 
 LONG = "The assistant explains the refund policy in detail, step by step. " * 40
 
@@ -65,6 +66,29 @@ def _turn(content: object) -> Event:
 def test_decoding_many_stored_events_is_decoding_each(batch: list[Event]) -> None:
     stored = [encode_stored(event) for event in batch]
     assert decode_stored_all(stored) == [decode_stored(data) for data in stored] == batch
+
+
+@given(chains(), st.data())
+def test_a_checked_page_is_its_events_or_none_when_any_row_differs(
+    chain: list[Event], data: st.DataObject
+) -> None:
+    stored = [encode_stored(event) for event in chain]
+    ids = [event.id for event in chain]
+    session = chain[0].session
+    for sessions in (session, [session] * len(chain)):  # one for all, or one per row
+        assert decode_checked(stored, ids, sessions, decode_stored_all) == chain
+    k = data.draw(st.integers(0, len(chain) - 1))
+    other = _turn("elsewhere")  # another session's event
+    wrong_id = [*ids[:k], other.id, *ids[k + 1 :]]
+    assert decode_checked(stored, wrong_id, session, decode_stored_all) is None
+    foreign = [*stored[:k], encode_stored(other), *stored[k + 1 :]]
+    for ids_given in (ids, wrong_id):
+        assert decode_checked(foreign, ids_given, session, decode_stored_all) is None
+    assert decode_checked(stored[:k] + stored[k + 1 :], ids, session, decode_stored_all) is None
+    assert (
+        decode_checked([*stored[:k], b"{", *stored[k + 1 :]], ids, session, decode_stored_all)
+        is None
+    )
 
 
 @pytest.mark.parametrize("bad", [b"{}", b"\x01", b'{"id": "\xff"}', b"[]"])
