@@ -17,8 +17,9 @@ chain's own findings to the event that changed when they can tell.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Final, Literal
 
 import msgspec
@@ -39,7 +40,10 @@ from ledger.events import (
 )
 from ledger.merkle import MerkleLog, verify_consistency
 from ledger.verify_worker import (
+    PLAIN,
     Answer,
+    TailRequest,
+    TailWorker,
     Worker,
     check_events,
     encode_request,
@@ -47,6 +51,7 @@ from ledger.verify_worker import (
 )
 from projections.base import fold
 from projections.session import ACTIVE, SESSION, SUSPENDED, SessionState, state_checksum
+from projections.session import apply as _apply
 from stores.base import EventStore
 
 __all__ = ["AnchorCheck", "Problem", "VerifyReport", "verify_session"]
@@ -67,6 +72,9 @@ _FORKS: Final = frozenset({Branched, Restored})
 """The events whose parent need not be their branch's head."""
 _STEP_CHECKED: Final = frozenset({Checkpointed, Resumed})
 """The kinds that always take ``_check_step``'s every check (a checksum, a lifecycle rule)."""
+_SPLIT_SCHEMES: Final = frozenset({"sqlite", "postgresql"})
+"""The stores that a second process opens at once by their URL (``_walk_split``): not the
+memory store (in this process), nor JSONL (opening it reads its index: seconds)."""
 _PAIRED: Final = frozenset({Erased, Redacted})
 """The kinds ``_Redactions`` pairs up; no other event can change its findings."""
 
@@ -170,11 +178,14 @@ async def verify_session(
     """
     recorded = await store.anchors(session_id)
     need_log = bool(anchors or recorded)
+    count = await _event_count(store, session_id)
     if parallel is None:
-        parallel = (os.cpu_count() or 1) > 1 and await _event_count(store, session_id) >= (
-            PARALLEL_FROM
-        )
-    result = await _walk_parallel(store, session_id, key, need_log) if parallel else None
+        parallel = (os.cpu_count() or 1) > 1 and count >= PARALLEL_FROM
+    result = None
+    if parallel and store.url.partition(":")[0] in _SPLIT_SCHEMES and count >= 2 * CHUNK:
+        result = await _walk_split(store, session_id, key, need_log, count // 2 // CHUNK * CHUNK)
+    if parallel and result is None:
+        result = await _walk_parallel(store, session_id, key, need_log)
     if result is None:  # sequential, or a worker found a bad event: the exact report
         result = await _walk(store, session_id, key, need_log)
     checked, problems, log, bad_at = result
@@ -221,14 +232,33 @@ async def _walk(store: EventStore, session_id: str, key: bytes | None, need_log:
     walker = _Walker(store, session_id, key, content=True)
     leaves = bytearray() if need_log else None
     try:
-        async for event in store.events(session_id, page_size=PAGE):
+        async for chunk in _chunks(store, session_id):
+            walked = await walker.walk(chunk)
             if leaves is not None:
-                leaves += bytes.fromhex(event.id)
-            if not (await walker.step_fork(event) if walker.forks(event) else walker.step(event)):
+                leaves += bytes.fromhex("".join([event.id for event in chunk[:walked]]))
+            if walked < len(chunk):
                 break
     except IntegrityError as exc:
         walker.problems.append(Problem(session_id, exc.event_id, str(exc)))
     return walker.done(MerkleLog.from_leaves(leaves) if leaves is not None else None)
+
+
+async def _chunks(store: EventStore, session_id: str) -> AsyncGenerator[list[Event], None]:
+    """The session's events in append order, ``CHUNK`` at a time; a store's
+    ``IntegrityError`` is raised after the chunk of the good events before it."""
+    chunk: list[Event] = []
+    try:
+        async for event in store.events(session_id, page_size=PAGE):
+            chunk.append(event)
+            if len(chunk) == CHUNK:
+                yield chunk
+                chunk = []
+    except IntegrityError:
+        if chunk:
+            yield chunk
+        raise
+    if chunk:
+        yield chunk
 
 
 class _Walker:
@@ -253,6 +283,34 @@ class _Walker:
         self.heads: dict[str, SessionState] = {}
         self.kept: dict[str, SessionState] = {}  # every KEEP_EVERY-th depth: a fork's base
         self.redactions = _Redactions(session_id)
+
+    async def walk(self, events: Sequence[Event]) -> int:
+        """Check these next events in turn; how many were checked (fewer than all once
+        there are too many problems to go on).
+
+        The common event, a plain step on an active branch, is folded here with no
+        call but the fold's: ``step`` would find nothing wrong with it.
+        """
+        heads, session_id, plain = self.heads, self.session_id, not self.content
+        for walked, event in enumerate(events):
+            kind = type(event.body)
+            head = heads.get(event.branch)
+            if (
+                plain
+                and kind in PLAIN
+                and head is not None
+                and event.parent == head.head
+                and event.seq == head.seq + 1
+                and event.seq % KEEP_EVERY
+                and event.at >= head.last_activity_at
+                and head.status == ACTIVE
+                and event.session == session_id
+            ):
+                self.checked += 1
+                heads[event.branch] = _apply(head, event)
+            elif not (await self.step_fork(event) if self.forks(event) else self.step(event)):
+                return walked + 1
+        return len(events)
 
     def forks(self, event: Event) -> bool:
         """Must this event go to ``step_fork``?"""
@@ -329,23 +387,16 @@ async def _walk_parallel(
     except OSError:
         return None
     walker = _Walker(store, session_id, key, content=False)
-    chunk: list[Event] = []
     chunks: list[Answer | None] = []  # each chunk's answer; None: the worker's
     try:
         try:
-            async for event in store.events(session_id, page_size=PAGE):
-                chunk.append(event)
-                if len(chunk) == CHUNK:
-                    chunks.append(_hand_over(chunk, worker, need_log))
-                    chunk = []
-                if not (
-                    await walker.step_fork(event) if walker.forks(event) else walker.step(event)
-                ):
+            async for chunk in _chunks(store, session_id):
+                walked = await walker.walk(chunk)
+                chunks.append(_hand_over(chunk[:walked], worker, need_log))
+                if walked < len(chunk):
                     break
         except IntegrityError as exc:
             walker.problems.append(Problem(session_id, exc.event_id, str(exc)))
-        if chunk:
-            chunks.append(_hand_over(chunk, worker, need_log))
         results = await worker.results()
     finally:
         await worker.close()
@@ -357,6 +408,60 @@ async def _walk_parallel(
         return None
     log = MerkleLog.from_chunks([levels for _, levels in answered]) if need_log else None
     return walker.done(log)
+
+
+async def _walk_split(
+    store: EventStore, session_id: str, key: bytes | None, need_log: bool, start: int
+) -> _Walk | None:
+    """``_walk`` on two cores for a store a second process can open: a worker
+    (``ledger.verify_worker.check_tail``) reads and checks the session from its
+    ``start``-th event on, while this process reads and checks the events before it.
+
+    None (then the caller walks again another way) unless every event checks and the
+    worker is sure of the tail given the heads this process leaves: a tail that needs
+    the state before it (a checkpoint, a fork, a redaction, a resumed branch) or a bad
+    event is walked again, so that it is reported as the sequential walk reports it.
+    """
+    request = TailRequest(url=store.url, session=session_id, start=start, log=need_log)
+    try:
+        tail = TailWorker(request, CHUNK)
+    except OSError:
+        return None
+    walker = _Walker(store, session_id, key, content=False)
+    answers: list[Answer] = []
+    try:
+        async with contextlib.aclosing(_chunks(store, session_id)) as chunks:
+            async for chunk in chunks:
+                if await walker.walk(chunk) < len(chunk) or walker.problems:
+                    return None  # a problem: the report is the sequential walk's
+                answers.append(check_events(chunk, need_log))
+                if not answers[-1][0]:
+                    return None
+                if walker.checked >= start:
+                    break
+        answer = await tail.answer()
+    except IntegrityError:
+        return None
+    finally:
+        await tail.close()
+    if walker.checked != start or answer is None or not answer.sure:
+        return None
+    if not all(_continues(walker.heads.get(b), *first) for b, first in answer.firsts.items()):
+        return None
+    walker.checked += answer.count
+    log = MerkleLog.from_chunks([levels for _, levels in answers] + answer.levels)
+    return walker.done(log if need_log else None)
+
+
+def _continues(head: SessionState | None, parent: str | None, seq: int, at: int) -> bool:
+    """Does a plain event with this parent, depth and time step from this branch head?"""
+    return (
+        head is not None
+        and head.head == parent
+        and head.seq + 1 == seq
+        and head.last_activity_at <= at
+        and head.status == ACTIVE
+    )
 
 
 def _hand_over(chunk: list[Event], worker: Worker, need_log: bool) -> Answer | None:

@@ -13,6 +13,12 @@ one byte the number of Merkle levels, then each level as an 8-byte length and
 its bytes: with ``--log``, the hashes of the complete subtrees of the chunk's
 ids (a chunk starts at a multiple of a power of two, so they are subtrees of
 the session's log), else none (``--content``).
+
+With ``--tail`` the worker checks a long session's tail on its own instead
+(``TailRequest``, one request and one answer, each an 8-byte length and msgpack): it
+opens the store, reads the session from the ``start``-th event on, checks each
+event's content and the tail's structure from unknown branch heads (``TailWalk``),
+and answers what the caller must find at the start of the tail for it to hold.
 """
 
 from __future__ import annotations
@@ -30,23 +36,35 @@ from typing import IO, Final, Literal
 import blake3
 import msgspec
 
+from ledger.errors import LedgerError
 from ledger.events import (
-    _SALT,
     FORMAT_VERSION,
+    Closed,
     Erased,
     Event,
+    Expired,
+    MetadataSet,
+    Recorded,
+    Suspended,
+    TurnAdded,
     canonical,
     event_problem,
 )
 from ledger.merkle import MerkleLog
 
 __all__ = [
+    "PLAIN",
     "Answer",
     "Envelope",
     "Mode",
+    "TailAnswer",
+    "TailRequest",
+    "TailWalk",
+    "TailWorker",
     "Worker",
     "check_chunk",
     "check_events",
+    "check_tail",
     "encode_request",
     "event_id_if_sound",
     "main",
@@ -81,43 +99,154 @@ class Envelope(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, gc=Fals
     format: int = FORMAT_VERSION
 
 
+PLAIN: Final = frozenset({TurnAdded, Suspended, Closed, Expired, MetadataSet, Recorded})
+"""The kinds whose step on an active branch, linked to its head, verify can find nothing
+wrong with whatever the state (no checksum, no lifecycle rule, no fork, no redaction)."""
+_ENDING: Final = frozenset({Suspended, Closed, Expired})
+"""The plain kinds after which a branch is no longer active."""
+
+
+class TailRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Check the session's events from the ``start``-th on, in the store at ``url``."""
+
+    url: str
+    session: str
+    start: int
+    log: bool
+
+
+class TailAnswer(msgspec.Struct, frozen=True, kw_only=True):
+    """``sure``: every event of the tail verifies on its own, and steps plainly from the
+    one before it on its branch (``PLAIN``), provided that each branch's head before the
+    tail is ``firsts[branch]``'s parent, active, one shallower and no later. Not sure:
+    something there needs the state before the tail (or is wrong): the caller checks it."""
+
+    sure: bool
+    count: int = 0
+    firsts: dict[str, tuple[str | None, int, int]] = {}
+    """Branch -> (parent, depth, time) of its first event in the tail."""
+    levels: list[list[bytes]] = []
+    """The Merkle levels of each ``CHUNK`` of the tail's ids (with ``log``)."""
+
+
+class TailWalk:
+    """The structure of a session's tail, checked from unknown branch heads."""
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        self.firsts: dict[str, tuple[str | None, int, int]] = {}
+        self.heads: dict[str, tuple[str, int, int, bool]] = {}  # id, depth, time, active
+
+    def walk(self, events: Sequence[Event]) -> bool:
+        """Do these next events step plainly? (False: the caller must see for itself.)"""
+        heads, firsts = self.heads, self.firsts
+        for event in events:
+            kind = type(event.body)
+            if kind not in PLAIN or event.session != self.session_id:
+                return False
+            head = heads.get(event.branch)
+            if head is None:
+                firsts[event.branch] = (event.parent, event.seq, event.at)
+            elif not (
+                head[3]
+                and event.parent == head[0]
+                and event.seq == head[1] + 1
+                and event.at >= head[2]
+            ):
+                return False
+            heads[event.branch] = (event.id, event.seq, event.at, kind not in _ENDING)
+        return True
+
+
+async def check_tail(request: TailRequest, chunk_size: int) -> TailAnswer:
+    """What the worker answers to a ``TailRequest`` (chunks of ``chunk_size``, a power of two)."""
+    from stores import open_store  # the stores only where a worker reads one itself
+
+    walk = TailWalk(request.session)
+    levels: list[list[bytes]] = []
+    count = 0
+    chunk: list[Event] = []
+    try:
+        async with open_store(request.url) as store:
+            async for event in store.events_from(request.session, request.start, page_size=8192):
+                chunk.append(event)
+                if len(chunk) == chunk_size:
+                    if not _tail_chunk(walk, chunk, request.log, levels):
+                        return TailAnswer(sure=False)
+                    count, chunk = count + len(chunk), []
+    except LedgerError:
+        return TailAnswer(sure=False)  # an event that does not read: the caller names it
+    if chunk and not _tail_chunk(walk, chunk, request.log, levels):
+        return TailAnswer(sure=False)
+    return TailAnswer(sure=True, count=count + len(chunk), firsts=walk.firsts, levels=levels)
+
+
+def _tail_chunk(walk: TailWalk, chunk: list[Event], log: bool, levels: list[list[bytes]]) -> bool:
+    ok, chunk_levels = check_events(chunk, log)
+    levels.append(chunk_levels)
+    return ok and walk.walk(chunk)
+
+
 _decode_envelopes = msgspec.json.Decoder(list[Envelope]).decode
 _decode_events = msgspec.json.Decoder(list[Event]).decode
 
 
-def sound_id(event: Event | Envelope, kind: str, body: bytes) -> bytes | None:
+def sound_id(
+    event: Event | Envelope, kind: str, body: bytes, hasher: blake3.blake3 | None = None
+) -> bytes | None:
     """The event's id (bytes) when it verifies on its own, else None: ``event_problem``'s
     checks of an event whose body is not ``Erased``, given the body's kind and its
-    canonical bytes (whatever form the body itself has)."""
-    if event.format != FORMAT_VERSION or not _SALT.fullmatch(event.salt):
+    canonical bytes (whatever form the body itself has).
+
+    ``hasher``: one to reset and reuse (a new one costs as much as the hashing itself).
+    """
+    salt = _salt_bytes(event.salt)
+    if event.format != FORMAT_VERSION or salt is None:
         return None
-    if _blake3(bytes.fromhex(event.salt) + body).hexdigest() != event.body_digest:
+    hasher = hasher or _blake3()
+    hasher.reset()
+    hasher.update(salt)
+    hasher.update(body)
+    if hasher.hexdigest() != event.body_digest:
         return None
-    header = canonical(
-        [
-            event.format,
-            event.session,
-            event.parent,
-            event.seq,
-            event.branch,
-            event.at,
-            event.actor,
-            kind,
-            event.idempotency_key,
-            event.body_digest,
-        ]
+    hasher.reset()
+    hasher.update(
+        canonical(
+            [
+                event.format,
+                event.session,
+                event.parent,
+                event.seq,
+                event.branch,
+                event.at,
+                event.actor,
+                kind,
+                event.idempotency_key,
+                event.body_digest,
+            ]
+        )
     )
-    digest = _blake3(header).digest()
+    digest = hasher.digest()
     return digest if digest.hex() == event.id else None
 
 
-def event_id_if_sound(event: Event) -> bytes | None:
+def _salt_bytes(salt: str) -> bytes | None:
+    """The salt's 16 bytes when it is 32 lower-case hex digits (``_SALT``), else None:
+    the round trip through ``fromhex`` rules out upper case and spaces, without a regex."""
+    try:
+        raw = bytes.fromhex(salt)
+    except ValueError:
+        return None
+    return raw if len(raw) == 16 and raw.hex() == salt else None
+
+
+def event_id_if_sound(event: Event, hasher: blake3.blake3 | None = None) -> bytes | None:
     """The event's id (bytes) when ``event_problem`` finds nothing wrong with it, else None
     (then ask ``event_problem`` why): the same checks, with fewer calls."""
     body = event.body
     if type(body) is Erased:
         return bytes.fromhex(event.id) if event_problem(event) is None else None
-    return sound_id(event, type(body).__name__, canonical(body))
+    return sound_id(event, type(body).__name__, canonical(body), hasher)
 
 
 def check_events(events: Sequence[Event], log: bool) -> Answer:
@@ -126,8 +255,9 @@ def check_events(events: Sequence[Event], log: bool) -> Answer:
     The answer the worker gives for the same events: the caller checks some chunks itself.
     """
     ids = []
+    hasher = _blake3()
     for event in events:
-        leaf = event_id_if_sound(event)
+        leaf = event_id_if_sound(event, hasher)
         if leaf is None:
             return False, []
         ids.append(leaf)
@@ -141,10 +271,11 @@ def check_chunk(blob: bytes | bytearray, log: bool) -> Answer:
     body (rare) makes the whole chunk decode again as events, for ``event_problem``.
     """
     ids = []
+    hasher = _blake3()
     for envelope in _decode_envelopes(blob):
         body = bytes(envelope.body)
         kind = body[9 : body.index(b'"', 9)].decode()  # the tag comes first: {"kind":"..."
-        leaf = sound_id(envelope, kind, body) if kind != "Erased" else None
+        leaf = sound_id(envelope, kind, body, hasher) if kind != "Erased" else None
         if leaf is None:
             return check_events(_decode_events(blob), log)  # exactly event_problem's verdict
         ids.append(leaf)
@@ -267,8 +398,57 @@ class Worker:
                     pipe.close()
 
 
+class TailWorker:
+    """A worker that checks a session's tail (``--tail``) while this process checks the rest."""
+
+    def __init__(self, request: TailRequest, chunk_size: int) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ledger.verify_worker", "--tail", str(chunk_size)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": IMPORT_ROOT},
+        )
+        data = msgspec.msgpack.encode(request)  # on stdin: a URL may hold a password
+        self._answer = asyncio.ensure_future(
+            asyncio.to_thread(self.process.communicate, len(data).to_bytes(8, "big") + data)
+        )
+
+    async def answer(self) -> TailAnswer | None:
+        """The worker's answer once it has ended; None if it failed."""
+        try:
+            out, _ = await asyncio.shield(self._answer)
+        except (OSError, ValueError):
+            return None
+        if self.process.returncode != 0 or len(out) < 8:
+            return None
+        try:
+            return msgspec.msgpack.decode(out[8:], type=TailAnswer)
+        except msgspec.MsgspecError:
+            return None
+
+    async def close(self) -> None:
+        """The process ended, whatever happened."""
+        if self.process.poll() is None:
+            self.process.kill()
+        with contextlib.suppress(Exception):
+            await self._answer
+
+
+def _tail_main(chunk_size: int) -> None:
+    source, sink = sys.stdin.buffer, sys.stdout.buffer
+    request = msgspec.msgpack.decode(
+        _read(source, int.from_bytes(_read(source, 8), "big")), type=TailRequest
+    )
+    answer = msgspec.msgpack.encode(asyncio.run(check_tail(request, chunk_size)))
+    sink.write(len(answer).to_bytes(8, "big") + answer)
+    sink.flush()
+
+
 def main() -> None:
     mode = sys.argv[1] if len(sys.argv) > 1 else "--content"
+    if mode == "--tail":
+        _tail_main(int(sys.argv[2]))
+        return
     source, sink = sys.stdin.buffer, sys.stdout.buffer
     while True:
         size = int.from_bytes(_read(source, 8), "big")

@@ -459,6 +459,21 @@ class EventStore(abc.ABC):
     async def anchors(self, session_id: str) -> list[bytes]:
         """The session's encoded anchors, in the order they were put."""
 
+    async def events_from(
+        self, session_id: str, start: int, *, page_size: int = 1000
+    ) -> AsyncIterator[Event]:
+        """``events`` from the session's ``start``-th event on (0: all of them), as of now.
+
+        Here by reading past the first ``start``; a store that can seek overrides it
+        (a second process then reads a long session's tail without its head).
+        """
+        skipped = 0
+        async for event in self.events(session_id, page_size=page_size):
+            if skipped >= start:
+                yield event
+            else:
+                skipped += 1
+
 
 class FeedStore(EventStore):
     """A store with a global, gap-free commit order over all sessions."""

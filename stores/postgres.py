@@ -1532,7 +1532,12 @@ class PostgresStore(PurgeStore):
 
         return await walk_path(event_id, limit, window, chain, size=_PATH_WINDOW)
 
-    async def events(self, session_id: str, *, page_size: int = 1000) -> AsyncIterator[Event]:
+    def events(self, session_id: str, *, page_size: int = 1000) -> AsyncIterator[Event]:
+        return self.events_from(session_id, 0, page_size=page_size)
+
+    async def events_from(
+        self, session_id: str, start: int, *, page_size: int = 1000
+    ) -> AsyncIterator[Event]:
         page_size = max(1, page_size)
         if not _is_session_id(session_id):
             self._check_open()
@@ -1544,6 +1549,14 @@ class PostgresStore(PurgeStore):
         )
         upper: int = rows[0][0]
         after = 0
+        if start > 0:  # the position of the event before the start-th: a seek in the index
+            rows = await self._fetch(
+                "SELECT position FROM ledger_events WHERE session_id = $1 ORDER BY position "
+                "LIMIT 1 OFFSET $2",
+                session_id,
+                start - 1,
+            )
+            after = rows[0][0] if rows else upper
         while after < upper:
             rows = await self._fetch(
                 f"SELECT {_EVENT_COLUMNS} FROM ledger_events "

@@ -1234,14 +1234,27 @@ class SQLiteStore(PurgeStore):
             (event_id, below, limit),
         )
 
-    async def events(self, session_id: str, *, page_size: int = 1000) -> AsyncIterator[Event]:
+    def events(self, session_id: str, *, page_size: int = 1000) -> AsyncIterator[Event]:
+        return self.events_from(session_id, 0, page_size=page_size)
+
+    async def events_from(
+        self, session_id: str, start: int, *, page_size: int = 1000
+    ) -> AsyncIterator[Event]:
         page_size = max(1, page_size)
         # The session's events as of now, as MemoryStore gives them: later
         # appends are not chased.
         ((upper,),) = await self._fetch(
             "SELECT coalesce(max(position), 0) FROM events WHERE session_id = ?", (session_id,)
         )
-        if upper == 0:
+        after = 0
+        if start > 0:  # the position of the event before the start-th: a seek in the index
+            rows = await self._fetch(
+                "SELECT position FROM events WHERE session_id = ? ORDER BY position "
+                "LIMIT 1 OFFSET ?",
+                (session_id, start - 1),
+            )
+            after = rows[0][0] if rows else upper
+        if upper <= after:
             return
 
         reader = self._read_connection()
@@ -1253,7 +1266,7 @@ class SQLiteStore(PurgeStore):
 
         # Each page is read and decoded in the store's thread, the next one while
         # this one is handed out: the event loop only yields events.
-        pending: asyncio.Task[tuple[int, list[Event]]] | None = page(0)
+        pending: asyncio.Task[tuple[int, list[Event]]] | None = page(after)
         try:
             while pending is not None:
                 with _translate(self.filename, session_id):

@@ -483,6 +483,164 @@ async def test_verify_falls_back_to_one_core_when_the_worker_dies(
     assert one == two and two.ok
 
 
+# --- a long session split between two processes ----------------------------------------
+
+SPLIT_CHUNK = 16
+"""``ledger.verify.CHUNK`` in these tests: a session of a few dozen events splits."""
+
+
+async def plain_tail_session(led: Ledger) -> str:
+    """A checkpoint and a branch in the first half, then turns on both branches."""
+    sid = (await led.create(user_id="u", agent="a")).session_id
+    for i in range(3):
+        await led.add_turn(sid, role="user", content=f"turn {i}", tokens_in=i)
+    cp = await led.checkpoint(sid, label="three")
+    await led.branch(sid, "alt", at=cp.entry)
+    for i in range(45):
+        await led.add_turn(
+            sid, role="user", content=f"later {i}", branch=("main", "alt")[i % 3 == 0]
+        )
+    await led.suspend(sid, branch="alt")
+    return sid
+
+
+async def split_and_one_core(url: str, sid: str, anchors: list[Anchor]) -> tuple[Any, Any, Any]:
+    """``_walk_split``'s result (None: not sure), and the reports on two cores and on one."""
+    from ledger.verify import _walk_split, verify_session
+
+    async with Ledger.open(url, key=KEY) as led:
+        count = (await led.store.session(sid)).event_count
+        split = await _walk_split(
+            led.store, sid, KEY, True, count // 2 // SPLIT_CHUNK * SPLIT_CHUNK
+        )
+        two = await verify_session(led.store, sid, KEY, anchors, parallel=True)
+        one = await verify_session(led.store, sid, KEY, anchors, parallel=False)
+        return split, two, one
+
+
+@pytest.fixture
+def split_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Path, str, list[str], Anchor]:
+    import asyncio
+
+    monkeypatch.setattr("ledger.verify.CHUNK", SPLIT_CHUNK)
+
+    async def build(path: Path) -> tuple[str, list[str], Anchor]:
+        async with Ledger.open(f"sqlite:///{path}", key=KEY) as led:
+            sid = await plain_tail_session(led)
+            anchor = await led.anchor(sid, record=False)
+            return sid, [e.id async for e in led.events(sid)], anchor
+
+    path = tmp_path / "split.db"
+    sid, ids, anchor = asyncio.run(build(path))
+    return path, sid, ids, anchor
+
+
+async def test_events_from_gives_the_session_from_any_start_on(
+    make_store: Callable[[], FeedStore],
+) -> None:
+    async with make_store() as store:
+        led = Ledger(store)
+        sid = await plain_tail_session(led)
+        other = (await led.create(user_id="v", agent="a")).session_id
+        await led.add_turn(other, role="user", content="in between")
+        await led.add_turn(sid, role="user", content="after the other session")
+        every = [e async for e in store.events(sid)]
+        for start in (0, 1, 7, len(every) - 1, len(every), len(every) + 3):
+            tail = [e async for e in store.events_from(sid, start, page_size=3)]
+            assert tail == every[start:], start
+        assert [e async for e in store.events_from("no-such-session", 2)] == []
+
+
+async def test_a_session_split_between_two_processes_reports_what_one_core_does(
+    split_file: tuple[Path, str, list[str], Anchor],
+) -> None:
+    path, sid, ids, anchor = split_file
+    split, two, one = await split_and_one_core(f"sqlite:///{path}", sid, [anchor])
+    assert split is not None  # the worker was sure of the tail
+    checked, problems, log, _ = split
+    assert (checked, problems) == (len(ids), [])
+    assert log.root() == MerkleLog.from_leaves(b"".join(map(bytes.fromhex, ids))).root()
+    assert one.ok and one == two and two.anchors[0].extended
+
+
+async def test_a_changed_turn_in_the_tail_is_named_as_one_core_names_it(
+    split_file: tuple[Path, str, list[str], Anchor],
+) -> None:
+    path, sid, _, anchor = split_file
+    position, event = tamper.rows(path, sid)[-5]
+    body = msgspec.structs.replace(event.body, content="changed")  # type: ignore[arg-type]
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "UPDATE events SET data = ? WHERE position = ?",
+            (msgspec.json.encode(msgspec.structs.replace(event, body=body)), position),
+        )
+    split, two, one = await split_and_one_core(f"sqlite:///{path}", sid, [anchor])
+    assert split is None and one == two and one.first_bad == event.id
+
+
+async def test_reordered_events_in_the_tail_are_named_as_one_core_names_them(
+    split_file: tuple[Path, str, list[str], Anchor],
+) -> None:
+    path, sid, ids, anchor = split_file
+    tamper.swap_positions(path, ids[-3], ids[-2])  # two turns on main
+    split, two, one = await split_and_one_core(f"sqlite:///{path}", sid, [anchor])
+    assert split is None and not one.ok and one == two
+
+
+@pytest.mark.parametrize("where", [-1, 0], ids=["last-of-the-head", "first-of-the-tail"])
+async def test_an_event_gone_at_the_split_is_named_as_one_core_names_it(
+    split_file: tuple[Path, str, list[str], Anchor], where: int
+) -> None:
+    path, sid, ids, anchor = split_file
+    start = len(ids) // 2 // SPLIT_CHUNK * SPLIT_CHUNK
+    tamper.delete(path, [ids[start + where]])  # the tail's first events no longer continue
+    split, two, one = await split_and_one_core(f"sqlite:///{path}", sid, [anchor])
+    assert split is None and not one.ok and one == two
+
+
+async def test_a_tail_that_needs_the_state_before_it_is_walked_here(
+    split_file: tuple[Path, str, list[str], Anchor],
+) -> None:
+    path, sid, ids, _ = split_file
+    async with Ledger.open(f"sqlite:///{path}", key=KEY) as led:
+        await led.resume(sid, branch="alt")  # the tail ends with a suspended branch resumed
+        await led.checkpoint(sid, label="late")
+        anchor = await led.anchor(sid, record=False)
+    split, two, one = await split_and_one_core(f"sqlite:///{path}", sid, [anchor])
+    assert split is None and one.ok and one == two and one.events_checked == len(ids) + 2
+
+
+async def test_a_session_split_on_postgres_reports_what_one_core_does(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uuid
+
+    monkeypatch.setattr("ledger.verify.CHUNK", SPLIT_CHUNK)
+    url = f"{postgres_url}?schema=t_{uuid.uuid4().hex[:16]}"
+    async with Ledger.open(url, key=KEY) as led:
+        sid = await plain_tail_session(led)
+        anchor = await led.anchor(sid, record=False)
+    try:
+        split, two, one = await split_and_one_core(url, sid, [anchor])
+        assert split is not None and split[0] == one.events_checked
+        assert one.ok and one == two and two.anchors[0].extended
+    finally:
+        await drop_schema(postgres_url, url)
+
+
+async def drop_schema(postgres_url: str, url: str) -> None:
+    import asyncpg
+
+    schema = url.rpartition("schema=")[2]
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
 # --- the stores' anchor records -------------------------------------------------------
 
 

@@ -14,7 +14,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ledger import Ledger
-from ledger.events import TurnAdded, compute_body_digest, compute_id, decode_event, encode_event
+from ledger.events import (
+    Event,
+    SessionCreated,
+    TurnAdded,
+    compute_body_digest,
+    compute_id,
+    decode_event,
+    encode_event,
+)
+from stores.memory import MemoryStore
 
 
 async def build(path: Path) -> tuple[str, list[str]]:
@@ -188,3 +197,65 @@ async def test_forks_deep_in_a_session_verify_from_the_states_kept_on_the_way() 
         assert report.first_bad == victim.id
         deep_fork = [p for p in report.problems if "its path goes through bad event" in p.message]
         assert [p.message for p in deep_fork] == [f"its path goes through bad event {victim.id!r}"]
+
+
+# --- the walk's inline fold -------------------------------------------------------------
+
+
+async def mixed_session(store: MemoryStore) -> tuple[str, list[Event]]:
+    """A session of every kind a branch can take: turns, suspension, metadata, a checkpoint,
+    a branch, a restore, a close."""
+    led = Ledger(store)
+    sid = (await led.create(user_id="u", agent="a")).session_id
+    await led.add_turn(sid, role="user", content="one", tokens_in=3)
+    await led.suspend(sid)
+    await led.resume(sid)
+    await led.set_metadata(sid, {"k": 1})
+    cp = await led.checkpoint(sid, label="cp")
+    await led.add_turn(sid, role="assistant", content="two", cost=0.5)
+    await led.branch(sid, "alt", at=cp.entry)
+    await led.add_turn(sid, role="user", content="on alt", branch="alt")
+    await led.restore(sid, cp.id)
+    await led.record(sid, "tool", {"x": 1})
+    await led.close(sid, reason="done")
+    return sid, [e async for e in led.events(sid)]
+
+
+MUTATIONS = st.sampled_from(["seq+1", "seq-1", "at-1", "parent", "branch", "session", "kind"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(index=st.integers(min_value=0), mutation=MUTATIONS)
+def test_the_walks_inline_fold_reports_what_stepping_each_event_does(
+    index: int, mutation: str
+) -> None:
+    from ledger.verify import _Walker
+
+    async def run() -> None:
+        async with MemoryStore() as store:
+            await check(store)
+
+    async def check(store: MemoryStore) -> None:
+        sid, events = await mixed_session(store)
+        at = index % len(events)
+        event, before = events[at], events[at - 1]
+        changed = {
+            "seq+1": {"seq": event.seq + 1},
+            "seq-1": {"seq": event.seq - 1},
+            "at-1": {"at": before.at - 1},
+            "parent": {"parent": before.parent},
+            "branch": {"branch": "alt" if event.branch == "main" else "main"},
+            "session": {"session": "another"},
+            "kind": {"body": SessionCreated(user_id="u", agent="a")},
+        }[mutation]
+        events[at] = msgspec.structs.replace(event, **changed)  # type: ignore[arg-type]
+        inline = _Walker(store, sid, None, content=False)
+        walked = await inline.walk(events)
+        stepped = _Walker(store, sid, None, content=False)
+        for event in events:
+            await stepped.step_fork(event) if stepped.forks(event) else stepped.step(event)
+        assert walked == len(events)
+        assert inline.done(None) == stepped.done(None)
+        assert inline.heads == stepped.heads and inline.kept == stepped.kept
+
+    asyncio.run(run())

@@ -7,7 +7,9 @@ valid, tampered, erased and forged events, alone and in chunks.
 
 from __future__ import annotations
 
+import blake3
 import msgspec
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -86,6 +88,8 @@ def test_the_worker_gives_event_problems_verdict_on_any_changed_byte(
         leaf = sound_id(changed, type(changed.body).__name__, body)
         assert (leaf is not None) == expected
         assert leaf is None or leaf.hex() == changed.id
+        dirty = blake3.blake3(b"what the event before left in a reused hasher")
+        assert sound_id(changed, type(changed.body).__name__, body, dirty) == leaf
 
 
 def test_a_chunk_of_valid_events_answers_the_merkle_levels_of_their_ids() -> None:
@@ -140,3 +144,14 @@ def sample(n: int) -> list[Event]:
         )
         for i in range(n)
     ]
+
+
+@pytest.mark.parametrize(
+    "salt",
+    ["AB" * 16, "ab" * 15 + "a ", " " + "ab" * 15 + "a", "ab" * 15, "ab" * 17, "zz" * 16, ""],
+)
+def test_a_salt_of_anything_but_32_lower_case_hex_digits_does_not_verify(salt: str) -> None:
+    event = msgspec.structs.replace(sample(1)[0], salt=salt)
+    assert event_problem(event) == "salt is not 32 lower-case hex digits"
+    assert event_id_if_sound(event) is None
+    assert check_events([event], True) == (False, [])
