@@ -498,13 +498,13 @@ def new_session_id() -> str:
 
 
 def decode_stored_all(datas: Sequence[bytes]) -> list[Event]:
-    """``decode_stored`` of many (a replay's hot loop): when none is deflated, one
+    """``decode_stored`` of many (a replay's hot loop): when none is compressed, one
     pass of the decoder with no Python call per event; else each in turn.
 
     Raises what ``decode_stored`` raises for the first bad one.
     """
     try:
-        # A deflated event starts with 0x01, which no JSON text does: it fails here.
+        # A compressed event starts with its marker byte, which no JSON text does: it fails here.
         return list(map(_event_decoder.decode, datas))
     except (msgspec.MsgspecError, UnicodeDecodeError):
         return list(map(decode_stored, datas))

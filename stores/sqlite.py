@@ -368,11 +368,11 @@ class _Packed:
     """The event rows of a group's appends, packed by the store's packing thread
     while the writer thread runs the group's SQL.
 
-    Packing an event (``encode_stored``: its JSON, deflated when large) is the
+    Packing an event (``encode_stored``: its JSON, compressed when large) is the
     costliest step of an append outside the writer. On the event loop it would
     add to every group: the loop runs the callers between two groups while the
     writer waits, and the writer runs a group while the loop waits. Here it
-    overlaps the writer's statements instead (zlib releases the GIL). ``rows(i)``
+    overlaps the writer's statements instead (the compressor releases the GIL). ``rows(i)``
     waits only for the ``i``-th append's rows.
     """
 
