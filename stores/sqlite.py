@@ -52,6 +52,7 @@ from urllib.parse import parse_qsl
 
 import aiosqlite
 import msgspec
+import orjson
 
 from ledger.errors import (
     BranchExistsError,
@@ -97,6 +98,7 @@ from stores.base import (
     walk_path,
 )
 from stores.group import GroupCommit, GroupStats
+from stores.sqlite_steps import chunks, execute_rows, statement
 
 __all__ = ["DEFAULT_GROUP_SIZE", "SCHEMA_VERSION", "SQLiteStore"]
 
@@ -108,6 +110,9 @@ SCHEMA_VERSION: Final = 2
 open: its rows are valid version 2 rows, only the number changes, so that
 code that knows only version 1 refuses the file instead of misreading it.
 """
+
+MIN_SQLITE: Final = (3, 33, 0)
+"""The oldest SQLite library the store runs on."""
 
 DEFAULT_GROUP_SIZE: Final = 64
 """The most appends one group commit holds, unless ``group_size`` says otherwise."""
@@ -360,7 +365,11 @@ def _rollback_to(conn: sqlite3.Connection, savepoint: str) -> None:
 
 _INSERT_EVENTS: Final = (
     "INSERT INTO events (id, session_id, parent, seq, branch, kind, at, idempotency_key, data) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "VALUES {values}"
+)
+_UPSERT_HEADS: Final = (
+    "INSERT INTO heads (session_id, branch, head) VALUES {values} "
+    "ON CONFLICT (session_id, branch) DO UPDATE SET head = excluded.head"
 )
 
 
@@ -427,36 +436,68 @@ def _rows_of(request: AppendRequest) -> list[_Row]:
 def _touch_sessions(conn: sqlite3.Connection, appends: list[tuple[AppendRequest, int]]) -> int:
     """Move the listing of the sessions appended to (last activity, event count, and
     the status where an append sets one); ``appends`` pairs each request with its
-    event count. Returns how many rows were updated.
+    event count, in queue order. Returns how many sessions were updated.
 
-    An UPDATE that assigns ``status`` rewrites the session's entry in the
-    ``(user_id, status)`` index even when the value stays the same: one more page
-    written per append, at a random place of a large file. So the appends that
-    leave the status alone (nearly all) use a statement without it. Splitting the
-    two keeps the outcome of any order: activity is a max and counts add up.
+    One row per session (the latest activity, the counts summed, the last status
+    set), in a few statements (``stores.sqlite_steps``). An UPDATE that assigns
+    ``status`` rewrites the session's entry in the ``(user_id, status)`` index
+    even when the value stays the same: one more page written per append, at a
+    random place of a large file. So the sessions whose status no append sets
+    (nearly all) get a statement without it.
     """
-    same_status = [
-        (r.events[-1].at, count, r.session_id) for r, count in appends if r.status is None
-    ]
-    new_status = [
-        (r.status, r.events[-1].at, count, r.session_id)
-        for r, count in appends
-        if r.status is not None
-    ]
-    updated = 0
-    if same_status:
-        updated += conn.executemany(
-            "UPDATE sessions SET last_activity_at = max(last_activity_at, ?), "
-            "event_count = event_count + ? WHERE session_id = ?",
-            same_status,
-        ).rowcount
-    if new_status:
-        updated += conn.executemany(
-            "UPDATE sessions SET status = ?, last_activity_at = max(last_activity_at, ?), "
-            "event_count = event_count + ? WHERE session_id = ?",
-            new_status,
-        ).rowcount
-    return updated
+    moved: dict[str, list[Any]] = {}
+    for request, count in appends:
+        at = request.events[-1].at
+        row = moved.get(request.session_id)
+        if row is None:
+            moved[request.session_id] = [request.session_id, at, count, request.status]
+        else:
+            row[1], row[2] = max(row[1], at), row[2] + count
+            row[3] = request.status if request.status is not None else row[3]
+    same_status = [row[:3] for row in moved.values() if row[3] is None]
+    new_status = [row for row in moved.values() if row[3] is not None]
+    return execute_rows(
+        conn,
+        "UPDATE sessions SET last_activity_at = max(last_activity_at, v.column2), "
+        "event_count = event_count + v.column3 "
+        "FROM (VALUES {values}) AS v WHERE session_id = v.column1",
+        3,
+        same_status,
+    ) + execute_rows(
+        conn,
+        "UPDATE sessions SET last_activity_at = max(last_activity_at, v.column2), "
+        "event_count = event_count + v.column3, status = v.column4 "
+        "FROM (VALUES {values}) AS v WHERE session_id = v.column1",
+        4,
+        new_status,
+    )
+
+
+def _read_heads(
+    conn: sqlite3.Connection, pairs: Sequence[tuple[str, str]]
+) -> tuple[set[str], dict[tuple[str, str], str]]:
+    """The sessions that exist among ``pairs`` (session, branch), and the heads
+    of the pairs that have one: one aggregated row per statement
+    (``stores.sqlite_steps``)."""
+    known: set[str] = set()
+    heads: dict[tuple[str, str], str] = {}
+    for count, params in chunks(pairs):
+        (found,) = conn.execute(statement(_READ_HEADS, 2, count), params).fetchone()
+        for session_id, branch, exists, head in orjson.loads(found):
+            if exists:
+                known.add(session_id)
+            if head is not None:
+                heads[(session_id, branch)] = head
+    return known, heads
+
+
+_READ_HEADS: Final = (
+    "SELECT json_group_array(json_array(w.column1, w.column2, "
+    "s.session_id IS NOT NULL, h.head)) "
+    "FROM (VALUES {values}) AS w "
+    "LEFT JOIN sessions AS s ON s.session_id = w.column1 "
+    "LEFT JOIN heads AS h ON h.session_id = w.column1 AND h.branch = w.column2"
+)
 
 
 def _append_tx(
@@ -541,12 +582,8 @@ def _append_tx(
                 raise SessionCapacityError(
                     f"session {session_id!r}", "branches", request.max_branches
                 )
-        conn.execute(
-            "INSERT INTO heads (session_id, branch, head) VALUES (?, ?, ?) "
-            "ON CONFLICT (session_id, branch) DO UPDATE SET head = excluded.head",
-            (session_id, branch, last.id),
-        )
-        conn.executemany(_INSERT_EVENTS, rows())
+        execute_rows(conn, _UPSERT_HEADS, 3, [(session_id, branch, last.id)])
+        execute_rows(conn, _INSERT_EVENTS, 9, rows())
         if request.erase:
             _erase_rows(conn, request)
         conn.execute("RELEASE append")
@@ -612,26 +649,13 @@ def _plain_group_tx(
     The same checks as ``_append_tx``, in the same order, but made for the whole
     group at once: one read of the sessions and heads concerned, each request
     checked in queue order against the heads the requests before it leave, then
-    one ``executemany`` per table for the accepted ones, the events last (their
-    rows are the last to be packed). None (and nothing written) when a write
+    the accepted ones written a table at a time in multi-row statements
+    (``stores.sqlite_steps``), the events last (their rows are the last packed).
+    None (and nothing written) when a write
     breaks a constraint or an event does not encode, which only the per-append
     path can pin on one request.
     """
-    session_ids = list({request.session_id for request in group})
-    marks = ", ".join("?" * len(session_ids))
-    known = {
-        row[0]
-        for row in conn.execute(
-            f"SELECT session_id FROM sessions WHERE session_id IN ({marks})", session_ids
-        )
-    }
-    heads: dict[tuple[str, str], str] = {
-        (row[0], row[1]): row[2]
-        for row in conn.execute(
-            f"SELECT session_id, branch, head FROM heads WHERE session_id IN ({marks})",
-            session_ids,
-        )
-    }
+    known, heads = _read_heads(conn, list({(r.session_id, r.branch): None for r in group}))
     outcomes: list[_Row | LedgerError | None] = []
     accepted: list[tuple[int, AppendRequest]] = []
     for index, request in enumerate(group):
@@ -651,15 +675,10 @@ def _plain_group_tx(
     conn.execute("SAVEPOINT plain")
     try:
         _touch_sessions(conn, [(request, len(request.events)) for _, request in accepted])
-        conn.executemany(
-            "INSERT INTO heads (session_id, branch, head) VALUES (?, ?, ?) "
-            "ON CONFLICT (session_id, branch) DO UPDATE SET head = excluded.head",
-            [(r.session_id, r.branch, r.events[-1].id) for _, r in accepted],
-        )
-        # Each row as soon as it is packed: the inserts overlap the packing.
-        conn.executemany(
-            _INSERT_EVENTS, (row for index, _ in accepted for row in packed.rows(index))
-        )
+        new_heads = {(r.session_id, r.branch): r.events[-1].id for _, r in accepted}
+        execute_rows(conn, _UPSERT_HEADS, 3, [(*pair, head) for pair, head in new_heads.items()])
+        rows = [row for index, _ in accepted for row in packed.rows(index)]
+        execute_rows(conn, _INSERT_EVENTS, 9, rows)
     except (sqlite3.IntegrityError, LedgerError):
         _rollback_to(conn, "plain")
         return None
@@ -960,6 +979,13 @@ class SQLiteStore(PurgeStore):
     # lifecycle
 
     async def _open(self) -> None:
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            # A group's writes use UPDATE ... FROM (3.33) and its reads JSON arrays.
+            raise StoreError(
+                f"Cannot open {self.filename!r}: the session ledger needs SQLite "
+                f"{'.'.join(map(str, MIN_SQLITE))} or later, and this Python uses "
+                f"{sqlite3.sqlite_version}"
+            )
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -178,6 +178,19 @@ async def test_newer_schema_version_refuses_to_open(db: Path) -> None:
     assert "newer" in message
 
 
+async def test_an_sqlite_library_too_old_is_refused_before_touching_the_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 32, 3))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.32.3")
+    db = tmp_path / "new" / "ledger.db"
+    with pytest.raises(StoreError) as info:
+        await SQLiteStore(db).open()
+    assert str(db) in str(info.value)
+    assert "3.33.0 or later" in str(info.value) and "3.32.3" in str(info.value)
+    assert not db.parent.exists()
+
+
 async def test_file_that_is_not_a_database_is_a_clear_store_error(garbage_db: Path) -> None:
     db = garbage_db
     store = SQLiteStore(db)
