@@ -2,12 +2,10 @@
 
 Python's ``sqlite3`` lets go of the GIL around every step of a statement (each
 row an ``executemany`` writes, each row a cursor reads) and must take it back
-afterwards. The group commit runs on the store's writer thread while the event
-loop's thread runs Python, and a thread that wants the GIL back waits for the
-other to release it, up to the switch interval (5 ms) each time. Measured
-on a group of 44 appends: ~130 steps per group, 6 ms per group where SQLite
-itself needs 2 ms. So a group's statements carry many rows each: a multi-row
-``VALUES`` list per insert or update, one aggregated row per read.
+afterwards, from the event loop's thread that runs Python meanwhile; and each
+row costs Python work of its own. A group of 44 appends ran ~130 steps. So a
+group's statements carry many rows each: a multi-row ``VALUES`` list per
+insert or update, one aggregated row per read.
 
 Rows go in chunks of a power of two, at most ``MAX_ROWS`` per statement: a few
 steps for any count, and a handful of distinct statements for ``sqlite3``'s
