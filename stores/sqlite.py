@@ -481,7 +481,7 @@ def _read_heads(
     (``stores.sqlite_steps``)."""
     known: set[str] = set()
     heads: dict[tuple[str, str], str] = {}
-    for count, params in chunks(pairs):
+    for count, params in chunks(pairs, len(pairs)):
         (found,) = conn.execute(statement(_READ_HEADS, 2, count), params).fetchone()
         for session_id, branch, exists, head in orjson.loads(found):
             if exists:
@@ -677,8 +677,9 @@ def _plain_group_tx(
         _touch_sessions(conn, [(request, len(request.events)) for _, request in accepted])
         new_heads = {(r.session_id, r.branch): r.events[-1].id for _, r in accepted}
         execute_rows(conn, _UPSERT_HEADS, 3, [(*pair, head) for pair, head in new_heads.items()])
-        rows = [row for index, _ in accepted for row in packed.rows(index)]
-        execute_rows(conn, _INSERT_EVENTS, 9, rows)
+        # The events last, each chunk as soon as its rows are packed.
+        rows = (row for index, _ in accepted for row in packed.rows(index))
+        execute_rows(conn, _INSERT_EVENTS, 9, rows, sum(len(r.events) for _, r in accepted))
     except (sqlite3.IntegrityError, LedgerError):
         _rollback_to(conn, "plain")
         return None

@@ -16,9 +16,10 @@ bound parameters of the oldest SQLite builds.
 from __future__ import annotations
 
 import functools
+import itertools
 import sqlite3
-from collections.abc import Iterator, Sequence
-from typing import Any, Final
+from collections.abc import Iterable, Iterator, Sequence, Sized
+from typing import Any, Final, cast
 
 __all__ = ["MAX_ROWS", "chunks", "execute_rows", "statement"]
 
@@ -34,22 +35,32 @@ def statement(sql: str, width: int, count: int) -> str:
     return sql.replace("{values}", ", ".join([row] * count))
 
 
-def chunks(rows: Sequence[Sequence[Any]]) -> Iterator[tuple[int, list[Any]]]:
-    """``rows`` as (row count, flat parameters) chunks, largest first."""
-    start, size = 0, MAX_ROWS
-    while start < len(rows):
-        while len(rows) - start < size:
+def chunks(rows: Iterable[Sequence[Any]], count: int) -> Iterator[tuple[int, list[Any]]]:
+    """The ``count`` rows of ``rows`` as (row count, flat parameters) chunks,
+    largest first. Rows are taken as each chunk needs them: a chunk runs while
+    the rows after it are still being made (``SQLiteStore``'s packing thread)."""
+    taken = iter(rows)
+    size = MAX_ROWS
+    while count:
+        while count < size:
             size //= 2
-        yield size, [value for row in rows[start : start + size] for value in row]
-        start += size
+        yield size, [value for row in itertools.islice(taken, size) for value in row]
+        count -= size
 
 
 def execute_rows(
-    conn: sqlite3.Connection, sql: str, width: int, rows: Sequence[Sequence[Any]]
+    conn: sqlite3.Connection,
+    sql: str,
+    width: int,
+    rows: Iterable[Sequence[Any]],
+    count: int | None = None,
 ) -> int:
     """Run ``sql`` (its ``{values}`` placeholder standing for a row list of
-    ``width`` columns) over ``rows`` in a few statements; the rows it changed."""
+    ``width`` columns) over ``rows`` in a few statements; the rows it changed.
+    ``count`` is how many rows there are, when ``rows`` has no length."""
+    if count is None:
+        count = len(cast(Sized, rows))
     changed = 0
-    for count, params in chunks(rows):
-        changed += conn.execute(statement(sql, width, count), params).rowcount
+    for size, params in chunks(rows, count):
+        changed += conn.execute(statement(sql, width, size), params).rowcount
     return changed

@@ -21,7 +21,7 @@ rows_strategy = st.lists(
 def test_chunks_cover_every_row_in_order_in_powers_of_two(rows: list[tuple[int, str]]) -> None:
     flat: list[object] = []
     sizes = []
-    for count, params in chunks(rows):
+    for count, params in chunks(iter(rows), len(rows)):
         assert len(params) == 2 * count
         sizes.append(count)
         flat.extend(params)
