@@ -97,6 +97,8 @@ async def run(args: argparse.Namespace) -> Context:
     unknown = (wanted or set()) - {s.name for s in SCENARIOS}
     if unknown:
         raise SystemExit(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    if args.dir:
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ledger-bench-", dir=args.dir) as scratch:
         pg: Postgres | None = None
         remarks: list[str] = []

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import aiosqlite
 import msgspec
@@ -56,6 +56,7 @@ __all__ = ["ALL", "LEDGERS", "RAWS"]
 LEDGERS: tuple[System, ...] = tuple(LedgerSystem(b) for b in LEDGER_BACKENDS)
 RAWS: tuple[System, ...] = (RawSqlite(), RawFile(), RawAsyncpg())
 ALL: tuple[System, ...] = LEDGERS + RAWS + PEERS
+SQLITE_ONE_TXN: Final = LedgerSystem("sqlite", one_txn=True)
 RAW_OF = {"sqlite": "raw aiosqlite", "jsonl": "raw file", "postgres": "raw asyncpg"}
 
 # Aixgo publishes these figures for its session manager (milliseconds per call).
@@ -67,6 +68,8 @@ _decode = msgspec.json.Decoder().decode
 
 def ref_of(system: System) -> str | None:
     """The row a system's ratio is taken against: a ledger's raw driver; a peer's ledger."""
+    if system.ref is not None:
+        return system.ref
     if system.role == "ledger":
         return RAW_OF.get(system.backend)
     if system.role == "peer":
@@ -233,7 +236,8 @@ async def _throughput(threads: list[Thread], turns: Sequence[Any], seconds: floa
 async def concurrent_appends(ctx: Context) -> None:
     for n in (1, 8, 64):
         title = f"appends/s, {n} concurrent appender{'s' if n > 1 else ''}"
-        async with ctx.opened(title, ALL) as instances:
+        systems = (*ALL, SQLITE_ONE_TXN) if n == 64 else ALL
+        async with ctx.opened(title, systems) as instances:
             for system, instance in instances.items():
                 async with ctx.guard(title, system.name):
                     threads = [await instance.thread() for _ in range(n)]

@@ -115,6 +115,8 @@ class System(abc.ABC):
     backend: str  # "memory", "sqlite", "jsonl", "postgres"
     package = ""
     """For a peer: what to ``pip install``."""
+    ref: str | None = None
+    """The row this system's ratio is taken against, where not its role's usual one."""
 
     def missing(self, ctx: Any) -> str | None:
         """Why this system cannot run here (not installed, no server), or None."""
@@ -213,9 +215,14 @@ class LedgerSystem(System):
 
     role = "ledger"
 
-    def __init__(self, backend: str) -> None:
+    def __init__(self, backend: str, *, one_txn: bool = False) -> None:
         self.backend = backend
+        self.one_txn = one_txn
         self.name = f"ledger {backend}"
+        if one_txn:
+            # The same store without group commit: what grouping buys.
+            self.name += ", 1 txn per append"
+            self.ref = f"ledger {backend}"
 
     async def open(self, ctx: Any) -> Instance:
         where = ctx.fresh_path(self.name.replace(" ", "-"))
@@ -229,6 +236,9 @@ class LedgerSystem(System):
         elif self.backend == "sqlite":
             url = f"sqlite:///{where}.db"
             settings = "WAL, synchronous=full (default): fsync at each commit"
+            if self.one_txn:
+                url += "?group_size=1"
+                settings += "; group_size=1: one transaction per append"
 
             async def size() -> int | None:
                 return sqlite_files_bytes(Path(f"{where}.db"))
