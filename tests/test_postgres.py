@@ -1249,3 +1249,34 @@ async def test_ids_that_would_not_read_back_the_same_are_refused_and_nothing_wri
             await store.get("not-hex")
         with pytest.raises(EventNotFoundError):
             await store.ancestors(root.id.upper())
+
+
+async def test_keys_reach_the_database_whether_a_batch_has_none_or_one_past_its_first(
+    url: str, postgres_url: str, schema: str
+) -> None:
+    # A batch with no idempotency key sends NULL for all of its keys (stores.postgres
+    # _keys_arg): the events are stored without any, and a key on a later event of
+    # another batch, alone or in a group, is stored and found.
+    async with PostgresStore.from_url(url) as store:
+        root = create()
+        await store.append(append_request([root], None))
+        plain = [next_event(root)]
+        plain.append(next_event(plain[-1]))
+        await store.append(append_request(plain, root.id))
+        keyed = [next_event(plain[-1])]
+        keyed.append(next_event(keyed[-1], idempotency_key="later"))
+        other_root = create()
+        await store.append(append_request([other_root], None))
+        other = [next_event(other_root)]
+        results = await asyncio.gather(
+            store.append(append_request(keyed, plain[-1].id)),
+            store.append(append_request(other, other_root.id)),
+        )
+        assert [r.events for r in results] == [keyed, other]
+        assert await store.find_by_key(root.session, "later") == keyed[-1]
+        async with admin(postgres_url, schema) as conn:
+            keys = await conn.fetch(
+                "SELECT idempotency_key FROM ledger_events WHERE idempotency_key IS NOT NULL"
+            )
+        assert [row[0] for row in keys] == ["later"]
+        assert [e async for e in store.events(root.session)] == [root, *plain, *keyed]
