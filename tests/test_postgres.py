@@ -1280,3 +1280,20 @@ async def test_keys_reach_the_database_whether_a_batch_has_none_or_one_past_its_
             )
         assert [row[0] for row in keys] == ["later"]
         assert [e async for e in store.events(root.session)] == [root, *plain, *keyed]
+
+
+async def test_snapshot_writes_skip_the_flush_but_appends_after_them_still_wait(
+    url: str,
+) -> None:
+    # put_snapshots turns synchronous_commit off for its own transaction only: the
+    # store's one connection, which the next append uses, still waits for the flush.
+    async with PostgresStore.from_url(url, pool_size=1) as store:
+        root = create()
+        await store.append(append_request([root], None))
+        await store.put_snapshots(root.session, "session@1", [(root.id, b"state")])
+        assert await store.get_snapshot(root.session, "session@1", root.id) == b"state"
+        rows = await store._fetch("SELECT current_setting('synchronous_commit')")
+        assert rows[0][0] == "on"
+        second = turn(root)
+        await store.append(append_request([second], root.id))
+        assert await store.heads(root.session) == {"main": second.id}
