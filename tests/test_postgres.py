@@ -317,7 +317,10 @@ async def test_a_version_3_database_that_cannot_be_converted_is_refused_untouche
     with pytest.raises(StoreError) as info:
         await PostgresStore.from_url(url).open()
     message = str(info.value)
-    assert "schema version 3 to 4" in message and root.id.upper()[:8] in message.upper()
+    assert (
+        f"schema version 3 to {SCHEMA_VERSION}" in message
+        and root.id.upper()[:8] in message.upper()
+    )
     assert no_driver_traceback(info.value)
     async with admin(postgres_url, schema) as conn:
         assert await versions_of(conn) == [3]
@@ -402,6 +405,54 @@ async def test_a_version_2_database_gets_the_current_append_functions(
             "SELECT array_agg(version ORDER BY version) FROM ledger_schema"
         )
     assert versions == [2, SCHEMA_VERSION]
+
+
+# Version 4's append functions, by their arguments: here stand-ins that fail if called.
+_V4_FUNCTIONS = {
+    "ledger_append": "text, text, text, text, text, text, bigint, bigint, bigint, bigint, "
+    "bytea[], bytea[], bigint[], text[], bytea[]",
+    "ledger_append_group": "text[], text[], text[], text[], text[], text[], bigint[], bigint[], "
+    "bigint[], bigint[], integer[], bytea[], bytea[], bigint[], text[], bytea[]",
+}
+
+
+async def test_a_version_4_database_gets_the_append_functions_taking_one_data_value(
+    url: str, postgres_url: str, schema: str
+) -> None:
+    root = create()
+    plain = turn(root, "plain")
+    first = [plain, turn(plain, "large enough to be compressed " * 40)]
+    async with PostgresStore.from_url(url) as store:
+        await store.append(append_request([root], None))
+        await store.append(append_request(first, root.id))
+    # Back to version 4: its functions (stand-ins that fail if called), its row.
+    async with admin(postgres_url, schema) as conn:
+        await conn.execute("DROP FUNCTION ledger_append_group, ledger_append")
+        for name, arguments in _V4_FUNCTIONS.items():
+            await conn.execute(
+                f"CREATE FUNCTION {name}({arguments}) RETURNS TABLE (o text) "
+                "LANGUAGE plpgsql AS $$ BEGIN RAISE 'a version 4 function'; END $$"
+            )
+        await conn.execute("DELETE FROM ledger_schema; INSERT INTO ledger_schema VALUES (4)")
+    async with PostgresStore.from_url(url) as store:
+        batch = [turn(first[-1], "after the upgrade", key="k-5")]
+        batch.append(turn(batch[-1], "and a large one " * 60))
+        await store.append(append_request(batch, first[-1].id))
+        others = [create(f"user-{n}") for n in range(8)]
+        await asyncio.gather(*(store.append(append_request([e], None)) for e in others))
+        assert store.group_stats.largest > 1  # the group function ran too
+        replayed = await store.append(append_request([turn(batch[-1], key="k-5")], batch[-1].id))
+        assert replayed.replayed and replayed.events == [batch[0]]
+        assert [e async for e in store.events(root.session)] == [root, *first, *batch]
+        assert await store.ancestors(batch[-1].id) == [*reversed(batch), *reversed(first), root]
+    async with admin(postgres_url, schema) as conn:
+        functions = await conn.fetch(
+            "SELECT proname::text, pg_get_function_identity_arguments(oid) FROM pg_proc "
+            "WHERE proname LIKE 'ledger_append%' AND pronamespace = current_schema()::regnamespace"
+        )
+        assert await versions_of(conn) == [4, SCHEMA_VERSION]
+    assert sorted(name for name, _ in functions) == ["ledger_append", "ledger_append_group"]
+    assert all("p_lengths" in arguments for _, arguments in functions)
 
 
 async def test_events_from_600_bytes_are_stored_deflated_and_read_back_exactly(
