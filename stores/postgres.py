@@ -256,8 +256,8 @@ CREATE OR REPLACE FUNCTION ledger_append(
 LANGUAGE plpgsql AS $$
 DECLARE
     v_n integer := cardinality(p_ids);
-    -- The events' data end to end in one value, and each one's length.
-    v_lengths integer[] := string_to_array(p_lengths, ',')::integer[];
+    v_lengths integer[];
+    v_bad boolean;
     v_key text := p_keys[1];
     v_last_id text := encode(p_ids[cardinality(p_ids)], 'hex');
     v_last_at bigint := p_last_at;
@@ -269,11 +269,17 @@ DECLARE
     v_heads text[];
     v_branch integer;
 BEGIN
-    IF cardinality(v_lengths) IS DISTINCT FROM v_n
-        OR (SELECT sum(l) FROM unnest(v_lengths) AS l) IS DISTINCT FROM length(p_data)::bigint
-    THEN
-        RAISE EXCEPTION 'ledger_append: % events, but % data lengths (%) for % bytes',
-            v_n, cardinality(v_lengths), p_lengths, length(p_data);
+    -- The events' data end to end in one value, and each one's length.
+    IF v_n > 1 THEN
+        v_lengths := string_to_array(p_lengths, ',')::integer[];
+        v_bad := cardinality(v_lengths) IS DISTINCT FROM v_n
+            OR (SELECT sum(l) FROM unnest(v_lengths) AS l) IS DISTINCT FROM length(p_data);
+    ELSE
+        v_bad := p_lengths IS DISTINCT FROM length(p_data)::text;
+    END IF;
+    IF v_bad THEN
+        RAISE EXCEPTION 'ledger_append: % events, but data lengths % for % bytes',
+            v_n, p_lengths, length(p_data);
     END IF;
     IF p_user IS NOT NULL THEN
         -- A SessionCreated: the creates of one user run one at a time.
@@ -364,16 +370,21 @@ BEGIN
     IF v_n > 1 THEN
         PERFORM setval('ledger_feed_position', v_first + v_n - 1);
     END IF;
-    -- The events are one chain: each one's parent is the one before it, its
-    -- depth one more; its data ends where the lengths so far add up to.
-    INSERT INTO ledger_events (position, seq, session_id, id, parent, idempotency_key, data)
-    SELECT v_first + t.ord - 1, p_first_seq + t.ord - 1, p_session::uuid, t.id,
-        CASE WHEN t.ord = 1 THEN p_parent ELSE p_ids[t.ord - 1] END, p_keys[t.ord],
-        substring(p_data FROM (t.stop - t.len + 1)::integer FOR t.len)
-    FROM (
-        SELECT u.id, u.len, u.ord, sum(u.len) OVER (ORDER BY u.ord) AS stop
-        FROM unnest(p_ids, v_lengths) WITH ORDINALITY AS u(id, len, ord)
-    ) AS t;
+    IF v_n = 1 THEN  -- most appends: one event, the whole value its data
+        INSERT INTO ledger_events (position, seq, session_id, id, parent, idempotency_key, data)
+        VALUES (v_first, p_first_seq, p_session::uuid, p_ids[1], p_parent, v_key, p_data);
+    ELSE
+        -- The events are one chain: each one's parent is the one before it, its
+        -- depth one more; its data ends where the lengths so far add up to.
+        INSERT INTO ledger_events (position, seq, session_id, id, parent, idempotency_key, data)
+        SELECT v_first + t.ord - 1, p_first_seq + t.ord - 1, p_session::uuid, t.id,
+            CASE WHEN t.ord = 1 THEN p_parent ELSE p_ids[t.ord - 1] END, p_keys[t.ord],
+            substring(p_data FROM (t.stop - t.len + 1)::integer FOR t.len)
+        FROM (
+            SELECT u.id, u.len, u.ord, sum(u.len) OVER (ORDER BY u.ord) AS stop
+            FROM unnest(p_ids, v_lengths) WITH ORDINALITY AS u(id, len, ord)
+        ) AS t;
+    END IF;
     PERFORM pg_notify('{channel}', (v_first + v_n - 1)::text);
     RETURN QUERY SELECT 'ok', NULL::text, v_first + v_n - 1, NULL::text, NULL::bytea;
 END
