@@ -1348,3 +1348,23 @@ async def test_snapshot_writes_skip_the_flush_but_appends_after_them_still_wait(
         second = turn(root)
         await store.append(append_request([second], root.id))
         assert await store.heads(root.session) == {"main": second.id}
+
+
+@pytest.mark.parametrize("lengths", ["1", "1,2", "5,5,5,5"])
+async def test_append_function_refuses_data_that_its_lengths_do_not_cut_exactly(
+    url: str, postgres_url: str, schema: str, lengths: str
+) -> None:
+    # ledger_append takes a batch's stored events end to end with their lengths: a
+    # call whose lengths do not cut the value into its events (a client bug) is
+    # refused whole, rather than storing truncated or shifted events.
+    root = create()
+    async with PostgresStore.from_url(url) as store:
+        await store.append(append_request([root], None))
+    batch = [turn(root, "one")]
+    batch.append(turn(batch[-1], "two"))
+    args = list(stores.postgres._append_args(append_request(batch, root.id)))
+    args[stores.postgres._LENGTHS_FIELD] = lengths
+    async with admin(postgres_url, schema) as conn:
+        with pytest.raises(asyncpg.RaiseError, match="data lengths"):
+            await conn.fetch(stores.postgres._APPEND_SQL, *args)
+        assert await conn.fetchval("SELECT count(*) FROM ledger_events") == 1
