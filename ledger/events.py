@@ -364,7 +364,14 @@ def normalize_body(body: Body, session_id: str) -> tuple[Body, bytes]:
 
 
 def compute_body_digest(salt: str, body_bytes: bytes) -> str:
-    return blake3.blake3(bytes.fromhex(salt) + body_bytes).hexdigest()
+    return _body_digest(bytes.fromhex(salt), body_bytes)
+
+
+def _body_digest(salt: bytes, body_bytes: bytes) -> str:
+    """``blake3(salt || body_bytes)``, fed in two parts: the body is not copied."""
+    hasher = blake3.blake3(salt)
+    hasher.update(body_bytes)
+    return hasher.hexdigest()
 
 
 def _header(event: Event) -> bytes:
@@ -422,9 +429,26 @@ def make_event(
             f"Invalid event for session {session!r}: an Erased body is made only by a redaction"
         )
     normal, raw = normalize_body(body, session)
-    salt = os.urandom(16).hex()
-    draft = Event(
-        id="",
+    salt = os.urandom(16)
+    body_digest = _body_digest(salt, raw)
+    # _header's list, from the fields at hand (the body is not Erased: its kind
+    # is its tag), so that the event is built once rather than drafted and replaced.
+    header = canonical(
+        [
+            FORMAT_VERSION,
+            session,
+            parent,
+            seq,
+            branch,
+            at,
+            actor,
+            type(normal).__name__,
+            idempotency_key,
+            body_digest,
+        ]
+    )
+    return Event(
+        id=blake3.blake3(header).hexdigest(),
         session=session,
         parent=parent,
         seq=seq,
@@ -432,11 +456,10 @@ def make_event(
         at=at,
         actor=actor,
         body=normal,
-        body_digest=compute_body_digest(salt, raw),
-        salt=salt,
+        body_digest=body_digest,
+        salt=salt.hex(),
         idempotency_key=idempotency_key,
     )
-    return msgspec.structs.replace(draft, id=compute_id(draft))
 
 
 def event_problem(event: Event) -> str | None:

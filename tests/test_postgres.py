@@ -317,7 +317,10 @@ async def test_a_version_3_database_that_cannot_be_converted_is_refused_untouche
     with pytest.raises(StoreError) as info:
         await PostgresStore.from_url(url).open()
     message = str(info.value)
-    assert "schema version 3 to 4" in message and root.id.upper()[:8] in message.upper()
+    assert (
+        f"schema version 3 to {SCHEMA_VERSION}" in message
+        and root.id.upper()[:8] in message.upper()
+    )
     assert no_driver_traceback(info.value)
     async with admin(postgres_url, schema) as conn:
         assert await versions_of(conn) == [3]
@@ -402,6 +405,54 @@ async def test_a_version_2_database_gets_the_current_append_functions(
             "SELECT array_agg(version ORDER BY version) FROM ledger_schema"
         )
     assert versions == [2, SCHEMA_VERSION]
+
+
+# Version 4's append functions, by their arguments: here stand-ins that fail if called.
+_V4_FUNCTIONS = {
+    "ledger_append": "text, text, text, text, text, text, bigint, bigint, bigint, bigint, "
+    "bytea[], bytea[], bigint[], text[], bytea[]",
+    "ledger_append_group": "text[], text[], text[], text[], text[], text[], bigint[], bigint[], "
+    "bigint[], bigint[], integer[], bytea[], bytea[], bigint[], text[], bytea[]",
+}
+
+
+async def test_a_version_4_database_gets_the_append_functions_taking_one_data_value(
+    url: str, postgres_url: str, schema: str
+) -> None:
+    root = create()
+    plain = turn(root, "plain")
+    first = [plain, turn(plain, "large enough to be compressed " * 40)]
+    async with PostgresStore.from_url(url) as store:
+        await store.append(append_request([root], None))
+        await store.append(append_request(first, root.id))
+    # Back to version 4: its functions (stand-ins that fail if called), its row.
+    async with admin(postgres_url, schema) as conn:
+        await conn.execute("DROP FUNCTION ledger_append_group, ledger_append")
+        for name, arguments in _V4_FUNCTIONS.items():
+            await conn.execute(
+                f"CREATE FUNCTION {name}({arguments}) RETURNS TABLE (o text) "
+                "LANGUAGE plpgsql AS $$ BEGIN RAISE 'a version 4 function'; END $$"
+            )
+        await conn.execute("DELETE FROM ledger_schema; INSERT INTO ledger_schema VALUES (4)")
+    async with PostgresStore.from_url(url) as store:
+        batch = [turn(first[-1], "after the upgrade", key="k-5")]
+        batch.append(turn(batch[-1], "and a large one " * 60))
+        await store.append(append_request(batch, first[-1].id))
+        others = [create(f"user-{n}") for n in range(8)]
+        await asyncio.gather(*(store.append(append_request([e], None)) for e in others))
+        assert store.group_stats.largest > 1  # the group function ran too
+        replayed = await store.append(append_request([turn(batch[-1], key="k-5")], batch[-1].id))
+        assert replayed.replayed and replayed.events == [batch[0]]
+        assert [e async for e in store.events(root.session)] == [root, *first, *batch]
+        assert await store.ancestors(batch[-1].id) == [*reversed(batch), *reversed(first), root]
+    async with admin(postgres_url, schema) as conn:
+        functions = await conn.fetch(
+            "SELECT proname::text, pg_get_function_identity_arguments(oid) FROM pg_proc "
+            "WHERE proname LIKE 'ledger_append%' AND pronamespace = current_schema()::regnamespace"
+        )
+        assert await versions_of(conn) == [4, SCHEMA_VERSION]
+    assert sorted(name for name, _ in functions) == ["ledger_append", "ledger_append_group"]
+    assert all("p_lengths" in arguments for _, arguments in functions)
 
 
 async def test_events_from_600_bytes_are_stored_deflated_and_read_back_exactly(
@@ -1249,3 +1300,71 @@ async def test_ids_that_would_not_read_back_the_same_are_refused_and_nothing_wri
             await store.get("not-hex")
         with pytest.raises(EventNotFoundError):
             await store.ancestors(root.id.upper())
+
+
+async def test_keys_reach_the_database_whether_a_batch_has_none_or_one_past_its_first(
+    url: str, postgres_url: str, schema: str
+) -> None:
+    # A batch with no idempotency key sends NULL for all of its keys (stores.postgres
+    # _keys_arg): the events are stored without any, and a key on a later event of
+    # another batch, alone or in a group, is stored and found.
+    async with PostgresStore.from_url(url) as store:
+        root = create()
+        await store.append(append_request([root], None))
+        plain = [next_event(root)]
+        plain.append(next_event(plain[-1]))
+        await store.append(append_request(plain, root.id))
+        keyed = [next_event(plain[-1])]
+        keyed.append(next_event(keyed[-1], idempotency_key="later"))
+        other_root = create()
+        await store.append(append_request([other_root], None))
+        other = [next_event(other_root)]
+        results = await asyncio.gather(
+            store.append(append_request(keyed, plain[-1].id)),
+            store.append(append_request(other, other_root.id)),
+        )
+        assert [r.events for r in results] == [keyed, other]
+        assert await store.find_by_key(root.session, "later") == keyed[-1]
+        async with admin(postgres_url, schema) as conn:
+            keys = await conn.fetch(
+                "SELECT idempotency_key FROM ledger_events WHERE idempotency_key IS NOT NULL"
+            )
+        assert [row[0] for row in keys] == ["later"]
+        assert [e async for e in store.events(root.session)] == [root, *plain, *keyed]
+
+
+async def test_snapshot_writes_skip_the_flush_but_appends_after_them_still_wait(
+    url: str,
+) -> None:
+    # put_snapshots turns synchronous_commit off for its own transaction only: the
+    # store's one connection, which the next append uses, still waits for the flush.
+    async with PostgresStore.from_url(url, pool_size=1) as store:
+        root = create()
+        await store.append(append_request([root], None))
+        await store.put_snapshots(root.session, "session@1", [(root.id, b"state")])
+        assert await store.get_snapshot(root.session, "session@1", root.id) == b"state"
+        rows = await store._fetch("SELECT current_setting('synchronous_commit')")
+        assert rows[0][0] == "on"
+        second = turn(root)
+        await store.append(append_request([second], root.id))
+        assert await store.heads(root.session) == {"main": second.id}
+
+
+@pytest.mark.parametrize("lengths", ["1", "1,2", "5,5,5,5"])
+async def test_append_function_refuses_data_that_its_lengths_do_not_cut_exactly(
+    url: str, postgres_url: str, schema: str, lengths: str
+) -> None:
+    # ledger_append takes a batch's stored events end to end with their lengths: a
+    # call whose lengths do not cut the value into its events (a client bug) is
+    # refused whole, rather than storing truncated or shifted events.
+    root = create()
+    async with PostgresStore.from_url(url) as store:
+        await store.append(append_request([root], None))
+    batch = [turn(root, "one")]
+    batch.append(turn(batch[-1], "two"))
+    args = list(stores.postgres._append_args(append_request(batch, root.id)))
+    args[stores.postgres._LENGTHS_FIELD] = lengths
+    async with admin(postgres_url, schema) as conn:
+        with pytest.raises(asyncpg.RaiseError, match="data lengths"):
+            await conn.fetch(stores.postgres._APPEND_SQL, *args)
+        assert await conn.fetchval("SELECT count(*) FROM ledger_events") == 1
