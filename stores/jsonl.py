@@ -103,9 +103,10 @@ from the (synced) session files. ``fsync=False`` (``?fsync=off``) skips the
 syncs: an acknowledged append then survives a process crash but may be lost,
 and a session file's tail may be damaged, after a power loss or OS crash.
 A small append runs on the event loop's thread when the lock is free at once
-and recent writes + fsyncs averaged under 2 ms (a hop to a worker thread costs
-about as much as the rest of the append); otherwise, and for big batches, in
-a worker thread. The event loop's thread keeps up to 64 session files open.
+and at most half of the last 16 writes + fsyncs took over 2 ms (a hop to a
+worker thread costs about as much as the rest of the append; a disk that is
+slow most of the time, not a stall now and then, is worth it); otherwise, and
+for big batches, in a worker thread. The event loop's thread keeps up to 64 session files open.
 
 Recovery. A writer killed between steps 3 and 5 leaves lines that no
 ``feed.log`` record names. The next writer (or the next open) finds them
@@ -269,7 +270,11 @@ _GC_PAUSE_FROM: Final = 64
 """Pages of at least this many lines are decoded with the garbage collector paused."""
 _INLINE_RECORDS: Final = 256
 _INLINE_SYNC_SECONDS: Final = 0.002
-"""Appends run on the event loop while the recent write + fsync average is under this."""
+"""Appends run on the event loop unless most recent writes + fsyncs took longer than this."""
+_SYNC_WINDOW: Final = 16
+"""The recent writes + fsyncs that decide: a slow disk is slow in most of them, while a
+busy machine's stall (tens of ms now and then) is one, and must not send the next
+appends through a worker thread (the hop costs about as much as the rest of the append)."""
 _MAX_FDS: Final = 64
 """Session files kept open (for appends and small reads) by the event loop's thread."""
 _BOOLS: Final = {
@@ -896,7 +901,11 @@ class JSONLStore(PurgeStore):
         # Session files kept open, by session id, least recently used first;
         # used and changed on the event loop's thread only (never by a worker).
         self._fds: dict[str, int] = {}
-        self._sync_seconds = 0.0  # a running average of an append's write + fsync
+        # whether each of the last _SYNC_WINDOW appends' write + fsync was slow, and how many
+        self._slow_syncs: collections.deque[bool] = collections.deque(
+            [False] * _SYNC_WINDOW, maxlen=_SYNC_WINDOW
+        )
+        self._slow_count = 0
 
     @classmethod
     def from_url(cls, url: str, *, fsync: bool | str | None = None) -> JSONLStore:
@@ -1663,7 +1672,7 @@ class JSONLStore(PurgeStore):
             original: Event | None = None
             inline = False
             if (
-                self._sync_seconds < _INLINE_SYNC_SECONDS
+                self._slow_count <= _SYNC_WINDOW // 2
                 and sum(map(len, payloads)) <= _INLINE_BYTES
                 and not request.erase
             ):
@@ -1910,8 +1919,9 @@ class JSONLStore(PurgeStore):
             os.close(fd)
         if new and self.fsync:
             _fsync_dir(self._sessions_dir)
-        elapsed = time.perf_counter() - started
-        self._sync_seconds += (elapsed - self._sync_seconds) / 8
+        slow = time.perf_counter() - started > _INLINE_SYNC_SECONDS
+        self._slow_count += slow - self._slow_syncs[0]
+        self._slow_syncs.append(slow)
         _write_all(self._feed_fd, b"".join(records))
         if session is None:
             session = _Session(session_id, self._sessions_dir)
