@@ -479,10 +479,13 @@ class _Envelope2(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     parent: str | msgspec.UnsetType | None = msgspec.UNSET
 
 
-_page_decoders: Final[dict[int, msgspec.json.Decoder[list[_Envelope] | list[_Envelope2]]]] = {
-    1: msgspec.json.Decoder(list[_Envelope]),
-    2: msgspec.json.Decoder(list[_Envelope2]),
+_line_decoders: Final[
+    dict[int, msgspec.json.Decoder[_Envelope] | msgspec.json.Decoder[_Envelope2]]
+] = {
+    1: msgspec.json.Decoder(_Envelope),
+    2: msgspec.json.Decoder(_Envelope2),
 }
+"""Each decodes a page's lines at once (``decode_lines``), by file version."""
 
 _get_event = operator.attrgetter("event")
 _get_id = operator.attrgetter("id")
@@ -495,6 +498,9 @@ _Step = tuple[str, int, str | None]
 _Item = TypeVar("_Item", Event, _Step)
 
 
+_EVENT_KEY: Final = b'"event":{'
+
+
 def _decode_page(data: bytes, session: _Session, first: int, stop: int) -> list[Event] | None:
     """Lines ``first`` to ``stop - 1`` of ``session`` (``data``), or None if any looks wrong.
 
@@ -504,38 +510,44 @@ def _decode_page(data: bytes, session: _Session, first: int, stop: int) -> list[
     """
     count = stop - first
     base = session.starts[first]
-    if len(data) != session.ends[stop - 1] - base or data.count(b"\n") != count:
+    if len(data) != session.ends[stop - 1] - base:
         return None
-    # As many newlines as lines, and one before each end the index names: so
-    # every line ends exactly where the index says.
     last_bytes = operator.itemgetter(*map((-1 - base).__add__, session.ends[first:stop]))(data)
     if (last_bytes.count(10) if count > 1 else int(last_bytes == 10)) != count:
         return None
-    if session.version == 1:
-        page = b"[%s]" % data[:-1].replace(b"\n", b",")
-    else:
+    # Decoded as a run of JSON values, one per line: a newline anywhere else is
+    # refused in a string (so no string comes out changed) and is whitespace
+    # between values, as ``_parse`` takes it; a page that does not give exactly
+    # the events the index names, in its order, goes line by line.
+    if session.version != 1:
         # _parse's work: the first "event":{ of a line is its envelope's key (one
-        # in a body comes after it; a line without its own fails to decode)
+        # in a body comes after it; a line without its own fails to decode). When
+        # each line has just that one, all are replaced at once.
         inserted = b'"event":{"session":%s,"parent":null,' % _json(session.session_id)
-        lines = data[:-1].split(b"\n")
-        page = b"[%s]" % b",".join([line.replace(b'"event":{', inserted, 1) for line in lines])
-    decoder = _page_decoders[session.version]
+        if data.count(_EVENT_KEY) == count:
+            data = data.replace(_EVENT_KEY, inserted)
+        else:
+            bounds = zip(session.starts[first:stop], session.ends[first:stop], strict=True)
+            data = b"".join(
+                [data[s - base : e - base].replace(_EVENT_KEY, inserted, 1) for s, e in bounds]
+            )
+    decoder = _line_decoders[session.version]
     try:
         if count < _GC_PAUSE_FROM:
-            envelopes = decoder.decode(page)
+            envelopes = decoder.decode_lines(data)
         else:
             with gc_paused():  # a bulk decode: see ledger.events.gc_paused
-                envelopes = decoder.decode(page)
+                envelopes = decoder.decode_lines(data)
     except (msgspec.MsgspecError, UnicodeDecodeError, TypeError):
         return None
     events: list[Event] = list(map(_get_event, envelopes))
-    ids = session.ids
-    if session.version != 1:
-        _link(events, list(map(_get_parent, envelopes)), ids, first)
-    if list(map(_get_id, events)) != list(map(ids.__getitem__, range(first, stop))) or not all(
+    ids = list(map(session.ids.__getitem__, range(first, stop)))
+    if list(map(_get_id, events)) != ids or not all(
         map(session.session_id.__eq__, map(_get_session, events))
     ):
         return None
+    if session.version != 1:
+        _link(events, list(map(_get_parent, envelopes)), session.ids, first, ids)
     return events
 
 
@@ -544,14 +556,12 @@ def _link(
     parents: list[str | msgspec.UnsetType | None],
     ids: dict[int, str],
     first: int,
+    own: list[str],
 ) -> None:
     """Give the events of version 2 lines ``first``... their parents: the envelope's
-    (``parents``, UNSET when left out), or the event of the line before (from the
-    index: a line holding another event than the index says fails the caller's check)."""
-    before = [
-        ids[first - 1] if first else None,
-        *map(ids.__getitem__, range(first, first + len(events) - 1)),
-    ]
+    (``parents``, UNSET when left out), or the event of the line before (``own``: the
+    events' ids, checked against the index)."""
+    before = [ids[first - 1] if first else None, *own[:-1]]
     if parents.count(msgspec.UNSET) != len(parents):  # not one linear run
         before = [b if p is msgspec.UNSET else p for p, b in zip(parents, before, strict=True)]
     collections.deque(map(_set, events, itertools.repeat("parent"), before), maxlen=0)
