@@ -522,10 +522,12 @@ def _decode_page(data: bytes, session: _Session, first: int, stop: int) -> list[
     if session.version != 1:
         # _parse's work: the first "event":{ of a line is its envelope's key (one
         # in a body comes after it; a line without its own fails to decode). When
-        # each line has just that one, all are replaced at once.
+        # the page holds just one per line (one replace grew it by as many
+        # insertions as lines), all are replaced at once.
         inserted = b'"event":{"session":%s,"parent":null,' % _json(session.session_id)
-        if data.count(_EVENT_KEY) == count:
-            data = data.replace(_EVENT_KEY, inserted)
+        replaced = data.replace(_EVENT_KEY, inserted)
+        if len(replaced) - len(data) == count * (len(inserted) - len(_EVENT_KEY)):
+            data = replaced
         else:
             bounds = zip(session.starts[first:stop], session.ends[first:stop], strict=True)
             data = b"".join(
@@ -542,8 +544,9 @@ def _decode_page(data: bytes, session: _Session, first: int, stop: int) -> list[
         return None
     events: list[Event] = list(map(_get_event, envelopes))
     ids = list(map(session.ids.__getitem__, range(first, stop)))
-    if list(map(_get_id, events)) != ids or not all(
-        map(session.session_id.__eq__, map(_get_session, events))
+    if (
+        list(map(_get_id, events)) != ids
+        or operator.countOf(map(_get_session, events), session.session_id) != count
     ):
         return None
     if session.version != 1:
