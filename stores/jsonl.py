@@ -106,7 +106,8 @@ A small append runs on the event loop's thread when the lock is free at once
 and at most half of the last 16 writes + fsyncs took over 2 ms (a hop to a
 worker thread costs about as much as the rest of the append; a disk that is
 slow most of the time, not a stall now and then, is worth it); otherwise, and
-for big batches, in a worker thread. The event loop's thread keeps up to 64 session files open.
+for big batches, in a worker thread. The event loop's thread keeps up to 64
+session files open.
 
 Recovery. A writer killed between steps 3 and 5 leaves lines that no
 ``feed.log`` record names. The next writer (or the next open) finds them
