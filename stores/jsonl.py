@@ -103,9 +103,11 @@ from the (synced) session files. ``fsync=False`` (``?fsync=off``) skips the
 syncs: an acknowledged append then survives a process crash but may be lost,
 and a session file's tail may be damaged, after a power loss or OS crash.
 A small append runs on the event loop's thread when the lock is free at once
-and recent writes + fsyncs averaged under 2 ms (a hop to a worker thread costs
-about as much as the rest of the append); otherwise, and for big batches, in
-a worker thread. The event loop's thread keeps up to 64 session files open.
+and at most half of the last 16 writes + fsyncs took over 2 ms (a hop to a
+worker thread costs about as much as the rest of the append; a disk that is
+slow most of the time, not a stall now and then, is worth it); otherwise, and
+for big batches, in a worker thread. The event loop's thread keeps up to 64
+session files open.
 
 Recovery. A writer killed between steps 3 and 5 leaves lines that no
 ``feed.log`` record names. The next writer (or the next open) finds them
@@ -269,7 +271,11 @@ _GC_PAUSE_FROM: Final = 64
 """Pages of at least this many lines are decoded with the garbage collector paused."""
 _INLINE_RECORDS: Final = 256
 _INLINE_SYNC_SECONDS: Final = 0.002
-"""Appends run on the event loop while the recent write + fsync average is under this."""
+"""Appends run on the event loop unless most recent writes + fsyncs took longer than this."""
+_SYNC_WINDOW: Final = 16
+"""The recent writes + fsyncs that decide: a slow disk is slow in most of them, while a
+busy machine's stall (tens of ms now and then) is one, and must not send the next
+appends through a worker thread (the hop costs about as much as the rest of the append)."""
 _MAX_FDS: Final = 64
 """Session files kept open (for appends and small reads) by the event loop's thread."""
 _BOOLS: Final = {
@@ -474,10 +480,13 @@ class _Envelope2(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     parent: str | msgspec.UnsetType | None = msgspec.UNSET
 
 
-_page_decoders: Final[dict[int, msgspec.json.Decoder[list[_Envelope] | list[_Envelope2]]]] = {
-    1: msgspec.json.Decoder(list[_Envelope]),
-    2: msgspec.json.Decoder(list[_Envelope2]),
+_line_decoders: Final[
+    dict[int, msgspec.json.Decoder[_Envelope] | msgspec.json.Decoder[_Envelope2]]
+] = {
+    1: msgspec.json.Decoder(_Envelope),
+    2: msgspec.json.Decoder(_Envelope2),
 }
+"""Each decodes a page's lines at once (``decode_lines``), by file version."""
 
 _get_event = operator.attrgetter("event")
 _get_id = operator.attrgetter("id")
@@ -490,6 +499,9 @@ _Step = tuple[str, int, str | None]
 _Item = TypeVar("_Item", Event, _Step)
 
 
+_EVENT_KEY: Final = b'"event":{'
+
+
 def _decode_page(data: bytes, session: _Session, first: int, stop: int) -> list[Event] | None:
     """Lines ``first`` to ``stop - 1`` of ``session`` (``data``), or None if any looks wrong.
 
@@ -499,38 +511,47 @@ def _decode_page(data: bytes, session: _Session, first: int, stop: int) -> list[
     """
     count = stop - first
     base = session.starts[first]
-    if len(data) != session.ends[stop - 1] - base or data.count(b"\n") != count:
+    if len(data) != session.ends[stop - 1] - base:
         return None
-    # As many newlines as lines, and one before each end the index names: so
-    # every line ends exactly where the index says.
     last_bytes = operator.itemgetter(*map((-1 - base).__add__, session.ends[first:stop]))(data)
     if (last_bytes.count(10) if count > 1 else int(last_bytes == 10)) != count:
         return None
-    if session.version == 1:
-        page = b"[%s]" % data[:-1].replace(b"\n", b",")
-    else:
+    # Decoded as a run of JSON values, one per line: a newline anywhere else is
+    # refused in a string (so no string comes out changed) and is whitespace
+    # between values, as ``_parse`` takes it; a page that does not give exactly
+    # the events the index names, in its order, goes line by line.
+    if session.version != 1:
         # _parse's work: the first "event":{ of a line is its envelope's key (one
-        # in a body comes after it; a line without its own fails to decode)
+        # in a body comes after it; a line without its own fails to decode). When
+        # the page holds just one per line (one replace grew it by as many
+        # insertions as lines), all are replaced at once.
         inserted = b'"event":{"session":%s,"parent":null,' % _json(session.session_id)
-        lines = data[:-1].split(b"\n")
-        page = b"[%s]" % b",".join([line.replace(b'"event":{', inserted, 1) for line in lines])
-    decoder = _page_decoders[session.version]
+        replaced = data.replace(_EVENT_KEY, inserted)
+        if len(replaced) - len(data) == count * (len(inserted) - len(_EVENT_KEY)):
+            data = replaced
+        else:
+            bounds = zip(session.starts[first:stop], session.ends[first:stop], strict=True)
+            data = b"".join(
+                [data[s - base : e - base].replace(_EVENT_KEY, inserted, 1) for s, e in bounds]
+            )
+    decoder = _line_decoders[session.version]
     try:
         if count < _GC_PAUSE_FROM:
-            envelopes = decoder.decode(page)
+            envelopes = decoder.decode_lines(data)
         else:
             with gc_paused():  # a bulk decode: see ledger.events.gc_paused
-                envelopes = decoder.decode(page)
+                envelopes = decoder.decode_lines(data)
     except (msgspec.MsgspecError, UnicodeDecodeError, TypeError):
         return None
     events: list[Event] = list(map(_get_event, envelopes))
-    ids = session.ids
-    if session.version != 1:
-        _link(events, list(map(_get_parent, envelopes)), ids, first)
-    if list(map(_get_id, events)) != list(map(ids.__getitem__, range(first, stop))) or not all(
-        map(session.session_id.__eq__, map(_get_session, events))
+    ids = list(map(session.ids.__getitem__, range(first, stop)))
+    if (
+        list(map(_get_id, events)) != ids
+        or operator.countOf(map(_get_session, events), session.session_id) != count
     ):
         return None
+    if session.version != 1:
+        _link(events, list(map(_get_parent, envelopes)), session.ids, first, ids)
     return events
 
 
@@ -539,14 +560,12 @@ def _link(
     parents: list[str | msgspec.UnsetType | None],
     ids: dict[int, str],
     first: int,
+    own: list[str],
 ) -> None:
     """Give the events of version 2 lines ``first``... their parents: the envelope's
-    (``parents``, UNSET when left out), or the event of the line before (from the
-    index: a line holding another event than the index says fails the caller's check)."""
-    before = [
-        ids[first - 1] if first else None,
-        *map(ids.__getitem__, range(first, first + len(events) - 1)),
-    ]
+    (``parents``, UNSET when left out), or the event of the line before (``own``: the
+    events' ids, checked against the index)."""
+    before = [ids[first - 1] if first else None, *own[:-1]]
     if parents.count(msgspec.UNSET) != len(parents):  # not one linear run
         before = [b if p is msgspec.UNSET else p for p, b in zip(parents, before, strict=True)]
     collections.deque(map(_set, events, itertools.repeat("parent"), before), maxlen=0)
@@ -896,7 +915,11 @@ class JSONLStore(PurgeStore):
         # Session files kept open, by session id, least recently used first;
         # used and changed on the event loop's thread only (never by a worker).
         self._fds: dict[str, int] = {}
-        self._sync_seconds = 0.0  # a running average of an append's write + fsync
+        # whether each of the last _SYNC_WINDOW appends' write + fsync was slow, and how many
+        self._slow_syncs: collections.deque[bool] = collections.deque(
+            [False] * _SYNC_WINDOW, maxlen=_SYNC_WINDOW
+        )
+        self._slow_count = 0
 
     @classmethod
     def from_url(cls, url: str, *, fsync: bool | str | None = None) -> JSONLStore:
@@ -1663,7 +1686,7 @@ class JSONLStore(PurgeStore):
             original: Event | None = None
             inline = False
             if (
-                self._sync_seconds < _INLINE_SYNC_SECONDS
+                self._slow_count <= _SYNC_WINDOW // 2
                 and sum(map(len, payloads)) <= _INLINE_BYTES
                 and not request.erase
             ):
@@ -1910,8 +1933,9 @@ class JSONLStore(PurgeStore):
             os.close(fd)
         if new and self.fsync:
             _fsync_dir(self._sessions_dir)
-        elapsed = time.perf_counter() - started
-        self._sync_seconds += (elapsed - self._sync_seconds) / 8
+        slow = time.perf_counter() - started > _INLINE_SYNC_SECONDS
+        self._slow_count += slow - self._slow_syncs[0]
+        self._slow_syncs.append(slow)
         _write_all(self._feed_fd, b"".join(records))
         if session is None:
             session = _Session(session_id, self._sessions_dir)

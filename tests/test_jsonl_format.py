@@ -17,10 +17,17 @@ from hypothesis import strategies as st
 
 from ledger import Ledger
 from ledger.errors import IntegrityError
-from ledger.events import Event, SessionCreated, encode_event, event_problem, make_event
+from ledger.events import (
+    Event,
+    Recorded,
+    SessionCreated,
+    encode_event,
+    event_problem,
+    make_event,
+)
 from stores import jsonl
 from stores.jsonl import JSONLStore
-from tests.strategies import bodies, chains, event_ids, events, names, texts
+from tests.strategies import bodies, chains, event_ids, events, json_objects, names, texts
 from tests.test_jsonl import collect, create, new_session, request, session_file, turn
 
 
@@ -294,3 +301,79 @@ async def test_events_whose_bodies_hold_an_event_key_read_back(root: Path) -> No
         assert [await store.get(e.id) for e in chain] == chain
     async with JSONLStore(root) as store:
         assert [i.event for i in await store.read_feed(0)] == chain
+
+
+# --- a page of lines is decoded at once: no other answer than line by line ---------------
+
+
+@pytest.mark.parametrize("version", [1, 2])
+async def test_a_raw_newline_written_into_a_string_is_named_not_read(
+    root: Path, version: int
+) -> None:
+    # Written into an open store's file (the scan at open would have split the line):
+    # a page decoded at once must not take it for a separator, nor change the string.
+    chain = [create()]
+    for n in range(4):
+        chain.append(turn(chain[-1], f"turn\n{n}"))
+    if version == 1:
+        write_version_1(root, chain)
+    else:
+        async with JSONLStore(root) as store:
+            await store.append(request(chain, None))
+    path = session_file(root, chain[0].session)
+    async with JSONLStore(root) as store:
+        assert await collect(store, chain[0].session) == chain
+        data = path.read_bytes()
+        at = data.index(b"turn\\n2")
+        path.write_bytes(data[:at] + b"turn \n2" + data[at + 7 :])  # the same length
+        for page_size in (1, 2, 1000):
+            with pytest.raises(IntegrityError) as info:
+                [e async for e in store.events(chain[0].session, page_size=page_size)]
+            assert f"{str(path)!r}, line 5:" in str(info.value)
+        with pytest.raises(IntegrityError, match="line 5:"):
+            await store.get(chain[3].id)
+        assert await store.get(chain[2].id) == chain[2]
+
+
+keyed_records = st.builds(Recorded, type=texts, data=st.fixed_dictionaries({"event": json_objects}))
+"""Bodies holding an "event" key of their own, as the envelope's."""
+turn_bodies = bodies.filter(lambda body: not isinstance(body, SessionCreated))
+
+
+@settings(
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    bodies_=st.lists(turn_bodies | keyed_records, min_size=1, max_size=12),
+    page_size=st.integers(1, 5),
+)
+def test_pages_of_any_size_read_as_line_by_line(
+    tmp_path: Path, bodies_: list[Any], page_size: int
+) -> None:
+    # Whatever the bodies hold (an "event" key of their own, newlines in strings),
+    # a page decoded at once gives what the line-by-line reader gives.
+    directory = tmp_path / f"pages-{os.urandom(4).hex()}"
+    chain = [create()]
+    for body in bodies_:
+        chain.append(
+            make_event(
+                session=chain[0].session,
+                parent=chain[-1].id,
+                seq=chain[-1].seq + 1,
+                branch="main",
+                at=chain[-1].at + 1,
+                actor="user-1",
+                body=body,
+            )
+        )
+
+    async def run() -> None:
+        async with JSONLStore(directory) as store:
+            await store.append(request(chain[:1], None))
+            await store.append(request(chain[1:], chain[0].id))
+            got = [e async for e in store.events(chain[0].session, page_size=page_size)]
+            session = store._sessions[chain[0].session]
+            one_by_one = [store._read_event(session, k) for k in range(len(chain))]
+        assert got == one_by_one == chain
+
+    asyncio.run(run())
