@@ -435,11 +435,19 @@ class TailWorker:
 
 
 def _tail_main(chunk_size: int) -> None:
-    source, sink = sys.stdin.buffer, sys.stdout.buffer
+    source = sys.stdin.buffer
     request = msgspec.msgpack.decode(
         _read(source, int.from_bytes(_read(source, 8), "big")), type=TailRequest
     )
-    answer = msgspec.msgpack.encode(asyncio.run(check_tail(request, chunk_size)))
+    asyncio.run(_tail_answer(request, chunk_size))
+
+
+async def _tail_answer(request: TailRequest, chunk_size: int) -> None:
+    """Writes the answer itself: ``asyncio.run`` must return nothing large. On its way
+    out, Python 3.11's runner can format its main task (an enum lookup of the SIGINT
+    handler that fails), result and all: ``repr`` of megabytes of Merkle levels."""
+    answer = msgspec.msgpack.encode(await check_tail(request, chunk_size))
+    sink = sys.stdout.buffer
     sink.write(len(answer).to_bytes(8, "big") + answer)
     sink.flush()
 
