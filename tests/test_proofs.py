@@ -443,3 +443,43 @@ def test_a_log_finds_each_leaf_by_scan_then_by_index(
         expected = n if n < len(ids) else (ids.index(wanted) if wanted in ids else None)
         assert log.index_of(wanted.hex()) == expected
     assert log.index_of("ab") is None  # not an id at all
+
+
+# --- SQLite's inline read, a proof's one store read ----------------------------------
+
+
+async def test_sqlite_inline_read_gives_what_get_gives_and_refuses_as_it_does(
+    tmp_path: Path,
+) -> None:
+    from ledger.errors import IntegrityError, StoreClosedError
+    from stores.sqlite import SQLiteStore
+    from tests import tamper
+
+    path = tmp_path / "inline.db"
+    async with Ledger.open(f"sqlite:///{path}", key=KEY) as led:
+        sid, _ = await story(led)
+        store = led.store
+        assert isinstance(store, SQLiteStore)
+        every = [e async for e in store.events(sid)]
+        for event in every:
+            assert await store.get_inline(event.id) == event == await store.get(event.id)
+        with pytest.raises(EventNotFoundError, match="no-such-event"):
+            await store.get_inline("no-such-event")
+        proof = await led.prove(every[3].id)  # through the inline read
+        assert check_proof(proof, key=KEY).event_id == every[3].id
+    with pytest.raises(StoreClosedError):
+        await store.get_inline(every[0].id)
+    position, event = tamper.rows(path, sid)[2]
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE events SET data = ? WHERE position = ?", (b"{not json", position))
+    async with Ledger.open(f"sqlite:///{path}") as led:
+        store = led.store
+        assert isinstance(store, SQLiteStore)
+        with pytest.raises(IntegrityError, match=event.id) as inline:
+            await store.get_inline(event.id)
+        with pytest.raises(IntegrityError) as get:
+            await store.get(event.id)
+        assert str(inline.value) == str(get.value)
+        assert await store.get_inline(every[1].id) == every[1]
