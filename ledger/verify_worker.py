@@ -16,9 +16,11 @@ the session's log), else none (``--content``).
 
 With ``--tail`` the worker checks a long session's tail on its own instead
 (``TailRequest``, one request and one answer, each an 8-byte length and msgpack): it
-opens the store, reads the session from the ``start``-th event on, checks each
-event's content and the tail's structure from unknown branch heads (``TailWalk``),
-and answers what the caller must find at the start of the tail for it to hold.
+opens the store (for JSONL, only the session file, where the caller's index says:
+``stores.jsonl.read_session_lines``), reads the session from the ``start``-th event
+on, checks each event's content and the tail's structure from unknown branch heads
+(``TailWalk``), and answers what the caller must find at the start of the tail for it
+to hold.
 """
 
 from __future__ import annotations
@@ -104,9 +106,9 @@ PLAIN: Final = frozenset({TurnAdded, Suspended, Closed, Expired, MetadataSet, Re
 """The kinds whose step on an active branch, linked to its head, verify can find nothing
 wrong with whatever the state (no checksum, no lifecycle rule, no fork, no redaction)."""
 _ENDING: Final = frozenset({Suspended, Closed, Expired})
+"""The plain kinds after which a branch is no longer active."""
 _TAIL_PAGE: Final = 8192
 """Events per page a tail worker reads."""
-"""The plain kinds after which a branch is no longer active."""
 
 
 class TailRequest(msgspec.Struct, frozen=True, kw_only=True):
