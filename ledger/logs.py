@@ -46,13 +46,17 @@ class SessionLog:
     def size(self) -> int:
         return self.log.size
 
-    def index_of(self, event_id: str) -> int | None:
-        """The leaf index of an event, or None when it is not in this log."""
+    def index_of(self, event_id: str, *, kept: bool = False) -> int | None:
+        """The leaf index of an event, or None when it is not in this log.
+
+        ``kept``: the log was read for an earlier call (the many proofs that follow an
+        anchor, say): indexed at once, so that only one lookup pays for the index.
+        """
         wanted = bytes.fromhex(event_id)
         if len(wanted) != HASH_SIZE:
             return None
         self._lookups += 1
-        if self._index is None and self._lookups > 1:
+        if self._index is None and (self._lookups > 1 or kept):
             self._index = _sorted_index(self._ids)
         if self._index is None:
             return self._scan(wanted)
@@ -136,11 +140,11 @@ class SessionLogs:
         """
         cached = self._logs.get(session_id)
         if size is not None and cached is not None and cached.size >= size:
-            index = cached.index_of(event_id)
+            index = cached.index_of(event_id, kept=True)
             if index is not None:
                 return cached, index
         log = await self.get(store, session_id)
-        index = log.index_of(event_id)
+        index = log.index_of(event_id, kept=log is cached)
         if index is None:
             log = await read_log(store, session_id)
             self._logs[session_id] = log

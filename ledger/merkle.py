@@ -63,6 +63,10 @@ def _hash_each(hash: Hash, prefix: bytes, packed: bytes | bytearray, width: int)
     return b"".join([hash(prefix + packed[i : i + width]) for i in starts])
 
 
+_MEMO_SIZE: Final = 4096
+"""At most this many incomplete subtrees' hashes are kept (a few dozen per tree head)."""
+
+
 def _split(n: int) -> int:
     """The largest power of two smaller than ``n`` (n >= 2)."""
     return 1 << ((n - 1).bit_length() - 1)
@@ -80,10 +84,11 @@ class MerkleLog:
         assert verify_inclusion(log.leaf_hash(ids_3), 3, log.size, proof, head)
     """
 
-    __slots__ = ("_hash", "_levels")
+    __slots__ = ("_hash", "_levels", "_memo")
 
     def __init__(self, leaves: Iterable[bytes] = (), *, hash: Hash = blake3_hash) -> None:
         self._hash = hash
+        self._memo: dict[tuple[int, int], bytes] = {}  # incomplete subtrees' hashes
         # _levels[h] holds the hashes of the complete subtrees of 2**h leaves, in order.
         self._levels: list[bytearray] = [bytearray()]
         self.extend(leaves)
@@ -177,8 +182,18 @@ class MerkleLog:
         n = end - start
         if n & (n - 1) == 0:  # a complete subtree: stored
             return self._node(n.bit_length() - 1, start // n)
-        k = _split(n)
-        return self.node_hash(self._subtree(start, start + k), self._subtree(start + k, end))
+        memo = self._memo
+        node = memo.get((start, end))
+        if node is None:
+            # An incomplete one (on a tree head's right edge): every proof at that size
+            # hashes the same ones again, so they are kept. A range of leaves never
+            # changes; the memo is only bounded.
+            k = _split(n)
+            node = self.node_hash(self._subtree(start, start + k), self._subtree(start + k, end))
+            if len(memo) >= _MEMO_SIZE:
+                memo.clear()
+            memo[start, end] = node
+        return node
 
     def root(self, size: int | None = None) -> bytes:
         """The tree head of the first ``size`` leaves (all of them by default)."""

@@ -72,9 +72,10 @@ _FORKS: Final = frozenset({Branched, Restored})
 """The events whose parent need not be their branch's head."""
 _STEP_CHECKED: Final = frozenset({Checkpointed, Resumed})
 """The kinds that always take ``_check_step``'s every check (a checksum, a lifecycle rule)."""
-_SPLIT_SCHEMES: Final = frozenset({"sqlite", "postgresql"})
-"""The stores that a second process opens at once by their URL (``_walk_split``): not the
-memory store (in this process), nor JSONL (opening it reads its index: seconds)."""
+_SPLIT_SCHEMES: Final = frozenset({"sqlite", "postgresql", "jsonl"})
+"""The stores that a second process reads (``_walk_split``): SQLite and PostgreSQL opened
+at once by their URL, JSONL's file where this process's index says (opening the store
+there would read its index: seconds); not the memory store (in this process)."""
 _PAIRED: Final = frozenset({Erased, Redacted})
 """The kinds ``_Redactions`` pairs up; no other event can change its findings."""
 
@@ -423,6 +424,12 @@ async def _walk_split(
     event is walked again, so that it is reported as the sequential walk reports it.
     """
     request = TailRequest(url=store.url, session=session_id, start=start, log=need_log)
+    session_lines = getattr(store, "session_lines", None)  # JSONL's
+    if session_lines is not None:
+        lines = await session_lines(session_id, start)
+        if lines is None:
+            return None
+        request = msgspec.structs.replace(request, lines=lines)
     try:
         tail = TailWorker(request, CHUNK)
     except OSError:

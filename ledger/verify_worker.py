@@ -16,9 +16,11 @@ the session's log), else none (``--content``).
 
 With ``--tail`` the worker checks a long session's tail on its own instead
 (``TailRequest``, one request and one answer, each an 8-byte length and msgpack): it
-opens the store, reads the session from the ``start``-th event on, checks each
-event's content and the tail's structure from unknown branch heads (``TailWalk``),
-and answers what the caller must find at the start of the tail for it to hold.
+opens the store (for JSONL, only the session file, where the caller's index says:
+``stores.jsonl.read_session_lines``), reads the session from the ``start``-th event
+on, checks each event's content and the tail's structure from unknown branch heads
+(``TailWalk``), and answers what the caller must find at the start of the tail for it
+to hold.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Final, Literal
@@ -51,6 +53,7 @@ from ledger.events import (
     event_problem,
 )
 from ledger.merkle import MerkleLog
+from stores.jsonl import SessionLines, read_session_lines
 
 __all__ = [
     "PLAIN",
@@ -104,15 +107,19 @@ PLAIN: Final = frozenset({TurnAdded, Suspended, Closed, Expired, MetadataSet, Re
 wrong with whatever the state (no checksum, no lifecycle rule, no fork, no redaction)."""
 _ENDING: Final = frozenset({Suspended, Closed, Expired})
 """The plain kinds after which a branch is no longer active."""
+_TAIL_PAGE: Final = 8192
+"""Events per page a tail worker reads."""
 
 
 class TailRequest(msgspec.Struct, frozen=True, kw_only=True):
-    """Check the session's events from the ``start``-th on, in the store at ``url``."""
+    """Check the session's events from the ``start``-th on, in the store at ``url``, or
+    (``lines``, a JSONL store) in the lines of its file that the caller's index names."""
 
     url: str
     session: str
     start: int
     log: bool
+    lines: SessionLines | None = None
 
 
 class TailAnswer(msgspec.Struct, frozen=True, kw_only=True):
@@ -160,25 +167,36 @@ class TailWalk:
 
 async def check_tail(request: TailRequest, chunk_size: int) -> TailAnswer:
     """What the worker answers to a ``TailRequest`` (chunks of ``chunk_size``, a power of two)."""
-    from stores import open_store  # the stores only where a worker reads one itself
-
     walk = TailWalk(request.session)
     levels: list[list[bytes]] = []
     count = 0
     chunk: list[Event] = []
     try:
-        async with open_store(request.url) as store:
-            async for event in store.events_from(request.session, request.start, page_size=8192):
-                chunk.append(event)
-                if len(chunk) == chunk_size:
-                    if not _tail_chunk(walk, chunk, request.log, levels):
-                        return TailAnswer(sure=False)
-                    count, chunk = count + len(chunk), []
+        async for event in _tail_events(request):
+            chunk.append(event)
+            if len(chunk) == chunk_size:
+                if not _tail_chunk(walk, chunk, request.log, levels):
+                    return TailAnswer(sure=False)
+                count, chunk = count + len(chunk), []
     except LedgerError:
         return TailAnswer(sure=False)  # an event that does not read: the caller names it
     if chunk and not _tail_chunk(walk, chunk, request.log, levels):
         return TailAnswer(sure=False)
     return TailAnswer(sure=True, count=count + len(chunk), firsts=walk.firsts, levels=levels)
+
+
+async def _tail_events(request: TailRequest) -> AsyncIterator[Event]:
+    """The tail's events: from the lines named, or from the store opened here."""
+    if request.lines is not None:
+        for page in read_session_lines(request.lines, _TAIL_PAGE):
+            for event in page:
+                yield event
+        return
+    from stores import open_store  # the stores only where a worker reads one itself
+
+    async with open_store(request.url) as store:
+        async for event in store.events_from(request.session, request.start, page_size=_TAIL_PAGE):
+            yield event
 
 
 def _tail_chunk(walk: TailWalk, chunk: list[Event], log: bool, levels: list[list[bytes]]) -> bool:
@@ -435,11 +453,19 @@ class TailWorker:
 
 
 def _tail_main(chunk_size: int) -> None:
-    source, sink = sys.stdin.buffer, sys.stdout.buffer
+    source = sys.stdin.buffer
     request = msgspec.msgpack.decode(
         _read(source, int.from_bytes(_read(source, 8), "big")), type=TailRequest
     )
-    answer = msgspec.msgpack.encode(asyncio.run(check_tail(request, chunk_size)))
+    asyncio.run(_tail_answer(request, chunk_size))
+
+
+async def _tail_answer(request: TailRequest, chunk_size: int) -> None:
+    """Writes the answer itself: ``asyncio.run`` must return nothing large. On its way
+    out, Python 3.11's runner can format its main task (an enum lookup of the SIGINT
+    handler that fails), result and all: ``repr`` of megabytes of Merkle levels."""
+    answer = msgspec.msgpack.encode(await check_tail(request, chunk_size))
+    sink = sys.stdout.buffer
     sink.write(len(answer).to_bytes(8, "big") + answer)
     sink.flush()
 

@@ -44,6 +44,7 @@ import operator
 import queue
 import sqlite3
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -1386,6 +1387,39 @@ class SQLiteStore(PurgeStore):
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(appended.wait(), min(remaining, self.poll_interval))
+
+    async def get_inline(self, event_id: str) -> Event:
+        """``get`` on the calling thread: no hop to the store's thread and back.
+
+        For the many single reads of a proof loop: the hop costs more than the indexed
+        read itself, and its waits are what make the slowest reads slow. A connection
+        of its own (read-only, opened on first use, closed when the store's reader is
+        let go: at the store's close, once nothing else holds it); a database busy for
+        more than a moment is read through ``get``.
+        """
+        reader = self._read_connection()
+        inline: sqlite3.Connection | None = getattr(self, "_inline", None)
+        if inline is None:
+            with _translate(self.filename):
+                conn = sqlite3.connect(
+                    f"file:{self._path}?mode=ro",
+                    uri=True,
+                    timeout=0.05,
+                    isolation_level=None,
+                    check_same_thread=False,  # closed by whichever thread drops the reader
+                )
+            weakref.finalize(reader, conn.close)
+            inline = self._inline = conn
+        try:
+            cursor = inline.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = ?", (event_id,)
+            )
+            row = cursor.fetchone()
+        except sqlite3.Error:
+            return await self.get(event_id)  # busy, say: the store's own read says what failed
+        if row is None:
+            raise EventNotFoundError(event_id)
+        return _decode(row, self.filename)
 
 
 async def _close_all(*connections: aiosqlite.Connection | None) -> None:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from ledger import Ledger, LedgerConfig
 from ledger.anchors import Anchor, decode_anchor, encode_anchor, key_id
-from ledger.errors import AnchorError, ProofError, SessionNotFoundError
+from ledger.errors import AnchorError, IntegrityError, ProofError, SessionNotFoundError
 from ledger.merkle import MerkleLog
 from stores.base import FeedStore
 from tests import tamper
@@ -628,6 +628,63 @@ async def test_a_session_split_on_postgres_reports_what_one_core_does(
         assert one.ok and one == two and two.anchors[0].extended
     finally:
         await drop_schema(postgres_url, url)
+
+
+@pytest.fixture
+def jsonl_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, Path, str, Anchor]:
+    """A JSONL store holding ``plain_tail_session``: its URL, session file, id and anchor."""
+    import asyncio
+
+    monkeypatch.setattr("ledger.verify.CHUNK", SPLIT_CHUNK)
+    url = f"jsonl:///{tmp_path / 'j'}"
+
+    async def build() -> tuple[str, Anchor]:
+        async with Ledger.open(url, key=KEY) as led:
+            sid = await plain_tail_session(led)
+            return sid, await led.anchor(sid, record=False)
+
+    sid, anchor = asyncio.run(build())
+    return url, tmp_path / "j" / "sessions" / f"{sid}.jsonl", sid, anchor
+
+
+async def test_a_jsonl_session_split_between_two_processes_reports_what_one_core_does(
+    jsonl_split: tuple[str, Path, str, Anchor],
+) -> None:
+    url, _, sid, anchor = jsonl_split
+    split, two, one = await split_and_one_core(url, sid, [anchor])
+    assert split is not None and split[0] == one.events_checked  # read from the file there
+    assert one.ok and one == two and two.anchors[0].extended
+
+
+async def test_a_changed_turn_in_a_jsonl_tail_is_named_as_one_core_names_it(
+    jsonl_split: tuple[str, Path, str, Anchor],
+) -> None:
+    url, path, sid, anchor = jsonl_split
+    data = path.read_bytes()
+    at = data.index(b'"later 40"')
+    assert data.count(b'"later 40"') == 1 and at > len(data) // 2  # in the tail
+    path.write_bytes(data.replace(b'"later 40"', b'"LATER 40"'))  # the same length
+    line = data[: data.index(b"\n", at)].rpartition(b"\n")[2]
+    changed = msgspec.json.decode(line)["event"]["id"]
+    split, two, one = await split_and_one_core(url, sid, [anchor])
+    assert split is None and one == two and one.first_bad == changed
+
+
+async def test_a_run_of_jsonl_lines_is_read_only_as_the_index_names_it(
+    jsonl_split: tuple[str, Path, str, Anchor],
+) -> None:
+    from stores.jsonl import read_session_lines
+
+    url, _, sid, _ = jsonl_split
+    async with Ledger.open(url) as led:
+        every = [e async for e in led.store.events(sid)]
+        lines = await led.store.session_lines(sid, 7)  # type: ignore[attr-defined]
+        assert await led.store.session_lines(sid, len(every)) is None  # type: ignore[attr-defined]
+    assert [e for page in read_session_lines(lines, 5) for e in page] == every[7:]
+    wrong = msgspec.structs.replace(lines, ids=[*lines.ids[:9], every[3].id, *lines.ids[10:]])
+    with pytest.raises(IntegrityError) as raised:
+        [e for page in read_session_lines(wrong, 5) for e in page]
+    assert raised.value.event_id == every[3].id and lines.path in str(raised.value)
 
 
 async def drop_schema(postgres_url: str, url: str) -> None:

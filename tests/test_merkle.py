@@ -153,6 +153,24 @@ def test_every_proof_equals_the_rfc_definition_and_verifies(size: int) -> None:
             assert verify_consistency(m, n, log.root(m), root, proof, hash=sha256)
 
 
+@pytest.mark.parametrize("memo_size", [1, 3])
+def test_proofs_stay_the_rfc_definition_when_the_memo_of_subtrees_overflows(
+    memo_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("ledger.merkle._MEMO_SIZE", memo_size)
+    leaves = [i.to_bytes(4, "big") for i in range(45)]
+    log = MerkleLog(leaves[:20], hash=sha256)
+    for n in (13, 20, 7, 13):  # the memo kept, cleared and filled again, in any order
+        assert log.root(n) == ref_mth(leaves[:n])
+        assert [log.inclusion_proof(m, n) for m in range(n)] == [
+            ref_path(m, leaves[:n]) for m in range(n)
+        ]
+    log.extend(leaves[20:])  # appends leave the kept ranges as they were
+    for n in (45, 20, 33):
+        assert log.root(n) == ref_mth(leaves[:n])
+        assert log.consistency_proof(n - 6, n) == ref_subproof(n - 6, leaves[:n], True)
+
+
 @given(st.lists(st.binary(max_size=8), min_size=1, max_size=70), st.data())
 def test_tampered_proofs_and_roots_are_refused(leaves: list[bytes], data: st.DataObject) -> None:
     log = MerkleLog(leaves)

@@ -434,6 +434,7 @@ def test_a_log_finds_each_leaf_by_scan_then_by_index(
     ids += [ids[0][:8] + bytes([n]) * 24 for n in range(twins)] if ids else []
     ids = list(dict.fromkeys(ids))
     log = SessionLog("s", b"".join(ids))
+    kept = SessionLog("s", b"".join(ids))
     # Not ids: all 0xff, and (when there are two ids) the bytes across their boundary.
     others = [b"\xff" * 32] * 2 + ([ids[0][16:] + ids[1][:16]] if len(ids) > 1 else [b"\xff" * 32])
     for n in lookups + list(
@@ -442,4 +443,58 @@ def test_a_log_finds_each_leaf_by_scan_then_by_index(
         wanted = ids[n] if n < len(ids) else others[n % 3]
         expected = n if n < len(ids) else (ids.index(wanted) if wanted in ids else None)
         assert log.index_of(wanted.hex()) == expected
+        assert kept.index_of(wanted.hex(), kept=True) == expected  # indexed at once
     assert log.index_of("ab") is None  # not an id at all
+
+
+# --- SQLite's inline read, a proof's one store read ----------------------------------
+
+
+async def test_sqlite_inline_read_gives_what_get_gives_and_refuses_as_it_does(
+    tmp_path: Path,
+) -> None:
+    from ledger.errors import IntegrityError, StoreClosedError
+    from stores.sqlite import SQLiteStore
+    from tests import tamper
+
+    path = tmp_path / "inline.db"
+    async with Ledger.open(f"sqlite:///{path}", key=KEY) as led:
+        sid, _ = await story(led)
+        store = led.store
+        assert isinstance(store, SQLiteStore)
+        every = [e async for e in store.events(sid)]
+        for event in every:
+            assert await store.get_inline(event.id) == event == await store.get(event.id)
+        with pytest.raises(EventNotFoundError, match="no-such-event"):
+            await store.get_inline("no-such-event")
+        proof = await led.prove(every[3].id)  # through the inline read
+        assert check_proof(proof, key=KEY).event_id == every[3].id
+    with pytest.raises(StoreClosedError):
+        await store.get_inline(every[0].id)
+    position, event = tamper.rows(path, sid)[2]
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE events SET data = ? WHERE position = ?", (b"{not json", position))
+    async with Ledger.open(f"sqlite:///{path}") as led:
+        store = led.store
+        assert isinstance(store, SQLiteStore)
+        with pytest.raises(IntegrityError, match=event.id) as inline:
+            await store.get_inline(event.id)
+        with pytest.raises(IntegrityError) as get:
+            await store.get(event.id)
+        assert str(inline.value) == str(get.value)
+        assert await store.get_inline(every[1].id) == every[1]
+
+
+async def test_the_first_proof_from_a_kept_log_indexes_it_and_a_one_off_scans() -> None:
+    async with Ledger.open("memory://", key=KEY) as led:
+        sid, _ = await story(led)
+        ids = [e.id async for e in led.events(sid)]
+        one_off = Ledger(led.store, LedgerConfig(url="memory://", key=KEY.hex()))
+        await one_off.prove(ids[2])  # the log read for it: scanned, not indexed
+        assert one_off._logs._logs[sid]._index is None
+        anchor = await led.anchor(sid, record=False)  # the log read, no lookup yet
+        proof = await led.prove(ids[1], anchor=anchor)  # its first lookup, of a kept log
+        assert led._logs._logs[sid]._index is not None
+        assert check_proof(proof, key=KEY).index == 1
