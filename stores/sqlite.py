@@ -44,7 +44,6 @@ import operator
 import queue
 import sqlite3
 import threading
-import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -937,6 +936,7 @@ class SQLiteStore(PurgeStore):
             self._run_group, max_size=group_size, name=repr(self.filename)
         )
         self._packer: ThreadPoolExecutor | None = None  # packs the rows of a group (_Packed)
+        self._inline: sqlite3.Connection | None = None  # get_inline's, on the event loop
 
     @classmethod
     def from_url(
@@ -1016,6 +1016,9 @@ class SQLiteStore(PurgeStore):
             # Not waited for: a packing left running belongs to a group that has failed.
             self._packer.shutdown(wait=False)
             self._packer = None
+        if self._inline is not None:
+            self._inline.close()
+            self._inline = None
         async with self._write_lock:
             reader, writer = self._reader, self._writer
             self._reader = self._writer = None
@@ -1391,30 +1394,25 @@ class SQLiteStore(PurgeStore):
     async def get_inline(self, event_id: str) -> Event:
         """``get`` on the calling thread: no hop to the store's thread and back.
 
-        For the many single reads of a proof loop: the hop costs more than the indexed
-        read itself, and its waits are what make the slowest reads slow. A connection
-        of its own (read-only, opened on first use, closed when the store's reader is
-        let go: at the store's close, once nothing else holds it); a database busy for
-        more than a moment is read through ``get``.
+        For the many single reads of a proof loop: the hop costs more than the
+        indexed read itself, and its waits are what make the slowest reads slow.
+        It runs on a read-only connection of its own (opened at first use, closed
+        with the store) and blocks the event loop for one lookup by primary key; a
+        database busy for more than a moment is read through ``get`` instead.
         """
-        reader = self._read_connection()
-        inline: sqlite3.Connection | None = getattr(self, "_inline", None)
-        if inline is None:
+        self._read_connection()  # refuses a closed store
+        if self._inline is None:
             with _translate(self.filename):
-                conn = sqlite3.connect(
-                    f"file:{self._path}?mode=ro",
+                self._inline = sqlite3.connect(
+                    f"{self._path.resolve().as_uri()}?mode=ro",
                     uri=True,
                     timeout=0.05,
                     isolation_level=None,
-                    check_same_thread=False,  # closed by whichever thread drops the reader
                 )
-            weakref.finalize(reader, conn.close)
-            inline = self._inline = conn
         try:
-            cursor = inline.execute(
+            row = self._inline.execute(
                 f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = ?", (event_id,)
-            )
-            row = cursor.fetchone()
+            ).fetchone()
         except sqlite3.Error:
             return await self.get(event_id)  # busy, say: the store's own read says what failed
         if row is None:
