@@ -47,7 +47,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Concatenate, Final, ParamSpec, TypeVar, cast
+from typing import Any, Concatenate, Final, NamedTuple, ParamSpec, TypeVar, cast
 from urllib.parse import parse_qsl
 
 import aiosqlite
@@ -88,7 +88,6 @@ from stores.base import (
     check_ancestry,
     check_erase,
     check_head,
-    decode_checked,
     decode_page,
     page_cursor,
     parse_cursor,
@@ -281,7 +280,7 @@ async def _in_thread(
     per statement, and no other task's statement can run in the middle of it.
     aiosqlite has no public call for this: ``Connection._execute`` is the
     private method every one of its public calls goes through. Only ``_connect``
-    touches another internal (its thread's daemon flag).
+    (its thread's daemon flag) and ``_submit`` (its queue) touch other internals.
     """
 
     def call() -> _T:
@@ -289,6 +288,27 @@ async def _in_thread(
 
     result: _T = await db._execute(call)  # type: ignore[no-untyped-call]
     return result
+
+
+def _submit(
+    db: aiosqlite.Connection,
+    fn: Callable[Concatenate[sqlite3.Connection, _P], _T],
+    *args: _P.args,
+    **kwargs: _P.kwargs,
+) -> asyncio.Future[_T]:
+    """``_in_thread`` queued now, not when a task first runs: a replay's next page is
+    read while the consumer folds this one without going back to the event loop.
+
+    The same protocol as aiosqlite's ``Connection._execute`` (its private queue
+    of ``(future, function)`` pairs, which its thread answers on the future's loop).
+    """
+    future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
+    db._tx.put_nowait((future, functools.partial(fn, db._conn, *args, **kwargs)))
+    return future
+
+
+_START_WAIT: Final = 0.002
+"""Seconds the event loop waits at most for the store's thread to start a page."""
 
 
 # --- what runs in the worker threads --------------------------------------------
@@ -793,41 +813,193 @@ def _decode_rows(rows: Sequence[_Row], path: str) -> list[Event]:
     return decode_page(rows, decode_stored_all, lambda row: _decode(row, path))
 
 
-_row_first, _row_second = operator.itemgetter(0), operator.itemgetter(1)
+# A replay's page is gathered by SQLite in one statement, so in one sqlite3_step,
+# which runs with the GIL released: the store's thread reads the next page while
+# the event loop folds this one (a page read row by row takes the GIL back for
+# every row, so it could not: it waited for the fold to end). Each row of plain
+# JSON becomes the line ``[<its data>]``, any other (compressed, or damaged)
+# ``[null]``, and msgspec decodes all the lines in one call. Framed so, a row's
+# bytes cannot decode as part of another's: no JSON value can continue past a
+# line's closing ``]``, since the next line starts with ``[``, which may follow
+# no value; so when the page yields as many values as it has rows, each line was
+# exactly one row, which decoded whole and alone, as ``decode_stored`` decodes
+# it. The positions prove the order; the byte count, that every byte went through.
+_PLAIN: Final = "(data >= x'7b' AND data < x'7c')"  # a blob whose first byte is "{"
+# Over the table itself, bounded by the page's last position, not a subquery with
+# a LIMIT: SQLite would copy every row's data into the subquery's registers first.
+_PAGE_SQL: Final = (
+    "SELECT count(*), max(position), min(typeof(id) = 'text'), group_concat(id, ','),"
+    f" group_concat(position, ','), sum(NOT {_PLAIN}),"
+    f" sum(CASE WHEN {_PLAIN} THEN length(data) ELSE 4 END),"
+    f" CAST(group_concat(CASE WHEN {_PLAIN} THEN data ELSE 'null' END, x'5d0a5b') AS BLOB)"
+    " FROM events WHERE session_id = ?1 AND position > ?2 AND position <= coalesce("
+    "(SELECT position FROM events WHERE session_id = ?1 AND position > ?2 AND position <= ?3"
+    " ORDER BY position LIMIT 1 OFFSET ?4), ?3)"
+)
+
+
+class _Line(msgspec.Struct, array_like=True, gc=False):
+    """A line of a page: a row's event, or None for a row that is not plain JSON.
+    Untracked (as events are): a page of tuples set off a collection that visited each."""
+
+    event: Event | None
+
+
+_LINES = msgspec.json.Decoder(_Line)
+_POSITIONS = msgspec.json.Decoder(list[int])
+_line_event = operator.attrgetter("event")
+_event_id, _event_session = operator.attrgetter("id"), operator.attrgetter("session")
+
+
+class _Page(NamedTuple):
+    """A page of a session's events as ``_read_page`` gathers it (see ``_PAGE_SQL``)."""
+
+    rows: int
+    last: int
+    """The position of the page's last row."""
+    ids: str | None
+    """The rows' ids, comma-separated; None when one is not text."""
+    positions: str
+    """The rows' positions, a JSON array."""
+    size: int
+    """The length ``lines`` has when every byte of every row is in it."""
+    lines: bytes
+    """``[<data>]`` or ``[null]`` for each row, one a line."""
+    others: list[tuple[int, Event]] | None
+    """The rows that are not plain JSON, decoded and checked, with their positions;
+    None when one of them is bad."""
+
+
+def _read_page(
+    conn: sqlite3.Connection,
+    path: str,
+    session_id: str,
+    after: int,
+    upper: int,
+    size: int,
+    started: threading.Event,
+) -> _Page | None:
+    """The session's rows at positions in ``(after, upper]``, at most ``size``, gathered
+    into one ``_Page``; None when there are none. Sets ``started`` as SQLite begins.
+
+    Rows that are not plain JSON (compressed events) are then read and decoded
+    one by one; ``_page_events`` checks that they are the page's ``[null]`` lines.
+    ``others`` is None when one does not decode: the page is then read row by row,
+    which names the first bad row, whichever kind it is.
+    """
+    started.set()
+    rows, last, text_ids, ids, positions, irregular, plain_bytes, lines = conn.execute(
+        _PAGE_SQL, (session_id, after, upper, size - 1)
+    ).fetchone()
+    if not rows:
+        return None
+    others: list[tuple[int, Event]] | None = []
+    if irregular:
+        found = conn.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE session_id = ? AND position > ?"
+            f" AND position <= ? AND NOT {_PLAIN} ORDER BY position",
+            (session_id, after, last),
+        ).fetchall()
+        try:
+            with gc_paused():
+                others = [(row[0], _decode(row, path)) for row in found]
+        except IntegrityError:
+            others = None
+    return _Page(
+        rows=rows,
+        last=last,
+        ids=ids if text_ids else None,
+        positions=f"[{positions}]",
+        size=plain_bytes + 3 * rows - 1,
+        lines=b"[" + lines + b"]",
+        others=others,
+    )
+
+
+def _page_events(page: _Page, session_id: str) -> list[Event] | None:
+    """The events of a ``_Page``, or None unless each row decodes as itself, in
+    position order, with its row's id and the session's: then the caller reads the
+    page again row by row (``_read_rows``) to name the bad one."""
+    if page.ids is None or page.others is None or len(page.lines) != page.size:
+        return None
+    try:
+        with gc_paused():  # a bulk decode: see ledger.events.gc_paused
+            lines = _LINES.decode_lines(page.lines)
+            positions = _POSITIONS.decode(page.positions)
+    except (msgspec.MsgspecError, UnicodeDecodeError):
+        return None
+    if len(lines) != page.rows or len(positions) != page.rows:
+        return None  # some line was not exactly one row: see _PAGE_SQL
+    events = list(map(_line_event, lines))
+    if page.others:
+        filled = _fill(events, positions, page.others)
+        if filled is None:
+            return None
+        events = filled
+    ids = page.ids
+    try:
+        if (
+            positions[-1] != page.last
+            or not all(map(operator.lt, positions, positions[1:]))
+            or ids.count(",") != page.rows - 1  # then the split below is the rows' own
+            or ",".join(map(_event_id, events)) != ids
+            or list(map(_event_session, events)).count(session_id) != len(events)
+        ):
+            return None
+    except AttributeError:  # a [null] line left unfilled: only NOT _PLAIN rows make one
+        return None
+    return events
+
+
+def _fill(
+    events: list[Event | None], positions: list[int], others: list[tuple[int, Event]]
+) -> list[Event] | None:
+    """``events`` with each None replaced by the one of ``others`` at its position, or
+    None unless there is exactly one for each (a row may have changed in between)."""
+    slots = [position for event, position in zip(events, positions, strict=True) if event is None]
+    if slots != [position for position, _ in others]:
+        return None
+    rest = iter(event for _, event in others)
+    return [event if event is not None else next(rest) for event in events]
 
 
 def _events_page(
-    conn: sqlite3.Connection, path: str, session_id: str, after: int, upper: int, size: int
+    conn: sqlite3.Connection,
+    path: str,
+    session_id: str,
+    after: int,
+    upper: int,
+    size: int,
+    started: threading.Event,
 ) -> tuple[int, list[Event]]:
     """A session's events at positions in ``(after, upper]``, at most ``size``, decoded
-    and checked, and the last one's position.
+    and checked, and the last one's position (``upper`` when there are none).
 
-    A replay's hot loop: only ids and data are read (every Python object made per
-    row costs), so the page's last position is looked up by its id, and a row's
-    session is the one the query selected. When any row fails the checks, the
-    page is read again whole and decoded row by row, to name the bad one.
+    A replay's hot loop, run in the store's thread: the page is gathered by SQLite
+    and decoded at once (``_read_page``, ``_page_events``); when any row fails a
+    check, the page is read again row by row to name the bad one.
     """
-    with gc_paused():  # the rows too: a page is a bulk read (see gc_paused)
+    page = _read_page(conn, path, session_id, after, upper, size, started)
+    if page is None:
+        return upper, []
+    events = _page_events(page, session_id)
+    if events is None:
+        events = _read_rows(conn, path, session_id, after, page.last)
+    return page.last, events
+
+
+def _read_rows(
+    conn: sqlite3.Connection, path: str, session_id: str, after: int, last: int
+) -> list[Event]:
+    """The session's events at positions in ``(after, last]``, read and decoded row by
+    row: raises the IntegrityError that names the first bad row."""
+    with gc_paused():
         rows = conn.execute(
-            "SELECT id, data FROM events "
-            "WHERE session_id = ? AND position > ? AND position <= ? ORDER BY position LIMIT ?",
-            (session_id, after, upper, size),
+            f"SELECT {_EVENT_COLUMNS} FROM events "
+            "WHERE session_id = ? AND position > ? AND position <= ? ORDER BY position",
+            (session_id, after, last),
         ).fetchall()
-        if not rows:
-            return upper, []
-        found = conn.execute("SELECT position FROM events WHERE id = ?", (rows[-1][0],)).fetchone()
-        last = upper if found is None else found[0]  # None: purged since
-        ids, datas = list(map(_row_first, rows)), list(map(_row_second, rows))
-        del rows  # not left for the collection that follows the pause
-        events = decode_checked(datas, ids, session_id, decode_stored_all)
-        if events is None:
-            whole = conn.execute(
-                f"SELECT {_EVENT_COLUMNS} FROM events "
-                "WHERE session_id = ? AND position > ? AND position <= ? ORDER BY position",
-                (session_id, after, last),
-            ).fetchall()
-            events = [_decode(row, path) for row in whole]
-    return last, events
+        return [_decode(row, path) for row in rows]
 
 
 def _session_row(row: _Row) -> SessionRow:
@@ -1257,16 +1429,25 @@ class SQLiteStore(PurgeStore):
         if upper <= after:
             return
 
-        reader = self._read_connection()
-
-        def page(after: int) -> asyncio.Task[tuple[int, list[Event]]]:
-            return asyncio.ensure_future(
-                _in_thread(reader, _events_page, self.filename, session_id, after, upper, page_size)
+        def page(after: int) -> asyncio.Future[tuple[int, list[Event]]]:
+            started = threading.Event()
+            pending = _submit(
+                self._read_connection(),  # StoreClosedError once closed, not a hang
+                _events_page,
+                self.filename,
+                session_id,
+                after,
+                upper,
+                page_size,
+                started,
             )
+            # Let the store's thread take the GIL and enter SQLite (which lets go of
+            # it) before the fold of this page holds it: else that thread would wait
+            # for the fold to end. Bounded: the thread may be busy with another call.
+            started.wait(_START_WAIT)
+            return pending
 
-        # Each page is read and decoded in the store's thread, the next one while
-        # this one is handed out: the event loop only yields events.
-        pending: asyncio.Task[tuple[int, list[Event]]] | None = page(after)
+        pending: asyncio.Future[tuple[int, list[Event]]] | None = page(after)
         try:
             while pending is not None:
                 with _translate(self.filename, session_id):
