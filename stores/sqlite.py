@@ -307,10 +307,6 @@ def _submit(
     return future
 
 
-_START_WAIT: Final = 0.002
-"""Seconds the event loop waits at most for the store's thread to start a page."""
-
-
 # --- what runs in the worker threads --------------------------------------------
 
 
@@ -877,17 +873,15 @@ def _read_page(
     after: int,
     upper: int,
     size: int,
-    started: threading.Event,
 ) -> _Page | None:
     """The session's rows at positions in ``(after, upper]``, at most ``size``, gathered
-    into one ``_Page``; None when there are none. Sets ``started`` as SQLite begins.
+    into one ``_Page``; None when there are none.
 
     Rows that are not plain JSON (compressed events) are then read and decoded
     one by one; ``_page_events`` checks that they are the page's ``[null]`` lines.
     ``others`` is None when one does not decode: the page is then read row by row,
     which names the first bad row, whichever kind it is.
     """
-    started.set()
     rows, last, text_ids, ids, positions, irregular, plain_bytes, lines = conn.execute(
         _PAGE_SQL, (session_id, after, upper, size - 1)
     ).fetchone()
@@ -963,6 +957,25 @@ def _fill(
     return [event if event is not None else next(rest) for event in events]
 
 
+_Outcome = tuple[int, list[Event]] | BaseException
+
+
+class _ReadAhead:
+    """The page a replay's last call read after the one it handed out, for the next."""
+
+    __slots__ = ("after", "page")
+
+    def __init__(self) -> None:
+        self.after: int | None = None
+        self.page: _Page | None = None
+
+    def take(self, after: int) -> tuple[bool, _Page | None]:
+        """``(True, page)`` when the page after ``after`` was read ahead, else ``(False, None)``."""
+        found = self.after == after
+        page, self.after, self.page = self.page, None, None
+        return found, page if found else None
+
+
 def _events_page(
     conn: sqlite3.Connection,
     path: str,
@@ -970,22 +983,53 @@ def _events_page(
     after: int,
     upper: int,
     size: int,
-    started: threading.Event,
-) -> tuple[int, list[Event]]:
-    """A session's events at positions in ``(after, upper]``, at most ``size``, decoded
-    and checked, and the last one's position (``upper`` when there are none).
+    ahead: _ReadAhead,
+    deliver: Callable[[_Outcome], None],
+) -> None:
+    """Deliver a session's events at positions in ``(after, upper]``, at most ``size``,
+    decoded and checked, and the last one's position (``upper`` when there are none);
+    then read the next page ahead into ``ahead``.
 
     A replay's hot loop, run in the store's thread: the page is gathered by SQLite
     and decoded at once (``_read_page``, ``_page_events``); when any row fails a
-    check, the page is read again row by row to name the bad one.
+    check, the page is read again row by row to name the bad one. The read ahead
+    is one sqlite3_step, which lets go of the GIL: it runs while the consumer
+    folds the page just delivered. One that fails is dropped: the next call reads
+    the page again and raises what it meets.
     """
-    page = _read_page(conn, path, session_id, after, upper, size, started)
-    if page is None:
-        return upper, []
-    events = _page_events(page, session_id)
-    if events is None:
-        events = _read_rows(conn, path, session_id, after, page.last)
-    return page.last, events
+    try:
+        found, page = ahead.take(after)
+        if not found:
+            page = _read_page(conn, path, session_id, after, upper, size)
+        if page is None:
+            deliver((upper, []))
+            return
+        events = _page_events(page, session_id)
+        if events is None:
+            events = _read_rows(conn, path, session_id, after, page.last)
+    except BaseException as exc:
+        deliver(exc)
+        raise
+    deliver((page.last, events))
+    if page.rows == size and page.last < upper:
+        with contextlib.suppress(Exception):
+            ahead.page = _read_page(conn, path, session_id, page.last, upper, size)
+            ahead.after = page.last
+
+
+def _settle(future: asyncio.Future[tuple[int, list[Event]]], outcome: _Outcome) -> None:
+    if future.done():  # cancelled: the replay was left
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a call's own outcome seen: it was delivered through another future."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _read_rows(
@@ -1429,9 +1473,16 @@ class SQLiteStore(PurgeStore):
         if upper <= after:
             return
 
+        loop = asyncio.get_running_loop()
+        ahead = _ReadAhead()
+
         def page(after: int) -> asyncio.Future[tuple[int, list[Event]]]:
-            started = threading.Event()
-            pending = _submit(
+            delivered: asyncio.Future[tuple[int, list[Event]]] = loop.create_future()
+
+            def deliver(outcome: _Outcome) -> None:  # in the store's thread
+                loop.call_soon_threadsafe(_settle, delivered, outcome)
+
+            call = _submit(
                 self._read_connection(),  # StoreClosedError once closed, not a hang
                 _events_page,
                 self.filename,
@@ -1439,13 +1490,11 @@ class SQLiteStore(PurgeStore):
                 after,
                 upper,
                 page_size,
-                started,
+                ahead,
+                deliver,
             )
-            # Let the store's thread take the GIL and enter SQLite (which lets go of
-            # it) before the fold of this page holds it: else that thread would wait
-            # for the fold to end. Bounded: the thread may be busy with another call.
-            started.wait(_START_WAIT)
-            return pending
+            call.add_done_callback(_retrieve)
+            return delivered
 
         pending: asyncio.Future[tuple[int, list[Event]]] | None = page(after)
         try:
