@@ -47,7 +47,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Concatenate, Final, NamedTuple, ParamSpec, TypeVar, cast
+from typing import Any, Concatenate, Final, ParamSpec, TypeVar, cast
 from urllib.parse import parse_qsl
 
 import aiosqlite
@@ -88,6 +88,7 @@ from stores.base import (
     check_ancestry,
     check_erase,
     check_head,
+    decode_checked,
     decode_page,
     page_cursor,
     parse_cursor,
@@ -280,7 +281,7 @@ async def _in_thread(
     per statement, and no other task's statement can run in the middle of it.
     aiosqlite has no public call for this: ``Connection._execute`` is the
     private method every one of its public calls goes through. Only ``_connect``
-    (its thread's daemon flag) and ``_submit`` (its queue) touch other internals.
+    touches another internal (its thread's daemon flag).
     """
 
     def call() -> _T:
@@ -288,23 +289,6 @@ async def _in_thread(
 
     result: _T = await db._execute(call)  # type: ignore[no-untyped-call]
     return result
-
-
-def _submit(
-    db: aiosqlite.Connection,
-    fn: Callable[Concatenate[sqlite3.Connection, _P], _T],
-    *args: _P.args,
-    **kwargs: _P.kwargs,
-) -> asyncio.Future[_T]:
-    """``_in_thread`` queued now, not when a task first runs: a replay's next page is
-    read while the consumer folds this one without going back to the event loop.
-
-    The same protocol as aiosqlite's ``Connection._execute`` (its private queue
-    of ``(future, function)`` pairs, which its thread answers on the future's loop).
-    """
-    future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
-    db._tx.put_nowait((future, functools.partial(fn, db._conn, *args, **kwargs)))
-    return future
 
 
 # --- what runs in the worker threads --------------------------------------------
@@ -809,241 +793,41 @@ def _decode_rows(rows: Sequence[_Row], path: str) -> list[Event]:
     return decode_page(rows, decode_stored_all, lambda row: _decode(row, path))
 
 
-# A replay's page is gathered by SQLite in one statement, so in one sqlite3_step,
-# which runs with the GIL released: the store's thread reads the next page while
-# the event loop folds this one (a page read row by row takes the GIL back for
-# every row, so it could not: it waited for the fold to end). Each row of plain
-# JSON becomes the line ``[<its data>]``, any other (compressed, or damaged)
-# ``[null]``, and msgspec decodes all the lines in one call. Framed so, a row's
-# bytes cannot decode as part of another's: no JSON value can continue past a
-# line's closing ``]``, since the next line starts with ``[``, which may follow
-# no value; so when the page yields as many values as it has rows, each line was
-# exactly one row, which decoded whole and alone, as ``decode_stored`` decodes
-# it. The positions prove the order; the byte count, that every byte went through.
-_PLAIN: Final = "(data >= x'7b' AND data < x'7c')"  # a blob whose first byte is "{"
-# Over the table itself, bounded by the page's last position, not a subquery with
-# a LIMIT: SQLite would copy every row's data into the subquery's registers first.
-_PAGE_SQL: Final = (
-    "SELECT count(*), max(position), min(typeof(id) = 'text'), group_concat(id, ','),"
-    f" group_concat(position, ','), sum(NOT {_PLAIN}),"
-    f" sum(CASE WHEN {_PLAIN} THEN length(data) ELSE 4 END),"
-    f" CAST(group_concat(CASE WHEN {_PLAIN} THEN data ELSE 'null' END, x'5d0a5b') AS BLOB)"
-    " FROM events WHERE session_id = ?1 AND position > ?2 AND position <= coalesce("
-    "(SELECT position FROM events WHERE session_id = ?1 AND position > ?2 AND position <= ?3"
-    " ORDER BY position LIMIT 1 OFFSET ?4), ?3)"
-)
-
-
-class _Line(msgspec.Struct, array_like=True, gc=False):
-    """A line of a page: a row's event, or None for a row that is not plain JSON.
-    Untracked (as events are): a page of tuples set off a collection that visited each."""
-
-    event: Event | None
-
-
-_LINES = msgspec.json.Decoder(_Line)
-_POSITIONS = msgspec.json.Decoder(list[int])
-_line_event = operator.attrgetter("event")
-_event_id, _event_session = operator.attrgetter("id"), operator.attrgetter("session")
-
-
-class _Page(NamedTuple):
-    """A page of a session's events as ``_read_page`` gathers it (see ``_PAGE_SQL``)."""
-
-    rows: int
-    last: int
-    """The position of the page's last row."""
-    ids: str | None
-    """The rows' ids, comma-separated; None when one is not text."""
-    positions: str
-    """The rows' positions, a JSON array."""
-    size: int
-    """The length ``lines`` has when every byte of every row is in it."""
-    lines: bytes
-    """``[<data>]`` or ``[null]`` for each row, one a line."""
-    others: list[tuple[int, Event]] | None
-    """The rows that are not plain JSON, decoded and checked, with their positions;
-    None when one of them is bad."""
-
-
-def _read_page(
-    conn: sqlite3.Connection,
-    path: str,
-    session_id: str,
-    after: int,
-    upper: int,
-    size: int,
-) -> _Page | None:
-    """The session's rows at positions in ``(after, upper]``, at most ``size``, gathered
-    into one ``_Page``; None when there are none.
-
-    Rows that are not plain JSON (compressed events) are then read and decoded
-    one by one; ``_page_events`` checks that they are the page's ``[null]`` lines.
-    ``others`` is None when one does not decode: the page is then read row by row,
-    which names the first bad row, whichever kind it is.
-    """
-    rows, last, text_ids, ids, positions, irregular, plain_bytes, lines = conn.execute(
-        _PAGE_SQL, (session_id, after, upper, size - 1)
-    ).fetchone()
-    if not rows:
-        return None
-    others: list[tuple[int, Event]] | None = []
-    if irregular:
-        found = conn.execute(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE session_id = ? AND position > ?"
-            f" AND position <= ? AND NOT {_PLAIN} ORDER BY position",
-            (session_id, after, last),
-        ).fetchall()
-        try:
-            with gc_paused():
-                others = [(row[0], _decode(row, path)) for row in found]
-        except IntegrityError:
-            others = None
-    return _Page(
-        rows=rows,
-        last=last,
-        ids=ids if text_ids else None,
-        positions=f"[{positions}]",
-        size=plain_bytes + 3 * rows - 1,
-        lines=b"[" + lines + b"]",
-        others=others,
-    )
-
-
-def _page_events(page: _Page, session_id: str) -> list[Event] | None:
-    """The events of a ``_Page``, or None unless each row decodes as itself, in
-    position order, with its row's id and the session's: then the caller reads the
-    page again row by row (``_read_rows``) to name the bad one."""
-    if page.ids is None or page.others is None or len(page.lines) != page.size:
-        return None
-    try:
-        with gc_paused():  # a bulk decode: see ledger.events.gc_paused
-            lines = _LINES.decode_lines(page.lines)
-            positions = _POSITIONS.decode(page.positions)
-    except (msgspec.MsgspecError, UnicodeDecodeError):
-        return None
-    if len(lines) != page.rows or len(positions) != page.rows:
-        return None  # some line was not exactly one row: see _PAGE_SQL
-    events = list(map(_line_event, lines))
-    if page.others:
-        filled = _fill(events, positions, page.others)
-        if filled is None:
-            return None
-        events = filled
-    ids = page.ids
-    try:
-        if (
-            positions[-1] != page.last
-            or not all(map(operator.lt, positions, positions[1:]))
-            or ids.count(",") != page.rows - 1  # then the split below is the rows' own
-            or ",".join(map(_event_id, events)) != ids
-            or list(map(_event_session, events)).count(session_id) != len(events)
-        ):
-            return None
-    except AttributeError:  # a [null] line left unfilled: only NOT _PLAIN rows make one
-        return None
-    return events
-
-
-def _fill(
-    events: list[Event | None], positions: list[int], others: list[tuple[int, Event]]
-) -> list[Event] | None:
-    """``events`` with each None replaced by the one of ``others`` at its position, or
-    None unless there is exactly one for each (a row may have changed in between)."""
-    slots = [position for event, position in zip(events, positions, strict=True) if event is None]
-    if slots != [position for position, _ in others]:
-        return None
-    rest = iter(event for _, event in others)
-    return [event if event is not None else next(rest) for event in events]
-
-
-_Outcome = tuple[int, list[Event]] | BaseException
-
-
-class _ReadAhead:
-    """The page a replay's last call read after the one it handed out, for the next."""
-
-    __slots__ = ("after", "page")
-
-    def __init__(self) -> None:
-        self.after: int | None = None
-        self.page: _Page | None = None
-
-    def take(self, after: int) -> tuple[bool, _Page | None]:
-        """``(True, page)`` when the page after ``after`` was read ahead, else ``(False, None)``."""
-        found = self.after == after
-        page, self.after, self.page = self.page, None, None
-        return found, page if found else None
+_row_first, _row_second = operator.itemgetter(0), operator.itemgetter(1)
 
 
 def _events_page(
-    conn: sqlite3.Connection,
-    path: str,
-    session_id: str,
-    after: int,
-    upper: int,
-    size: int,
-    ahead: _ReadAhead,
-    deliver: Callable[[_Outcome], None],
-) -> None:
-    """Deliver a session's events at positions in ``(after, upper]``, at most ``size``,
-    decoded and checked, and the last one's position (``upper`` when there are none);
-    then read the next page ahead into ``ahead``.
+    conn: sqlite3.Connection, path: str, session_id: str, after: int, upper: int, size: int
+) -> tuple[int, list[Event]]:
+    """A session's events at positions in ``(after, upper]``, at most ``size``, decoded
+    and checked, and the last one's position.
 
-    A replay's hot loop, run in the store's thread: the page is gathered by SQLite
-    and decoded at once (``_read_page``, ``_page_events``); when any row fails a
-    check, the page is read again row by row to name the bad one. The read ahead
-    is one sqlite3_step, which lets go of the GIL: it runs while the consumer
-    folds the page just delivered. One that fails is dropped: the next call reads
-    the page again and raises what it meets.
+    A replay's hot loop: only ids and data are read (every Python object made per
+    row costs), so the page's last position is looked up by its id, and a row's
+    session is the one the query selected. When any row fails the checks, the
+    page is read again whole and decoded row by row, to name the bad one.
     """
-    try:
-        found, page = ahead.take(after)
-        if not found:
-            page = _read_page(conn, path, session_id, after, upper, size)
-        if page is None:
-            deliver((upper, []))
-            return
-        events = _page_events(page, session_id)
-        if events is None:
-            events = _read_rows(conn, path, session_id, after, page.last)
-    except BaseException as exc:
-        deliver(exc)
-        raise
-    deliver((page.last, events))
-    if page.rows == size and page.last < upper:
-        with contextlib.suppress(Exception):
-            ahead.page = _read_page(conn, path, session_id, page.last, upper, size)
-            ahead.after = page.last
-
-
-def _settle(future: asyncio.Future[tuple[int, list[Event]]], outcome: _Outcome) -> None:
-    if future.done():  # cancelled: the replay was left
-        return
-    if isinstance(outcome, BaseException):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """Mark a call's own outcome seen: it was delivered through another future."""
-    if not future.cancelled():
-        future.exception()
-
-
-def _read_rows(
-    conn: sqlite3.Connection, path: str, session_id: str, after: int, last: int
-) -> list[Event]:
-    """The session's events at positions in ``(after, last]``, read and decoded row by
-    row: raises the IntegrityError that names the first bad row."""
-    with gc_paused():
+    with gc_paused():  # the rows too: a page is a bulk read (see gc_paused)
         rows = conn.execute(
-            f"SELECT {_EVENT_COLUMNS} FROM events "
-            "WHERE session_id = ? AND position > ? AND position <= ? ORDER BY position",
-            (session_id, after, last),
+            "SELECT id, data FROM events "
+            "WHERE session_id = ? AND position > ? AND position <= ? ORDER BY position LIMIT ?",
+            (session_id, after, upper, size),
         ).fetchall()
-        return [_decode(row, path) for row in rows]
+        if not rows:
+            return upper, []
+        found = conn.execute("SELECT position FROM events WHERE id = ?", (rows[-1][0],)).fetchone()
+        last = upper if found is None else found[0]  # None: purged since
+        ids, datas = list(map(_row_first, rows)), list(map(_row_second, rows))
+        del rows  # not left for the collection that follows the pause
+        events = decode_checked(datas, ids, session_id, decode_stored_all)
+        if events is None:
+            whole = conn.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM events "
+                "WHERE session_id = ? AND position > ? AND position <= ? ORDER BY position",
+                (session_id, after, last),
+            ).fetchall()
+            events = [_decode(row, path) for row in whole]
+    return last, events
 
 
 def _session_row(row: _Row) -> SessionRow:
@@ -1473,30 +1257,16 @@ class SQLiteStore(PurgeStore):
         if upper <= after:
             return
 
-        loop = asyncio.get_running_loop()
-        ahead = _ReadAhead()
+        reader = self._read_connection()
 
-        def page(after: int) -> asyncio.Future[tuple[int, list[Event]]]:
-            delivered: asyncio.Future[tuple[int, list[Event]]] = loop.create_future()
-
-            def deliver(outcome: _Outcome) -> None:  # in the store's thread
-                loop.call_soon_threadsafe(_settle, delivered, outcome)
-
-            call = _submit(
-                self._read_connection(),  # StoreClosedError once closed, not a hang
-                _events_page,
-                self.filename,
-                session_id,
-                after,
-                upper,
-                page_size,
-                ahead,
-                deliver,
+        def page(after: int) -> asyncio.Task[tuple[int, list[Event]]]:
+            return asyncio.ensure_future(
+                _in_thread(reader, _events_page, self.filename, session_id, after, upper, page_size)
             )
-            call.add_done_callback(_retrieve)
-            return delivered
 
-        pending: asyncio.Future[tuple[int, list[Event]]] | None = page(after)
+        # Each page is read and decoded in the store's thread, the next one while
+        # this one is handed out: the event loop only yields events.
+        pending: asyncio.Task[tuple[int, list[Event]]] | None = page(after)
         try:
             while pending is not None:
                 with _translate(self.filename, session_id):
