@@ -458,6 +458,78 @@ async def test_a_replay_names_a_row_holding_another_sessions_event(
         assert "position 4" in str(info.value) and foreign.session in str(info.value)
 
 
+@pytest.mark.parametrize("page_size", [1, 2, 3, 5, 1000])
+async def test_a_replay_reads_plain_compressed_and_text_rows_alike(
+    db: Path, page_size: int
+) -> None:
+    # A page gathers the plain JSON rows in one statement and reads the others
+    # (zstd frames, and rows kept as TEXT rather than BLOB) one by one, in place.
+    async with SQLiteStore(db) as store:
+        chain = [create()]
+        await store.append(request(chain[:1], None))
+        for n in range(12):
+            content = "long " * 400 if n % 3 == 0 else f"turn {n}"  # every third is zstd
+            chain.append(turn(chain[-1], content))
+            await store.append(request(chain[-1:], chain[-2].id))
+        with raw(db) as conn:
+            kinds = [row[0] for row in conn.execute("SELECT substr(data, 1, 1) FROM events")]
+            assert kinds.count(b"\x02") == 4, kinds
+            conn.execute(
+                "UPDATE events SET data = CAST(data AS TEXT) WHERE id IN (?, ?)",
+                (chain[2].id, chain[8].id),
+            )
+        assert await collect(store, chain[0].session, page_size) == chain
+        assert [e async for e in store.events_from(chain[0].session, 4, page_size=page_size)] == (
+            chain[4:]
+        )
+
+
+def _cut_before_body(data: bytes) -> bytes:
+    """An event's JSON cut before its body: the rest, which starts with "{" as a row of
+    plain JSON does, could close it only from another row."""
+    return data[: data.index(b'"body":') + len(b'"body":')]
+
+
+@pytest.mark.parametrize(
+    "damage", ["trailing-bytes", "nul-then-bytes", "two-events", "cut-across-rows", "blob-id"]
+)
+@pytest.mark.parametrize("page_size", [2, 1000])
+async def test_a_replay_names_a_row_that_is_not_exactly_one_event(
+    db: Path, damage: str, page_size: int
+) -> None:
+    # A page's rows are decoded together, framed so that no row's bytes can be
+    # read as part of another's: each of these decodes only with its neighbours.
+    async with SQLiteStore(db) as store:
+        chain = await new_session(store, turns=5)
+        victim, following = chain[2], chain[3]
+        data = encode_stored(victim)
+        with raw(db) as conn:
+            if damage == "trailing-bytes":
+                conn.execute("UPDATE events SET data = ? WHERE id = ?", (data + b" 1", victim.id))
+            elif damage == "nul-then-bytes":
+                conn.execute(
+                    "UPDATE events SET data = ? WHERE id = ?", (data + b"\x00 1", victim.id)
+                )
+            elif damage == "two-events":  # the next row's event inside this row too
+                two = data + b"]\n[" + encode_stored(following)
+                conn.execute("UPDATE events SET data = ? WHERE id = ?", (two, victim.id))
+            elif damage == "cut-across-rows":
+                # This row ends mid-event; the next row ends it, then holds its own
+                # event: read as one text the two rows are the two events, in order.
+                head = _cut_before_body(data)
+                tail = data[len(head) :] + b" " + encode_stored(following)
+                conn.execute("UPDATE events SET data = ? WHERE id = ?", (head, victim.id))
+                conn.execute("UPDATE events SET data = ? WHERE id = ?", (tail, following.id))
+            else:
+                conn.execute("UPDATE events SET id = CAST(id AS BLOB) WHERE id = ?", (victim.id,))
+        with pytest.raises(IntegrityError) as info:
+            await collect(store, chain[0].session, page_size)
+        assert victim.id in str(info.value)
+        assert "position 3" in str(info.value)
+        if damage != "blob-id":  # then the row's id is bytes, named as such
+            assert info.value.event_id == victim.id
+
+
 async def test_tampered_parent_column_is_caught_by_ancestors(db: Path) -> None:
     async with SQLiteStore(db) as store:
         chain = await new_session(store, turns=3)
