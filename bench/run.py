@@ -97,8 +97,6 @@ async def run(args: argparse.Namespace) -> Context:
     unknown = (wanted or set()) - {s.name for s in SCENARIOS}
     if unknown:
         raise SystemExit(f"unknown scenario(s): {', '.join(sorted(unknown))}")
-    if args.dir:
-        Path(args.dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ledger-bench-", dir=args.dir) as scratch:
         pg: Postgres | None = None
         remarks: list[str] = []
@@ -158,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
         "(default: $LEDGER_BENCH_POSTGRES_URL or %(default)s)",
     )
     args = parser.parse_args(argv)
+    if args.dir:
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     ctx = asyncio.run(run(args))
     seconds = time.perf_counter() - start
