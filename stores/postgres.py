@@ -449,7 +449,7 @@ DROP INDEX IF EXISTS ledger_events_id;
 id alone for ``get``; one key led by the id serves both, for one index fewer per
 event. Rebuilding the key locks the events table while it runs (once)."""
 
-_UPGRADE_4_TO_5: Final = """
+_DROP_APPEND_FUNCTIONS: Final = """
 DO $$
 DECLARE
     v_function regprocedure;
@@ -466,14 +466,16 @@ BEGIN
 END
 $$;
 """
+
+_UPGRADE_4_TO_5: Final = _DROP_APPEND_FUNCTIONS
 """Version 4's append functions took each event's data, parent and depth in arrays:
 asyncpg encodes an array element by element (~1.7 µs each here), a third of the
 client's cost of sending a batch. The schema script then makes the new ones."""
 
-_UPGRADE_3_TO_4: Final = """
+_UPGRADE_3_TO_4: Final = (
+    """
 DO $$
 DECLARE
-    v_function regprocedure;
     v_bad record;
 BEGIN
     -- Refused whole, naming it, rather than converted into what would read back
@@ -486,17 +488,11 @@ BEGIN
         RAISE EXCEPTION 'event % of session %: ids must be lower-case hex and session ids '
             'lower-case uuids', quote_literal(v_bad.id), quote_literal(v_bad.session_id);
     END IF;
-    -- The append functions change their arguments' types: a new definition
-    -- would be an overload beside the old, not a replacement.
-    FOR v_function IN
-        SELECT p.oid::regprocedure FROM pg_proc AS p
-        WHERE p.proname IN ('ledger_append', 'ledger_append_group')
-            AND p.pronamespace = current_schema()::regnamespace
-    LOOP
-        EXECUTE 'DROP FUNCTION ' || v_function;
-    END LOOP;
 END
 $$;
+"""
+    + _DROP_APPEND_FUNCTIONS
+    + """
 ALTER TABLE ledger_events
     ALTER COLUMN session_id TYPE uuid USING session_id::uuid,
     ALTER COLUMN id TYPE bytea USING decode(id, 'hex'),
@@ -520,6 +516,7 @@ ALTER TABLE ledger_sessions
     ALTER COLUMN heads DROP DEFAULT;
 DROP TABLE ledger_heads;
 """
+)
 """Version 3 kept ids as hex text and each event's branch, kind and time in columns
 no query reads (its data holds them). Rewriting the table locks it while it runs
 (once); its rows' data stay as they are (``_unpack`` reads them). The two indexes
