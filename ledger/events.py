@@ -61,6 +61,7 @@ __all__ = [
     "erased_digest",
     "event_problem",
     "gc_paused",
+    "header_bytes",
     "make_event",
     "new_session_id",
     "normalize_body",
@@ -374,20 +375,36 @@ def _body_digest(salt: bytes, body_bytes: bytes) -> str:
     return hasher.hexdigest()
 
 
-def _header(event: Event) -> bytes:
+def header_bytes(
+    format: int,
+    session: str,
+    parent: str | None,
+    seq: int,
+    branch: str,
+    at: int,
+    actor: str,
+    kind: str,
+    idempotency_key: str | None,
+    body_digest: str,
+) -> bytes:
+    """What an event's id hashes: its envelope, in this order, canonically encoded."""
     return canonical(
-        [
-            event.format,
-            event.session,
-            event.parent,
-            event.seq,
-            event.branch,
-            event.at,
-            event.actor,
-            event.kind,
-            event.idempotency_key,
-            event.body_digest,
-        ]
+        [format, session, parent, seq, branch, at, actor, kind, idempotency_key, body_digest]
+    )
+
+
+def _header(event: Event) -> bytes:
+    return header_bytes(
+        event.format,
+        event.session,
+        event.parent,
+        event.seq,
+        event.branch,
+        event.at,
+        event.actor,
+        event.kind,
+        event.idempotency_key,
+        event.body_digest,
     )
 
 
@@ -431,21 +448,19 @@ def make_event(
     normal, raw = normalize_body(body, session)
     salt = os.urandom(16)
     body_digest = _body_digest(salt, raw)
-    # _header's list, from the fields at hand (the body is not Erased: its kind
-    # is its tag), so that the event is built once rather than drafted and replaced.
-    header = canonical(
-        [
-            FORMAT_VERSION,
-            session,
-            parent,
-            seq,
-            branch,
-            at,
-            actor,
-            type(normal).__name__,
-            idempotency_key,
-            body_digest,
-        ]
+    # The header from the fields at hand (the body is not Erased: its kind is its
+    # tag), so that the event is built once rather than drafted and replaced.
+    header = header_bytes(
+        FORMAT_VERSION,
+        session,
+        parent,
+        seq,
+        branch,
+        at,
+        actor,
+        type(normal).__name__,
+        idempotency_key,
+        body_digest,
     )
     return Event(
         id=blake3.blake3(header).hexdigest(),

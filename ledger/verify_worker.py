@@ -51,6 +51,7 @@ from ledger.events import (
     TurnAdded,
     canonical,
     event_problem,
+    header_bytes,
 )
 from ledger.merkle import MerkleLog
 from stores.jsonl import SessionLines, read_session_lines
@@ -229,19 +230,17 @@ def sound_id(
         return None
     hasher.reset()
     hasher.update(
-        canonical(
-            [
-                event.format,
-                event.session,
-                event.parent,
-                event.seq,
-                event.branch,
-                event.at,
-                event.actor,
-                kind,
-                event.idempotency_key,
-                event.body_digest,
-            ]
+        header_bytes(
+            event.format,
+            event.session,
+            event.parent,
+            event.seq,
+            event.branch,
+            event.at,
+            event.actor,
+            kind,
+            event.idempotency_key,
+            event.body_digest,
         )
     )
     digest = hasher.digest()
