@@ -130,6 +130,7 @@ from stores.base import (
     check_ancestry,
     check_erase,
     check_head,
+    decode_checked,
     decode_page,
     page_cursor,
     parse_cursor,
@@ -552,6 +553,12 @@ _IDS_FIELD, _PARENT_FIELD, _FIRST_SEQ_FIELD, _KEYS_FIELD, _DATA_FIELD, _LENGTHS_
 NULL when no event has one: ``_keys_arg``); the first event's parent and depth, and
 the events' data end to end with each one's length, are one per request."""
 _EVENT_COLUMNS: Final = "position, encode(id, 'hex'), session_id::text, data"
+_PAGE_SQL: Final = (
+    "SELECT position, encode(id, 'hex'), NULL::text, data FROM ledger_events "
+    "WHERE session_id = $1 AND position > $2 AND position <= $3 ORDER BY position LIMIT $4"
+)
+"""A page of the session ``$1``'s events after position ``$2`` up to ``$3``, at most
+``$4``: rows as ``_EVENT_COLUMNS``, but the session, known, not sent with each."""
 # A snapshot is a cache of a fold, sealed and checked when read: its transaction
 # commits without waiting for the WAL flush (synchronous_commit off for that
 # transaction alone; the connection's appends still wait). A crash may lose the
@@ -570,14 +577,14 @@ _PATH_WINDOW: Final = 4096
 
 
 def _window_sql(column: str) -> str:
-    """A window of the session ``$1``'s events ``(position, id, session_id, column,
-    parent)`` from the cursor ``$2``'s position down, newest first, below position
-    ``$3``, at most ``$4``."""
+    """A window of the session ``$1``'s events ``(position, id, NULL, column, parent)``
+    from the cursor ``$2``'s position down, newest first, below position ``$3``, at
+    most ``$4``. (The session is known: it is not sent again with every row.)"""
     # The cursor's position is a scalar subquery, so the server bounds the index
     # scan with it (as a join, with no statistics after a bulk load, it scanned
     # the whole session).
     return (
-        f"SELECT position, encode(id, 'hex'), session_id::text, {column}, "
+        f"SELECT position, encode(id, 'hex'), NULL::text, {column}, "
         "encode(parent, 'hex') FROM ledger_events "
         "WHERE session_id = $1 AND position < $3 AND position <= "
         "(SELECT position FROM ledger_events WHERE session_id = $1 AND id = $2) "
@@ -585,28 +592,56 @@ def _window_sql(column: str) -> str:
     )
 
 
-def _chain_sql(column: str) -> str:
-    """Up to ``$4`` rows of the path from ``$2`` (below position ``$3``) by index seeks,
-    in the session ``$1``: for where windows are mostly other branches."""
+def _first_window_sql(column: str) -> str:
+    """The first window of a walk, from the event ``$1`` (its id's bytes) down, at most
+    ``$2`` rows ``(position, id, session_id, column, parent)``: the session is found
+    by the id in the same statement, and named in every row."""
+    # The lookup by id is planned on its own (MATERIALIZED), so it stays a seek in
+    # the primary key: with no statistics yet (a bulk load) an ORDER BY ... LIMIT
+    # over the table could walk the feed's position index to the event instead.
+    # An id stored in two sessions belongs to the first written.
     return (
-        f"WITH RECURSIVE chain(position, id, session_id, {column}, parent, depth) AS ("
-        f" SELECT position, id, session_id, {column}, parent, 1::bigint FROM ledger_events"
+        "WITH found AS MATERIALIZED ("
+        " SELECT position, session_id FROM ledger_events WHERE id = $1"
+        "), cursor_row AS (SELECT position, session_id FROM found ORDER BY position LIMIT 1)"
+        f" SELECT e.position, encode(e.id, 'hex'), c.session_id::text, e.{column}, "
+        "encode(e.parent, 'hex') FROM cursor_row AS c CROSS JOIN LATERAL ("
+        f" SELECT position, id, {column}, parent FROM ledger_events"
+        " WHERE session_id = c.session_id AND position <= c.position"
+        " ORDER BY position DESC LIMIT $2"
+        ") AS e"
+    )
+
+
+def _chain_sql(column: str) -> str:
+    """Up to ``$4`` rows ``(position, id, NULL, column, parent)`` of the path from
+    ``$2`` (below position ``$3``) by index seeks, in the session ``$1``: for where
+    windows are mostly other branches."""
+    return (
+        f"WITH RECURSIVE chain(position, id, {column}, parent, depth) AS ("
+        f" SELECT position, id, {column}, parent, 1::bigint FROM ledger_events"
         " WHERE session_id = $1 AND id = $2 AND position < $3"
         " UNION ALL"
-        f" SELECT e.position, e.id, e.session_id, e.{column}, e.parent, c.depth + 1"
+        f" SELECT e.position, e.id, e.{column}, e.parent, c.depth + 1"
         " FROM chain AS c JOIN ledger_events AS e"
-        " ON e.session_id = c.session_id AND e.id = c.parent AND e.position < c.position"
+        " ON e.session_id = $1 AND e.id = c.parent AND e.position < c.position"
         " WHERE c.depth < $4"
-        f") SELECT position, encode(id, 'hex'), session_id::text, {column}, "
+        f") SELECT position, encode(id, 'hex'), NULL::text, {column}, "
         "encode(parent, 'hex') FROM chain ORDER BY depth"
     )
 
 
 # ancestors reads the events' data; path_index only their seq.
+_FIRST_WINDOW_SQL: Final = _first_window_sql("data")
 _WINDOW_SQL: Final = _window_sql("data")
 _CHAIN_SQL: Final = _chain_sql("data")
+_INDEX_FIRST_WINDOW_SQL: Final = _first_window_sql("seq")
 _INDEX_WINDOW_SQL: Final = _window_sql("seq")
 _INDEX_CHAIN_SQL: Final = _chain_sql("seq")
+_PathSQL = tuple[str, str, str]
+"""The statements of a walk back along a path: its first window, the next ones, a chain."""
+_PATH_SQL: Final = (_FIRST_WINDOW_SQL, _WINDOW_SQL, _CHAIN_SQL)
+_INDEX_PATH_SQL: Final = (_INDEX_FIRST_WINDOW_SQL, _INDEX_WINDOW_SQL, _INDEX_CHAIN_SQL)
 _SESSION_COLUMNS: Final = (
     "session_id, user_id, agent, status, created_at, last_activity_at, event_count"
 )
@@ -766,6 +801,21 @@ def _decode_rows(rows: Sequence[_Row], target: _Target) -> list[Event]:
     version 3 row goes row by row."""
     with gc_paused():  # a page of rows is a bulk read: see ledger.events.gc_paused
         return decode_page(rows, decode_stored_all, lambda row: _decode(row, target))
+
+
+_get_id, _get_data = operator.itemgetter(1), operator.itemgetter(3)
+
+
+def _decode_session_rows(rows: Sequence[_Row], session_id: str, target: _Target) -> list[Event]:
+    """``_decode_rows`` of rows ``(position, id, _, data, ...)`` all of the session
+    ``session_id``, which the rows need not repeat (a third of a row's bytes)."""
+    with gc_paused():
+        events = decode_checked(
+            list(map(_get_data, rows)), list(map(_get_id, rows)), session_id, decode_stored_all
+        )
+        if events is None:  # one is bad (or a version 3 row): row by row, naming it
+            events = [_decode((row[0], row[1], session_id, row[3]), target) for row in rows]
+        return events
 
 
 _SESSION_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -1568,8 +1618,9 @@ class PostgresStore(PurgeStore):
         if limit is not None and limit <= 0:
             return []
         with gc_paused():  # a long path is a bulk read: see ledger.events.gc_paused
-            rows = await self._path_rows(event_id, limit, _WINDOW_SQL, _CHAIN_SQL)
-            events = _decode_rows(rows, self.target)
+            rows = await self._path_rows(event_id, limit, _PATH_SQL)
+            # Every row is of the first window's session (the rest do not repeat it).
+            events = _decode_session_rows(rows, rows[0][2], self.target)
             return check_ancestry(events, limit, f"at {self.target}")
 
     async def path_index(self, event_id: str, limit: int) -> list[tuple[str, int, str | None]]:
@@ -1583,32 +1634,32 @@ class PostgresStore(PurgeStore):
         if limit <= 0:
             return []
         with gc_paused():
-            rows = await self._path_rows(event_id, limit, _INDEX_WINDOW_SQL, _INDEX_CHAIN_SQL)
+            rows = await self._path_rows(event_id, limit, _INDEX_PATH_SQL)
         return list(map(_get_index_entry, rows))
 
-    async def _path_rows(
-        self, event_id: str, limit: int | None, window_sql: str, chain_sql: str
-    ) -> list[_Row]:
+    async def _path_rows(self, event_id: str, limit: int | None, sql: _PathSQL) -> list[_Row]:
         """Rows ``(position, id, session_id, column, parent)`` of the parent path from
-        ``event_id`` back, newest first, by ``window_sql`` and ``chain_sql`` (one pair
-        of ``_window_sql`` and ``_chain_sql``): ``limit`` of them, or fewer at the root
-        or where a parent is missing (the caller names that). EventNotFoundError when
-        ``event_id`` is unknown."""
-        # Windows are backward range scans of (session_id, position); every query
-        # after the first names the session (Citus routes it to one shard).
-        # The session, found by the event id (the primary key leads with it).
-        # No ORDER BY ... LIMIT: with no statistics yet (a bulk load) the
-        # server would walk the position index to the event instead.
+        ``event_id`` back, newest first, by the statements ``sql`` (``_PATH_SQL`` or
+        ``_INDEX_PATH_SQL``): ``limit`` of them, or fewer at the root or where a parent
+        is missing (the caller names that). Only the first window's rows name their
+        session. EventNotFoundError when ``event_id`` is unknown."""
+        # Windows are backward range scans of (session_id, position). The first
+        # finds the session by the event id (the primary key leads with it); every
+        # query after it names the session (Citus routes it to one shard).
+        first_sql, window_sql, chain_sql = sql
         key = _id_key(event_id)
-        found = key and await self._fetch(
-            "SELECT position, session_id::text FROM ledger_events WHERE id = $1", key
-        )
-        if not found:
+        if key is None:
+            self._check_open()
             raise EventNotFoundError(event_id)
-        session: str = min(found)[1]
+        session: str | None = None
 
-        # The cursors are ids read back from the rows (hex): stored ids, so keys.
+        # The cursors after the first are ids read back from the rows (hex): stored ids.
         async def window(cursor: str, below: int, want: int) -> list[_Row]:
+            nonlocal session
+            if session is None:  # walk_path starts from event_id, below no position
+                rows = await self._fetch(first_sql, key, want)
+                session = rows[0][2] if rows else None
+                return rows
             return await self._fetch(window_sql, session, bytes.fromhex(cursor), below, want)
 
         async def chain(cursor: str, below: int, want: int) -> list[_Row]:
@@ -1642,16 +1693,8 @@ class PostgresStore(PurgeStore):
             )
             after = rows[0][0] if rows else upper
         while after < upper:
-            rows = await self._fetch(
-                f"SELECT {_EVENT_COLUMNS} FROM ledger_events "
-                "WHERE session_id = $1 AND position > $2 AND position <= $3 "
-                "ORDER BY position LIMIT $4",
-                session_id,
-                after,
-                upper,
-                page_size,
-            )
-            for event in _decode_rows(rows, self.target):
+            rows = await self._fetch(_PAGE_SQL, session_id, after, upper, page_size)
+            for event in _decode_session_rows(rows, session_id, self.target):
                 yield event
             if len(rows) < page_size:
                 return
