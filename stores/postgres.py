@@ -595,7 +595,7 @@ def _window_sql(column: str) -> str:
 def _first_window_sql(column: str) -> str:
     """The first window of a walk, from the event ``$1`` (its id's bytes) down, at most
     ``$2`` rows ``(position, id, session_id, column, parent)``: the session is found
-    by the id in the same statement, and named in every row."""
+    by the id in the same statement, and named in the first row (the others: NULL)."""
     # The lookup by id is planned on its own (MATERIALIZED), so it stays a seek in
     # the primary key: with no statistics yet (a bulk load) an ORDER BY ... LIMIT
     # over the table could walk the feed's position index to the event instead.
@@ -604,7 +604,9 @@ def _first_window_sql(column: str) -> str:
         "WITH found AS MATERIALIZED ("
         " SELECT position, session_id FROM ledger_events WHERE id = $1"
         "), cursor_row AS (SELECT position, session_id FROM found ORDER BY position LIMIT 1)"
-        f" SELECT e.position, encode(e.id, 'hex'), c.session_id::text, e.{column}, "
+        " SELECT e.position, encode(e.id, 'hex'),"
+        " CASE WHEN e.position = c.position THEN c.session_id::text END,"
+        f" e.{column}, "
         "encode(e.parent, 'hex') FROM cursor_row AS c CROSS JOIN LATERAL ("
         f" SELECT position, id, {column}, parent FROM ledger_events"
         " WHERE session_id = c.session_id AND position <= c.position"
@@ -1619,7 +1621,7 @@ class PostgresStore(PurgeStore):
             return []
         with gc_paused():  # a long path is a bulk read: see ledger.events.gc_paused
             rows = await self._path_rows(event_id, limit, _PATH_SQL)
-            # Every row is of the first window's session (the rest do not repeat it).
+            # Every row is of the session the first row names (the rest do not repeat it).
             events = _decode_session_rows(rows, rows[0][2], self.target)
             return check_ancestry(events, limit, f"at {self.target}")
 
@@ -1641,8 +1643,8 @@ class PostgresStore(PurgeStore):
         """Rows ``(position, id, session_id, column, parent)`` of the parent path from
         ``event_id`` back, newest first, by the statements ``sql`` (``_PATH_SQL`` or
         ``_INDEX_PATH_SQL``): ``limit`` of them, or fewer at the root or where a parent
-        is missing (the caller names that). Only the first window's rows name their
-        session. EventNotFoundError when ``event_id`` is unknown."""
+        is missing (the caller names that). Only the first row names its session.
+        EventNotFoundError when ``event_id`` is unknown."""
         # Windows are backward range scans of (session_id, position). The first
         # finds the session by the event id (the primary key leads with it); every
         # query after it names the session (Citus routes it to one shard).
