@@ -45,7 +45,6 @@ from ledger.errors import (
     ConfigError,
     ConflictError,
     EventNotFoundError,
-    EventTooLargeError,
     IntegrityError,
     InvalidEventError,
     LedgerError,
@@ -170,8 +169,8 @@ class _Batch:
             actor=self.actor,
             body=body,
             idempotency_key=None if self.events else self.key,
+            max_bytes=self.ledger.config.max_event_bytes,
         )
-        self.ledger._check_size(event)
         self.events.append(event)
         self.states.append(SESSION.apply(parent, event))
         return event
@@ -299,8 +298,8 @@ class Ledger:
             actor=actor or user_id,
             body=SessionCreated(user_id=user_id, agent=agent, metadata=metadata or {}, ttl_s=ttl_s),
             idempotency_key=idempotency_key,
+            max_bytes=self.config.max_event_bytes,
         )
-        self._check_size(root)
         result = await self.store.append(
             AppendRequest(
                 session_id=session_id,
@@ -1350,7 +1349,10 @@ class Ledger:
         ran out of retries). In turn, each plans on the head the last one made.
         Other processes still race through the compare-and-swap.
         """
-        lock, users = self._branch_writers.setdefault((session_id, branch), (asyncio.Lock(), [0]))
+        writers = self._branch_writers.get((session_id, branch))
+        if writers is None:  # not setdefault: it would make a lock on every call
+            writers = self._branch_writers[(session_id, branch)] = (asyncio.Lock(), [0])
+        lock, users = writers
         users[0] += 1
         try:
             async with lock:
@@ -1431,7 +1433,8 @@ class Ledger:
         if not result.replayed:
             for event, state in zip(batch.events, batch.states, strict=True):
                 self._remember(event, state)
-            await self._persist_snapshots(batch)
+            if any(map(self._engine.due, batch.events)):
+                await self._persist_snapshots(batch)
         return result.events
 
     async def _persist_snapshots(self, batch: _Batch) -> None:
@@ -1492,11 +1495,6 @@ class Ledger:
         batch = _Batch(self, state, "ledger", None)
         batch.add(Expired(idle_s=round(idle, 3), ttl_s=ttl), branch=branch)
         return (await self._commit(batch, branch, expected=state.head))[0]
-
-    def _check_size(self, event: Event) -> None:
-        size = len(encode_event(event))
-        if size > self.config.max_event_bytes:
-            raise EventTooLargeError(event.session, size, self.config.max_event_bytes)
 
 
 def _fields(config: LedgerConfig) -> dict[str, Any]:

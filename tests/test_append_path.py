@@ -1,0 +1,102 @@
+"""The append path's shortcuts give what the long way gives.
+
+``make_event`` checks an event's size without encoding it when its body and
+header leave room under the limit: the bound it relies on is a law here, and
+the limit holds to the byte either way.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ledger.errors import EventTooLargeError
+from ledger.events import (
+    ENVELOPE_BYTES,
+    Event,
+    TurnAdded,
+    canonical,
+    encode_event,
+    header_bytes,
+    make_event,
+)
+from tests.strategies import events
+
+
+def _header(event: Event) -> bytes:
+    return header_bytes(
+        event.format,
+        event.session,
+        event.parent,
+        event.seq,
+        event.branch,
+        event.at,
+        event.actor,
+        event.kind,
+        event.idempotency_key,
+        event.body_digest,
+    )
+
+
+def _again(event: Event, max_bytes: int | None) -> Event:
+    """``event`` made again from its fields (a new salt, of the same length)."""
+    return make_event(
+        session=event.session,
+        parent=event.parent,
+        seq=event.seq,
+        branch=event.branch,
+        at=event.at,
+        actor=event.actor,
+        body=event.body,
+        idempotency_key=event.idempotency_key,
+        max_bytes=max_bytes,
+    )
+
+
+@settings(max_examples=300)
+@given(events())
+def test_envelope_bound(event: Event) -> None:
+    """An event's JSON is at most its body's canonical bytes, its header and the bound."""
+    assert len(encode_event(event)) <= len(canonical(event.body)) + len(_header(event)) + (
+        ENVELOPE_BYTES
+    )
+
+
+@settings(max_examples=200)
+@given(events(), st.integers(min_value=0, max_value=ENVELOPE_BYTES))
+def test_size_limit_to_the_byte(event: Event, slack: int) -> None:
+    """Refused exactly when the encoded event is over the limit, whatever the shortcut."""
+    size = len(encode_event(event))
+    assert len(encode_event(_again(event, size + slack))) == size
+    with pytest.raises(EventTooLargeError) as refused:
+        _again(event, size - 1)
+    assert refused.value.size == size
+    assert event.session in str(refused.value)
+
+
+def test_far_under_the_limit_is_not_encoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shortcut is taken: an event well under the limit is never encoded to be sized."""
+    import ledger.events
+
+    def fail(event: Event) -> bytes:
+        raise AssertionError("encoded to be sized")
+
+    monkeypatch.setattr(ledger.events, "encode_event", fail)
+
+    def make(max_bytes: int) -> Event:
+        body = TurnAdded(role="user", content="x" * 900)
+        return make_event(
+            session="s",
+            parent=None,
+            seq=0,
+            branch="main",
+            at=1,
+            actor="a",
+            body=body,
+            max_bytes=max_bytes,
+        )
+
+    make(4096)
+    with pytest.raises(AssertionError, match="encoded to be sized"):
+        make(1024)
