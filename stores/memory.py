@@ -28,7 +28,6 @@ from stores.base import (
     SessionRow,
     check_erase,
     check_head,
-    is_create,
     page_cursor,
     parse_cursor,
     purge_cursor,
@@ -93,7 +92,7 @@ class MemoryStore(PurgeStore):
             )
         for erased in request.erase:
             check_erase(request, self._by_id.get(erased.id), erased)
-        self._write(request)
+        self._write(request, creating)
         if request.erase:
             self._erase(request)
         if self._appended is not None:  # no lock or wake-up to pay when nobody waits
@@ -120,7 +119,7 @@ class MemoryStore(PurgeStore):
         if open_count >= limit:
             raise SessionCapacityError(f"user {user!r}", "open sessions", limit)
 
-    def _write(self, request: AppendRequest) -> None:
+    def _write(self, request: AppendRequest, creating: bool) -> None:
         session_id = request.session_id
         positions = self._by_session.get(session_id)
         if positions is None:
@@ -133,7 +132,7 @@ class MemoryStore(PurgeStore):
                 self._keys[(session_id, event.idempotency_key)] = event.id
         first, last = request.events[0], request.events[-1]
         self._heads.setdefault(session_id, {})[request.branch] = last.id
-        if is_create(request):
+        if creating:
             assert isinstance(first.body, SessionCreated)
             if first.idempotency_key is not None:
                 self._created_keys[(first.body.user_id, first.idempotency_key)] = first.id
