@@ -145,6 +145,8 @@ def _turn_body(turn: TurnAdded | Mapping[str, Any], index: int, session_id: str)
 class _Batch:
     """Events being built for one append: chained, sized and folded as they are added."""
 
+    __slots__ = ("actor", "base", "events", "key", "ledger", "states")
+
     def __init__(self, ledger: Ledger, state: SessionState, actor: str, key: str | None) -> None:
         self.ledger = ledger
         self.base = state
