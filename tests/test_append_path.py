@@ -7,6 +7,8 @@ the limit holds to the byte either way.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -100,3 +102,20 @@ def test_far_under_the_limit_is_not_encoded(monkeypatch: pytest.MonkeyPatch) -> 
     make(4096)
     with pytest.raises(AssertionError, match="encoded to be sized"):
         make(1024)
+
+
+async def test_memory_feed_waiters_woken_by_an_append() -> None:
+    """The memory store wakes every feed waiter at an append, without a lock or a poll."""
+    from ledger import Ledger
+
+    async with Ledger.open("memory://") as led:
+        s = await led.create(user_id="u", agent="a")
+        after = (await led.store.read_feed(0))[-1].position
+        waiters = [asyncio.create_task(led.store.wait_for_feed(after, 3600)) for _ in range(2)]
+        await asyncio.sleep(0)  # both are waiting now
+        assert not any(w.done() for w in waiters)
+        await led.add_turn(s.session_id, role="user", content="hi")
+        # Woken, not timed out: an hour's wait would fail the bound.
+        await asyncio.wait_for(asyncio.gather(*waiters), 60)
+        # Something after ``after`` exists now: a new wait returns at once.
+        await asyncio.wait_for(led.store.wait_for_feed(after, 3600), 60)
