@@ -221,8 +221,9 @@ class Ledger:
         self._engine = FoldEngine(store, snapshot_every=self.config.snapshot_every, key=self._key)
         self._heads: dict[tuple[str, str], str] = {}
         self._projections: dict[str, Projection[Any]] = {}
-        # (session, branch) -> its writers' lock and how many hold or await it.
-        self._branch_writers: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = {}
+        # (session, branch) being written by a task of this ledger -> the tasks waiting
+        # for it, in arrival order (a future each, which the writer before them sets).
+        self._branch_writers: dict[tuple[str, str], list[asyncio.Future[None]]] = {}
         self._logs = SessionLogs()
 
     @classmethod
@@ -1351,20 +1352,37 @@ class Ledger:
         ran out of retries). In turn, each plans on the head the last one made.
         Other processes still race through the compare-and-swap.
         """
-        writers = self._branch_writers.get((session_id, branch))
-        if writers is None:  # not setdefault: it would make a lock on every call
-            writers = self._branch_writers[(session_id, branch)] = (asyncio.Lock(), [0])
-        lock, users = writers
-        users[0] += 1
+        turn = (session_id, branch)
+        waiting = self._branch_writers.get(turn)
+        if waiting is None:  # the branch is free: no lock to make and take (~9,000 instructions)
+            self._branch_writers[turn] = waiting = []
+        else:
+            ready = asyncio.get_running_loop().create_future()
+            waiting.append(ready)
+            try:
+                await ready
+            except BaseException:  # cancelled: while waiting, or once handed the branch
+                if ready.cancelled():
+                    if ready in waiting:
+                        waiting.remove(ready)
+                else:
+                    self._hand_on(turn, waiting)
+                raise
         try:
-            async with lock:
-                return await self._write_on_head(
-                    session_id, branch, plan, actor=actor, key=key, expected=expected, erase=erase
-                )
+            return await self._write_on_head(
+                session_id, branch, plan, actor=actor, key=key, expected=expected, erase=erase
+            )
         finally:
-            users[0] -= 1
-            if not users[0]:
-                del self._branch_writers[(session_id, branch)]
+            self._hand_on(turn, waiting)
+
+    def _hand_on(self, turn: tuple[str, str], waiting: list[asyncio.Future[None]]) -> None:
+        """Give the branch to the next task waiting for it (in arrival order), or free it."""
+        while waiting:
+            ready = waiting.pop(0)
+            if not ready.done():  # a waiter cancelled meanwhile is done: skipped
+                ready.set_result(None)
+                return
+        del self._branch_writers[turn]
 
     async def _write_on_head(
         self,

@@ -8,11 +8,13 @@ the limit holds to the byte either way.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ledger import Ledger
 from ledger.errors import EventTooLargeError
 from ledger.events import (
     ENVELOPE_BYTES,
@@ -106,8 +108,6 @@ def test_far_under_the_limit_is_not_encoded(monkeypatch: pytest.MonkeyPatch) -> 
 
 async def test_memory_feed_waiters_woken_by_an_append() -> None:
     """The memory store wakes every feed waiter at an append, without a lock or a poll."""
-    from ledger import Ledger
-
     async with Ledger.open("memory://") as led:
         s = await led.create(user_id="u", agent="a")
         after = (await led.store.read_feed(0))[-1].position
@@ -119,3 +119,57 @@ async def test_memory_feed_waiters_woken_by_an_append() -> None:
         await asyncio.wait_for(asyncio.gather(*waiters), 60)
         # Something after ``after`` exists now: a new wait returns at once.
         await asyncio.wait_for(led.store.wait_for_feed(after, 3600), 60)
+
+
+async def _gated(led: Any) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make the ledger's store hold each append until ``gate`` is set; ``entered`` is set
+    when an append is held."""
+    gate, entered = asyncio.Event(), asyncio.Event()
+    append = led.store.append
+
+    async def held(request: Any) -> Any:
+        entered.set()
+        await gate.wait()
+        return await append(request)
+
+    led.store.append = held
+    return gate, entered
+
+
+async def test_branch_writers_take_turns() -> None:
+    """Tasks appending to one branch at once all land, one after another, on the head
+    the one before made; the branch is free again afterwards."""
+    async with Ledger.open("memory://") as led:
+        s = await led.create(user_id="u", agent="a")
+        turns = await asyncio.gather(
+            *(led.add_turn(s.session_id, role="user", content=str(i)) for i in range(20))
+        )
+        assert [t.body.content for t in turns] == [str(i) for i in range(20)]  # type: ignore[union-attr]
+        assert [t.parent for t in turns] == [s.head] + [t.id for t in turns[:-1]]
+        assert led._branch_writers == {}
+
+
+@pytest.mark.parametrize("cancelled", ["holder", "waiter"])
+async def test_cancelled_branch_writer_hands_on(cancelled: str) -> None:
+    """A writer cancelled while it holds the branch, or while it waits for it, does not
+    keep the others waiting: the rest land in arrival order and the branch is freed."""
+    async with Ledger.open("memory://") as led:
+        s = await led.create(user_id="u", agent="a")
+        gate, entered = await _gated(led)
+        tasks = [
+            asyncio.create_task(led.add_turn(s.session_id, role="user", content=str(i)))
+            for i in range(3)
+        ]
+        await entered.wait()  # task 0 holds the branch; 1 and 2 wait for it
+        await asyncio.sleep(0)
+        victim = tasks[0] if cancelled == "holder" else tasks[1]
+        victim.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await victim
+        gate.set()
+        done = await asyncio.wait_for(asyncio.gather(*(t for t in tasks if t is not victim)), 60)
+        assert [t.body.content for t in done] == (  # type: ignore[union-attr]
+            ["1", "2"] if cancelled == "holder" else ["0", "2"]
+        )
+        assert done[1].parent == done[0].id
+        assert led._branch_writers == {}
