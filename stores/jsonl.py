@@ -1688,30 +1688,43 @@ class JSONLStore(PurgeStore):
         for payload in payloads:
             if b"\n" in payload:  # msgspec escapes control characters; be sure
                 raise InvalidEventError(f"Event of session {session_id!r} encodes with a newline")
-        async with self._write_lock:
-            self._check_open()
-            original: Event | None = None
-            inline = False
-            if (
-                self._slow_count <= _SYNC_WINDOW // 2
-                and sum(map(len, payloads)) <= _INLINE_BYTES
-                and not request.erase
-            ):
-                with _translate(self.directory, session_id):
-                    inline = self._try_lock()
-                    if inline:
-                        try:
-                            original = self._append_locked(request, payloads, cache=True)
-                        finally:
-                            self._unlock()
-            if not inline:
-                original = await asyncio.to_thread(self._append_sync, request, payloads)
+        inline, original = False, None
+        if not self._write_lock.locked():
+            # No append or close of this store is under way, and an inline append runs
+            # to its end without awaiting: no task can come in between, so the lock
+            # need not be taken (~5,000 instructions of an append's ~120,000).
+            inline, original = self._try_inline(request, payloads)
+        if not inline:
+            async with self._write_lock:
+                self._check_open()
+                inline, original = self._try_inline(request, payloads)
+                if not inline:
+                    original = await asyncio.to_thread(self._append_sync, request, payloads)
         if original is not None:
             return AppendResult([original], replayed=True)
         if self._appended is not None:
             self._appended.set()
             self._appended = None
         return AppendResult(list(request.events))
+
+    def _try_inline(
+        self, request: AppendRequest, payloads: list[bytes]
+    ) -> tuple[bool, Event | None]:
+        """Append on the event loop's thread when it pays and the writers' lock is free at
+        once: whether it did, and the original event of a replay."""
+        if (
+            self._slow_count > _SYNC_WINDOW // 2
+            or sum(map(len, payloads)) > _INLINE_BYTES
+            or request.erase
+        ):
+            return False, None
+        with _translate(self.directory, request.session_id):
+            if not self._try_lock():
+                return False, None
+            try:
+                return True, self._append_locked(request, payloads, cache=True)
+            finally:
+                self._unlock()
 
     def _append_sync(self, request: AppendRequest, payloads: list[bytes]) -> Event | None:
         with _translate(self.directory, request.session_id), self._locked():
