@@ -29,9 +29,15 @@ import blake3
 import msgspec
 import zstandard
 
-from ledger.errors import AlreadyRedactedError, EventNotRedactableError, InvalidEventError
+from ledger.errors import (
+    AlreadyRedactedError,
+    EventNotRedactableError,
+    EventTooLargeError,
+    InvalidEventError,
+)
 
 __all__ = [
+    "ENVELOPE_BYTES",
     "FORMAT_VERSION",
     "REDACTABLE",
     "Body",
@@ -372,7 +378,7 @@ def _body_digest(salt: bytes, body_bytes: bytes) -> str:
     """``blake3(salt || body_bytes)``, fed in two parts: the body is not copied."""
     hasher = blake3.blake3(salt)
     hasher.update(body_bytes)
-    return hasher.hexdigest()
+    return hasher.digest().hex()  # hexdigest's Rust hex encoder costs ~1,600 instructions more
 
 
 def header_bytes(
@@ -409,7 +415,7 @@ def _header(event: Event) -> bytes:
 
 
 def compute_id(event: Event) -> str:
-    return blake3.blake3(_header(event)).hexdigest()
+    return blake3.blake3(_header(event)).digest().hex()
 
 
 _SALT = re.compile(r"[0-9a-f]{32}")
@@ -426,6 +432,13 @@ def validate_name(kind: str, value: str, session_id: str) -> str:
     return value
 
 
+ENVELOPE_BYTES: Final = 256
+"""A bound on what ``encode_event(event)`` holds beyond its body's canonical bytes and
+its id's header: the field names, the id and the salt (221 bytes). So an event
+whose body and header leave this much room under a size limit is under it
+without being encoded to know."""
+
+
 def make_event(
     *,
     session: str,
@@ -436,10 +449,13 @@ def make_event(
     actor: str,
     body: Body,
     idempotency_key: str | None = None,
+    max_bytes: int | None = None,
 ) -> Event:
     """Build a new event: normalize its body, salt and digest it, and address it.
 
-    Raises ``InvalidEventError`` for an ``Erased`` body: only a redaction makes one.
+    Raises:
+        InvalidEventError: an ``Erased`` body (only a redaction makes one).
+        EventTooLargeError: ``encode_event(event)`` would be over ``max_bytes``.
     """
     if isinstance(body, Erased):
         raise InvalidEventError(
@@ -462,8 +478,8 @@ def make_event(
         idempotency_key,
         body_digest,
     )
-    return Event(
-        id=blake3.blake3(header).hexdigest(),
+    event = Event(
+        id=blake3.blake3(header).digest().hex(),
         session=session,
         parent=parent,
         seq=seq,
@@ -475,6 +491,11 @@ def make_event(
         salt=salt.hex(),
         idempotency_key=idempotency_key,
     )
+    if max_bytes is not None and len(raw) + len(header) + ENVELOPE_BYTES > max_bytes:
+        size = len(encode_event(event))  # near the limit: its exact size
+        if size > max_bytes:
+            raise EventTooLargeError(session, size, max_bytes)
+    return event
 
 
 def event_problem(event: Event) -> str | None:

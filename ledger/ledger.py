@@ -45,7 +45,6 @@ from ledger.errors import (
     ConfigError,
     ConflictError,
     EventNotFoundError,
-    EventTooLargeError,
     IntegrityError,
     InvalidEventError,
     LedgerError,
@@ -146,6 +145,8 @@ def _turn_body(turn: TurnAdded | Mapping[str, Any], index: int, session_id: str)
 class _Batch:
     """Events being built for one append: chained, sized and folded as they are added."""
 
+    __slots__ = ("actor", "base", "events", "key", "ledger", "states")
+
     def __init__(self, ledger: Ledger, state: SessionState, actor: str, key: str | None) -> None:
         self.ledger = ledger
         self.base = state
@@ -170,8 +171,8 @@ class _Batch:
             actor=self.actor,
             body=body,
             idempotency_key=None if self.events else self.key,
+            max_bytes=self.ledger.config.max_event_bytes,
         )
-        self.ledger._check_size(event)
         self.events.append(event)
         self.states.append(SESSION.apply(parent, event))
         return event
@@ -220,8 +221,9 @@ class Ledger:
         self._engine = FoldEngine(store, snapshot_every=self.config.snapshot_every, key=self._key)
         self._heads: dict[tuple[str, str], str] = {}
         self._projections: dict[str, Projection[Any]] = {}
-        # (session, branch) -> its writers' lock and how many hold or await it.
-        self._branch_writers: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = {}
+        # (session, branch) being written by a task of this ledger -> the tasks waiting
+        # for it, in arrival order (a future each, which the writer before them sets).
+        self._branch_writers: dict[tuple[str, str], list[asyncio.Future[None]]] = {}
         self._logs = SessionLogs()
 
     @classmethod
@@ -299,8 +301,8 @@ class Ledger:
             actor=actor or user_id,
             body=SessionCreated(user_id=user_id, agent=agent, metadata=metadata or {}, ttl_s=ttl_s),
             idempotency_key=idempotency_key,
+            max_bytes=self.config.max_event_bytes,
         )
-        self._check_size(root)
         result = await self.store.append(
             AppendRequest(
                 session_id=session_id,
@@ -1350,17 +1352,37 @@ class Ledger:
         ran out of retries). In turn, each plans on the head the last one made.
         Other processes still race through the compare-and-swap.
         """
-        lock, users = self._branch_writers.setdefault((session_id, branch), (asyncio.Lock(), [0]))
-        users[0] += 1
+        turn = (session_id, branch)
+        waiting = self._branch_writers.get(turn)
+        if waiting is None:  # the branch is free: no lock to make and take (~9,000 instructions)
+            self._branch_writers[turn] = waiting = []
+        else:
+            ready = asyncio.get_running_loop().create_future()
+            waiting.append(ready)
+            try:
+                await ready
+            except BaseException:  # cancelled: while waiting, or once handed the branch
+                if ready.cancelled():
+                    if ready in waiting:
+                        waiting.remove(ready)
+                else:
+                    self._hand_on(turn, waiting)
+                raise
         try:
-            async with lock:
-                return await self._write_on_head(
-                    session_id, branch, plan, actor=actor, key=key, expected=expected, erase=erase
-                )
+            return await self._write_on_head(
+                session_id, branch, plan, actor=actor, key=key, expected=expected, erase=erase
+            )
         finally:
-            users[0] -= 1
-            if not users[0]:
-                del self._branch_writers[(session_id, branch)]
+            self._hand_on(turn, waiting)
+
+    def _hand_on(self, turn: tuple[str, str], waiting: list[asyncio.Future[None]]) -> None:
+        """Give the branch to the next task waiting for it (in arrival order), or free it."""
+        while waiting:
+            ready = waiting.pop(0)
+            if not ready.done():  # a waiter cancelled meanwhile is done: skipped
+                ready.set_result(None)
+                return
+        del self._branch_writers[turn]
 
     async def _write_on_head(
         self,
@@ -1431,7 +1453,8 @@ class Ledger:
         if not result.replayed:
             for event, state in zip(batch.events, batch.states, strict=True):
                 self._remember(event, state)
-            await self._persist_snapshots(batch)
+            if any(map(self._engine.due, batch.events)):
+                await self._persist_snapshots(batch)
         return result.events
 
     async def _persist_snapshots(self, batch: _Batch) -> None:
@@ -1492,11 +1515,6 @@ class Ledger:
         batch = _Batch(self, state, "ledger", None)
         batch.add(Expired(idle_s=round(idle, 3), ttl_s=ttl), branch=branch)
         return (await self._commit(batch, branch, expected=state.head))[0]
-
-    def _check_size(self, event: Event) -> None:
-        size = len(encode_event(event))
-        if size > self.config.max_event_bytes:
-            raise EventTooLargeError(event.session, size, self.config.max_event_bytes)
 
 
 def _fields(config: LedgerConfig) -> dict[str, Any]:

@@ -45,6 +45,7 @@ class Projection(Generic[S]):
         self.initial = initial
         self.apply = apply
         self.state_type = state_type
+        self._key = f"{name}@{version}"  # on every cached read and append: made once
         # JSON rather than msgpack: event content may hold integers beyond 64 bits.
         self._decoder = msgspec.json.Decoder(state_type)
         self._encoder = msgspec.json.Encoder()
@@ -52,7 +53,7 @@ class Projection(Generic[S]):
     @property
     def key(self) -> str:
         """Snapshot key: a new version never reads an old version's snapshots."""
-        return f"{self.name}@{self.version}"
+        return self._key
 
     def encode(self, state: S) -> bytes:
         return self._encoder.encode(state)

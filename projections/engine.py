@@ -138,11 +138,12 @@ class FoldEngine:
 
     def remember(self, projection: Projection[S], session_id: str, event_id: str, state: S) -> None:
         """Cache a state computed elsewhere (the ledger folds each event it appends)."""
-        key = (projection.key, session_id, event_id)
-        self._cache[key] = state
-        self._cache.move_to_end(key)
-        if len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        key, cache = (projection.key, session_id, event_id), self._cache
+        if key in cache:  # a new key (an append's) goes in last: nothing to move
+            cache.move_to_end(key)
+        cache[key] = state
+        if len(cache) > self.cache_size:
+            cache.popitem(last=False)
 
     def cached(self, projection: Projection[S], session_id: str, event_id: str) -> S | None:
         # The session is part of the key so that a cached state never answers for

@@ -739,6 +739,12 @@ def _read_if_there(path: Path) -> bytes:
         return b""
 
 
+def _size(fd: int) -> int:
+    """The size of an ``O_APPEND`` file read only with ``pread``: ``fstat``'s answer without
+    its stat result to build (a third of the cost), and moving the offset changes nothing."""
+    return os.lseek(fd, 0, os.SEEK_END)
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -877,6 +883,7 @@ class JSONLStore(PurgeStore):
         self._redo_path = self.directory / "redact.redo"
         self._purges_path = self.directory / "purges.jsonl"
         self._purge_redo_path = self.directory / "purge.redo"
+        self._purge_redo_name = str(self._purge_redo_path)  # checked before every write
         self._purges_fd = -1
         self._purges_seen = 0  # bytes of purges.jsonl this process has read
         self._index_path = self.directory / "index"
@@ -1483,7 +1490,7 @@ class JSONLStore(PurgeStore):
 
     def _feed_behind(self) -> int:
         """How many feed records other writers added since this process last looked."""
-        return max(0, os.fstat(self._feed_fd).st_size // _REC - 1 - self._n)
+        return max(0, _size(self._feed_fd) // _REC - 1 - self._n)
 
     def _catch_up(self) -> None:
         """Index every complete batch that ``feed.log`` names beyond ``_n`` (holds ``_sync``)."""
@@ -1579,9 +1586,9 @@ class JSONLStore(PurgeStore):
     def _repair_intent(self) -> None:
         """Finish or undo the write of a writer that died holding the lock (holds the lock)."""
         assert self._intent is not None
-        raw = self._intent[:]
-        if raw[52:67] != b"%015d" % (self._n + 1):
+        if self._intent[52:67] != b"%015d" % (self._n + 1):
             return  # done (the common case), stale or no intent: what the checks below find
+        raw = self._intent[:]
         intent = _INTENT.fullmatch(raw)
         if intent is None:
             return
@@ -1681,30 +1688,43 @@ class JSONLStore(PurgeStore):
         for payload in payloads:
             if b"\n" in payload:  # msgspec escapes control characters; be sure
                 raise InvalidEventError(f"Event of session {session_id!r} encodes with a newline")
-        async with self._write_lock:
-            self._check_open()
-            original: Event | None = None
-            inline = False
-            if (
-                self._slow_count <= _SYNC_WINDOW // 2
-                and sum(map(len, payloads)) <= _INLINE_BYTES
-                and not request.erase
-            ):
-                with _translate(self.directory, session_id):
-                    inline = self._try_lock()
-                    if inline:
-                        try:
-                            original = self._append_locked(request, payloads, cache=True)
-                        finally:
-                            self._unlock()
-            if not inline:
-                original = await asyncio.to_thread(self._append_sync, request, payloads)
+        inline, original = False, None
+        if not self._write_lock.locked():
+            # No append or close of this store is under way, and an inline append runs
+            # to its end without awaiting: no task can come in between, so the lock
+            # need not be taken (~5,000 instructions of an append's ~120,000).
+            inline, original = self._try_inline(request, payloads)
+        if not inline:
+            async with self._write_lock:
+                self._check_open()
+                inline, original = self._try_inline(request, payloads)
+                if not inline:
+                    original = await asyncio.to_thread(self._append_sync, request, payloads)
         if original is not None:
             return AppendResult([original], replayed=True)
         if self._appended is not None:
             self._appended.set()
             self._appended = None
         return AppendResult(list(request.events))
+
+    def _try_inline(
+        self, request: AppendRequest, payloads: list[bytes]
+    ) -> tuple[bool, Event | None]:
+        """Append on the event loop's thread when it pays and the writers' lock is free at
+        once: whether it did, and the original event of a replay."""
+        if (
+            self._slow_count > _SYNC_WINDOW // 2
+            or sum(map(len, payloads)) > _INLINE_BYTES
+            or request.erase
+        ):
+            return False, None
+        with _translate(self.directory, request.session_id):
+            if not self._try_lock():
+                return False, None
+            try:
+                return True, self._append_locked(request, payloads, cache=True)
+            finally:
+                self._unlock()
 
     def _append_sync(self, request: AppendRequest, payloads: list[bytes]) -> Event | None:
         with _translate(self.directory, request.session_id), self._locked():
@@ -2190,7 +2210,7 @@ class JSONLStore(PurgeStore):
         the redo's offset unless they are there already, tombstones overwrite
         records, and files that are gone are not missed.
         """
-        if not os.access(self._purge_redo_path, os.F_OK):
+        if not os.access(self._purge_redo_name, os.F_OK):
             return  # the common case, checked before every write: no exception to raise
         try:
             raw = self._purge_redo_path.read_bytes()
@@ -2241,11 +2261,11 @@ class JSONLStore(PurgeStore):
         log.info("%s: %d session(s) purged", self._purges_path, len(marks))
 
     def _purges_behind(self) -> bool:
-        return os.fstat(self._purges_fd).st_size > self._purges_seen
+        return _size(self._purges_fd) > self._purges_seen
 
     def _catch_up_purges(self) -> None:
         """Forget the sessions other purges removed since the last look (holds ``_sync``)."""
-        size = os.fstat(self._purges_fd).st_size
+        size = _size(self._purges_fd)
         if size <= self._purges_seen:
             return
         data = os.pread(self._purges_fd, size - self._purges_seen, self._purges_seen)

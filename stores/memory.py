@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 
+import msgspec
+
 from ledger.errors import (
     EventNotFoundError,
     SessionCapacityError,
@@ -26,7 +28,6 @@ from stores.base import (
     SessionRow,
     check_erase,
     check_head,
-    is_create,
     page_cursor,
     parse_cursor,
     purge_cursor,
@@ -51,7 +52,7 @@ class MemoryStore(PurgeStore):
         self._snapshots: dict[tuple[str, str, str], bytes] = {}
         self._purges: list[PurgeRecord] = []
         self._anchors: dict[str, list[bytes]] = {}
-        self._changed = asyncio.Condition()
+        self._appended: asyncio.Event | None = None  # made by a feed waiter, set by an append
 
     @classmethod
     def from_url(cls, url: str) -> MemoryStore:
@@ -91,11 +92,12 @@ class MemoryStore(PurgeStore):
             )
         for erased in request.erase:
             check_erase(request, self._by_id.get(erased.id), erased)
-        self._write(request)
+        self._write(request, creating)
         if request.erase:
             self._erase(request)
-        async with self._changed:
-            self._changed.notify_all()
+        if self._appended is not None:  # no lock or wake-up to pay when nobody waits
+            self._appended.set()
+            self._appended = None
         return AppendResult(list(request.events))
 
     def _replayed(self, first: Event) -> Event | None:
@@ -117,17 +119,20 @@ class MemoryStore(PurgeStore):
         if open_count >= limit:
             raise SessionCapacityError(f"user {user!r}", "open sessions", limit)
 
-    def _write(self, request: AppendRequest) -> None:
+    def _write(self, request: AppendRequest, creating: bool) -> None:
         session_id = request.session_id
+        positions = self._by_session.get(session_id)
+        if positions is None:
+            positions = self._by_session[session_id] = []
         for event in request.events:
             self._feed.append(event)
             self._by_id[event.id] = event
-            self._by_session.setdefault(session_id, []).append(len(self._feed))
+            positions.append(len(self._feed))
             if event.idempotency_key is not None:
                 self._keys[(session_id, event.idempotency_key)] = event.id
         first, last = request.events[0], request.events[-1]
         self._heads.setdefault(session_id, {})[request.branch] = last.id
-        if is_create(request):
+        if creating:
             assert isinstance(first.body, SessionCreated)
             if first.idempotency_key is not None:
                 self._created_keys[(first.body.user_id, first.idempotency_key)] = first.id
@@ -142,12 +147,9 @@ class MemoryStore(PurgeStore):
             )
             return
         row = self._rows[session_id]
-        self._rows[session_id] = SessionRow(
-            session_id=session_id,
-            user_id=row.user_id,
-            agent=row.agent,
+        self._rows[session_id] = msgspec.structs.replace(
+            row,
             status=request.status or row.status,
-            created_at=row.created_at,
             last_activity_at=max(row.last_activity_at, last.at),
             event_count=row.event_count + len(request.events),
         )
@@ -327,8 +329,9 @@ class MemoryStore(PurgeStore):
         return PurgePage(page, purge_cursor(page[-1]) if more and page else None)
 
     async def wait_for_feed(self, after: int, max_wait: float) -> None:
-        async with self._changed:
-            if len(self._feed) > after:
-                return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), max_wait)
+        if len(self._feed) > after:
+            return
+        if self._appended is None:
+            self._appended = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._appended.wait(), max_wait)
