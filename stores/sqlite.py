@@ -362,6 +362,10 @@ def _setup_writer(conn: sqlite3.Connection, path: str, synchronous: str) -> None
     # erased in the file's free space (appends free almost nothing: cheap).
     conn.execute("PRAGMA secure_delete=ON")
     conn.execute(f"PRAGMA cache_size=-{_WRITER_CACHE_KIB}")
+    # A statement of many rows, and a savepoint, keep the pages they change as they
+    # were, to undo them alone: in memory, not in a temporary file they spilled to
+    # past 64 KiB (one page written there for each page changed).
+    conn.execute("PRAGMA temp_store=MEMORY")
     # IMMEDIATE: two processes opening a new file at once create the schema one
     # after the other, and the second sees the first's user_version.
     conn.execute("BEGIN IMMEDIATE")
@@ -673,10 +677,14 @@ def _group_tx(
     outcomes: list[_Row | LedgerError | None] = []
     conn.execute("BEGIN IMMEDIATE")
     try:
-        plain = _plain_group_tx(conn, group, packed) if all(map(_is_plain, group)) else None
-        if plain is not None:
-            conn.execute("COMMIT")
-            return plain
+        if all(map(_is_plain, group)):
+            plain = _plain_group_tx(conn, group, packed)
+            if plain is not None:
+                conn.execute("COMMIT")
+                return plain
+            # A row was refused: the group starts over, one savepoint per append.
+            _rollback(conn)
+            conn.execute("BEGIN IMMEDIATE")
         for index, request in enumerate(group):
             try:
                 outcomes.append(_append_tx(conn, request, functools.partial(packed.rows, index)))
@@ -715,9 +723,10 @@ def _plain_group_tx(
     checked in queue order against the heads the requests before it leave, then
     the accepted ones written a table at a time in multi-row statements
     (``stores.sqlite_steps``), the events last (their rows are the last packed).
-    None (and nothing written) when a write
-    breaks a constraint or an event does not encode, which only the per-append
-    path can pin on one request.
+    None when a write breaks a constraint or an event does not encode, which only
+    the per-append path can pin on one request: the caller then rolls back the
+    whole transaction, which holds nothing else. No savepoint: SQLite would copy
+    every page the group changes to a journal of its own, to undo it alone.
     """
     known, heads = _read_heads(conn, list({(r.session_id, r.branch): None for r in group}))
     outcomes: list[_Row | LedgerError | None] = []
@@ -736,7 +745,6 @@ def _plain_group_tx(
         outcomes.append(None)
     if not accepted:
         return outcomes
-    conn.execute("SAVEPOINT plain")
     try:
         _touch_sessions(conn, [(request, len(request.events)) for _, request in accepted])
         new_heads = {(r.session_id, r.branch): r.events[-1].id for _, r in accepted}
@@ -745,12 +753,7 @@ def _plain_group_tx(
         rows = (row for index, _ in accepted for row in packed.rows(index))
         execute_rows(conn, _INSERT_EVENTS, 9, rows, sum(len(r.events) for _, r in accepted))
     except (sqlite3.IntegrityError, LedgerError):
-        _rollback_to(conn, "plain")
         return None
-    except BaseException:
-        _rollback_to(conn, "plain")
-        raise
-    conn.execute("RELEASE plain")
     return outcomes
 
 
