@@ -102,13 +102,16 @@ from stores.sqlite_steps import chunks, execute_rows, statement
 
 __all__ = ["DEFAULT_GROUP_SIZE", "SCHEMA_VERSION", "SQLiteStore"]
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 """``PRAGMA user_version`` of the files this code writes.
 
 1: ``events.data`` is the event's JSON. 2: large events are deflated
-(``ledger.events.encode_stored``). A version 1 file is upgraded in place at
-open: its rows are valid version 2 rows, only the number changes, so that
-code that knows only version 1 refuses the file instead of misreading it.
+(``ledger.events.encode_stored``). 3: the index of event ids holds only an id's
+first 8 hex digits (``events_id``) and a trigger keeps ids unique, in place of a
+unique index of whole ids (``_EVENTS``). A version 1 or 2 file is upgraded in
+place at open (``_upgrade_events``): its rows are valid version 3 rows, and the
+events table is rebuilt without its old unique index, so that code that knows
+only an older version refuses the file instead of misreading it.
 """
 
 MIN_SQLITE: Final = (3, 33, 0)
@@ -117,10 +120,9 @@ MIN_SQLITE: Final = (3, 33, 0)
 DEFAULT_GROUP_SIZE: Final = 64
 """The most appends one group commit holds, unless ``group_size`` says otherwise."""
 
-_SCHEMA: Final = (
-    """CREATE TABLE IF NOT EXISTS events (
+_EVENTS_TABLE: Final = """CREATE TABLE IF NOT EXISTS events (
         position INTEGER PRIMARY KEY AUTOINCREMENT,
-        id TEXT NOT NULL UNIQUE,
+        id TEXT NOT NULL,
         session_id TEXT NOT NULL,
         parent TEXT,
         seq INTEGER NOT NULL,
@@ -129,10 +131,27 @@ _SCHEMA: Final = (
         at INTEGER NOT NULL,
         idempotency_key TEXT,
         data BLOB NOT NULL
-    )""",
+    )"""
+_EVENTS_INDEXES: Final = (
+    # Ids are digests, so every append lands on random leaves of the id index, and
+    # a commit rewrites each leaf it touched (a whole page in the WAL, and again at
+    # the checkpoint). Whole 64-digit ids made that index ~75 bytes an entry; their
+    # first 8 digits make it ~17, so a commit touches ~4x fewer leaves. A lookup
+    # by id seeks the prefix, then compares the whole id (``_id_is``).
+    "CREATE INDEX IF NOT EXISTS events_id ON events (substr(id, 1, 8))",
+    # Ids stay unique, as a unique index kept them (the same error, the same
+    # statement rolled back): the seek is on the leaf the insert then writes.
+    """CREATE TRIGGER IF NOT EXISTS events_unique_id BEFORE INSERT ON events
+        WHEN EXISTS (SELECT 1 FROM events
+            WHERE substr(id, 1, 8) = substr(NEW.id, 1, 8) AND +id = NEW.id)
+        BEGIN SELECT RAISE(ABORT, 'UNIQUE constraint failed: events.id'); END""",
     "CREATE INDEX IF NOT EXISTS events_session ON events (session_id, position)",
     """CREATE UNIQUE INDEX IF NOT EXISTS events_session_key
         ON events (session_id, idempotency_key) WHERE idempotency_key IS NOT NULL""",
+)
+_SCHEMA: Final = (
+    _EVENTS_TABLE,
+    *_EVENTS_INDEXES,
     """CREATE TABLE IF NOT EXISTS heads (
         session_id TEXT NOT NULL,
         branch TEXT NOT NULL,
@@ -194,11 +213,37 @@ _PURGE_SCHEMA: Final = (
 )
 
 _EVENT_COLUMNS: Final = "position, id, session_id, data"
+
+
+def _id_is(column: str, value: str = "?") -> str:
+    """SQL that holds when ``column`` is the event id ``value``, found by a seek in
+    ``events_id`` (which indexes an id's first 8 digits). A ``?`` value is bound twice.
+
+    The ``+`` keeps SQLite 3.40's planner from scanning the table instead: given an
+    equality on the whole column as well, it did not weigh the index on the prefix.
+    """
+    return f"substr({column}, 1, 8) = substr({value}, 1, 8) AND +{column} = {value}"
+
+
+_BY_ID: Final = f"SELECT {_EVENT_COLUMNS} FROM events WHERE {_id_is('id')}"
+"""An event's row by its id, bound twice."""
+_FIND_CREATED: Final = (
+    "SELECT e.position, e.id, e.session_id, e.data "
+    "FROM sessions AS s JOIN events AS e ON e.session_id = s.session_id "
+    "AND e.idempotency_key = s.create_key WHERE s.user_id = ? AND s.create_key = ?"
+)
+"""The ``SessionCreated`` a user made with an idempotency key."""
+
+
 _SESSION_COLUMNS: Final = (
     "session_id, user_id, agent, status, created_at, last_activity_at, event_count"
 )
 _OPEN_STATUSES_SQL: Final = ", ".join(f"'{status}'" for status in OPEN_STATUSES)
 _SYNCHRONOUS: Final = {"full": "FULL", "normal": "NORMAL"}
+_WRITER_CACHE_KIB: Final = 65_536
+"""The writer's page cache, at most (SQLite's default: 2 MiB). A large append dirties
+thousands of index pages at random places; a cache smaller than them spills pages
+to the WAL in the middle of the transaction and reads them back."""
 _CHECKPOINT_PAGES: Final = 10_000
 """WAL pages between automatic checkpoints (SQLite's default: 1,000)."""
 _PATH_WINDOW: Final = 4096
@@ -316,6 +361,11 @@ def _setup_writer(conn: sqlite3.Connection, path: str, synchronous: str) -> None
     # Freed bytes are zeroed, so a redaction or a purge leaves no copy of what it
     # erased in the file's free space (appends free almost nothing: cheap).
     conn.execute("PRAGMA secure_delete=ON")
+    conn.execute(f"PRAGMA cache_size=-{_WRITER_CACHE_KIB}")
+    # A statement of many rows, and a savepoint, keep the pages they change as they
+    # were, to undo them alone: in memory, not in a temporary file they spilled to
+    # past 64 KiB (one page written there for each page changed).
+    conn.execute("PRAGMA temp_store=MEMORY")
     # IMMEDIATE: two processes opening a new file at once create the schema one
     # after the other, and the second sees the first's user_version.
     conn.execute("BEGIN IMMEDIATE")
@@ -326,7 +376,8 @@ def _setup_writer(conn: sqlite3.Connection, path: str, synchronous: str) -> None
                 f"{path!r} has schema version {version}, newer than this code knows "
                 f"({SCHEMA_VERSION}): upgrade the session ledger to open it"
             )
-        if version == 1:
+        if version in (1, 2):
+            _upgrade_events(conn)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         elif version < SCHEMA_VERSION:
             if conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]:
@@ -343,6 +394,29 @@ def _setup_writer(conn: sqlite3.Connection, path: str, synchronous: str) -> None
     except BaseException:
         _rollback(conn)
         raise
+
+
+def _upgrade_events(conn: sqlite3.Connection) -> None:
+    """Rebuild a version 1 or 2 events table as version 3's, inside the open
+    transaction: the rows copied as they are, positions and the position counter
+    kept, the indexes and the trigger made anew (the old unique index of whole
+    ids cannot be dropped from a table that declares it)."""
+    counter = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+    for index in ("events_session", "events_session_key"):  # their names are wanted
+        conn.execute(f"DROP INDEX IF EXISTS {index}")
+    conn.execute("ALTER TABLE events RENAME TO events_old")
+    conn.execute(_EVENTS_TABLE)
+    conn.execute("INSERT INTO events SELECT * FROM events_old ORDER BY position")
+    conn.execute("DROP TABLE events_old")
+    for index in _EVENTS_INDEXES:
+        conn.execute(index)
+    if counter is not None:  # positions are never reused, even those of purged events
+        conn.execute("DELETE FROM sqlite_sequence WHERE name = 'events'")
+        conn.execute(
+            "INSERT INTO sqlite_sequence (name, seq) "
+            "VALUES ('events', max(?, (SELECT coalesce(max(position), 0) FROM events)))",
+            counter,
+        )
 
 
 def _setup_reader(conn: sqlite3.Connection) -> None:
@@ -519,13 +593,7 @@ def _append_tx(
     try:
         if key is not None:
             if created is not None:
-                original = conn.execute(
-                    f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = (SELECT e.id "
-                    "FROM sessions AS s JOIN events AS e ON e.session_id = s.session_id "
-                    "AND e.idempotency_key = s.create_key "
-                    "WHERE s.user_id = ? AND s.create_key = ?)",
-                    (created.user_id, key),
-                ).fetchone()
+                original = conn.execute(_FIND_CREATED, (created.user_id, key)).fetchone()
             else:
                 original = conn.execute(
                     f"SELECT {_EVENT_COLUMNS} FROM events "
@@ -609,10 +677,14 @@ def _group_tx(
     outcomes: list[_Row | LedgerError | None] = []
     conn.execute("BEGIN IMMEDIATE")
     try:
-        plain = _plain_group_tx(conn, group, packed) if all(map(_is_plain, group)) else None
-        if plain is not None:
-            conn.execute("COMMIT")
-            return plain
+        if all(map(_is_plain, group)):
+            plain = _plain_group_tx(conn, group, packed)
+            if plain is not None:
+                conn.execute("COMMIT")
+                return plain
+            # A row was refused: the group starts over, one savepoint per append.
+            _rollback(conn)
+            conn.execute("BEGIN IMMEDIATE")
         for index, request in enumerate(group):
             try:
                 outcomes.append(_append_tx(conn, request, functools.partial(packed.rows, index)))
@@ -651,9 +723,10 @@ def _plain_group_tx(
     checked in queue order against the heads the requests before it leave, then
     the accepted ones written a table at a time in multi-row statements
     (``stores.sqlite_steps``), the events last (their rows are the last packed).
-    None (and nothing written) when a write
-    breaks a constraint or an event does not encode, which only the per-append
-    path can pin on one request.
+    None when a write breaks a constraint or an event does not encode, which only
+    the per-append path can pin on one request: the caller then rolls back the
+    whole transaction, which holds nothing else. No savepoint: SQLite would copy
+    every page the group changes to a journal of its own, to undo it alone.
     """
     known, heads = _read_heads(conn, list({(r.session_id, r.branch): None for r in group}))
     outcomes: list[_Row | LedgerError | None] = []
@@ -672,7 +745,6 @@ def _plain_group_tx(
         outcomes.append(None)
     if not accepted:
         return outcomes
-    conn.execute("SAVEPOINT plain")
     try:
         _touch_sessions(conn, [(request, len(request.events)) for _, request in accepted])
         new_heads = {(r.session_id, r.branch): r.events[-1].id for _, r in accepted}
@@ -681,12 +753,7 @@ def _plain_group_tx(
         rows = (row for index, _ in accepted for row in packed.rows(index))
         execute_rows(conn, _INSERT_EVENTS, 9, rows, sum(len(r.events) for _, r in accepted))
     except (sqlite3.IntegrityError, LedgerError):
-        _rollback_to(conn, "plain")
         return None
-    except BaseException:
-        _rollback_to(conn, "plain")
-        raise
-    conn.execute("RELEASE plain")
     return outcomes
 
 
@@ -699,14 +766,15 @@ def _erase_rows(conn: sqlite3.Connection, request: AppendRequest) -> None:
     """
     session_id = request.session_id
     for erased in request.erase:
-        row = conn.execute(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = ?", (erased.id,)
-        ).fetchone()
+        row = conn.execute(_BY_ID, (erased.id, erased.id)).fetchone()
         stored = None
         if row is not None:
             stored = _decode(tuple(row), conn.execute("PRAGMA database_list").fetchone()[2])
         check_erase(request, stored, erased)
-        conn.execute("UPDATE events SET data = ? WHERE id = ?", (encode_stored(erased), erased.id))
+        conn.execute(
+            f"UPDATE events SET data = ? WHERE {_id_is('id')}",
+            (encode_stored(erased), erased.id, erased.id),
+        )
     # Snapshots are folds of the session's paths: they may hold the erased content.
     conn.execute("DELETE FROM snapshots WHERE session_id = ?", (session_id,))
 
@@ -835,7 +903,10 @@ def _events_page(
         ).fetchall()
         if not rows:
             return upper, []
-        found = conn.execute("SELECT position FROM events WHERE id = ?", (rows[-1][0],)).fetchone()
+        last_id = rows[-1][0]
+        found = conn.execute(
+            f"SELECT position FROM events WHERE {_id_is('id')}", (last_id, last_id)
+        ).fetchone()
         last = upper if found is None else found[0]  # None: purged since
         ids, datas = list(map(_row_first, rows)), list(map(_row_second, rows))
         del rows  # not left for the collection that follows the pause
@@ -1188,7 +1259,7 @@ class SQLiteStore(PurgeStore):
     # reads
 
     async def get(self, event_id: str) -> Event:
-        rows = await self._fetch(f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = ?", (event_id,))
+        rows = await self._fetch(_BY_ID, (event_id, event_id))
         if not rows:
             raise EventNotFoundError(event_id)
         return _decode(rows[0], self.filename)
@@ -1201,12 +1272,7 @@ class SQLiteStore(PurgeStore):
         return _decode(rows[0], self.filename) if rows else None
 
     async def find_created(self, user_id: str, key: str) -> Event | None:
-        rows = await self._fetch(
-            f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = (SELECT e.id "
-            "FROM sessions AS s JOIN events AS e ON e.session_id = s.session_id "
-            "AND e.idempotency_key = s.create_key WHERE s.user_id = ? AND s.create_key = ?)",
-            (user_id, key),
-        )
+        rows = await self._fetch(_FIND_CREATED, (user_id, key))
         return _decode(rows[0], self.filename) if rows else None
 
     async def ancestors(self, event_id: str, limit: int | None = None) -> list[Event]:
@@ -1237,12 +1303,14 @@ class SQLiteStore(PurgeStore):
         ``event_id`` back (``stores.base.walk_path``)."""
 
         async def window(cursor: str, below: int, want: int) -> list[_Row]:
+            # The cursor's session and position as two scalar subqueries: single
+            # values, so the session's index is read newest first with no sort.
             return await self._fetch(
-                f"SELECT e.position, e.id, e.session_id, e.{column}, e.parent FROM events AS e, "
-                "(SELECT position AS p, session_id AS s FROM events WHERE id = ?) AS c "
-                "WHERE e.session_id = c.s AND e.position <= c.p AND e.position < ? "
-                "ORDER BY e.position DESC LIMIT ?",
-                (cursor, below, want),
+                f"SELECT e.position, e.id, e.session_id, e.{column}, e.parent FROM events AS e "
+                f"WHERE e.session_id = (SELECT session_id FROM events WHERE {_id_is('id')}) "
+                f"AND e.position <= (SELECT position FROM events WHERE {_id_is('id')}) "
+                "AND e.position < ? ORDER BY e.position DESC LIMIT ?",
+                (cursor, cursor, cursor, cursor, below, want),
             )
 
         async def chain(cursor: str, below: int, want: int) -> list[_Row]:
@@ -1255,14 +1323,14 @@ class SQLiteStore(PurgeStore):
         return await self._fetch(
             f"WITH RECURSIVE chain(position, id, session_id, {column}, parent, depth) AS ("
             f" SELECT position, id, session_id, {column}, parent, 1 FROM events"
-            " WHERE id = ? AND position < ?"
+            f" WHERE {_id_is('id')} AND position < ?"
             " UNION ALL"
             f" SELECT e.position, e.id, e.session_id, e.{column}, e.parent, c.depth + 1"
             " FROM chain AS c JOIN events AS e"
-            " ON e.id = c.parent AND e.position < c.position"
+            f" ON {_id_is('e.id', 'c.parent')} AND e.position < c.position"
             " WHERE c.depth < ?"
             f") SELECT position, id, session_id, {column}, parent FROM chain ORDER BY depth",
-            (event_id, below, limit),
+            (event_id, event_id, below, limit),
         )
 
     def events(self, session_id: str, *, page_size: int = 1000) -> AsyncIterator[Event]:
@@ -1410,9 +1478,7 @@ class SQLiteStore(PurgeStore):
                     isolation_level=None,
                 )
         try:
-            row = self._inline.execute(
-                f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = ?", (event_id,)
-            ).fetchone()
+            row = self._inline.execute(_BY_ID, (event_id, event_id)).fetchone()
         except sqlite3.Error:
             return await self.get(event_id)  # busy, say: the store's own read says what failed
         if row is None:

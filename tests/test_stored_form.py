@@ -187,4 +187,4 @@ async def test_a_version_1_file_is_upgraded_in_place(tmp_path: Path) -> None:
         await led.add_turn(s.session_id, role="assistant", content=LONG)
         assert (await led.verify(s.session_id)).ok
     with sqlite3.connect(db) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
