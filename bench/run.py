@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         "--limit",
         type=float,
         help="seconds one system may spend on one measurement before it is stopped "
-        "(default: 45, or 20 with --quick)",
+        "(default: 30, or 20 with --quick)",
     )
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     parser.add_argument("--dir", help="scratch directory for the files (default: the system's)")
