@@ -65,6 +65,7 @@ __all__ = [
     "encode_stored",
     "erase",
     "erased_digest",
+    "event_header",
     "event_problem",
     "gc_paused",
     "header_bytes",
@@ -399,7 +400,8 @@ def header_bytes(
     )
 
 
-def _header(event: Event) -> bytes:
+def event_header(event: Event) -> bytes:
+    """``header_bytes`` of a made event: what its id hashes."""
     return header_bytes(
         event.format,
         event.session,
@@ -415,7 +417,7 @@ def _header(event: Event) -> bytes:
 
 
 def compute_id(event: Event) -> str:
-    return blake3.blake3(_header(event)).digest().hex()
+    return blake3.blake3(event_header(event)).digest().hex()
 
 
 _SALT = re.compile(r"[0-9a-f]{32}")

@@ -22,25 +22,10 @@ from ledger.events import (
     TurnAdded,
     canonical,
     encode_event,
-    header_bytes,
+    event_header,
     make_event,
 )
 from tests.strategies import events
-
-
-def _header(event: Event) -> bytes:
-    return header_bytes(
-        event.format,
-        event.session,
-        event.parent,
-        event.seq,
-        event.branch,
-        event.at,
-        event.actor,
-        event.kind,
-        event.idempotency_key,
-        event.body_digest,
-    )
 
 
 def _again(event: Event, max_bytes: int | None) -> Event:
@@ -62,7 +47,7 @@ def _again(event: Event, max_bytes: int | None) -> Event:
 @given(events())
 def test_envelope_bound(event: Event) -> None:
     """An event's JSON is at most its body's canonical bytes, its header and the bound."""
-    assert len(encode_event(event)) <= len(canonical(event.body)) + len(_header(event)) + (
+    assert len(encode_event(event)) <= len(canonical(event.body)) + len(event_header(event)) + (
         ENVELOPE_BYTES
     )
 
