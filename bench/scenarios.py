@@ -417,10 +417,8 @@ REPLAY_TARGETS = {
 
 
 async def _fold(dataset: Dataset) -> int:
-    state = SESSION.initial()
-    apply = SESSION.apply
-    async for event in dataset.store.events(dataset.session):
-        state = apply(state, event)
+    """``Ledger.replay`` into the session state: every event read and folded, no snapshot."""
+    state = await Ledger(dataset.store).replay(dataset.session, into=SESSION)
     return state.event_count
 
 
@@ -464,10 +462,10 @@ async def _raw_replay(dataset: Dataset) -> int:
     return count
 
 
-@scenario("replay", "full replay of the large session (read + fold)")
+@scenario("replay", "full replay of the large session (Ledger.replay: read + fold)")
 async def replay(ctx: Context) -> None:
     n = ctx.sizes.large_session
-    title = f"full replay of a {n:,}-event session (read + fold)"
+    title = f"full replay of a {n:,}-event session (Ledger.replay: read + fold)"
     for system, dataset in await each_dataset(ctx, title):
         async with ctx.guard(title, system.name):
             with ctx.memory().measure() as probe:

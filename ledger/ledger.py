@@ -40,7 +40,6 @@ from ledger.config import LedgerConfig
 from ledger.errors import (
     AlreadyRedactedError,
     AnchorError,
-    BranchNotFoundError,
     CheckpointNotFoundError,
     ConfigError,
     ConflictError,
@@ -81,7 +80,19 @@ from ledger.events import (
 )
 from ledger.logs import SessionLogs
 from ledger.proofs import ConsistencyProof, InclusionProof, consistency_proof, inclusion_proof
-from ledger.replay import MAX_PAUSE, BranchDiff, Callback, diff_paths, drive, follow_branch, paced
+from ledger.replay import (
+    MAX_PAUSE,
+    BranchDiff,
+    Callback,
+    branch_head,
+    diff_paths,
+    drive,
+    drive_pages,
+    events_of,
+    follow_branch,
+    open_path,
+    paced,
+)
 from ledger.verify import PARALLEL_FROM, VerifyReport, verify_session
 from projections.base import Projection
 from projections.engine import FoldEngine
@@ -953,10 +964,10 @@ class Ledger:
         Raises:
             SessionNotFoundError, BranchNotFoundError, EventNotFoundError.
         """
-        history = await self.history(session_id, branch=branch, at=at)
+        path = await open_path(self.store, session_id, at or await self._head(session_id, branch))
         if speed is None:
-            return await drive(history, into)
-        return await drive(paced(history, speed, max_pause=max_pause), into)
+            return await drive_pages(path, into)
+        return await drive(paced(events_of(path), speed, max_pause=max_pause), into)
 
     def follow(
         self,
@@ -1485,12 +1496,7 @@ class Ledger:
         Not this ledger's cache of the heads it wrote: another process (or another
         ledger over the same store) may have appended since.
         """
-        heads = await self.store.heads(session_id)
-        if not heads:
-            raise SessionNotFoundError(session_id)
-        if branch not in heads:
-            raise BranchNotFoundError(session_id, branch)
-        return heads[branch]
+        return await branch_head(self.store, session_id, branch)
 
     async def _checkpoint(self, session_id: str, checkpoint_id: str) -> Checkpoint:
         try:

@@ -20,28 +20,45 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+)
 from typing import Any, TypeVar, overload
 
 import msgspec
 
-from ledger.errors import BranchNotFoundError, SessionNotFoundError
+from ledger.errors import (
+    BranchNotFoundError,
+    EventNotFoundError,
+    IntegrityError,
+    SessionNotFoundError,
+)
 from ledger.events import Closed, Event, Expired
-from projections.base import Projection, fold
+from projections.base import FOLD_RUN, Projection, fold
 from stores.base import FeedStore
 
 __all__ = [
     "MAX_PAUSE",
     "BranchDiff",
     "Callback",
+    "branch_head",
     "diff_paths",
     "drive",
+    "drive_pages",
+    "events_of",
     "feed_end",
     "follow_branch",
+    "open_path",
     "paced",
 ]
 
 S = TypeVar("S")
+_T = TypeVar("_T")
 
 MAX_PAUSE = 2.0
 """Longest pause, in seconds, between two events of a paced replay (a user who left for
@@ -89,7 +106,7 @@ def diff_paths(
 
 
 async def paced(
-    events: Iterable[Event],
+    events: Iterable[Event] | AsyncIterable[Event],
     speed: float | None,
     *,
     max_pause: float = MAX_PAUSE,
@@ -97,8 +114,10 @@ async def paced(
 ) -> AsyncIterator[Event]:
     """Yield ``events``, sleeping ``(at - previous at) / speed`` seconds before each,
     at most ``max_pause``; ``speed=None`` yields them as fast as possible."""
+    if not isinstance(events, AsyncIterable):
+        events = _each(events)
     previous: int | None = None
-    for event in events:
+    async for event in events:
         if speed is not None and previous is not None:
             pause = min((event.at - previous) / 1e9 / speed, max_pause)
             if pause > 0:
@@ -123,10 +142,13 @@ async def drive(
     if isinstance(into, Projection):
         if not isinstance(events, AsyncIterator):
             return fold(into, events)
-        state = into.initial()
+        # In runs, so that a projection's apply_many folds many events at once.
+        state, apply_many, run = into.initial(), into.apply_many, []
         async for event in events:
-            state = into.apply(state, event)
-        return state
+            run.append(event)
+            if len(run) == FOLD_RUN:
+                state, run = apply_many(state, run), []
+        return apply_many(state, run)
     if isinstance(events, AsyncIterator):
         async for event in events:
             await _call(into, event)
@@ -171,13 +193,96 @@ async def feed_end(store: FeedStore) -> int:
     return low
 
 
-async def _branch_path(store: FeedStore, session_id: str, branch: str) -> list[Event]:
+async def branch_head(store: FeedStore, session_id: str, branch: str) -> str:
+    """The id of the branch's head as the store has it now: what a read starts from.
+
+    Raises:
+        SessionNotFoundError, BranchNotFoundError.
+    """
     heads = await store.heads(session_id)
     if not heads:
         raise SessionNotFoundError(session_id)
     if branch not in heads:
         raise BranchNotFoundError(session_id, branch)
-    return await store.path(heads[branch])
+    return heads[branch]
+
+
+async def open_path(store: FeedStore, session_id: str, head: str) -> AsyncIterator[list[Event]]:
+    """The path from the session's root to ``head``, root first, in pages (lists).
+
+    A session never forked nor restored (the usual one) holds nothing but that
+    path, and then it is streamed as the store reads the session, page by page:
+    in bounded memory however long it is. Else the path is walked back whole
+    (``store.path``), one page. The test: the session holds ``head.seq + 1``
+    events once ``head`` is known. Every store hands out positions in commit
+    order, so each event of the session before ``head`` is one of those, and the
+    stream ends with ``head``; anything appended since comes after it.
+
+    Raises:
+        EventNotFoundError: ``head`` is not an event of ``session_id``.
+        IntegrityError: (while iterating) the stored session does not chain up to ``head``.
+    """
+    last = await store.get(head)
+    if last.session != session_id:
+        raise EventNotFoundError(head, session_id)
+    if (await store.session(session_id)).event_count == last.seq + 1:
+        return _stream_path(store, last)
+    return _each([await store.path(head)])
+
+
+async def _stream_path(store: FeedStore, head: Event) -> AsyncIterator[list[Event]]:
+    session_id, left = head.session, head.seq + 1  # on a path, an event's seq is its index
+    parent: str | None = None
+    async for page in store.event_pages(session_id):
+        page = page[:left]
+        ids = [event.id for event in page]
+        links = [parent, *ids[:-1]]
+        if [event.parent for event in page] != links:  # each event must hang from the one before
+            bad = next(i for i, event in enumerate(page) if event.parent != links[i])
+            if bad:
+                yield page[:bad]
+            raise IntegrityError(
+                f"Stored session {session_id!r} does not chain: event {ids[bad]!r} has "
+                f"parent {page[bad].parent!r}, the event before it {links[bad]!r}",
+                ids[bad],
+            )
+        yield page
+        left -= len(page)
+        if not left:
+            if ids[-1] != head.id:
+                raise IntegrityError(
+                    f"Stored session {session_id!r} does not chain: event {ids[-1]!r} stands "
+                    f"where its head {head.id!r} should",
+                    ids[-1],
+                )
+            return
+        parent = ids[-1]
+    raise EventNotFoundError(head.id, session_id)  # purged meanwhile
+
+
+async def events_of(pages: AsyncIterator[list[Event]]) -> AsyncIterator[Event]:
+    """The events of ``pages``, one at a time."""
+    async for page in pages:
+        for event in page:
+            yield event
+
+
+async def drive_pages(
+    pages: AsyncIterator[list[Event]], into: Projection[S] | Callback
+) -> S | None:
+    """``drive`` over pages of events: a projection folds each page at once."""
+    if isinstance(into, Projection):
+        state, apply_many = into.initial(), into.apply_many
+        async for page in pages:
+            state = apply_many(state, page)
+        return state
+    await drive(events_of(pages), into)
+    return None
+
+
+async def _each(items: Iterable[_T]) -> AsyncIterator[_T]:
+    for item in items:
+        yield item
 
 
 def _ends_branch(event: Event) -> bool:
@@ -211,11 +316,14 @@ async def follow_branch(
     # the history's head (skipped: on the history or abandoned by a restore) or
     # after it (new). On one branch, commit order is append order.
     before = await feed_end(store) if start is None else start
-    history = await _branch_path(store, session_id, branch)
+    history = events_of(
+        await open_path(store, session_id, await branch_head(store, session_id, branch))
+    )
     after = await feed_end(store)
-    async for event in paced(history, speed, max_pause=max_pause, sleep=sleep):
-        yield event
-    head = history[-1]
+    head: Event | None = None
+    async for head in paced(history, speed, max_pause=max_pause, sleep=sleep):
+        yield head
+    assert head is not None  # a path holds its root at least
     if _ends_branch(head):
         return
     window: list[Event] = []

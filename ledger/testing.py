@@ -265,8 +265,8 @@ async def _cancel(tasks: list[asyncio.Future[Any]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _collect(events: AsyncIterator[Event]) -> list[Event]:
-    return [event async for event in events]
+async def _collect(items: AsyncIterator[T]) -> list[T]:
+    return [item async for item in items]
 
 
 async def _listing(store: EventStore, query: SessionQuery) -> list[SessionRow]:
@@ -733,6 +733,26 @@ class EventStoreContract:
             assert await _collect(store.events(a[0].session, page_size=2)) == a
             assert await _collect(store.events(b[0].session, page_size=2)) == b
             assert await _collect(store.events(new_session_id(), page_size=2)) == []
+
+    async def test_event_pages_are_the_events_from_any_start_in_pages(
+        self, make_store: Callable[[], EventStore]
+    ) -> None:
+        async with make_store() as store:
+            root, *chain = await _session(store, n_turns=6)
+            other = await _session(store, n_turns=1)  # interleaved, never in the pages
+            fork = branch_event(chain[1], "alt")
+            await store.append(append_request([fork, *turns(fork, 2)], None))
+            expected = await _collect(store.events(root.session))
+            assert len(expected) == 10 and other[0] not in expected
+            for page_size in (1, 3, 4, 1000):
+                for start in (0, 1, 9, 10, 11):
+                    pages = await _collect(
+                        store.event_pages(root.session, start, page_size=page_size)
+                    )
+                    assert all(0 < len(page) <= page_size for page in pages)
+                    got = [event for page in pages for event in page]
+                    assert got == expected[start:], f"page_size={page_size}, start={start}"
+            assert await _collect(store.event_pages(new_session_id())) == []
 
     async def test_heads_per_branch(self, make_store: Callable[[], EventStore]) -> None:
         async with make_store() as store:

@@ -288,7 +288,7 @@ class FoldEngine:
             base, parent, chunks = await walk
             state: S = projection.initial() if base is None else base
             snapshots: list[tuple[str, bytes]] = []
-            every, apply = self.snapshot_every, projection.apply
+            every, apply_many = self.snapshot_every, projection.apply_many
             for start, count, kept in reversed(chunks):
                 events = kept if kept is not None else await self._reread(start, count)
                 # Each chunk must hang from the state folded so far: a path index's
@@ -302,12 +302,17 @@ class FoldEngine:
                         oldest.id,
                     )
                 parent = start
-                for event in reversed(events):
-                    state = apply(state, event)
-                    if event.seq % every == 0 and event.seq > 0:  # self.due(event)
+                ordered = events[::-1]
+                done = 0
+                # Folded in runs that end at each event a snapshot is due at (self.due).
+                for at, event in enumerate(ordered):
+                    if event.seq % every == 0 and event.seq > 0:
+                        state = apply_many(state, ordered[done : at + 1])
+                        done = at + 1
                         snapshots.append(
                             (event.id, self._seal(projection, session_id, event.id, state))
                         )
+                state = apply_many(state, ordered[done:])
         if snapshots:
             await self.source.put_snapshots(session_id, projection.key, snapshots)
         self.remember(projection, session_id, event_id, state)

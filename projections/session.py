@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import blake3
@@ -160,8 +161,61 @@ def apply(state: SessionState, event: Event) -> SessionState:
     return replace(state, **moved)
 
 
+def apply_many(state: SessionState, events: Sequence[Event]) -> SessionState:
+    """``apply``, event after event, with one new state per run of turns rather
+    than one per turn: a replay's hot loop, where nearly every event is a turn."""
+    last: Event | None = None  # the run's newest turn; None: no run open
+    for event in events:
+        body = event.body
+        if isinstance(body, TurnAdded) or (
+            isinstance(body, Erased) and body.original == "TurnAdded"
+        ):
+            if last is None:
+                count, tokens_in, tokens_out, cost = (
+                    0,
+                    state.tokens_in,
+                    state.tokens_out,
+                    state.cost,
+                )
+            count += 1
+            tokens_in += body.tokens_in
+            tokens_out += body.tokens_out
+            cost += body.cost  # summed in the same order as apply's: the same float
+            last = event
+            continue
+        if last is not None:
+            state = _after_turns(state, last, count, tokens_in, tokens_out, cost)
+            last = None
+        state = apply(state, event)
+    if last is not None:
+        state = _after_turns(state, last, count, tokens_in, tokens_out, cost)
+    return state
+
+
+def _after_turns(
+    state: SessionState, last: Event, count: int, tokens_in: int, tokens_out: int, cost: float
+) -> SessionState:
+    return replace(
+        state,
+        branch=last.branch,
+        head=last.id,
+        seq=last.seq,
+        last_activity_at=last.at,
+        event_count=state.event_count + count,
+        turn_count=state.turn_count + count,
+        tokens_in=tokens_in,
+        tokens_out=tokens_out,
+        cost=cost,
+    )
+
+
 SESSION: Projection[SessionState] = Projection(
-    "session", 1, initial=lambda: _EMPTY, apply=apply, state_type=SessionState
+    "session",
+    1,
+    initial=lambda: _EMPTY,
+    apply=apply,
+    state_type=SessionState,
+    apply_many=apply_many,
 )
 
 

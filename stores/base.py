@@ -474,6 +474,25 @@ class EventStore(abc.ABC):
             else:
                 skipped += 1
 
+    async def event_pages(
+        self, session_id: str, start: int = 0, *, page_size: int = 1000
+    ) -> AsyncIterator[list[Event]]:
+        """``events_from`` a page at a time: lists of at most ``page_size`` events.
+
+        For a reader that works a page at a time (a projection's ``apply_many``),
+        without a step through an iterator per event. Here by gathering
+        ``events_from``; a store that reads in pages overrides it with its own.
+        """
+        page_size = max(1, page_size)
+        page: list[Event] = []
+        async for event in self.events_from(session_id, start, page_size=page_size):
+            page.append(event)
+            if len(page) == page_size:
+                yield page
+                page = []
+        if page:
+            yield page
+
 
 class FeedStore(EventStore):
     """A store with a global, gap-free commit order over all sessions."""

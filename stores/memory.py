@@ -197,11 +197,26 @@ class MemoryStore(PurgeStore):
         return out
 
     async def events(self, session_id: str, *, page_size: int = 1000) -> AsyncIterator[Event]:
-        self._check_open()
-        for position in list(self._by_session.get(session_id, ())):
-            event = self._feed[position - 1]
-            if event is not None:
+        async for page in self.event_pages(session_id, page_size=page_size):
+            for event in page:
                 yield event
+
+    async def event_pages(
+        self, session_id: str, start: int = 0, *, page_size: int = 1000
+    ) -> AsyncIterator[list[Event]]:
+        self._check_open()
+        page_size = max(1, page_size)
+        # The session's events as of now, by their index in the feed (position - 1).
+        indexes = [p - 1 for p in self._by_session.get(session_id, ())]
+        feed = self._feed
+        for first in range(start, len(indexes), page_size):
+            page = [
+                event
+                for event in map(feed.__getitem__, indexes[first : first + page_size])
+                if event is not None  # None: purged meanwhile
+            ]
+            if page:
+                yield page
 
     async def heads(self, session_id: str) -> dict[str, str]:
         self._check_open()

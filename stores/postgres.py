@@ -1675,6 +1675,13 @@ class PostgresStore(PurgeStore):
     async def events_from(
         self, session_id: str, start: int, *, page_size: int = 1000
     ) -> AsyncIterator[Event]:
+        async for page in self.event_pages(session_id, start, page_size=page_size):
+            for event in page:
+                yield event
+
+    async def event_pages(
+        self, session_id: str, start: int = 0, *, page_size: int = 1000
+    ) -> AsyncIterator[list[Event]]:
         page_size = max(1, page_size)
         if not _is_session_id(session_id):
             self._check_open()
@@ -1696,8 +1703,8 @@ class PostgresStore(PurgeStore):
             after = rows[0][0] if rows else upper
         while after < upper:
             rows = await self._fetch(_PAGE_SQL, session_id, after, upper, page_size)
-            for event in _decode_session_rows(rows, session_id, self.target):
-                yield event
+            if rows:
+                yield _decode_session_rows(rows, session_id, self.target)
             if len(rows) < page_size:
                 return
             after = rows[-1][0]

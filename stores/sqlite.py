@@ -1339,6 +1339,13 @@ class SQLiteStore(PurgeStore):
     async def events_from(
         self, session_id: str, start: int, *, page_size: int = 1000
     ) -> AsyncIterator[Event]:
+        async for page in self.event_pages(session_id, start, page_size=page_size):
+            for event in page:
+                yield event
+
+    async def event_pages(
+        self, session_id: str, start: int = 0, *, page_size: int = 1000
+    ) -> AsyncIterator[list[Event]]:
         page_size = max(1, page_size)
         # The session's events as of now, as MemoryStore gives them: later
         # appends are not chased.
@@ -1364,7 +1371,7 @@ class SQLiteStore(PurgeStore):
             )
 
         # Each page is read and decoded in the store's thread, the next one while
-        # this one is handed out: the event loop only yields events.
+        # this one is handed out: the event loop only hands pages on.
         pending: asyncio.Task[tuple[int, list[Event]]] | None = page(after)
         try:
             while pending is not None:
@@ -1372,8 +1379,8 @@ class SQLiteStore(PurgeStore):
                     last, events = await pending
                 more = len(events) == page_size and last < upper
                 pending = page(last) if more else None
-                for event in events:
-                    yield event
+                if events:
+                    yield events
         finally:
             if pending is not None:
                 pending.cancel()

@@ -43,7 +43,7 @@ async def test_dataset_scenarios_run_on_every_local_store(tmp_path: Path) -> Non
 
     page = render(ctx, 1.0, "python -m bench --quick")
     assert "| scenario | system | result | ratio | target | peak memory |" in page
-    assert "**full replay of a 300-event session (read + fold)**" in page
+    assert "**full replay of a 300-event session (Ledger.replay: read + fold)**" in page
 
 
 def test_every_scenario_is_registered_once() -> None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +17,8 @@ from ledger import (
     BranchNotFoundError,
     Closed,
     Event,
+    EventNotFoundError,
+    IntegrityError,
     Ledger,
     LedgerConfig,
     Projection,
@@ -27,8 +30,9 @@ from ledger.events import Branched
 from ledger.replay import diff_paths, feed_end, follow_branch, paced
 from ledger.testing import TIMEOUT, append_request, create_event, next_event
 from projections.session import SESSION
-from stores.base import FeedStore, SessionQuery
+from stores.base import FeedStore, SessionQuery, SessionRow
 from stores.memory import MemoryStore
+from tests import tamper
 
 MakeStore = Callable[[], FeedStore]
 
@@ -160,6 +164,83 @@ async def test_replay_of_unknown_session_or_branch(make_store: MakeStore) -> Non
             await led.replay(st_.sid, into=seen.append, branch="gone")
         assert seen == []
         assert await everything(led) == before
+
+
+async def linear(led: Ledger, turns: int) -> str:
+    sid = (await led.create(user_id="u", agent="a")).session_id
+    await led.add_turns(sid, [{"role": "user", "content": f"turn {n}"} for n in range(turns)])
+    return sid
+
+
+def count_path_walks(store: FeedStore) -> list[str]:
+    """Record each ``store.path`` call (the whole-path read) on this store object."""
+    walked: list[str] = []
+    path = store.path
+
+    async def recorded(event_id: str) -> list[Event]:
+        walked.append(event_id)
+        return await path(event_id)
+
+    store.path = recorded  # type: ignore[method-assign]
+    return walked
+
+
+async def test_replay_of_a_linear_session_streams_it(make_store: MakeStore) -> None:
+    """Never forked nor restored: read as the store streams the session, not walked
+    back whole, and the same history, states and callbacks as a walk gives."""
+    async with ledger(make_store) as led:
+        sid = await linear(led, 40)
+        history = await led.history(sid)
+        walked = count_path_walks(led.store)
+        seen: list[Event] = []
+        await led.replay(sid, into=seen.append)
+        assert seen == history and len(seen) == 41
+        assert await led.replay(sid, into=SESSION) == await led.state(sid)
+        paced_: list[Event] = []
+        await led.replay(sid, into=paced_.append, speed=1e9, max_pause=0.001)
+        assert paced_ == history
+        assert walked == []
+        # Replayed to an earlier event, the session holds more than its path: walked.
+        at = history[10].id
+        assert await led.replay(sid, into=SESSION, at=at) == await led.state(sid, at=at)
+        assert walked == [at]
+
+
+async def test_a_streamed_replay_ends_at_the_head_it_started_from(make_store: MakeStore) -> None:
+    async with ledger(make_store) as led:
+        sid = await linear(led, 5)
+        history = await led.history(sid)
+        seen: list[Event] = []
+
+        async def append_on(event: Event) -> None:
+            seen.append(event)
+            await led.add_turn(sid, role="assistant", content=f"after {event.seq}")
+
+        await led.replay(sid, into=append_on)
+        assert seen == history
+        assert (await led.state(sid)).event_count == 2 * len(history)
+
+
+async def test_replay_of_an_event_of_another_session_is_refused(make_store: MakeStore) -> None:
+    async with ledger(make_store) as led:
+        sid, other = await linear(led, 2), await linear(led, 2)
+        foreign = (await led.history(other))[-1].id
+        with pytest.raises(EventNotFoundError, match=rf"{sid}.*{foreign}"):
+            await led.replay(sid, into=SESSION, at=foreign)
+
+
+async def test_a_streamed_replay_names_a_stored_session_out_of_order(tmp_path: Path) -> None:
+    path = tmp_path / "l.db"
+    async with Ledger.open(f"sqlite:///{path}") as led:
+        sid = await linear(led, 6)
+        ids = ids_of(await led.history(sid))
+    tamper.swap_positions(path, ids[3], ids[4])
+    async with Ledger.open(f"sqlite:///{path}") as led:
+        seen: list[Event] = []
+        with pytest.raises(IntegrityError, match=rf"{sid}.*{ids[4]}.*{ids[2]}") as caught:
+            await led.replay(sid, into=seen.append)
+        assert caught.value.event_id == ids[4]
+        assert ids_of(seen) == ids[:3]  # what chained, and nothing after the break
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -403,12 +484,13 @@ async def test_follow_yields_an_event_appended_while_the_history_is_read() -> No
             super().__init__()
             self.pending: list[Event] = []
 
-        async def path(self, event_id: str) -> list[Event]:
-            found = await super().path(event_id)
+        async def session(self, session_id: str) -> SessionRow:
+            found = await super().session(session_id)
             if self.pending:
                 late = self.pending.pop()
-                # lands after the heads were read, before the second feed probe
-                await self.append(append_request([late], event_id))
+                # lands after the heads were read, before the second feed probe and
+                # before the history is streamed (which must stop at the head read)
+                await self.append(append_request([late], late.parent))
             return found
 
     store = Racy()
