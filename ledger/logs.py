@@ -103,9 +103,10 @@ async def read_log(store: EventStore, session_id: str) -> SessionLog:
     """The session's log as the store holds it now (its events in append order)."""
     ids = bytearray()
     heads: dict[str, str] = {}
-    async for event in store.events(session_id, page_size=PAGE):
-        ids += bytes.fromhex(event.id)
-        heads[event.branch] = event.id
+    async for page in store.event_pages(session_id, page_size=PAGE):
+        hexes = [event.id for event in page]
+        ids += bytes.fromhex("".join(hexes))
+        heads.update(zip([event.branch for event in page], hexes, strict=True))
     return SessionLog(session_id, ids, heads)
 
 
