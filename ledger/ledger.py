@@ -10,6 +10,7 @@ import os
 import random
 import tempfile
 import time
+from collections import deque
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -234,7 +235,7 @@ class Ledger:
         self._projections: dict[str, Projection[Any]] = {}
         # (session, branch) being written by a task of this ledger -> the tasks waiting
         # for it, in arrival order (a future each, which the writer before them sets).
-        self._branch_writers: dict[tuple[str, str], list[asyncio.Future[None]]] = {}
+        self._branch_writers: dict[tuple[str, str], deque[asyncio.Future[None]]] = {}
         self._logs = SessionLogs()
 
     @classmethod
@@ -1366,7 +1367,7 @@ class Ledger:
         turn = (session_id, branch)
         waiting = self._branch_writers.get(turn)
         if waiting is None:  # the branch is free: no lock to make and take (~9,000 instructions)
-            self._branch_writers[turn] = waiting = []
+            self._branch_writers[turn] = waiting = deque()
         else:
             ready = asyncio.get_running_loop().create_future()
             waiting.append(ready)
@@ -1386,10 +1387,10 @@ class Ledger:
         finally:
             self._hand_on(turn, waiting)
 
-    def _hand_on(self, turn: tuple[str, str], waiting: list[asyncio.Future[None]]) -> None:
+    def _hand_on(self, turn: tuple[str, str], waiting: deque[asyncio.Future[None]]) -> None:
         """Give the branch to the next task waiting for it (in arrival order), or free it."""
         while waiting:
-            ready = waiting.pop(0)
+            ready = waiting.popleft()
             if not ready.done():  # a waiter cancelled meanwhile is done: skipped
                 ready.set_result(None)
                 return
