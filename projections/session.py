@@ -102,17 +102,13 @@ def apply(state: SessionState, event: Event) -> SessionState:
     # The common event first (a replay's hot loop: isinstance is quick on an exact
     # type). An erased turn is still a turn: its kept accounting folds as the original did.
     if isinstance(body, TurnAdded) or (isinstance(body, Erased) and body.original == "TurnAdded"):
-        return replace(
+        return _after_turns(
             state,
-            branch=event.branch,
-            head=event.id,
-            seq=event.seq,
-            last_activity_at=event.at,
-            event_count=state.event_count + 1,
-            turn_count=state.turn_count + 1,
-            tokens_in=state.tokens_in + body.tokens_in,
-            tokens_out=state.tokens_out + body.tokens_out,
-            cost=state.cost + body.cost,
+            event,
+            1,
+            state.tokens_in + body.tokens_in,
+            state.tokens_out + body.tokens_out,
+            state.cost + body.cost,
         )
     if isinstance(body, SessionCreated):
         return SessionState(
@@ -195,6 +191,7 @@ def apply_many(state: SessionState, events: Sequence[Event]) -> SessionState:
 def _after_turns(
     state: SessionState, last: Event, count: int, tokens_in: int, tokens_out: int, cost: float
 ) -> SessionState:
+    """The state after ``count`` turns ending with ``last``, with these totals."""
     return replace(
         state,
         branch=last.branch,

@@ -462,30 +462,31 @@ class EventStore(abc.ABC):
     async def events_from(
         self, session_id: str, start: int, *, page_size: int = 1000
     ) -> AsyncIterator[Event]:
-        """``events`` from the session's ``start``-th event on (0: all of them), as of now.
-
-        Here by reading past the first ``start``; a store that can seek overrides it
-        (a second process then reads a long session's tail without its head).
-        """
-        skipped = 0
-        async for event in self.events(session_id, page_size=page_size):
-            if skipped >= start:
+        """``events`` from the session's ``start``-th event on (0: all of them), as of now:
+        the events of ``event_pages``."""
+        async for page in self.event_pages(session_id, start, page_size=page_size):
+            for event in page:
                 yield event
-            else:
-                skipped += 1
 
     async def event_pages(
         self, session_id: str, start: int = 0, *, page_size: int = 1000
     ) -> AsyncIterator[list[Event]]:
-        """``events_from`` a page at a time: lists of at most ``page_size`` events.
+        """The session's events from its ``start``-th on, as of now, a page at a time:
+        lists of at most ``page_size`` events, none empty.
 
         For a reader that works a page at a time (a projection's ``apply_many``),
-        without a step through an iterator per event. Here by gathering
-        ``events_from``; a store that reads in pages overrides it with its own.
+        without a step through an iterator per event. Here by gathering ``events``
+        past the first ``start``; a store that reads in pages, or can seek,
+        overrides it (a second process then reads a long session's tail without
+        its head).
         """
         page_size = max(1, page_size)
         page: list[Event] = []
-        async for event in self.events_from(session_id, start, page_size=page_size):
+        skipped = 0
+        async for event in self.events(session_id, page_size=page_size):
+            if skipped < start:
+                skipped += 1
+                continue
             page.append(event)
             if len(page) == page_size:
                 yield page

@@ -196,10 +196,8 @@ class MemoryStore(PurgeStore):
             current = event.parent
         return out
 
-    async def events(self, session_id: str, *, page_size: int = 1000) -> AsyncIterator[Event]:
-        async for page in self.event_pages(session_id, page_size=page_size):
-            for event in page:
-                yield event
+    def events(self, session_id: str, *, page_size: int = 1000) -> AsyncIterator[Event]:
+        return self.events_from(session_id, 0, page_size=page_size)
 
     async def event_pages(
         self, session_id: str, start: int = 0, *, page_size: int = 1000

@@ -1672,13 +1672,6 @@ class PostgresStore(PurgeStore):
     def events(self, session_id: str, *, page_size: int = 1000) -> AsyncIterator[Event]:
         return self.events_from(session_id, 0, page_size=page_size)
 
-    async def events_from(
-        self, session_id: str, start: int, *, page_size: int = 1000
-    ) -> AsyncIterator[Event]:
-        async for page in self.event_pages(session_id, start, page_size=page_size):
-            for event in page:
-                yield event
-
     async def event_pages(
         self, session_id: str, start: int = 0, *, page_size: int = 1000
     ) -> AsyncIterator[list[Event]]:
