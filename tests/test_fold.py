@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import projections.base
-from ledger.events import REDACTABLE, Event, SessionCreated, TurnAdded, erase, make_event
+from ledger.events import REDACTABLE, Event, TurnAdded, erase
+from ledger.testing import create_event, next_event
 from projections.base import Projection, fold
 from projections.session import SESSION, SessionState
 from tests.strategies import chains
@@ -28,24 +29,14 @@ def paths(draw: st.DrawFn) -> list[Event]:
     chain = draw(chains(max_size=12))
     turns = draw(st.integers(min_value=0, max_value=6))
     for _ in range(turns):  # runs of turns: what apply_many folds into one state
-        last = chain[-1]
-        chain.append(
-            make_event(
-                session=last.session,
-                parent=last.id,
-                seq=last.seq + 1,
-                branch="main",
-                at=last.at + 1,
-                actor="a",
-                body=TurnAdded(
-                    role="user",
-                    content="x",
-                    tokens_in=draw(st.integers(0, 2**40)),
-                    tokens_out=draw(st.integers(0, 2**40)),
-                    cost=draw(st.floats(allow_nan=False, allow_infinity=False)),
-                ),
-            )
+        body = TurnAdded(
+            role="user",
+            content="x",
+            tokens_in=draw(st.integers(0, 2**40)),
+            tokens_out=draw(st.integers(0, 2**40)),
+            cost=draw(st.floats(allow_nan=False, allow_infinity=False)),
         )
+        chain.append(next_event(chain[-1], body))
     erased = draw(st.sets(st.integers(min_value=0, max_value=len(chain) - 1)))
     return [
         erase(event) if at in erased and event.kind in REDACTABLE else event
@@ -93,24 +84,8 @@ def test_fold_of_an_iterator_in_runs_equals_fold_of_the_list(path: list[Event], 
 
 
 def test_a_session_created_in_a_run_starts_the_state_over() -> None:
-    root = make_event(
-        session="s",
-        parent=None,
-        seq=0,
-        branch="main",
-        at=1,
-        actor="a",
-        body=SessionCreated(user_id="u", agent="a"),
-    )
-    turn = make_event(
-        session="s",
-        parent=root.id,
-        seq=1,
-        branch="main",
-        at=2,
-        actor="a",
-        body=TurnAdded(role="user", content="hi", tokens_in=3),
-    )
+    root = create_event()
+    turn = next_event(root, TurnAdded(role="user", content="hi", tokens_in=3))
     events = [root, turn, turn, root, turn]
     state = SESSION.apply_many(SESSION.initial(), events)
     assert state == one_by_one(SESSION.initial(), events)
