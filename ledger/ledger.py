@@ -1176,8 +1176,8 @@ class Ledger:
             or under another key; ProofError: the event came after the anchor, or the
             session no longer extends the anchor.
         """
-        # SQLite's inline read: a proof from a log in memory is mostly this read.
-        event = await getattr(self.store, "get_inline", self.store.get)(event_id)
+        # A proof from a log in memory is mostly this read.
+        event = await self.store.get_inline(event_id)
         session_id = event.session
         size = anchor.size if anchor is not None else None
         log, index = await self._logs.locate(self.store, session_id, event_id, size=size)

@@ -377,6 +377,16 @@ class EventStoreContract:
             assert missing in str(info.value)
             assert info.value.event_id == missing
 
+    async def test_get_inline_is_get(self, make_store: Callable[[], EventStore]) -> None:
+        async with make_store() as store:
+            events = await _session(store, n_turns=2)
+            for event in events:
+                assert await store.get_inline(event.id) == event
+            missing = "0" * 64
+            with pytest.raises(EventNotFoundError) as info:
+                await store.get_inline(missing)
+            assert info.value.event_id == missing
+
     # the compare-and-swap
 
     async def test_stale_expected_head_raises_conflict_naming_current_head(
