@@ -25,8 +25,8 @@ from ledger.events import (
     event_problem,
     make_event,
 )
-from stores import jsonl
 from stores.jsonl import JSONLStore
+from stores.jsonl import store as jsonl
 from tests.strategies import bodies, chains, event_ids, events, json_objects, names, texts
 from tests.test_jsonl import collect, create, new_session, request, session_file, turn
 

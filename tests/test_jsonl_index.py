@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 
 from ledger import Ledger
 from ledger.errors import IntegrityError
-from stores import jsonl
 from stores.base import SessionQuery
 from stores.jsonl import JSONLStore
+from stores.jsonl import store as jsonl
 from tests.test_jsonl import (
     collect,
     line,

@@ -438,7 +438,7 @@ _KILL_AFTER_APPEND = textwrap.dedent(
     """
     import asyncio, os, signal, sys
     from ledger import Ledger
-    import stores.jsonl as jsonl
+    import stores.jsonl.store as jsonl
 
     def die(self, *args, **kwargs):  # the batch is appended: die before the overwrite
         os.kill(os.getpid(), signal.SIGKILL)
