@@ -26,7 +26,7 @@ from ledger.events import (
     make_event,
 )
 from stores.jsonl import JSONLStore
-from stores.jsonl import store as jsonl
+from stores.jsonl import format as jsonl
 from tests.strategies import bodies, chains, event_ids, events, json_objects, names, texts
 from tests.test_jsonl import collect, create, new_session, request, session_file, turn
 

@@ -141,12 +141,7 @@ events. A last line without its newline is a write that never returned: it is
 not read, and the next writer cuts it off.
 """
 
-from stores.jsonl.store import (
-    FORMAT,
-    FORMAT_VERSION,
-    JSONLStore,
-    SessionLines,
-    read_session_lines,
-)
+from stores.jsonl.format import FORMAT, FORMAT_VERSION
+from stores.jsonl.store import JSONLStore, SessionLines, read_session_lines
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "JSONLStore", "SessionLines", "read_session_lines"]

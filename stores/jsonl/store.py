@@ -1,4 +1,5 @@
-"""The JSONL store itself (the format: see the package docstring)."""
+"""``JSONLStore``: the store's surface, its state, opening and closing, the writers'
+lock; the work is done by the package's modules (see the package docstring)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,17 @@ import binascii
 import bisect
 import collections
 import contextlib
-import errno
 import fcntl
 import itertools
 import logging
 import mmap
-import operator
 import os
 import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Final, Literal, TypeVar
+from typing import Final
 from urllib.parse import parse_qsl
 
 import msgspec
@@ -34,19 +33,9 @@ from ledger.errors import (
     InvalidEventError,
     SessionCapacityError,
     SessionNotFoundError,
-    StoreClosedError,
     StoreError,
 )
-from ledger.events import FORMAT_VERSION as EVENT_FORMAT
-from ledger.events import (
-    Body,
-    Event,
-    SessionCreated,
-    decode_event,
-    encode_event,
-    gc_paused,
-    validate_name,
-)
+from ledger.events import Event, SessionCreated, encode_event, gc_paused, validate_name
 from stores.base import (
     OPEN_STATUSES,
     AppendRequest,
@@ -66,414 +55,77 @@ from stores.base import (
     purge_cursor,
     validate_request,
 )
-
-__all__ = ["FORMAT", "FORMAT_VERSION", "JSONLStore", "SessionLines", "read_session_lines"]
+from stores.jsonl.files import (
+    _clock_tick,
+    _fsync_dir,
+    _lines,
+    _read_if_there,
+    _size,
+    _translate,
+    _write_all,
+)
+from stores.jsonl.format import (
+    _LINE,
+    _SESSION_ID,
+    _STATUSES,
+    _STEPS,
+    _SUFFIX,
+    FORMAT_VERSION,
+    _check_header,
+    _damaged,
+    _decode_page,
+    _event,
+    _get_parent,
+    _Head,
+    _head,
+    _header_line,
+    _Item,
+    _json,
+    _parent_field,
+    _parse,
+    _Step,
+    _step_parent,
+    _stored,
+)
 
 log = logging.getLogger("stores.jsonl")
 
-FORMAT: Final = "session-ledger/jsonl"
-FORMAT_VERSION: Final = 2
-"""The ``version`` in the header line of the session files this code makes (it reads 1 and 2)."""
 
 _FEED_FORMAT: Final = "session-ledger/jsonl-feed"
-_INDEX_FORMAT: Final = "session-ledger/jsonl-index"
-_INDEX_VERSION: Final = 2
-_INDEX_FROM: Final = 10_000
-"""Events from which a store saves its index at close (fewer are scanned in ~50 ms)."""
+
+
 _FEED_VERSION: Final = 1
+
+
 _REC: Final = 80
 """Width of a ``feed.log`` line (its header included)."""
+
+
 _FEED_HEADER: Final = (
     orjson.dumps({"ledger": _FEED_FORMAT, "version": _FEED_VERSION}).ljust(_REC - 1) + b"\n"
 )
+
+
 _RECORD: Final = re.compile(rb"([0-9]{15}) ([0-9a-f-]{36}) ([0-9]{14}) ([0-9]{11})\n")
+
+
 _RECORDS: Final = re.compile(rb"(?:[0-9]{15} [0-9a-f-]{36} [0-9]{14} [0-9]{11}\n)*")
 """A run of ``feed.log`` records, none of them a tombstone."""
+
+
 _INTENT: Final = re.compile(rb"([0-9a-f-]{36}) ([0-9]{14}) ([0-9]{15}) ([0-9]{9})\n")
+
+
 _INTENT_BYTES: Final = 78
 """Length of the intent record at the start of ``lock``."""
-_LINE: Final = re.compile(
-    rb'\{"pos":([1-9][0-9]{0,14})(?:,"batch":\[([1-9][0-9]{0,8}),([1-9][0-9]{0,8})\])?'
-    rb'(?:,"status":"(active|suspended|closed|expired)")?'
-    rb'(?:,"parent":(null|"[^"\\]*(?:\\.[^"\\]*)*"))?,"event":'
-)
-"""An event line's envelope: position, batch, status, parent. Version 1 lines always
-have ``batch`` and never ``parent`` (their events hold it)."""
-_STEPS: Final = {
-    1: re.compile(
-        rb'\{"pos":[0-9]+,"batch":\[[0-9]+,[0-9]+\](?:,"status":"[a-z]+")?,"event":\{"id":'
-        rb'"[0-9a-f]+","session":"[0-9a-f-]+","parent":(null|"([0-9a-f]+)"),"seq":([0-9]+),'
-    ),
-    2: re.compile(
-        rb'\{"pos":[0-9]+(?:,"batch":\[[0-9]+,[0-9]+\])?(?:,"status":"[a-z]+")?'
-        rb'(?:,"parent":(null|"([0-9a-f]+)"))?,"event":\{"id":"[0-9a-f]+","seq":([0-9]+),'
-    ),
-}
-"""The start of an event line as this code writes it, by file version: ``path_index``
-takes an event's parent and seq from it without decoding the line. Groups: the parent
-(None when left out: the event of the line before), its id (None for null), the seq."""
+
+
 _TOMBSTONE: Final = re.compile(rb"([0-9]{15}) ([0-9a-f-]{36}) purged {20}\n")
 """A ``feed.log`` record whose event was purged (its position stays taken)."""
-_SESSION_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-_STATUSES: Final = frozenset({"active", "suspended", "closed", "expired"})
-_SUFFIX: Final = ".jsonl"
-_SNAP_SUFFIX: Final = ".snap"
-_LINE_BITS: Final = 40
-_LINE_MASK: Final = (1 << _LINE_BITS) - 1
-_CHUNK: Final = 1 << 22
-_INLINE_BYTES: Final = 1 << 20
-"""Reads up to this size run on the event loop (about a millisecond: a hop to a
-worker thread and back costs more than that); bigger ones in a worker thread."""
-_PATH_WINDOW: Final = 4096
-"""Lines ``ancestors`` reads at once, ending at the next event of the path."""
-_GC_PAUSE_FROM: Final = 64
-"""Pages of at least this many lines are decoded with the garbage collector paused."""
-_INLINE_RECORDS: Final = 256
-_INLINE_SYNC_SECONDS: Final = 0.002
-"""Appends run on the event loop unless most recent writes + fsyncs took longer than this."""
-_SYNC_WINDOW: Final = 16
-"""The recent writes + fsyncs that decide: a slow disk is slow in most of them, while a
-busy machine's stall (tens of ms now and then) is one, and must not send the next
-appends through a worker thread (the hop costs about as much as the rest of the append)."""
-_MAX_FDS: Final = 64
-"""Session files kept open (for appends and small reads) by the event loop's thread."""
-_BOOLS: Final = {
-    "1": True,
-    "true": True,
-    "on": True,
-    "yes": True,
-    "0": False,
-    "false": False,
-    "off": False,
-    "no": False,
-}
-
-
-# --- OS errors: translated here and nowhere else -----------------------------------
-
-
-class _translate:  # lower case: used as a function, ``with _translate(path):``
-    """Turn every ``OSError`` raised inside the block into the ledger's ``StoreError``.
-
-    A class, not a generator: it wraps every read, and costs a fifth as much.
-    """
-
-    __slots__ = ("session_id", "where")
-
-    def __init__(self, where: str | Path, session_id: str | None = None) -> None:
-        self.where = where
-        self.session_id = session_id
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
-    ) -> None:
-        if isinstance(exc, OSError):
-            where = str(self.where)
-            what = f" (session {self.session_id!r})" if self.session_id else ""
-            if exc.errno == errno.EBADF:
-                raise StoreClosedError(f"Store was closed: {where!r}") from None
-            raise StoreError(f"I/O error on {where!r}{what}: {exc}") from None
-
-
-# --- the line format ----------------------------------------------------------------
-
-
-class _StoredEvent(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
-    """An event as a version 2 line holds it: ``Event`` less its session (the header
-    names it) and parent (the line's envelope gives it), its defaults left out."""
-
-    id: str
-    seq: int
-    branch: str
-    at: int
-    actor: str
-    body: Body
-    body_digest: str
-    salt: str
-    idempotency_key: str | None = None
-    format: int = EVENT_FORMAT
-
-
-_stored_encoder = msgspec.json.Encoder()
-_json = msgspec.json.encode
-_set = msgspec.structs.force_setattr
-
-
-def _stored(event: Event) -> bytes:
-    """``event`` as a version 2 line holds it."""
-    return _stored_encoder.encode(
-        _StoredEvent(
-            id=event.id,
-            seq=event.seq,
-            branch=event.branch,
-            at=event.at,
-            actor=event.actor,
-            body=event.body,
-            body_digest=event.body_digest,
-            salt=event.salt,
-            idempotency_key=event.idempotency_key,
-            format=event.format,
-        )
-    )
-
-
-def _parent_field(event: Event, previous: str | None) -> bytes:
-    """A version 2 line's ``parent``: left out when it is the event of the line before
-    (``previous``; None on the first line, where a left out parent is null)."""
-    if event.parent == previous:
-        return b""
-    return b',"parent":%s' % _json(event.parent)
-
-
-class _Head(msgspec.Struct):
-    """The envelope fields the index needs; the body is skipped, not decoded."""
-
-    id: str
-    session: str
-    branch: str
-    at: int
-    seq: int
-    idempotency_key: str | None = None
-
-
-_head_decoder = msgspec.json.Decoder(_Head)
-
-
-class _Line(msgspec.Struct):
-    pos: int
-    index: int
-    count: int
-    status: str | None
-    event: bytes
-    version: int
-    parent: bytes | None
-    """Version 2: the envelope's parent (JSON), None when left out."""
-
-
-def _header_line(session_id: str) -> bytes:
-    """The first line of a new session file (always of the current version)."""
-    return orjson.dumps({"ledger": FORMAT, "version": FORMAT_VERSION, "session": session_id}) + (
-        b"\n"
-    )
 
 
 def _record(pos: int, session_id: str, offset: int, length: int) -> bytes:
     return b"%015d %s %014d %011d\n" % (pos, session_id.encode(), offset, length)
-
-
-def _damaged(
-    path: Path | str, lineno: int, why: str, event_id: str | None = None
-) -> IntegrityError:
-    return IntegrityError(f"Damaged line in {str(path)!r}, line {lineno}: {why}", event_id)
-
-
-def _parse(line: bytes, path: Path | str, lineno: int, version: int, session: bytes) -> _Line:
-    """A line of a file of ``version`` (whose session id is ``session``, as JSON).
-
-    A version 2 event gets back its session, and a null parent that ``_event``
-    replaces: a line of its own, no more text to parse than version 1's.
-    """
-    match = _LINE.match(line)
-    if (
-        match is None
-        or not line.endswith(b"}\n")
-        or (version == 1 and (match[2] is None or match[5] is not None))
-    ):
-        raise _damaged(path, lineno, "not an event line of this format")
-    pos, index, count, status, parent = match.groups()
-    i, n = (int(index), int(count)) if index else (1, 1)
-    if i > n:
-        raise _damaged(path, lineno, f"batch [{i}, {n}]")
-    event = line[match.end() : -2]
-    if version != 1:
-        if not event.startswith(b"{"):
-            raise _damaged(path, lineno, "not an event line of this format")
-        event = b'{"session":%s,"parent":null,%s' % (session, event[1:])
-    return _Line(int(pos), i, n, status.decode() if status else None, event, version, parent)
-
-
-def _head(parsed: _Line, path: Path | str, lineno: int) -> _Head:
-    try:
-        return _head_decoder.decode(parsed.event)
-    except (msgspec.MsgspecError, UnicodeDecodeError) as exc:
-        raise _damaged(path, lineno, f"the event does not decode ({exc})") from None
-
-
-def _event(parsed: _Line, path: Path | str, lineno: int, previous: str | None = None) -> Event:
-    """The event of a line; ``previous``: the id of the event of the line before, if any."""
-    try:
-        event = decode_event(parsed.event)
-        if parsed.version != 1:
-            parent = previous if parsed.parent is None else _parent_decoder.decode(parsed.parent)
-            _set(event, "parent", parent)
-        return event
-    except (msgspec.MsgspecError, TypeError) as exc:
-        raise _damaged(path, lineno, f"the event does not decode ({exc})") from None
-
-
-_parent_decoder = msgspec.json.Decoder(str | None)
-
-
-_Batch = tuple[Annotated[int, msgspec.Meta(ge=1)], Annotated[int, msgspec.Meta(ge=1)]]
-
-
-class _Envelope(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    """A whole event line of version 1, decoded at once by the readers' fast path."""
-
-    pos: Annotated[int, msgspec.Meta(ge=1)]
-    batch: _Batch
-    event: Event
-    status: Literal["active", "suspended", "closed", "expired"] | None = None
-
-
-class _Envelope2(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    """A whole event line of version 2 (its event given a session and a null parent)."""
-
-    pos: Annotated[int, msgspec.Meta(ge=1)]
-    event: Event
-    batch: _Batch = (1, 1)
-    status: Literal["active", "suspended", "closed", "expired"] | None = None
-    parent: str | msgspec.UnsetType | None = msgspec.UNSET
-
-
-_line_decoders: Final[
-    dict[int, msgspec.json.Decoder[_Envelope] | msgspec.json.Decoder[_Envelope2]]
-] = {
-    1: msgspec.json.Decoder(_Envelope),
-    2: msgspec.json.Decoder(_Envelope2),
-}
-"""Each decodes a page's lines at once (``decode_lines``), by file version."""
-
-_get_event = operator.attrgetter("event")
-_get_id = operator.attrgetter("id")
-_get_session = operator.attrgetter("session")
-_get_parent = operator.attrgetter("parent")
-_step_parent = operator.itemgetter(2)
-
-_Step = tuple[str, int, str | None]
-"""An event's ``(id, seq, parent)``: what ``path_index`` gives."""
-_Item = TypeVar("_Item", Event, _Step)
-
-
-_EVENT_KEY: Final = b'"event":{'
-
-
-def _decode_page(data: bytes, session: _Session, first: int, stop: int) -> list[Event] | None:
-    """Lines ``first`` to ``stop - 1`` of ``session`` (``data``), or None if any looks wrong.
-
-    One decode for the whole page; every line must end where the index says
-    and hold the event it names. On None the caller goes line by line (``_parse``,
-    ``_event``, the checks of ``_decode``), which names the damaged line.
-    """
-    count = stop - first
-    base = session.starts[first]
-    if len(data) != session.ends[stop - 1] - base:
-        return None
-    last_bytes = operator.itemgetter(*map((-1 - base).__add__, session.ends[first:stop]))(data)
-    if (last_bytes.count(10) if count > 1 else int(last_bytes == 10)) != count:
-        return None
-    # Decoded as a run of JSON values, one per line: a newline anywhere else is
-    # refused in a string (so no string comes out changed) and is whitespace
-    # between values, as ``_parse`` takes it; a page that does not give exactly
-    # the events the index names, in its order, goes line by line.
-    if session.version != 1:
-        # _parse's work: the first "event":{ of a line is its envelope's key (one
-        # in a body comes after it; a line without its own fails to decode). When
-        # the page holds just one per line (one replace grew it by as many
-        # insertions as lines), all are replaced at once.
-        inserted = b'"event":{"session":%s,"parent":null,' % _json(session.session_id)
-        replaced = data.replace(_EVENT_KEY, inserted)
-        if len(replaced) - len(data) == count * (len(inserted) - len(_EVENT_KEY)):
-            data = replaced
-        else:
-            bounds = zip(session.starts[first:stop], session.ends[first:stop], strict=True)
-            data = b"".join(
-                [data[s - base : e - base].replace(_EVENT_KEY, inserted, 1) for s, e in bounds]
-            )
-    decoder = _line_decoders[session.version]
-    try:
-        if count < _GC_PAUSE_FROM:
-            envelopes = decoder.decode_lines(data)
-        else:
-            with gc_paused():  # a bulk decode: see ledger.events.gc_paused
-                envelopes = decoder.decode_lines(data)
-    except (msgspec.MsgspecError, UnicodeDecodeError, TypeError):
-        return None
-    events: list[Event] = list(map(_get_event, envelopes))
-    ids = list(map(session.ids.__getitem__, range(first, stop)))
-    if (
-        list(map(_get_id, events)) != ids
-        or operator.countOf(map(_get_session, events), session.session_id) != count
-    ):
-        return None
-    if session.version != 1:
-        _link(events, list(map(_get_parent, envelopes)), session.ids, first, ids)
-    return events
-
-
-def _link(
-    events: list[Event],
-    parents: list[str | msgspec.UnsetType | None],
-    ids: dict[int, str],
-    first: int,
-    own: list[str],
-) -> None:
-    """Give the events of version 2 lines ``first``... their parents: the envelope's
-    (``parents``, UNSET when left out), or the event of the line before (``own``: the
-    events' ids, checked against the index)."""
-    before = [ids[first - 1] if first else None, *own[:-1]]
-    if parents.count(msgspec.UNSET) != len(parents):  # not one linear run
-        before = [b if p is msgspec.UNSET else p for p, b in zip(parents, before, strict=True)]
-    collections.deque(map(_set, events, itertools.repeat("parent"), before), maxlen=0)
-
-
-def _check_header(line: bytes, path: Path, session_id: str) -> int:
-    """The version of the session file whose first line is ``line``."""
-    try:
-        header = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        header = None
-    if not isinstance(header, dict) or header.get("ledger") != FORMAT:
-        raise _damaged(path, 1, f"not a {FORMAT} header")
-    version = header.get("version")
-    if isinstance(version, int) and version > FORMAT_VERSION:
-        raise StoreError(
-            f"{str(path)!r} has format version {version}, newer than this code knows "
-            f"({FORMAT_VERSION}): upgrade the session ledger to open it"
-        )
-    if version not in (1, FORMAT_VERSION) or header.get("session") != session_id:
-        raise _damaged(path, 1, "the header's version or session is wrong")
-    assert isinstance(version, int)
-    return version
-
-
-def _lines(fd: int, start: int = 0) -> Iterator[tuple[int, bytes]]:
-    """``(offset, line)`` for each line from ``start``; a last line cut short has no newline."""
-    offset = start
-    pending: list[bytes] = []
-    while chunk := os.pread(fd, _CHUNK, offset + sum(map(len, pending)) if pending else offset):
-        begin = 0
-        while True:
-            nl = chunk.find(b"\n", begin)
-            if nl < 0:
-                pending.append(chunk[begin:])
-                break
-            piece = chunk[begin : nl + 1]
-            if pending:
-                pending.append(piece)
-                piece = b"".join(pending)
-                pending = []
-            yield offset, piece
-            offset += len(piece)
-            begin = nl + 1
-            if begin == len(chunk):
-                break
-        pending = [p for p in pending if p]
-    if pending:
-        yield offset, b"".join(pending)
 
 
 def _tombstone(pos: int, session_id: str) -> bytes:
@@ -490,127 +142,13 @@ def _mark_tombstones(feed: bytes, matched: bytearray) -> None:
         at = feed.find(b" purged ", start + _REC)
 
 
-class _PurgeLine(msgspec.Struct, kw_only=True):
-    """A line of ``purges.jsonl``: the record, and the feed positions its events held."""
-
-    record: PurgeRecord
-    positions: list[tuple[int, int]]
-    """``[first, last]`` runs of positions, which stay taken (tombstones in ``feed.log``)."""
+_SNAP_SUFFIX: Final = ".snap"
 
 
-class _PurgedIds(msgspec.Struct):
-    session_id: str
+_LINE_BITS: Final = 40
 
 
-class _PurgeMark(msgspec.Struct):
-    """What another process needs of a ``purges.jsonl`` line: whom to forget."""
-
-    record: _PurgedIds
-    positions: list[tuple[int, int]]
-
-
-class _PurgeRedo(msgspec.Struct):
-    """``purge.redo``: the batch's lines of ``purges.jsonl`` and where they go."""
-
-    offset: int
-    lines: str
-
-
-_purge_line_decoder = msgspec.json.Decoder(_PurgeLine)
-
-
-class _SavedSession(msgspec.Struct, array_like=True):
-    """A session in ``index``: its ``_Session``, and its file's stat when saved."""
-
-    session_id: str
-    stat: tuple[int, ...]  # (device, inode, size, mtime in ns), or () to scan it whole
-    starts: bytes  # array("q").tobytes()
-    ends: bytes
-    ids: list[str]
-    heads: dict[str, str]
-    keys: dict[str, int]
-    user_id: str
-    agent: str
-    status: str
-    created_at: int
-    last_at: int
-    create_key: str | None
-    version: int
-
-
-class _SavedIndex(msgspec.Struct):
-    """``index``: what the scan at open would find, as of feed position ``records``."""
-
-    format: str
-    version: int
-    records: int
-    last_record: bytes  # feed.log's record at ``records``: the same feed.log
-    purges_seen: int
-    sessions: list[_SavedSession]
-
-
-_index_decoder = msgspec.msgpack.Decoder(_SavedIndex)
-
-
-def _clock_tick(fd: int) -> int:
-    """The file system's clock (a modification time set now), once it has ticked.
-
-    Waits for the coarse clock to move on (a few milliseconds at most), so a
-    file changed before the call has an older time than any change after it.
-    """
-    os.utime(fd)
-    first = os.fstat(fd).st_mtime_ns
-    deadline = time.monotonic() + 0.05
-    while True:
-        os.utime(fd)
-        now = os.fstat(fd).st_mtime_ns
-        if now > first or time.monotonic() > deadline:
-            return now
-        time.sleep(0.001)
-
-
-_purge_mark_decoder = msgspec.json.Decoder(_PurgeMark)
-
-
-def _runs(positions: Sequence[int]) -> list[tuple[int, int]]:
-    """Sorted positions as ``(first, last)`` runs of consecutive ones."""
-    runs: list[tuple[int, int]] = []
-    for pos in sorted(positions):
-        if runs and runs[-1][1] + 1 == pos:
-            runs[-1] = (runs[-1][0], pos)
-        else:
-            runs.append((pos, pos))
-    return runs
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _read_if_there(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return b""
-
-
-def _size(fd: int) -> int:
-    """The size of an ``O_APPEND`` file read only with ``pread``: ``fstat``'s answer without
-    its stat result to build (a third of the cost), and moving the offset changes nothing."""
-    return os.lseek(fd, 0, os.SEEK_END)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-# --- the in-memory index ------------------------------------------------------------
+_LINE_MASK: Final = (1 << _LINE_BITS) - 1
 
 
 class _Session:
@@ -689,6 +227,197 @@ class _Pending(msgspec.Struct):
     root: SessionCreated | None
 
 
+def _bisect(starts: array.array[int], offset: int) -> int:
+    """The index of ``offset`` in the sorted ``starts``, or -1."""
+    k = bisect.bisect_left(starts, offset)
+    return k if k < len(starts) and starts[k] == offset else -1
+
+
+class _PurgeLine(msgspec.Struct, kw_only=True):
+    """A line of ``purges.jsonl``: the record, and the feed positions its events held."""
+
+    record: PurgeRecord
+    positions: list[tuple[int, int]]
+    """``[first, last]`` runs of positions, which stay taken (tombstones in ``feed.log``)."""
+
+
+class _PurgedIds(msgspec.Struct):
+    session_id: str
+
+
+class _PurgeMark(msgspec.Struct):
+    """What another process needs of a ``purges.jsonl`` line: whom to forget."""
+
+    record: _PurgedIds
+    positions: list[tuple[int, int]]
+
+
+_purge_line_decoder = msgspec.json.Decoder(_PurgeLine)
+
+
+_purge_mark_decoder = msgspec.json.Decoder(_PurgeMark)
+
+
+_INLINE_RECORDS: Final = 256
+
+
+_INDEX_FORMAT: Final = "session-ledger/jsonl-index"
+
+
+_INDEX_VERSION: Final = 2
+
+
+_INDEX_FROM: Final = 10_000
+"""Events from which a store saves its index at close (fewer are scanned in ~50 ms)."""
+
+
+class _SavedSession(msgspec.Struct, array_like=True):
+    """A session in ``index``: its ``_Session``, and its file's stat when saved."""
+
+    session_id: str
+    stat: tuple[int, ...]  # (device, inode, size, mtime in ns), or () to scan it whole
+    starts: bytes  # array("q").tobytes()
+    ends: bytes
+    ids: list[str]
+    heads: dict[str, str]
+    keys: dict[str, int]
+    user_id: str
+    agent: str
+    status: str
+    created_at: int
+    last_at: int
+    create_key: str | None
+    version: int
+
+
+class _SavedIndex(msgspec.Struct):
+    """``index``: what the scan at open would find, as of feed position ``records``."""
+
+    format: str
+    version: int
+    records: int
+    last_record: bytes  # feed.log's record at ``records``: the same feed.log
+    purges_seen: int
+    sessions: list[_SavedSession]
+
+
+_index_decoder = msgspec.msgpack.Decoder(_SavedIndex)
+
+
+_INLINE_BYTES: Final = 1 << 20
+"""Reads up to this size run on the event loop (about a millisecond: a hop to a
+worker thread and back costs more than that); bigger ones in a worker thread."""
+
+
+_PATH_WINDOW: Final = 4096
+"""Lines ``ancestors`` reads at once, ending at the next event of the path."""
+
+
+_INLINE_SYNC_SECONDS: Final = 0.002
+"""Appends run on the event loop unless most recent writes + fsyncs took longer than this."""
+
+
+_SYNC_WINDOW: Final = 16
+"""The recent writes + fsyncs that decide: a slow disk is slow in most of them, while a
+busy machine's stall (tens of ms now and then) is one, and must not send the next
+appends through a worker thread (the hop costs about as much as the rest of the append)."""
+
+
+_MAX_FDS: Final = 64
+"""Session files kept open (for appends and small reads) by the event loop's thread."""
+
+
+class _PurgeRedo(msgspec.Struct):
+    """``purge.redo``: the batch's lines of ``purges.jsonl`` and where they go."""
+
+    offset: int
+    lines: str
+
+
+def _runs(positions: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted positions as ``(first, last)`` runs of consecutive ones."""
+    runs: list[tuple[int, int]] = []
+    for pos in sorted(positions):
+        if runs and runs[-1][1] + 1 == pos:
+            runs[-1] = (runs[-1][0], pos)
+        else:
+            runs.append((pos, pos))
+    return runs
+
+
+class SessionLines(msgspec.Struct, frozen=True, kw_only=True):
+    """A run of a session file's lines as the index holds them (``session_lines``): the
+    line before the run (the parent of a version 2 line that leaves its own out), then
+    the run. ``starts`` and ``ends`` are ``array("q")`` bytes, one per line."""
+
+    path: str
+    version: int
+    session: str
+    first: int
+    """The index of the line before the run in the file (line 0: its first event)."""
+    starts: bytes
+    ends: bytes
+    ids: list[str]
+
+
+def read_session_lines(lines: SessionLines, page_size: int) -> Iterator[list[Event]]:
+    """The events of the run of ``lines`` (all but its first line), ``page_size`` at a
+    time, each line checked against the index as the store's own reads check it.
+
+    Raises:
+        IntegrityError: a page that does not read as the index says (the store's
+            own read names the line).
+    """
+    session = _Session(lines.session, Path(lines.path).parent)
+    session._path = Path(lines.path)
+    session.version = lines.version
+    session.starts.frombytes(lines.starts)
+    session.ends.frombytes(lines.ends)
+    session.ids = dict(enumerate(lines.ids))
+    count = len(session.ids)
+    if len(session.starts) != count or len(session.ends) != count:
+        raise IntegrityError(
+            f"Not a run of lines of {lines.path!r}: {count} ids, {len(session.starts)} lines"
+        )
+    fd = os.open(lines.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for first in range(1, count, max(1, page_size)):
+            stop = min(count, first + page_size)
+            base = session.starts[first]
+            data = os.pread(fd, session.ends[stop - 1] - base, base)
+            events = _decode_page(data, session, first, stop)
+            if events is None:
+                raise _first_damaged(lines, session, data, first, stop)
+            yield events
+    finally:
+        os.close(fd)
+
+
+def _first_damaged(
+    lines: SessionLines, session: _Session, data: bytes, first: int, stop: int
+) -> IntegrityError:
+    """The error naming the first line of a page (``data``) that does not read as the index says."""
+    base = session.starts[first]
+    for k in range(first, stop):
+        line = data[session.starts[k] - base : session.ends[k] - base]
+        if _decode_page(line, session, k, k + 1) is None:
+            break
+    lineno = lines.first + k + 2  # the file's header is line 1
+    return _damaged(lines.path, lineno, "not the event the index names there", session.ids[k])
+
+
+_BOOLS: Final = {
+    "1": True,
+    "true": True,
+    "on": True,
+    "yes": True,
+    "0": False,
+    "false": False,
+    "off": False,
+    "no": False,
+}
+
+
 def _parse_url(url: str) -> tuple[Path, dict[str, str]]:
     prefix = "jsonl:///"
     if not url.startswith(prefix):
@@ -717,7 +446,7 @@ class JSONLStore(PurgeStore):
         directory: Where the files live; created (mode 0700) when missing.
         fsync: ``True`` (default): an append returns once its bytes are on
             disk, so it survives a power loss. ``False``: it survives a process
-            crash, not a power loss or OS crash. See the module docstring.
+            crash, not a power loss or OS crash. See the package docstring.
 
     Attributes:
         recovered: The files that recovery moved aside (a torn tail each), in
@@ -799,8 +528,6 @@ class JSONLStore(PurgeStore):
             raise ConfigError(f"Unknown JSONL URL option(s) in {url!r}: {sorted(unknown)}")
         flag = _parse_bool("fsync", query.get("fsync", "on") if fsync is None else fsync)
         return cls(directory, fsync=flag, url=url)
-
-    # lifecycle ---------------------------------------------------------------------
 
     async def _open(self) -> None:
         await asyncio.to_thread(self._open_sync)
@@ -889,8 +616,6 @@ class JSONLStore(PurgeStore):
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
-    # opening: scan every file, check it against feed.log, recover ------------------
-
     def _scan_all(self) -> None:
         feed = self._read_feed_file()
         total = len(feed) // _REC - 1
@@ -935,8 +660,6 @@ class JSONLStore(PurgeStore):
                 len(rebuilt),
             )
         self._n = total + len(rebuilt)
-
-    # the saved index: what a scan would find, kept from the last close ------------
 
     def _load_index(self) -> bool:
         """Open from ``index``: scan only what changed since it was saved. False: scan all.
@@ -1345,8 +1068,6 @@ class JSONLStore(PurgeStore):
         )
         self.recovered.append(torn)
 
-    # catching up with other processes ----------------------------------------------
-
     def _feed_behind(self) -> int:
         """How many feed records other writers added since this process last looked."""
         return max(0, _size(self._feed_fd) // _REC - 1 - self._n)
@@ -1524,8 +1245,6 @@ class JSONLStore(PurgeStore):
         with self._sync, _translate(self.directory):
             self._catch_up()
 
-    # writes ------------------------------------------------------------------------
-
     async def append(self, request: AppendRequest) -> AppendResult:
         self._check_open()
         validate_request(request)
@@ -1637,8 +1356,6 @@ class JSONLStore(PurgeStore):
             return None
         self._write(request, session, payloads, cache)
         return None
-
-    # redaction: erased lines rewritten in place, through a redo file --------------
 
     def _erase_locked(
         self, request: AppendRequest, session: _Session, payloads: list[bytes], cache: bool
@@ -1965,8 +1682,6 @@ class JSONLStore(PurgeStore):
         lines = data.split(b"\n")
         return lines[:-1]  # the last piece is empty, or a write still in flight
 
-    # retention: whole sessions deleted through a redo file, their positions kept ------
-
     async def idle_sessions(
         self,
         before: int,
@@ -1994,7 +1709,7 @@ class JSONLStore(PurgeStore):
         Under the writers' lock: the sessions whose event count and last activity
         still match their records are chosen; their ``purges.jsonl`` lines go to
         ``purge.redo`` (synced, then renamed into place: the batch's commit point);
-        then ``_finish_purge`` appends them to ``purges.jsonl``, turns the events'
+        then ``retention.finish_purge`` appends them to ``purges.jsonl``, turns the events'
         ``feed.log`` records into tombstones and removes the files. A crash after
         the rename is finished by the next writer or open; before it, nothing
         happened.
@@ -2246,8 +1961,6 @@ class JSONLStore(PurgeStore):
         page = records[: max(0, limit)]
         more = len(records) > len(page)
         return PurgePage(page, purge_cursor(page[-1]) if more and page else None)
-
-    # reads -------------------------------------------------------------------------
 
     def _pread(self, session: _Session, start: int, size: int, cache: bool) -> bytes:
         """``size`` bytes of the session file from ``start``; ``cache``: on the loop's thread."""
@@ -2510,8 +2223,6 @@ class JSONLStore(PurgeStore):
             )
             return None
 
-    # the feed ----------------------------------------------------------------------
-
     async def read_feed(self, after: int = 0, limit: int = 1000) -> list[FeedItem]:
         await self._refresh()
         items: list[FeedItem] = []
@@ -2641,70 +2352,3 @@ class JSONLStore(PurgeStore):
             ends=session.ends[start - 1 : upper].tobytes(),
             ids=[ids[k] for k in range(start - 1, upper)],
         )
-
-
-def _bisect(starts: array.array[int], offset: int) -> int:
-    """The index of ``offset`` in the sorted ``starts``, or -1."""
-    k = bisect.bisect_left(starts, offset)
-    return k if k < len(starts) and starts[k] == offset else -1
-
-
-class SessionLines(msgspec.Struct, frozen=True, kw_only=True):
-    """A run of a session file's lines as the index holds them (``session_lines``): the
-    line before the run (the parent of a version 2 line that leaves its own out), then
-    the run. ``starts`` and ``ends`` are ``array("q")`` bytes, one per line."""
-
-    path: str
-    version: int
-    session: str
-    first: int
-    """The index of the line before the run in the file (line 0: its first event)."""
-    starts: bytes
-    ends: bytes
-    ids: list[str]
-
-
-def read_session_lines(lines: SessionLines, page_size: int) -> Iterator[list[Event]]:
-    """The events of the run of ``lines`` (all but its first line), ``page_size`` at a
-    time, each line checked against the index as the store's own reads check it.
-
-    Raises:
-        IntegrityError: a page that does not read as the index says (the store's
-            own read names the line).
-    """
-    session = _Session(lines.session, Path(lines.path).parent)
-    session._path = Path(lines.path)
-    session.version = lines.version
-    session.starts.frombytes(lines.starts)
-    session.ends.frombytes(lines.ends)
-    session.ids = dict(enumerate(lines.ids))
-    count = len(session.ids)
-    if len(session.starts) != count or len(session.ends) != count:
-        raise IntegrityError(
-            f"Not a run of lines of {lines.path!r}: {count} ids, {len(session.starts)} lines"
-        )
-    fd = os.open(lines.path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        for first in range(1, count, max(1, page_size)):
-            stop = min(count, first + page_size)
-            base = session.starts[first]
-            data = os.pread(fd, session.ends[stop - 1] - base, base)
-            events = _decode_page(data, session, first, stop)
-            if events is None:
-                raise _first_damaged(lines, session, data, first, stop)
-            yield events
-    finally:
-        os.close(fd)
-
-
-def _first_damaged(
-    lines: SessionLines, session: _Session, data: bytes, first: int, stop: int
-) -> IntegrityError:
-    """The error naming the first line of a page (``data``) that does not read as the index says."""
-    base = session.starts[first]
-    for k in range(first, stop):
-        line = data[session.starts[k] - base : session.ends[k] - base]
-        if _decode_page(line, session, k, k + 1) is None:
-            break
-    lineno = lines.first + k + 2  # the file's header is line 1
-    return _damaged(lines.path, lineno, "not the event the index names there", session.ids[k])
