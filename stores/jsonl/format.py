@@ -18,7 +18,7 @@ from ledger.events import FORMAT_VERSION as EVENT_FORMAT
 from ledger.events import Body, Event, decode_event, gc_paused
 
 if TYPE_CHECKING:
-    from stores.jsonl.store import _Session
+    from stores.jsonl.index import _Session
 
 
 FORMAT: Final = "session-ledger/jsonl"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import array
 import asyncio
-import binascii
 import bisect
 import collections
 import contextlib
@@ -14,7 +13,6 @@ import itertools
 import logging
 import mmap
 import os
-import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -55,12 +53,22 @@ from stores.base import (
     purge_cursor,
     validate_request,
 )
+from stores.jsonl import feed_log, index, purge_log, snapshots
+from stores.jsonl.feed_log import (
+    _INTENT,
+    _INTENT_BYTES,
+    _REC,
+    _RECORD,
+    _RECORDS,
+    _mark_tombstones,
+    _record,
+    _tombstone,
+)
 from stores.jsonl.files import (
     _clock_tick,
     _fsync_dir,
     _lines,
     _read_if_there,
-    _size,
     _translate,
     _write_all,
 )
@@ -87,175 +95,10 @@ from stores.jsonl.format import (
     _step_parent,
     _stored,
 )
+from stores.jsonl.index import _LINE_BITS, _bisect, _Pending, _Session
+from stores.jsonl.purge_log import _purge_line_decoder, _purge_mark_decoder, _PurgeLine
 
 log = logging.getLogger("stores.jsonl")
-
-
-_FEED_FORMAT: Final = "session-ledger/jsonl-feed"
-
-
-_FEED_VERSION: Final = 1
-
-
-_REC: Final = 80
-"""Width of a ``feed.log`` line (its header included)."""
-
-
-_FEED_HEADER: Final = (
-    orjson.dumps({"ledger": _FEED_FORMAT, "version": _FEED_VERSION}).ljust(_REC - 1) + b"\n"
-)
-
-
-_RECORD: Final = re.compile(rb"([0-9]{15}) ([0-9a-f-]{36}) ([0-9]{14}) ([0-9]{11})\n")
-
-
-_RECORDS: Final = re.compile(rb"(?:[0-9]{15} [0-9a-f-]{36} [0-9]{14} [0-9]{11}\n)*")
-"""A run of ``feed.log`` records, none of them a tombstone."""
-
-
-_INTENT: Final = re.compile(rb"([0-9a-f-]{36}) ([0-9]{14}) ([0-9]{15}) ([0-9]{9})\n")
-
-
-_INTENT_BYTES: Final = 78
-"""Length of the intent record at the start of ``lock``."""
-
-
-_TOMBSTONE: Final = re.compile(rb"([0-9]{15}) ([0-9a-f-]{36}) purged {20}\n")
-"""A ``feed.log`` record whose event was purged (its position stays taken)."""
-
-
-def _record(pos: int, session_id: str, offset: int, length: int) -> bytes:
-    return b"%015d %s %014d %011d\n" % (pos, session_id.encode(), offset, length)
-
-
-def _tombstone(pos: int, session_id: str) -> bytes:
-    return b"%015d %s purged%s\n" % (pos, session_id.encode(), b" " * 20)
-
-
-def _mark_tombstones(feed: bytes, matched: bytearray) -> None:
-    """Mark the positions of ``feed`` whose records are tombstones as accounted for."""
-    at = feed.find(b" purged ", _REC)
-    while at >= 0:
-        start = at - at % _REC
-        if _TOMBSTONE.fullmatch(feed[start : start + _REC]):
-            matched[start // _REC] = 1
-        at = feed.find(b" purged ", start + _REC)
-
-
-_SNAP_SUFFIX: Final = ".snap"
-
-
-_LINE_BITS: Final = 40
-
-
-_LINE_MASK: Final = (1 << _LINE_BITS) - 1
-
-
-class _Session:
-    """One session's index: where its lines are, its heads, keys and listing row."""
-
-    __slots__ = (
-        "_path",
-        "agent",
-        "create_key",
-        "created_at",
-        "ends",
-        "folder",
-        "heads",
-        "ids",
-        "keys",
-        "last_at",
-        "number",
-        "session_id",
-        "starts",
-        "status",
-        "user_id",
-        "version",
-    )
-
-    def __init__(self, session_id: str, folder: Path) -> None:
-        self.session_id = session_id
-        self.folder = folder
-        self._path: Path | None = None
-        self.starts = array.array("q")
-        self.ends = array.array("q")
-        # line index -> event id: a dict of ints and strings, which the garbage
-        # collector does not track (a list it would scan at every full collection)
-        self.ids: dict[int, str] = {}
-        self.heads: dict[str, str] = {}
-        self.keys: dict[str, int] = {}
-        self.user_id = ""
-        self.agent = ""
-        self.status = "active"
-        self.created_at = 0
-        self.last_at = 0
-        self.create_key: str | None = None
-        self.number = -1  # in ``JSONLStore._numbered``, once indexed
-        self.version = FORMAT_VERSION  # of its file
-
-    @property
-    def path(self) -> Path:
-        """The session file (made on first use: opening a store makes many sessions)."""
-        if self._path is None:
-            self._path = self.folder / (self.session_id + _SUFFIX)
-        return self._path
-
-    @property
-    def size(self) -> int:
-        return self.ends[-1] if self.ends else 0
-
-    def row(self) -> SessionRow:
-        return SessionRow(
-            session_id=self.session_id,
-            user_id=self.user_id,
-            agent=self.agent,
-            status=self.status,
-            created_at=self.created_at,
-            last_activity_at=self.last_at,
-            event_count=len(self.ids),
-        )
-
-
-class _Pending(msgspec.Struct):
-    """A line read from a file, checked, waiting for the rest of its batch."""
-
-    start: int
-    end: int
-    pos: int
-    status: str | None
-    head: _Head
-    root: SessionCreated | None
-
-
-def _bisect(starts: array.array[int], offset: int) -> int:
-    """The index of ``offset`` in the sorted ``starts``, or -1."""
-    k = bisect.bisect_left(starts, offset)
-    return k if k < len(starts) and starts[k] == offset else -1
-
-
-class _PurgeLine(msgspec.Struct, kw_only=True):
-    """A line of ``purges.jsonl``: the record, and the feed positions its events held."""
-
-    record: PurgeRecord
-    positions: list[tuple[int, int]]
-    """``[first, last]`` runs of positions, which stay taken (tombstones in ``feed.log``)."""
-
-
-class _PurgedIds(msgspec.Struct):
-    session_id: str
-
-
-class _PurgeMark(msgspec.Struct):
-    """What another process needs of a ``purges.jsonl`` line: whom to forget."""
-
-    record: _PurgedIds
-    positions: list[tuple[int, int]]
-
-
-_purge_line_decoder = msgspec.json.Decoder(_PurgeLine)
-
-
-_purge_mark_decoder = msgspec.json.Decoder(_PurgeMark)
 
 
 _INLINE_RECORDS: Final = 256
@@ -572,7 +415,7 @@ class JSONLStore(PurgeStore):
                     self._finish_purge()
                     with gc_paused():  # builds the whole index: see ledger.events.gc_paused
                         if not self._load_index():
-                            self._forget_all()
+                            index.forget_all(self)
                             self._scan_all()
                     self._order = sorted((s.last_at, s.session_id) for s in self._sessions.values())
                     self._ordered = True
@@ -617,7 +460,7 @@ class JSONLStore(PurgeStore):
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def _scan_all(self) -> None:
-        feed = self._read_feed_file()
+        feed = feed_log.read_feed_file(self)
         total = len(feed) // _REC - 1
         matched = bytearray(total + 1)
         candidates: list[tuple[int, str, int, int]] = []
@@ -678,7 +521,7 @@ class JSONLStore(PurgeStore):
             return False
         if saved.format != _INDEX_FORMAT or saved.version != _INDEX_VERSION:
             return False
-        total = self._feed_total()
+        total = feed_log.feed_total(self)
         records = saved.records
         if records > total or (
             records and os.pread(self._feed_fd, _REC, records * _REC) != saved.last_record
@@ -687,7 +530,7 @@ class JSONLStore(PurgeStore):
         purges_size = os.fstat(self._purges_fd).st_size
         if purges_size < saved.purges_seen:
             return False
-        purged = self._purged_since(saved.purges_seen, purges_size)
+        purged = purge_log.purged_since(self, saved.purges_seen, purges_size)
         files = {
             entry.name[: -len(_SUFFIX)]: entry.stat()
             for entry in os.scandir(self._sessions_dir)
@@ -713,13 +556,13 @@ class JSONLStore(PurgeStore):
         for entry, _ in taken:
             self._restore(entry)
         self._purges_seen = saved.purges_seen
-        self._catch_up_purges()
+        purge_log.catch_up_purges(self)
         grown = [entry.session_id for entry, grew in taken if grew]
         if not grown and not files and total == records:
             self._n = total
             self._loaded = (total, self._purges_seen)
             return True
-        feed = self._read_feed_file()
+        feed = feed_log.read_feed_file(self)
         matched = bytearray(total + 1)
         matched[: records + 1] = b"\x01" * (records + 1)  # as the saved index found them
         candidates: list[tuple[int, str, int, int]] = []
@@ -738,19 +581,6 @@ class JSONLStore(PurgeStore):
             return os.pread(fd, 1, size - 1) == b"\n"
         finally:
             os.close(fd)
-
-    def _purged_since(self, start: int, end: int) -> set[str]:
-        """The sessions of the ``purges.jsonl`` lines between bytes ``start`` and ``end``."""
-        data = os.pread(self._purges_fd, end - start, start)
-        gone: set[str] = set()
-        for line in data[: data.rfind(b"\n") + 1].splitlines():
-            try:
-                gone.add(_purge_mark_decoder.decode(line).record.session_id)
-            except msgspec.MsgspecError as exc:
-                raise IntegrityError(
-                    f"Damaged line in {str(self._purges_path)!r} after byte {start}: {exc}"
-                ) from None
-        return gone
 
     def _restore(self, entry: _SavedSession) -> None:
         """Index a session as the saved index has it (holds the lock)."""
@@ -773,16 +603,6 @@ class JSONLStore(PurgeStore):
         if entry.status in OPEN_STATUSES:
             self._open_count[entry.user_id] = self._open_count.get(entry.user_id, 0) + 1
         self._sessions[entry.session_id] = session
-
-    def _forget_all(self) -> None:
-        """Empty the index (before a full scan, after a saved index was not usable)."""
-        self._sessions.clear()
-        self._by_id.clear()
-        self._numbered.clear()
-        self._created.clear()
-        self._open_count.clear()
-        self._purged.clear()
-        self._n = 0
 
     def _save_index(self) -> None:
         """Write ``index``: this process's index, and each session file as it is now.
@@ -845,41 +665,6 @@ class JSONLStore(PurgeStore):
                 if not written:
                     os.unlink(tmp)
             os.replace(tmp, self._index_path)
-
-    def _feed_total(self) -> int:
-        """How many records ``feed.log`` holds: its header checked, a record cut short dropped."""
-        size = os.fstat(self._feed_fd).st_size
-        if size == 0:
-            _write_all(self._feed_fd, _FEED_HEADER)
-            os.fsync(self._feed_fd)
-            _fsync_dir(self.directory)
-            return 0
-        head = os.pread(self._feed_fd, _REC, 0)
-        if head != _FEED_HEADER:
-            try:
-                version = orjson.loads(head).get("version")
-            except (orjson.JSONDecodeError, AttributeError):
-                version = None
-            if isinstance(version, int) and version > _FEED_VERSION:
-                raise StoreError(
-                    f"{str(self._feed_path)!r} has format version {version}, newer than this "
-                    f"code knows ({_FEED_VERSION}): upgrade the session ledger to open it"
-                )
-            raise IntegrityError(
-                f"Damaged line in {str(self._feed_path)!r}, line 1: not a {_FEED_FORMAT} "
-                "header (delete the file to rebuild it from the session files)"
-            )
-        whole = size - size % _REC
-        if whole != size:
-            # A record cut short by a power loss: records are written after the
-            # session file is synced, so its line is there; it is rebuilt.
-            os.ftruncate(self._feed_fd, whole)
-            log.warning("%s: a record cut short was dropped", self._feed_path)
-        return whole // _REC - 1
-
-    def _read_feed_file(self) -> bytes:
-        total = self._feed_total()
-        return os.pread(self._feed_fd, (total + 1) * _REC, 0)
 
     def _scan_session(
         self,
@@ -948,7 +733,7 @@ class JSONLStore(PurgeStore):
                             matched[p.pos] = 1
                         else:
                             candidates.append((p.pos, session_id, p.start, p.end - p.start))
-                    self._apply(session, batch, lineno - len(batch) + 1)
+                    index.apply(self, session, batch, lineno - len(batch) + 1)
                     committed = end
                     tail_line = lineno + 1
                     batch = []
@@ -956,7 +741,7 @@ class JSONLStore(PurgeStore):
         finally:
             os.close(fd)
         if committed < size:
-            if self._named_in_feed(feed, session_id, committed):
+            if feed_log.named_in_feed(self, feed, session_id, committed):
                 raise _damaged(
                     path,
                     tail_line,
@@ -966,68 +751,6 @@ class JSONLStore(PurgeStore):
             self._move_aside(path, committed, tail_line)
         if session.ids:
             self._sessions[session_id] = session
-
-    def _named_in_feed(self, feed: bytes, session_id: str, offset: int) -> bool:
-        """Whether a record of ``feed`` names this session at ``offset`` or after."""
-        needle = b" %s " % session_id.encode()
-        at = feed.find(needle, _REC)
-        while at >= 0:
-            start = at - at % _REC
-            rec = _RECORD.fullmatch(feed[start : start + _REC])
-            if rec is not None and int(rec[3]) >= offset:
-                return True
-            at = feed.find(needle, start + _REC)
-        return False
-
-    def _apply(self, session: _Session, batch: Sequence[_Pending], first_lineno: int) -> None:
-        """Index a complete batch of ``session`` (caller holds ``_sync``)."""
-        for lineno, p in enumerate(batch, first_lineno):
-            head = p.head
-            if head.session != session.session_id:
-                raise _damaged(session.path, lineno, f"event of session {head.session!r}", head.id)
-            if head.id in self._by_id:
-                raise _damaged(session.path, lineno, f"event {head.id!r} appears twice", head.id)
-        was_open = bool(session.ids) and session.status in OPEN_STATUSES
-        old_key = (session.last_at, session.session_id) if session.ids else None
-        if session.number < 0:
-            session.number = len(self._numbered)
-            self._numbered.append(session)
-        where = session.number << _LINE_BITS
-        for p in batch:
-            head = p.head
-            k = len(session.ids)
-            session.ids[k] = head.id
-            session.ends.append(p.end)
-            session.starts.append(p.start)
-            self._by_id[head.id] = where | k
-            session.heads[head.branch] = head.id
-            if head.idempotency_key is not None:
-                session.keys.setdefault(head.idempotency_key, k)
-            if p.root is not None:
-                session.user_id, session.agent = p.root.user_id, p.root.agent
-                session.created_at = session.last_at = head.at
-                session.create_key = head.idempotency_key
-                if head.idempotency_key is not None:
-                    self._created.setdefault((p.root.user_id, head.idempotency_key), (session, k))
-            session.last_at = max(session.last_at, head.at)
-        if self._ordered:
-            self._reorder(old_key, (session.last_at, session.session_id))
-        status = batch[-1].status
-        if status is not None:
-            session.status = status
-        now_open = session.status in OPEN_STATUSES
-        if now_open != was_open:
-            user = session.user_id
-            self._open_count[user] = self._open_count.get(user, 0) + (1 if now_open else -1)
-
-    def _reorder(self, old: tuple[int, str] | None, new: tuple[int, str]) -> None:
-        """Move a session's key in ``_order`` (``old`` None: a new session)."""
-        if old == new:
-            return
-        order = self._order
-        if old is not None:
-            del order[bisect.bisect_left(order, old)]
-        bisect.insort(order, new)
 
     def _move_aside(self, path: Path, offset: int, lineno: int) -> None:
         """Move the bytes of ``path`` from ``offset`` to a ``.torn-<n>`` file beside it."""
@@ -1068,14 +791,10 @@ class JSONLStore(PurgeStore):
         )
         self.recovered.append(torn)
 
-    def _feed_behind(self) -> int:
-        """How many feed records other writers added since this process last looked."""
-        return max(0, _size(self._feed_fd) // _REC - 1 - self._n)
-
     def _catch_up(self) -> None:
         """Index every complete batch that ``feed.log`` names beyond ``_n`` (holds ``_sync``)."""
-        self._catch_up_purges()
-        behind = self._feed_behind()
+        purge_log.catch_up_purges(self)
+        behind = feed_log.feed_behind(self)
         if not behind:
             return
         data = os.pread(self._feed_fd, behind * _REC, (self._n + 1) * _REC)
@@ -1083,7 +802,7 @@ class JSONLStore(PurgeStore):
         for i in range(len(data) // _REC):
             pos = self._n + 1 + i
             raw = data[i * _REC : (i + 1) * _REC]
-            if self._gone(pos, raw):
+            if purge_log.gone(self, pos, raw):
                 records.append((pos, "", 0, 0))  # purged: a gap
                 continue
             rec = _RECORD.fullmatch(raw)
@@ -1121,7 +840,7 @@ class JSONLStore(PurgeStore):
                     version = _check_header(header, path, session_id)
             finally:
                 os.close(fd)
-        if not data and self._purged_meanwhile(run[0][0]):
+        if not data and purge_log.purged_meanwhile(self, run[0][0]):
             self._n = run[-1][0]
             return True
         if session is None:
@@ -1155,9 +874,9 @@ class JSONLStore(PurgeStore):
                 root = body
             batch.append(_Pending(offset, offset + length, pos, parsed.status, head, root))
             if b'"kind":"Redacted"' in line:  # another process redacted: (maybe) stale
-                self._drop_snapshots(session_id)
+                snapshots.drop_snapshots(self, session_id)
             if parsed.index == parsed.count:
-                self._apply(session, batch, lineno - len(batch) + 1)
+                index.apply(self, session, batch, lineno - len(batch) + 1)
                 self._sessions.setdefault(session_id, session)
                 self._n = pos
                 batch = []
@@ -1225,10 +944,10 @@ class JSONLStore(PurgeStore):
         """Catch up with other processes' appends before a read: cheap when there are none."""
         self._check_open()
         if self._stale:
-            self._close_stale_fds()
+            purge_log.close_stale_fds(self)
         with _translate(self._feed_path):
-            behind = self._feed_behind()
-            if not behind and not self._purges_behind():
+            behind = feed_log.feed_behind(self)
+            if not behind and not purge_log.purges_behind(self):
                 return
         if behind <= _INLINE_RECORDS:
             if self._sync.acquire(blocking=False):
@@ -1373,7 +1092,7 @@ class JSONLStore(PurgeStore):
         self._finish_erase()
         lines: list[tuple[int, bytes]] = []
         for erased in request.erase:
-            found = self._find(erased.id)
+            found = index.find(self, erased.id)
             stored = self._read_event(*found) if found is not None else None
             check_erase(request, stored, erased)
             assert found is not None
@@ -1436,7 +1155,7 @@ class JSONLStore(PurgeStore):
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            self._drop_snapshots(session.session_id)
+            snapshots.drop_snapshots(self, session.session_id)
         os.unlink(self._redo_path)
 
     def _write(
@@ -1487,7 +1206,7 @@ class JSONLStore(PurgeStore):
         self._intent[:] = b"%s %014d %015d %09d\n" % (session_id.encode(), offset, first_pos, count)
         started = time.perf_counter()
         if cache and self._stale:
-            self._close_stale_fds()
+            purge_log.close_stale_fds(self)
         fd = self._fds.pop(session_id, -1) if cache else -1
         try:
             if fd < 0:
@@ -1535,7 +1254,7 @@ class JSONLStore(PurgeStore):
         _write_all(self._feed_fd, b"".join(records))
         if session is None:
             session = _Session(session_id, self._sessions_dir)
-        self._apply(session, pending, len(session.ids) + 2)
+        index.apply(self, session, pending, len(session.ids) + 2)
         self._sessions[session_id] = session
         self._n = first_pos + count - 1
 
@@ -1550,11 +1269,6 @@ class JSONLStore(PurgeStore):
                 return b""
         return b',"status":"%s"' % status.encode()
 
-    def _drop_snapshots(self, session_id: str) -> None:
-        """A redaction changed what folds of this session see: its snapshot file goes."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._snapshots_dir / (session_id + _SNAP_SUFFIX))
-
     async def put_snapshots(
         self, session_id: str, key: str, states: Sequence[tuple[str, bytes]]
     ) -> None:
@@ -1562,68 +1276,7 @@ class JSONLStore(PurgeStore):
 
         Snapshots are derived data: a lost or torn line costs a longer fold later.
         """
-        self._check_open()
-        if not states:
-            return
-        if not _SESSION_ID.fullmatch(session_id):
-            raise InvalidEventError(f"Invalid session id for a snapshot: {session_id!r}")
-        for event_id, _ in states:
-            if "\n" in key or not event_id or any(c in event_id for c in " \n"):
-                raise InvalidEventError(
-                    f"Invalid snapshot key for session {session_id!r}: {key!r}, {event_id!r}"
-                )
-        # "<event id> <projection key> <base64 state>\n" each; the write starts
-        # with a newline, so a line left torn by a crash never swallows the next.
-        lines = b"\n" + b"".join(
-            b"%s %s %s" % (event_id.encode(), key.encode(), binascii.b2a_base64(bytes(state)))
-            for event_id, state in states
-        )
-        with _translate(self._snapshots_dir, session_id):
-            await asyncio.to_thread(self._write_snapshots, session_id, lines)
-
-    def _write_snapshots(self, session_id: str, lines: bytes) -> None:
-        if not self._snapshots_dir.is_dir():
-            self._snapshots_dir.mkdir(mode=0o700, exist_ok=True)
-            self._snapshots_dir.chmod(0o700)
-        path = self._snapshots_dir / (session_id + _SNAP_SUFFIX)
-        # O_APPEND: the kernel places each write at the end, so the lines of
-        # processes writing at once never overwrite one another.
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            _write_all(fd, lines)
-        finally:
-            os.close(fd)
-        # Written without the writers' lock: a purge may have removed the session
-        # meanwhile, and its folded content must not outlive it here.
-        if not (self._sessions_dir / (session_id + _SUFFIX)).exists():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-
-    def _find_snapshot(self, session_id: str, key: str, event_id: str) -> bytes | None:
-        """The base64 state of the newest line for ``(key, event_id)`` in the session's file.
-
-        A search of the mapped file, not an index of its lines: one lookup of a
-        session with thousands of snapshots costs a fraction of a millisecond.
-        """
-        path = self._snapshots_dir / (session_id + _SNAP_SUFFIX)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        try:
-            if os.fstat(fd).st_size == 0:
-                return None
-            with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as data:
-                prefix = b"%s %s " % (event_id.encode(), key.encode())
-                at = data.rfind(b"\n" + prefix) + 1
-                if at == 0 and data[: len(prefix)] != prefix:
-                    return None
-                start = at + len(prefix)
-                end = data.find(b"\n", start)
-                # A line still being written (no newline yet) is not there yet.
-                return data[start:end] if end >= 0 else None
-        finally:
-            os.close(fd)
+        await snapshots.put_snapshots(self, session_id, key, states)
 
     def _anchors_path(self, session_id: str) -> Path:
         if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
@@ -1721,7 +1374,7 @@ class JSONLStore(PurgeStore):
             self._check_open()
             with _translate(self.directory):
                 done = await asyncio.to_thread(self._purge_sync, list(requests))
-        self._close_stale_fds()
+        purge_log.close_stale_fds(self)
         return done
 
     def _purge_sync(self, requests: list[PurgeRequest]) -> list[PurgeRecord]:
@@ -1761,7 +1414,7 @@ class JSONLStore(PurgeStore):
             os.replace(tmp, self._purge_redo_path)
             _fsync_dir(self.directory)  # committed
             self._finish_purge()
-            self._catch_up_purges()
+            purge_log.catch_up_purges(self)
             return [record for record, _ in chosen.values()]
 
     def _positions(self, session: _Session) -> list[int]:
@@ -1831,69 +1484,8 @@ class JSONLStore(PurgeStore):
         os.unlink(self._purge_redo_path)
         _fsync_dir(self.directory)
         for mark in marks:
-            self._drop_snapshots(mark.record.session_id)
+            snapshots.drop_snapshots(self, mark.record.session_id)
         log.info("%s: %d session(s) purged", self._purges_path, len(marks))
-
-    def _purges_behind(self) -> bool:
-        return _size(self._purges_fd) > self._purges_seen
-
-    def _catch_up_purges(self) -> None:
-        """Forget the sessions other purges removed since the last look (holds ``_sync``)."""
-        size = _size(self._purges_fd)
-        if size <= self._purges_seen:
-            return
-        data = os.pread(self._purges_fd, size - self._purges_seen, self._purges_seen)
-        end = data.rfind(b"\n") + 1  # a line still being written is not there yet
-        for line in data[:end].splitlines():
-            try:
-                mark = _purge_mark_decoder.decode(line)
-            except msgspec.MsgspecError as exc:
-                raise IntegrityError(
-                    f"Damaged line in {str(self._purges_path)!r} after byte "
-                    f"{self._purges_seen}: {exc}"
-                ) from None
-            for run in mark.positions:
-                bisect.insort(self._purged, (run[0], run[1]))
-            self._forget(mark.record.session_id)
-        self._purges_seen += end
-
-    def _forget(self, session_id: str) -> None:
-        """Drop a purged session from the index (holds ``_sync``)."""
-        session = self._sessions.pop(session_id, None)
-        if session is None:
-            return
-        for event_id in session.ids.values():
-            self._by_id.pop(event_id, None)
-        created = (session.user_id, session.create_key or "")
-        if self._created.get(created, (None, 0))[0] is session:
-            del self._created[created]
-        if session.status in OPEN_STATUSES:
-            self._open_count[session.user_id] -= 1
-        del self._order[bisect.bisect_left(self._order, (session.last_at, session_id))]
-        # its number is never handed out again; an empty entry frees its index
-        self._numbered[session.number] = _Session(session_id, self._sessions_dir)
-        self._drop_snapshots(session_id)
-        self._stale.add(session_id)
-
-    def _close_stale_fds(self) -> None:
-        """Close the cached descriptors of purged sessions (the event loop's thread only)."""
-        while self._stale:
-            fd = self._fds.pop(self._stale.pop(), -1)
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-
-    def _gone(self, pos: int, raw: bytes) -> bool:
-        """Whether feed position ``pos`` (record ``raw``) belonged to a purged session."""
-        if _TOMBSTONE.fullmatch(raw):
-            return int(raw[:15]) == pos
-        i = bisect.bisect_right(self._purged, (pos, 1 << 62)) - 1
-        return i >= 0 and self._purged[i][0] <= pos <= self._purged[i][1]
-
-    def _purged_meanwhile(self, pos: int) -> bool:
-        """A session file was missing: whether a purge took position ``pos`` meanwhile."""
-        self._catch_up_purges()
-        return self._gone(pos, b"")
 
     def _rebuilt_records(
         self, candidates: list[tuple[int, str, int, int]], total: int
@@ -1976,12 +1568,6 @@ class JSONLStore(PurgeStore):
         finally:
             os.close(fd)
 
-    def _find(self, event_id: str) -> tuple[_Session, int] | None:
-        where = self._by_id.get(event_id)
-        if where is None:
-            return None
-        return self._numbered[where >> _LINE_BITS], where & _LINE_MASK
-
     def _read_event(self, session: _Session, k: int) -> Event:
         """Line ``k`` of ``session``, checked against the index."""
         start = session.starts[k]
@@ -2062,7 +1648,7 @@ class JSONLStore(PurgeStore):
 
     async def get(self, event_id: str) -> Event:
         await self._refresh()
-        found = self._find(event_id)
+        found = index.find(self, event_id)
         if found is None:
             raise EventNotFoundError(event_id)
         return (await self._events_between(found[0], found[1], found[1] + 1))[0]
@@ -2107,7 +1693,7 @@ class JSONLStore(PurgeStore):
         await self._refresh()
         if limit is not None and limit <= 0:
             return []
-        found = self._find(event_id)
+        found = index.find(self, event_id)
         if found is None:
             raise EventNotFoundError(event_id)
         session, k = found
@@ -2144,7 +1730,7 @@ class JSONLStore(PurgeStore):
             return None
         if k and session.ids[k - 1] == parent_id:  # the usual: the line before
             return k - 1
-        found = self._find(parent_id)
+        found = index.find(self, parent_id)
         if found is None or found[0] is not session or found[1] >= k:
             child = session.ids[k]
             raise IntegrityError(
@@ -2201,27 +1787,7 @@ class JSONLStore(PurgeStore):
         return SessionPage(page, page_cursor(page[-1]) if more and page else None)
 
     async def get_snapshot(self, session_id: str, key: str, event_id: str) -> bytes | None:
-        self._check_open()
-        if session_id not in self._sessions:
-            return None
-        # Nothing kept in memory: the file is searched each time (the fold
-        # engine caches states), so any process's snapshots are seen.
-        with _translate(self._snapshots_dir, session_id):
-            encoded = self._find_snapshot(session_id, key, event_id)
-        if encoded is None:
-            return None
-        try:
-            return binascii.a2b_base64(encoded, strict_mode=True)
-        except binascii.Error as exc:
-            # Derived data: the fold engine rebuilds what it cannot find.
-            log.warning(
-                "Damaged snapshot ignored in %r: event %r, projection %r: %s",
-                str(self._snapshots_dir / (session_id + _SNAP_SUFFIX)),
-                event_id,
-                key,
-                exc,
-            )
-            return None
+        return await snapshots.get_snapshot(self, session_id, key, event_id)
 
     async def read_feed(self, after: int = 0, limit: int = 1000) -> list[FeedItem]:
         await self._refresh()
@@ -2302,7 +1868,7 @@ class JSONLStore(PurgeStore):
             if rec is not None and session is not None and int(rec[1]) == pos:
                 k = _bisect(session.starts, int(rec[3]))
             if session is None or k < 0:
-                if self._gone(pos, raw):
+                if purge_log.gone(self, pos, raw):
                     continue
                 raise _damaged(self._feed_path, pos + 1, "does not match the session files")
             if runs:
