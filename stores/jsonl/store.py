@@ -35,7 +35,6 @@ from ledger.errors import (
 )
 from ledger.events import Event, SessionCreated, encode_event, gc_paused, validate_name
 from stores.base import (
-    OPEN_STATUSES,
     AppendRequest,
     AppendResult,
     FeedItem,
@@ -53,25 +52,9 @@ from stores.base import (
     purge_cursor,
     validate_request,
 )
-from stores.jsonl import feed_log, index, purge_log, snapshots
-from stores.jsonl.feed_log import (
-    _INTENT,
-    _INTENT_BYTES,
-    _REC,
-    _RECORD,
-    _RECORDS,
-    _mark_tombstones,
-    _record,
-    _tombstone,
-)
-from stores.jsonl.files import (
-    _clock_tick,
-    _fsync_dir,
-    _lines,
-    _read_if_there,
-    _translate,
-    _write_all,
-)
+from stores.jsonl import catch_up, index, purge_log, saved_index, scan, snapshots
+from stores.jsonl.feed_log import _INTENT_BYTES, _REC, _RECORD, _RECORDS, _record, _tombstone
+from stores.jsonl.files import _fsync_dir, _read_if_there, _translate, _write_all
 from stores.jsonl.format import (
     _LINE,
     _SESSION_ID,
@@ -79,13 +62,11 @@ from stores.jsonl.format import (
     _STEPS,
     _SUFFIX,
     FORMAT_VERSION,
-    _check_header,
     _damaged,
     _decode_page,
     _event,
     _get_parent,
     _Head,
-    _head,
     _header_line,
     _Item,
     _json,
@@ -95,56 +76,10 @@ from stores.jsonl.format import (
     _step_parent,
     _stored,
 )
-from stores.jsonl.index import _LINE_BITS, _bisect, _Pending, _Session
+from stores.jsonl.index import _bisect, _Pending, _Session
 from stores.jsonl.purge_log import _purge_line_decoder, _purge_mark_decoder, _PurgeLine
 
 log = logging.getLogger("stores.jsonl")
-
-
-_INLINE_RECORDS: Final = 256
-
-
-_INDEX_FORMAT: Final = "session-ledger/jsonl-index"
-
-
-_INDEX_VERSION: Final = 2
-
-
-_INDEX_FROM: Final = 10_000
-"""Events from which a store saves its index at close (fewer are scanned in ~50 ms)."""
-
-
-class _SavedSession(msgspec.Struct, array_like=True):
-    """A session in ``index``: its ``_Session``, and its file's stat when saved."""
-
-    session_id: str
-    stat: tuple[int, ...]  # (device, inode, size, mtime in ns), or () to scan it whole
-    starts: bytes  # array("q").tobytes()
-    ends: bytes
-    ids: list[str]
-    heads: dict[str, str]
-    keys: dict[str, int]
-    user_id: str
-    agent: str
-    status: str
-    created_at: int
-    last_at: int
-    create_key: str | None
-    version: int
-
-
-class _SavedIndex(msgspec.Struct):
-    """``index``: what the scan at open would find, as of feed position ``records``."""
-
-    format: str
-    version: int
-    records: int
-    last_record: bytes  # feed.log's record at ``records``: the same feed.log
-    purges_seen: int
-    sessions: list[_SavedSession]
-
-
-_index_decoder = msgspec.msgpack.Decoder(_SavedIndex)
 
 
 _INLINE_BYTES: Final = 1 << 20
@@ -379,7 +314,7 @@ class JSONLStore(PurgeStore):
         async with self._write_lock:
             if self._lock_fd >= 0:
                 try:
-                    await asyncio.to_thread(self._save_index)
+                    await asyncio.to_thread(saved_index.save_index, self)
                 except (OSError, IntegrityError) as exc:
                     # Derived data: the next open scans the files instead.
                     log.warning("%s: the index was not saved: %s", self._index_path, exc)
@@ -414,9 +349,9 @@ class JSONLStore(PurgeStore):
                     self._intent = mmap.mmap(self._lock_fd, _INTENT_BYTES)
                     self._finish_purge()
                     with gc_paused():  # builds the whole index: see ledger.events.gc_paused
-                        if not self._load_index():
+                        if not saved_index.load_index(self):
                             index.forget_all(self)
-                            self._scan_all()
+                            scan.scan_all(self)
                     self._order = sorted((s.last_at, s.session_id) for s in self._sessions.values())
                     self._ordered = True
                     self._purges_seen = os.fstat(self._purges_fd).st_size
@@ -458,511 +393,6 @@ class JSONLStore(PurgeStore):
                 yield
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-
-    def _scan_all(self) -> None:
-        feed = feed_log.read_feed_file(self)
-        total = len(feed) // _REC - 1
-        matched = bytearray(total + 1)
-        candidates: list[tuple[int, str, int, int]] = []
-        names = sorted(os.listdir(self._sessions_dir))
-        for name in names:
-            session_id = name[: -len(_SUFFIX)]
-            if not name.endswith(_SUFFIX) or not _SESSION_ID.fullmatch(session_id):
-                continue  # torn tails moved aside, and anything a person left here
-            self._scan_session(session_id, feed, total, matched, candidates)
-        self._settle(feed, total, matched, candidates)
-
-    def _settle(
-        self,
-        feed: bytes,
-        total: int,
-        matched: bytearray,
-        candidates: list[tuple[int, str, int, int]],
-    ) -> None:
-        """Check that every record of ``feed`` was matched, and write those of ``candidates``."""
-        _mark_tombstones(feed, matched)
-        missing = matched.find(0, 1)
-        if missing > 0:
-            rec = _RECORD.fullmatch(feed[missing * _REC : (missing + 1) * _REC])
-            what = f"{rec[2].decode()}{_SUFFIX} at byte {int(rec[3])}" if rec else "a bad record"
-            raise IntegrityError(
-                f"Damaged line in {str(self._feed_path)!r}, line {missing + 1}: position "
-                f"{missing} names {what}, which is missing, cut short or different"
-            )
-        candidates.sort()
-        rebuilt = self._rebuilt_records(candidates, total)
-        if rebuilt:
-            # Synced lines whose records were lost (a crash or power loss
-            # between the sync and the feed write): their records now.
-            _write_all(self._feed_fd, b"".join(rebuilt))
-            if self.fsync:
-                os.fsync(self._feed_fd)
-            log.info(
-                "%s: %d feed record(s) rebuilt from the session files",
-                self._feed_path,
-                len(rebuilt),
-            )
-        self._n = total + len(rebuilt)
-
-    def _load_index(self) -> bool:
-        """Open from ``index``: scan only what changed since it was saved. False: scan all.
-
-        A session file is taken as saved when its device, inode, size and
-        modification time are those saved (and that time was older than the
-        save: a file changed later in the same clock tick would look the
-        same); one that grew is scanned from its saved end; any other is
-        scanned whole. Anything else (no index, another version, a feed that
-        no longer holds the saved last record, a saved file gone or shorter)
-        means a full scan, which names any damage.
-        """
-        try:
-            saved = _index_decoder.decode(self._index_path.read_bytes())
-        except (FileNotFoundError, msgspec.MsgspecError):
-            return False
-        if saved.format != _INDEX_FORMAT or saved.version != _INDEX_VERSION:
-            return False
-        total = feed_log.feed_total(self)
-        records = saved.records
-        if records > total or (
-            records and os.pread(self._feed_fd, _REC, records * _REC) != saved.last_record
-        ):
-            return False
-        purges_size = os.fstat(self._purges_fd).st_size
-        if purges_size < saved.purges_seen:
-            return False
-        purged = purge_log.purged_since(self, saved.purges_seen, purges_size)
-        files = {
-            entry.name[: -len(_SUFFIX)]: entry.stat()
-            for entry in os.scandir(self._sessions_dir)
-            if entry.name.endswith(_SUFFIX) and _SESSION_ID.fullmatch(entry.name[: -len(_SUFFIX)])
-        }
-        taken: list[tuple[_SavedSession, bool]] = []  # and whether it grew
-        for entry in saved.sessions:
-            if entry.session_id in purged:
-                continue
-            st = files.pop(entry.session_id, None)
-            size = len(entry.ends) and array.array("q", entry.ends[-8:])[0]
-            if st is None or st.st_size < size:
-                return False  # acknowledged lines gone: the full scan names them
-            now = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            if tuple(entry.stat) == now:
-                taken.append((entry, st.st_size > size))
-            elif entry.stat and tuple(entry.stat[:2]) == now[:2] and st.st_size > entry.stat[2]:
-                if not self._ends_a_line(entry.session_id, size):
-                    return False
-                taken.append((entry, True))  # appended to since: scanned from its saved end
-            else:
-                files[entry.session_id] = st  # rewritten, or saved while it changed: scanned whole
-        for entry, _ in taken:
-            self._restore(entry)
-        self._purges_seen = saved.purges_seen
-        purge_log.catch_up_purges(self)
-        grown = [entry.session_id for entry, grew in taken if grew]
-        if not grown and not files and total == records:
-            self._n = total
-            self._loaded = (total, self._purges_seen)
-            return True
-        feed = feed_log.read_feed_file(self)
-        matched = bytearray(total + 1)
-        matched[: records + 1] = b"\x01" * (records + 1)  # as the saved index found them
-        candidates: list[tuple[int, str, int, int]] = []
-        for session_id in grown:
-            session = self._sessions[session_id]
-            self._scan_session(session_id, feed, total, matched, candidates, session)
-        for session_id in sorted(files):
-            self._scan_session(session_id, feed, total, matched, candidates)
-        self._settle(feed, total, matched, candidates)
-        return True
-
-    def _ends_a_line(self, session_id: str, size: int) -> bool:
-        """Whether the session file's byte ``size - 1`` still ends a line."""
-        fd = os.open(self._sessions_dir / (session_id + _SUFFIX), os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            return os.pread(fd, 1, size - 1) == b"\n"
-        finally:
-            os.close(fd)
-
-    def _restore(self, entry: _SavedSession) -> None:
-        """Index a session as the saved index has it (holds the lock)."""
-        session = _Session(entry.session_id, self._sessions_dir)
-        session.starts = array.array("q", entry.starts)
-        session.ends = array.array("q", entry.ends)
-        session.ids = dict(enumerate(entry.ids))
-        session.heads = entry.heads
-        session.keys = entry.keys
-        session.user_id, session.agent, session.status = entry.user_id, entry.agent, entry.status
-        session.created_at, session.last_at = entry.created_at, entry.last_at
-        session.create_key = entry.create_key
-        session.version = entry.version
-        session.number = len(self._numbered)
-        self._numbered.append(session)
-        where = session.number << _LINE_BITS
-        self._by_id.update(zip(entry.ids, range(where, where + len(entry.ids)), strict=True))
-        if entry.create_key is not None:
-            self._created.setdefault((entry.user_id, entry.create_key), (session, 0))
-        if entry.status in OPEN_STATUSES:
-            self._open_count[entry.user_id] = self._open_count.get(entry.user_id, 0) + 1
-        self._sessions[entry.session_id] = session
-
-    def _save_index(self) -> None:
-        """Write ``index``: this process's index, and each session file as it is now.
-
-        Derived data, never synced: a lost or damaged index means a full scan.
-        Not written when a session file is missing (purged meanwhile, or
-        removed by hand): the full scan at the next open sorts that out.
-        """
-        with self._sync:
-            self._catch_up()
-            if len(self._by_id) < _INDEX_FROM:
-                self._index_path.unlink(missing_ok=True)  # a scan is as quick
-                return
-            if self._loaded == (self._n, self._purges_seen):
-                return  # as loaded: the saved index is still this one
-            tmp = self._index_path.with_name(f"{self._index_path.name}.{os.getpid()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            written = False
-            try:
-                fresh = _clock_tick(fd)
-                entries: list[_SavedSession] = []
-                for session in self._sessions.values():
-                    try:
-                        st = os.stat(session.path)
-                    except FileNotFoundError:
-                        return
-                    stat = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-                    entries.append(
-                        _SavedSession(
-                            session_id=session.session_id,
-                            # a file changed in the tick of the save: never taken as saved
-                            stat=stat if st.st_mtime_ns < fresh else (),
-                            starts=session.starts.tobytes(),
-                            ends=session.ends.tobytes(),
-                            ids=list(session.ids.values()),
-                            heads=session.heads,
-                            keys=session.keys,
-                            user_id=session.user_id,
-                            agent=session.agent,
-                            status=session.status,
-                            created_at=session.created_at,
-                            last_at=session.last_at,
-                            create_key=session.create_key,
-                            version=session.version,
-                        )
-                    )
-                last = os.pread(self._feed_fd, _REC, self._n * _REC) if self._n else b""
-                saved = _SavedIndex(
-                    format=_INDEX_FORMAT,
-                    version=_INDEX_VERSION,
-                    records=self._n,
-                    last_record=last,
-                    purges_seen=self._purges_seen,
-                    sessions=entries,
-                )
-                _write_all(fd, msgspec.msgpack.encode(saved))
-                written = True
-            finally:
-                os.close(fd)
-                if not written:
-                    os.unlink(tmp)
-            os.replace(tmp, self._index_path)
-
-    def _scan_session(
-        self,
-        session_id: str,
-        feed: bytes,
-        total: int,
-        matched: bytearray,
-        candidates: list[tuple[int, str, int, int]],
-        session: _Session | None = None,
-    ) -> None:
-        """Index a session file's complete batches, check them against ``feed``, recover its tail.
-
-        ``session``: its lines indexed so far (from the saved index): the scan
-        goes on from where they end.
-        """
-        path = self._sessions_dir / (session_id + _SUFFIX)
-        if session is None:
-            session = _Session(session_id, self._sessions_dir)
-        batch: list[_Pending] = []
-        count = 0  # size of the batch being read
-        last_pos = 0
-        committed = session.size  # end of the last complete batch
-        tail_line = len(session.ids) + 2 if session.ids else 1
-        token = _json(session_id)
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            for lineno, (offset, line) in enumerate(_lines(fd, committed), tail_line):
-                if not line.endswith(b"\n"):
-                    break  # cut short: the tail
-                if lineno == 1:
-                    session.version = _check_header(line, path, session_id)
-                    continue
-                parsed = _parse(line, path, lineno, session.version, token)
-                if parsed.index != len(batch) + 1 or (batch and parsed.count != count):
-                    raise _damaged(
-                        path, lineno, f"batch [{parsed.index}, {parsed.count}] out of order"
-                    )
-                count = parsed.count
-                if parsed.pos <= last_pos:
-                    raise _damaged(path, lineno, f"position {parsed.pos} after {last_pos}")
-                last_pos = parsed.pos
-                head = _head(parsed, path, lineno)
-                if parsed.pos <= total and feed[
-                    parsed.pos * _REC : (parsed.pos + 1) * _REC
-                ] != _record(parsed.pos, session_id, offset, len(line)):
-                    raise _damaged(
-                        path,
-                        lineno,
-                        f"position {parsed.pos} does not match "
-                        f"{str(self._feed_path)!r} line {parsed.pos + 1}",
-                        head.id,
-                    )
-                root: SessionCreated | None = None
-                if not session.ids and not batch:
-                    body = _event(parsed, path, lineno).body
-                    if not isinstance(body, SessionCreated):
-                        raise _damaged(
-                            path, lineno, "a session's first event must be SessionCreated", head.id
-                        )
-                    root = body
-                end = offset + len(line)
-                batch.append(_Pending(offset, end, parsed.pos, parsed.status, head, root))
-                if parsed.index == parsed.count:
-                    for p in batch:
-                        if p.pos <= total:
-                            matched[p.pos] = 1
-                        else:
-                            candidates.append((p.pos, session_id, p.start, p.end - p.start))
-                    index.apply(self, session, batch, lineno - len(batch) + 1)
-                    committed = end
-                    tail_line = lineno + 1
-                    batch = []
-            size = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-        if committed < size:
-            if feed_log.named_in_feed(self, feed, session_id, committed):
-                raise _damaged(
-                    path,
-                    tail_line,
-                    f"an acknowledged event is missing or cut short "
-                    f"(named by {str(self._feed_path)!r})",
-                )
-            self._move_aside(path, committed, tail_line)
-        if session.ids:
-            self._sessions[session_id] = session
-
-    def _move_aside(self, path: Path, offset: int, lineno: int) -> None:
-        """Move the bytes of ``path`` from ``offset`` to a ``.torn-<n>`` file beside it."""
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            tail = b"".join(line for _, line in _lines(fd, offset))
-            n = 1
-            while True:
-                torn = path.with_name(f"{path.name}.torn-{n}")
-                try:
-                    out = os.open(torn, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                except FileExistsError:
-                    n += 1
-                    continue
-                break
-            try:
-                _write_all(out, tail)
-                os.fsync(out)
-            finally:
-                os.close(out)
-            _fsync_dir(path.parent)
-            if offset == 0:
-                os.unlink(path)
-            else:
-                os.ftruncate(fd, offset)
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        if offset == 0:
-            _fsync_dir(path.parent)
-        log.warning(
-            "%s: %d byte(s) from line %d were never acknowledged (a write cut short by a "
-            "crash); moved aside to %s",
-            path,
-            len(tail),
-            lineno,
-            torn,
-        )
-        self.recovered.append(torn)
-
-    def _catch_up(self) -> None:
-        """Index every complete batch that ``feed.log`` names beyond ``_n`` (holds ``_sync``)."""
-        purge_log.catch_up_purges(self)
-        behind = feed_log.feed_behind(self)
-        if not behind:
-            return
-        data = os.pread(self._feed_fd, behind * _REC, (self._n + 1) * _REC)
-        records: list[tuple[int, str, int, int]] = []
-        for i in range(len(data) // _REC):
-            pos = self._n + 1 + i
-            raw = data[i * _REC : (i + 1) * _REC]
-            if purge_log.gone(self, pos, raw):
-                records.append((pos, "", 0, 0))  # purged: a gap
-                continue
-            rec = _RECORD.fullmatch(raw)
-            if rec is None or int(rec[1]) != pos or not _SESSION_ID.fullmatch(rec[2].decode()):
-                raise _damaged(self._feed_path, pos + 1, "not a feed record of this format")
-            records.append((pos, rec[2].decode(), int(rec[3]), int(rec[4])))
-        start = 0
-        while start < len(records):
-            # one run of consecutive records of one session: one read
-            session_id = records[start][1]
-            stop = start + 1
-            while stop < len(records) and records[stop][1] == session_id:
-                stop += 1
-            if not session_id:
-                self._n = records[stop - 1][0]
-            elif not self._index_run(records[start:stop]):
-                return
-            start = stop
-
-    def _index_run(self, run: list[tuple[int, str, int, int]]) -> bool:
-        """Index the complete batches of one run of records; False when one is incomplete."""
-        session_id = run[0][1]
-        session = self._sessions.get(session_id)
-        path = self._sessions_dir / (session_id + _SUFFIX)
-        first_off = run[0][2]
-        data = b""
-        version = session.version if session is not None else FORMAT_VERSION
-        with contextlib.suppress(FileNotFoundError):
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                size = run[-1][2] + run[-1][3] - first_off
-                data = os.pread(fd, size, first_off)
-                if session is None:
-                    header = os.pread(fd, first_off, 0)
-                    version = _check_header(header, path, session_id)
-            finally:
-                os.close(fd)
-        if not data and purge_log.purged_meanwhile(self, run[0][0]):
-            self._n = run[-1][0]
-            return True
-        if session is None:
-            session = _Session(session_id, self._sessions_dir)
-            session.version = version
-        token = _json(session_id)
-        base_lineno = len(session.ids) + 2
-        batch: list[_Pending] = []
-        for lineno, (pos, _, offset, length) in enumerate(run, base_lineno):
-            line = data[offset - first_off : offset - first_off + length]
-            if len(line) != length or not line.endswith(b"\n"):
-                raise _damaged(
-                    path,
-                    lineno,
-                    f"missing or cut short, though {str(self._feed_path)!r} "
-                    f"line {pos + 1} names it",
-                )
-            parsed = _parse(line, path, lineno, version, token)
-            if parsed.pos != pos or parsed.index != len(batch) + 1:
-                raise _damaged(
-                    path, lineno, f"does not match {str(self._feed_path)!r} line {pos + 1}"
-                )
-            head = _head(parsed, path, lineno)
-            root: SessionCreated | None = None
-            if not session.ids and not batch:
-                body = _event(parsed, path, lineno).body
-                if not isinstance(body, SessionCreated):
-                    raise _damaged(
-                        path, lineno, "a session's first event must be SessionCreated", head.id
-                    )
-                root = body
-            batch.append(_Pending(offset, offset + length, pos, parsed.status, head, root))
-            if b'"kind":"Redacted"' in line:  # another process redacted: (maybe) stale
-                snapshots.drop_snapshots(self, session_id)
-            if parsed.index == parsed.count:
-                index.apply(self, session, batch, lineno - len(batch) + 1)
-                self._sessions.setdefault(session_id, session)
-                self._n = pos
-                batch = []
-        return not batch
-
-    def _repair_intent(self) -> None:
-        """Finish or undo the write of a writer that died holding the lock (holds the lock)."""
-        assert self._intent is not None
-        if self._intent[52:67] != b"%015d" % (self._n + 1):
-            return  # done (the common case), stale or no intent: what the checks below find
-        raw = self._intent[:]
-        intent = _INTENT.fullmatch(raw)
-        if intent is None:
-            return
-        session_id = intent[1].decode()
-        offset, first, count = int(intent[2]), int(intent[3]), int(intent[4])
-        if first != self._n + 1 or not _SESSION_ID.fullmatch(session_id):
-            return  # done, or stale
-        path = self._sessions_dir / (session_id + _SUFFIX)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return
-        records: list[bytes] = []
-        try:
-            size = os.fstat(fd).st_size
-            if size <= offset:
-                return
-            session = self._sessions.get(session_id)
-            lineno = (len(session.ids) + 2) if session else 1
-            complete = True
-            for n, (at, line) in enumerate(_lines(fd, offset)):
-                if not line.endswith(b"\n"):
-                    complete = False
-                    break
-                if offset == 0 and n == 0:
-                    continue  # the header of a new file
-                match = _LINE.match(line)
-                index = len(records) + 1
-                if (
-                    match is None
-                    or int(match[1]) != first + len(records)
-                    or int(match[2] or 1) != index
-                    or int(match[3] or 1) != count
-                    or index > count
-                ):
-                    complete = False
-                    break
-                records.append(_record(first + len(records), session_id, at, len(line)))
-            if complete and len(records) == count and self.fsync:
-                # the writer died after its write and before its feed records: sync it
-                os.fsync(fd)
-                if offset == 0:
-                    _fsync_dir(path.parent)
-        finally:
-            os.close(fd)
-        if complete and len(records) == count:
-            _write_all(self._feed_fd, b"".join(records))
-            log.info("%s: a batch written by a process that died was kept", path)
-            self._catch_up()
-        else:
-            self._move_aside(path, offset, lineno)
-
-    async def _refresh(self) -> None:
-        """Catch up with other processes' appends before a read: cheap when there are none."""
-        self._check_open()
-        if self._stale:
-            purge_log.close_stale_fds(self)
-        with _translate(self._feed_path):
-            behind = feed_log.feed_behind(self)
-            if not behind and not purge_log.purges_behind(self):
-                return
-        if behind <= _INLINE_RECORDS:
-            if self._sync.acquire(blocking=False):
-                try:
-                    with _translate(self.directory):
-                        self._catch_up()
-                finally:
-                    self._sync.release()
-            # else: this process is appending, and catches up as it does
-            return
-        await asyncio.to_thread(self._catch_up_blocking)
-
-    def _catch_up_blocking(self) -> None:
-        with self._sync, _translate(self.directory):
-            self._catch_up()
 
     async def append(self, request: AppendRequest) -> AppendResult:
         self._check_open()
@@ -1037,8 +467,8 @@ class JSONLStore(PurgeStore):
         """
         session_id = request.session_id
         self._finish_purge()
-        self._catch_up()
-        self._repair_intent()
+        catch_up.catch_up(self)
+        catch_up.repair_intent(self)
         first = request.events[0]
         created = first.body if isinstance(first.body, SessionCreated) else None
         session = self._sessions.get(session_id)
@@ -1214,7 +644,7 @@ class JSONLStore(PurgeStore):
                 if new:
                     with contextlib.suppress(FileNotFoundError):
                         # leftovers of a creation that died before its first record
-                        self._move_aside(path, 0, 1)
+                        scan.move_aside(self, path, 0, 1)
                     flags |= os.O_CREAT | os.O_EXCL
                 fd = os.open(path, flags, 0o600)
             stat = os.fstat(fd)
@@ -1223,7 +653,7 @@ class JSONLStore(PurgeStore):
                 raise SessionNotFoundError(session_id)
             if stat.st_size != offset:
                 # a dead writer's tail (the file stays the same: it is cut back)
-                self._move_aside(path, offset, len(session.ids) + 2 if session else 1)
+                scan.move_aside(self, path, offset, len(session.ids) + 2 if session else 1)
             try:
                 _write_all(fd, b"".join(parts))
                 if self.fsync:
@@ -1343,7 +773,7 @@ class JSONLStore(PurgeStore):
         limit: int = 100,
         after: str | None = None,
     ) -> list[SessionRow]:
-        await self._refresh()
+        await catch_up.refresh(self)
         start = parse_cursor(after) if after is not None else (-(2**63), "")
         order, sessions = self._order, self._sessions
         i = bisect.bisect_right(order, start)
@@ -1380,8 +810,8 @@ class JSONLStore(PurgeStore):
     def _purge_sync(self, requests: list[PurgeRequest]) -> list[PurgeRecord]:
         with self._locked():
             self._finish_purge()
-            self._catch_up()
-            self._repair_intent()
+            catch_up.catch_up(self)
+            catch_up.repair_intent(self)
             chosen: dict[str, tuple[PurgeRecord, _Session]] = {}
             for request in requests:
                 record = request.record
@@ -1486,49 +916,6 @@ class JSONLStore(PurgeStore):
         for mark in marks:
             snapshots.drop_snapshots(self, mark.record.session_id)
         log.info("%s: %d session(s) purged", self._purges_path, len(marks))
-
-    def _rebuilt_records(
-        self, candidates: list[tuple[int, str, int, int]], total: int
-    ) -> list[bytes]:
-        """The records to add after ``total`` for the unrecorded lines ``candidates``.
-
-        Positions must follow on with no gap, except those of purged sessions
-        (from ``purges.jsonl``), which get tombstones: after ``feed.log`` was
-        deleted, every position a purge took is taken again, none handed out twice.
-        """
-        end = total + len(candidates)
-        purged: dict[int, str] = {}
-        gaps = bool(candidates) and candidates[-1][0] != end
-        if gaps or (total == 0 and os.fstat(self._purges_fd).st_size):
-            data = os.pread(self._purges_fd, os.fstat(self._purges_fd).st_size, 0)
-            for line in data[: data.rfind(b"\n") + 1].splitlines():
-                try:
-                    mark = _purge_mark_decoder.decode(line)
-                except msgspec.MsgspecError as exc:
-                    raise IntegrityError(
-                        f"Damaged line in {str(self._purges_path)!r}: {exc}"
-                    ) from None
-                for first, last in mark.positions:
-                    for p in range(max(first, total + 1), last + 1):
-                        purged[p] = mark.record.session_id
-        out: list[bytes] = []
-        expected = total + 1
-        for pos, session_id, offset, length in candidates:
-            while expected < pos and expected in purged:
-                out.append(_tombstone(expected, purged[expected]))
-                expected += 1
-            if pos != expected:
-                raise IntegrityError(
-                    f"Damaged line in {str(self._sessions_dir / (session_id + _SUFFIX))!r}: "
-                    f"position {pos} is not in {str(self._feed_path)!r}, which ends at "
-                    f"{expected - 1}"
-                )
-            out.append(_record(pos, session_id, offset, length))
-            expected += 1
-        while expected in purged:
-            out.append(_tombstone(expected, purged[expected]))
-            expected += 1
-        return out
 
     async def purges(
         self, *, user_id: str | None = None, limit: int = 50, cursor: str | None = None
@@ -1647,14 +1034,14 @@ class JSONLStore(PurgeStore):
         return await self._lines_between(session, first, stop, self._read_range)
 
     async def get(self, event_id: str) -> Event:
-        await self._refresh()
+        await catch_up.refresh(self)
         found = index.find(self, event_id)
         if found is None:
             raise EventNotFoundError(event_id)
         return (await self._events_between(found[0], found[1], found[1] + 1))[0]
 
     async def find_by_key(self, session_id: str, key: str) -> Event | None:
-        await self._refresh()
+        await catch_up.refresh(self)
         session = self._sessions.get(session_id)
         if session is None or key not in session.keys:
             return None
@@ -1662,7 +1049,7 @@ class JSONLStore(PurgeStore):
         return (await self._events_between(session, k, k + 1))[0]
 
     async def find_created(self, user_id: str, key: str) -> Event | None:
-        await self._refresh()
+        await catch_up.refresh(self)
         found = self._created.get((user_id, key))
         if found is None:
             return None
@@ -1690,7 +1077,7 @@ class JSONLStore(PurgeStore):
     ) -> list[_Item]:
         """``read``'s item for each event of the path from ``event_id`` back, newest
         first: ``limit`` of them, or all to the root."""
-        await self._refresh()
+        await catch_up.refresh(self)
         if limit is not None and limit <= 0:
             return []
         found = index.find(self, event_id)
@@ -1740,7 +1127,7 @@ class JSONLStore(PurgeStore):
         return found[1]
 
     async def events(self, session_id: str, *, page_size: int = 1000) -> AsyncIterator[Event]:
-        await self._refresh()
+        await catch_up.refresh(self)
         session = self._sessions.get(session_id)
         if session is None:
             return
@@ -1753,19 +1140,19 @@ class JSONLStore(PurgeStore):
                 yield event
 
     async def heads(self, session_id: str) -> dict[str, str]:
-        await self._refresh()
+        await catch_up.refresh(self)
         session = self._sessions.get(session_id)
         return dict(session.heads) if session is not None else {}
 
     async def session(self, session_id: str) -> SessionRow:
-        await self._refresh()
+        await catch_up.refresh(self)
         session = self._sessions.get(session_id)
         if session is None:
             raise SessionNotFoundError(session_id)
         return session.row()
 
     async def sessions(self, query: SessionQuery) -> SessionPage:
-        await self._refresh()
+        await catch_up.refresh(self)
         order, sessions = self._order, self._sessions
         i = len(order)
         if query.cursor is not None:
@@ -1790,7 +1177,7 @@ class JSONLStore(PurgeStore):
         return await snapshots.get_snapshot(self, session_id, key, event_id)
 
     async def read_feed(self, after: int = 0, limit: int = 1000) -> list[FeedItem]:
-        await self._refresh()
+        await catch_up.refresh(self)
         items: list[FeedItem] = []
         position = max(after, 0)
         # Purged sessions leave gaps: read on past them until ``limit`` items.
@@ -1891,7 +1278,7 @@ class JSONLStore(PurgeStore):
             appended = self._appended
             if appended is None:
                 appended = self._appended = asyncio.Event()
-            await self._refresh()
+            await catch_up.refresh(self)
             remaining = deadline - loop.time()
             if self._n > after or remaining <= 0:
                 return
@@ -1903,7 +1290,7 @@ class JSONLStore(PurgeStore):
         what ``read_session_lines`` reads in another process, which opens nothing but
         the file (opening the store there would read its whole index). None when the
         session has no event after the ``start``-th (``start`` at least 1)."""
-        await self._refresh()
+        await catch_up.refresh(self)
         session = self._sessions.get(session_id)
         upper = len(session.ids) if session is not None else 0
         if session is None or not 1 <= start < upper:
