@@ -129,7 +129,7 @@ Retention. ``purge`` commits a batch by renaming ``purge.redo`` (its
 appends the lines to ``purges.jsonl``, overwrites each purged position's
 ``feed.log`` record with a tombstone (``<position> <session-id> purged``),
 removes the session's files and the redo file; the next writer or open
-finishes a batch cut short after the rename (``_finish_purge``). Every process
+finishes a batch cut short after the rename (``retention.finish_purge``). Every process
 reads new ``purges.jsonl`` lines before each write (under the lock) and each
 read (when its size grew) and forgets those sessions, so it never appends to a
 removed file. Positions stay taken: ``read_feed`` skips tombstones, and a
@@ -142,6 +142,7 @@ not read, and the next writer cuts it off.
 """
 
 from stores.jsonl.format import FORMAT, FORMAT_VERSION
-from stores.jsonl.store import JSONLStore, SessionLines, read_session_lines
+from stores.jsonl.lines import SessionLines, read_session_lines
+from stores.jsonl.store import JSONLStore
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "JSONLStore", "SessionLines", "read_session_lines"]

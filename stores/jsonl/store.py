@@ -3,13 +3,11 @@ lock; the work is done by the package's modules (see the package docstring)."""
 
 from __future__ import annotations
 
-import array
 import asyncio
 import bisect
 import collections
 import contextlib
 import fcntl
-import itertools
 import logging
 import mmap
 import os
@@ -19,15 +17,7 @@ from pathlib import Path
 from typing import Final
 from urllib.parse import parse_qsl
 
-import msgspec
-
-from ledger.errors import (
-    ConfigError,
-    EventNotFoundError,
-    IntegrityError,
-    InvalidEventError,
-    SessionNotFoundError,
-)
+from ledger.errors import ConfigError, EventNotFoundError, IntegrityError, SessionNotFoundError
 from ledger.events import Event, gc_paused
 from stores.base import (
     AppendRequest,
@@ -44,94 +34,27 @@ from stores.base import (
     parse_cursor,
 )
 from stores.jsonl import (
+    anchors,
     appends,
     catch_up,
     erase,
+    feed_reads,
     index,
-    purge_log,
+    lines,
     reads,
     retention,
     saved_index,
     scan,
     snapshots,
 )
-from stores.jsonl.feed_log import _INTENT_BYTES, _REC, _RECORD, _RECORDS
-from stores.jsonl.files import _fsync_dir, _read_if_there, _translate
-from stores.jsonl.format import (
-    _SESSION_ID,
-    _SUFFIX,
-    _damaged,
-    _decode_page,
-    _get_parent,
-    _Step,
-    _step_parent,
-)
-from stores.jsonl.index import _bisect, _Session
-from stores.jsonl.reads import _INLINE_BYTES
+from stores.jsonl.feed_log import _INTENT_BYTES
+from stores.jsonl.files import _fsync_dir, _translate
+from stores.jsonl.format import _get_parent, _Step, _step_parent
+from stores.jsonl.index import _Session
+from stores.jsonl.lines import SessionLines
 from stores.jsonl.write import _SYNC_WINDOW
 
 log = logging.getLogger("stores.jsonl")
-
-
-class SessionLines(msgspec.Struct, frozen=True, kw_only=True):
-    """A run of a session file's lines as the index holds them (``session_lines``): the
-    line before the run (the parent of a version 2 line that leaves its own out), then
-    the run. ``starts`` and ``ends`` are ``array("q")`` bytes, one per line."""
-
-    path: str
-    version: int
-    session: str
-    first: int
-    """The index of the line before the run in the file (line 0: its first event)."""
-    starts: bytes
-    ends: bytes
-    ids: list[str]
-
-
-def read_session_lines(lines: SessionLines, page_size: int) -> Iterator[list[Event]]:
-    """The events of the run of ``lines`` (all but its first line), ``page_size`` at a
-    time, each line checked against the index as the store's own reads check it.
-
-    Raises:
-        IntegrityError: a page that does not read as the index says (the store's
-            own read names the line).
-    """
-    session = _Session(lines.session, Path(lines.path).parent)
-    session._path = Path(lines.path)
-    session.version = lines.version
-    session.starts.frombytes(lines.starts)
-    session.ends.frombytes(lines.ends)
-    session.ids = dict(enumerate(lines.ids))
-    count = len(session.ids)
-    if len(session.starts) != count or len(session.ends) != count:
-        raise IntegrityError(
-            f"Not a run of lines of {lines.path!r}: {count} ids, {len(session.starts)} lines"
-        )
-    fd = os.open(lines.path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        for first in range(1, count, max(1, page_size)):
-            stop = min(count, first + page_size)
-            base = session.starts[first]
-            data = os.pread(fd, session.ends[stop - 1] - base, base)
-            events = _decode_page(data, session, first, stop)
-            if events is None:
-                raise _first_damaged(lines, session, data, first, stop)
-            yield events
-    finally:
-        os.close(fd)
-
-
-def _first_damaged(
-    lines: SessionLines, session: _Session, data: bytes, first: int, stop: int
-) -> IntegrityError:
-    """The error naming the first line of a page (``data``) that does not read as the index says."""
-    base = session.starts[first]
-    for k in range(first, stop):
-        line = data[session.starts[k] - base : session.ends[k] - base]
-        if _decode_page(line, session, k, k + 1) is None:
-            break
-    lineno = lines.first + k + 2  # the file's header is line 1
-    return _damaged(lines.path, lineno, "not the event the index names there", session.ids[k])
 
 
 _BOOLS: Final = {
@@ -356,62 +279,11 @@ class JSONLStore(PurgeStore):
         """
         await snapshots.put_snapshots(self, session_id, key, states)
 
-    def _anchors_path(self, session_id: str) -> Path:
-        if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
-            raise InvalidEventError(
-                f"Invalid session id for the JSONL store: {session_id!r} "
-                "(a lower-case uuid4 string)"
-            )
-        return self.directory / "anchors" / (session_id + _SUFFIX)
-
     async def put_anchor(self, session_id: str, anchor: bytes) -> None:
-        self._check_open()
-        path = self._anchors_path(session_id)
-        line = bytes(anchor)
-        if b"\n" in line:
-            raise InvalidEventError(f"Anchor of session {session_id!r} encodes with a newline")
-        async with self._write_lock:
-            self._check_open()
-            with _translate(path, session_id):
-                await asyncio.to_thread(self._put_anchor_sync, path, line + b"\n")
-
-    def _put_anchor_sync(self, path: Path, line: bytes) -> None:
-        with self._locked():
-            folder = path.parent
-            if not folder.is_dir():
-                folder.mkdir(mode=0o700, exist_ok=True)
-                if self.fsync:
-                    _fsync_dir(folder.parent)
-            new = not path.exists()
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                size = os.fstat(fd).st_size
-                if size:  # cut off a line a killed writer left without its newline
-                    tail = os.pread(fd, min(size, 1 << 16), max(0, size - (1 << 16)))
-                    if not tail.endswith(b"\n"):
-                        cut = tail.rfind(b"\n")
-                        if cut < 0 and size > len(tail):
-                            raise IntegrityError(f"Damaged anchor file: {str(path)!r}")
-                        size = size - len(tail) + cut + 1
-                        os.ftruncate(fd, size)
-                view = memoryview(line)
-                while view:
-                    written = os.pwrite(fd, view, size)
-                    view, size = view[written:], size + written
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            if new and self.fsync:
-                _fsync_dir(folder)
+        await anchors.put_anchor(self, session_id, anchor)
 
     async def anchors(self, session_id: str) -> list[bytes]:
-        self._check_open()
-        path = self._anchors_path(session_id)
-        with _translate(path, session_id):
-            data = await asyncio.to_thread(_read_if_there, path)
-        lines = data.split(b"\n")
-        return lines[:-1]  # the last piece is empty, or a write still in flight
+        return await anchors.anchors(self, session_id)
 
     async def idle_sessions(
         self,
@@ -540,94 +412,7 @@ class JSONLStore(PurgeStore):
         return await snapshots.get_snapshot(self, session_id, key, event_id)
 
     async def read_feed(self, after: int = 0, limit: int = 1000) -> list[FeedItem]:
-        await catch_up.refresh(self)
-        items: list[FeedItem] = []
-        position = max(after, 0)
-        # Purged sessions leave gaps: read on past them until ``limit`` items.
-        while len(items) < limit and position < self._n:
-            stop = min(self._n, position + limit - len(items))
-            for attempt in range(3):
-                try:
-                    items.extend(await self._feed_between(position, stop))
-                    break
-                except SessionNotFoundError:
-                    # A session file went between the record's read and the line's: a
-                    # purge, which tombstoned the records first; read them again.
-                    if attempt == 2:
-                        raise
-            position = stop
-        return items
-
-    async def _feed_between(self, after: int, stop: int) -> list[FeedItem]:
-        """The events at positions ``after + 1`` to ``stop``, less the purged ones."""
-        with _translate(self._feed_path):
-            data = os.pread(self._feed_fd, (stop - after) * _REC, (after + 1) * _REC)
-        runs = self._feed_runs(after, data)
-        if runs is None:
-            runs = self._feed_runs_checked(after, data)
-        items: list[FeedItem] = []
-        for session, first, positions in runs:
-            stop_k = first + len(positions)
-            if session.ends[stop_k - 1] - session.starts[first] <= _INLINE_BYTES:
-                with _translate(session.path, session.session_id):
-                    events = reads.read_range(self, session, first, stop_k, True)
-            else:
-                events = await reads.events_between(self, session, first, stop_k)
-            items.extend(map(FeedItem, positions, events))
-        return items
-
-    def _feed_runs(self, after: int, data: bytes) -> list[tuple[_Session, int, range]] | None:
-        """``data``'s records as runs of consecutive lines of one session, or None.
-
-        The fast path, for records that are all well formed, at their
-        positions, and name indexed lines: anything else (a tombstone, a purged
-        session, damage) returns None, and ``_feed_runs_checked`` takes it.
-        """
-        if not _RECORDS.fullmatch(data):
-            return None
-        fields = data.split()
-        count = len(fields) // 4
-        if list(map(int, fields[0::4])) != list(range(after + 1, after + 1 + count)):
-            return None
-        offsets = fields[2::4]
-        runs: list[tuple[_Session, int, range]] = []
-        i = 0
-        for raw_id, same in itertools.groupby(fields[1::4]):
-            n = len(list(same))
-            session = self._sessions.get(raw_id.decode())
-            if session is None:
-                return None
-            starts = session.starts
-            first = bisect.bisect_left(starts, int(offsets[i]))
-            # every record names the next line of the session
-            if starts[first : first + n] != array.array("q", map(int, offsets[i : i + n])):
-                return None
-            runs.append((session, first, range(after + 1 + i, after + 1 + i + n)))
-            i += n
-        return runs
-
-    def _feed_runs_checked(self, after: int, data: bytes) -> list[tuple[_Session, int, range]]:
-        """``_feed_runs`` record by record: skips purged positions, names a damaged record."""
-        runs: list[tuple[_Session, int, range]] = []
-        for i in range(len(data) // _REC):
-            pos = after + 1 + i
-            raw = data[i * _REC : (i + 1) * _REC]
-            rec = _RECORD.fullmatch(raw)
-            session = self._sessions.get(rec[2].decode()) if rec else None
-            k = -1
-            if rec is not None and session is not None and int(rec[1]) == pos:
-                k = _bisect(session.starts, int(rec[3]))
-            if session is None or k < 0:
-                if purge_log.gone(self, pos, raw):
-                    continue
-                raise _damaged(self._feed_path, pos + 1, "does not match the session files")
-            if runs:
-                last, first, positions = runs[-1]
-                if last is session and first + len(positions) == k and positions[-1] + 1 == pos:
-                    runs[-1] = (session, first, range(positions[0], pos + 1))
-                    continue
-            runs.append((session, k, range(pos, pos + 1)))
-        return runs
+        return await feed_reads.read_feed(self, after, limit)
 
     async def wait_for_feed(self, after: int, max_wait: float) -> None:
         """Return when a position above ``after`` has committed, or after ``max_wait``.
@@ -635,36 +420,11 @@ class JSONLStore(PurgeStore):
         Appends of this process wake the waiter at once; those of other
         processes are seen by polling the size of ``feed.log``.
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(0.0, max_wait)
-        while True:
-            appended = self._appended
-            if appended is None:
-                appended = self._appended = asyncio.Event()
-            await catch_up.refresh(self)
-            remaining = deadline - loop.time()
-            if self._n > after or remaining <= 0:
-                return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(appended.wait(), min(remaining, self.poll_interval))
+        await feed_reads.wait_for_feed(self, after, max_wait)
 
     async def session_lines(self, session_id: str, start: int) -> SessionLines | None:
         """Where the session's events from the ``start``-th on are in its file, as of now:
         what ``read_session_lines`` reads in another process, which opens nothing but
         the file (opening the store there would read its whole index). None when the
         session has no event after the ``start``-th (``start`` at least 1)."""
-        await catch_up.refresh(self)
-        session = self._sessions.get(session_id)
-        upper = len(session.ids) if session is not None else 0
-        if session is None or not 1 <= start < upper:
-            return None
-        ids = session.ids
-        return SessionLines(
-            path=str(session.path),
-            version=session.version,
-            session=session_id,
-            first=start - 1,
-            starts=session.starts[start - 1 : upper].tobytes(),
-            ends=session.ends[start - 1 : upper].tobytes(),
-            ids=[ids[k] for k in range(start - 1, upper)],
-        )
+        return await lines.session_lines(self, session_id, start)
