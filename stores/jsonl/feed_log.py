@@ -20,34 +20,18 @@ log = logging.getLogger("stores.jsonl")
 
 
 _FEED_FORMAT: Final = "session-ledger/jsonl-feed"
-
-
 _FEED_VERSION: Final = 1
-
-
 _REC: Final = 80
 """Width of a ``feed.log`` line (its header included)."""
-
-
 _FEED_HEADER: Final = (
     orjson.dumps({"ledger": _FEED_FORMAT, "version": _FEED_VERSION}).ljust(_REC - 1) + b"\n"
 )
-
-
 _RECORD: Final = re.compile(rb"([0-9]{15}) ([0-9a-f-]{36}) ([0-9]{14}) ([0-9]{11})\n")
-
-
 _RECORDS: Final = re.compile(rb"(?:[0-9]{15} [0-9a-f-]{36} [0-9]{14} [0-9]{11}\n)*")
 """A run of ``feed.log`` records, none of them a tombstone."""
-
-
 _INTENT: Final = re.compile(rb"([0-9a-f-]{36}) ([0-9]{14}) ([0-9]{15}) ([0-9]{9})\n")
-
-
 _INTENT_BYTES: Final = 78
 """Length of the intent record at the start of ``lock``."""
-
-
 _TOMBSTONE: Final = re.compile(rb"([0-9]{15}) ([0-9a-f-]{36}) purged {20}\n")
 """A ``feed.log`` record whose event was purged (its position stays taken)."""
 

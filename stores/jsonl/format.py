@@ -22,12 +22,8 @@ if TYPE_CHECKING:
 
 
 FORMAT: Final = "session-ledger/jsonl"
-
-
 FORMAT_VERSION: Final = 2
 """The ``version`` in the header line of the session files this code makes (it reads 1 and 2)."""
-
-
 _LINE: Final = re.compile(
     rb'\{"pos":([1-9][0-9]{0,14})(?:,"batch":\[([1-9][0-9]{0,8}),([1-9][0-9]{0,8})\])?'
     rb'(?:,"status":"(active|suspended|closed|expired)")?'
@@ -35,8 +31,6 @@ _LINE: Final = re.compile(
 )
 """An event line's envelope: position, batch, status, parent. Version 1 lines always
 have ``batch`` and never ``parent`` (their events hold it)."""
-
-
 _STEPS: Final = {
     1: re.compile(
         rb'\{"pos":[0-9]+,"batch":\[[0-9]+,[0-9]+\](?:,"status":"[a-z]+")?,"event":\{"id":'
@@ -50,17 +44,9 @@ _STEPS: Final = {
 """The start of an event line as this code writes it, by file version: ``path_index``
 takes an event's parent and seq from it without decoding the line. Groups: the parent
 (None when left out: the event of the line before), its id (None for null), the seq."""
-
-
 _SESSION_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-
-
 _STATUSES: Final = frozenset({"active", "suspended", "closed", "expired"})
-
-
 _SUFFIX: Final = ".jsonl"
-
-
 _GC_PAUSE_FROM: Final = 64
 """Pages of at least this many lines are decoded with the garbage collector paused."""
 
@@ -82,11 +68,7 @@ class _StoredEvent(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
 
 
 _stored_encoder = msgspec.json.Encoder()
-
-
 _json = msgspec.json.encode
-
-
 _set = msgspec.structs.force_setattr
 
 
@@ -199,8 +181,6 @@ def _event(parsed: _Line, path: Path | str, lineno: int, previous: str | None = 
 
 
 _parent_decoder = msgspec.json.Decoder(str | None)
-
-
 _Batch = tuple[Annotated[int, msgspec.Meta(ge=1)], Annotated[int, msgspec.Meta(ge=1)]]
 
 
@@ -230,30 +210,14 @@ _line_decoders: Final[
     2: msgspec.json.Decoder(_Envelope2),
 }
 """Each decodes a page's lines at once (``decode_lines``), by file version."""
-
-
 _get_event = operator.attrgetter("event")
-
-
 _get_id = operator.attrgetter("id")
-
-
 _get_session = operator.attrgetter("session")
-
-
 _get_parent = operator.attrgetter("parent")
-
-
 _step_parent = operator.itemgetter(2)
-
-
 _Step = tuple[str, int, str | None]
 """An event's ``(id, seq, parent)``: what ``path_index`` gives."""
-
-
 _Item = TypeVar("_Item", Event, _Step)
-
-
 _EVENT_KEY: Final = b'"event":{'
 
 

@@ -21,8 +21,6 @@ if TYPE_CHECKING:
 
 
 _LINE_BITS: Final = 40
-
-
 _LINE_MASK: Final = (1 << _LINE_BITS) - 1
 
 

@@ -40,8 +40,6 @@ class _PurgeMark(msgspec.Struct):
 
 
 _purge_line_decoder = msgspec.json.Decoder(_PurgeLine)
-
-
 _purge_mark_decoder = msgspec.json.Decoder(_PurgeMark)
 
 

@@ -21,8 +21,6 @@ if TYPE_CHECKING:
 _INLINE_BYTES: Final = 1 << 20
 """Reads up to this size run on the event loop (about a millisecond: a hop to a
 worker thread and back costs more than that); bigger ones in a worker thread."""
-
-
 _PATH_WINDOW: Final = 4096
 """Lines ``ancestors`` reads at once, ending at the next event of the path."""
 

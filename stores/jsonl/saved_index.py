@@ -20,11 +20,7 @@ if TYPE_CHECKING:
 
 
 _INDEX_FORMAT: Final = "session-ledger/jsonl-index"
-
-
 _INDEX_VERSION: Final = 2
-
-
 _INDEX_FROM: Final = 10_000
 """Events from which a store saves its index at close (fewer are scanned in ~50 ms)."""
 

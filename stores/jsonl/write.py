@@ -22,14 +22,10 @@ if TYPE_CHECKING:
 
 _INLINE_SYNC_SECONDS: Final = 0.002
 """Appends run on the event loop unless most recent writes + fsyncs took longer than this."""
-
-
 _SYNC_WINDOW: Final = 16
 """The recent writes + fsyncs that decide: a slow disk is slow in most of them, while a
 busy machine's stall (tens of ms now and then) is one, and must not send the next
 appends through a worker thread (the hop costs about as much as the rest of the append)."""
-
-
 _MAX_FDS: Final = 64
 """Session files kept open (for appends and small reads) by the event loop's thread."""
 
