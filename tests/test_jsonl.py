@@ -36,7 +36,7 @@ from ledger.events import (
 )
 from stores import open_store
 from stores.base import AppendRequest, PurgeRecord, PurgeRequest, SessionRow
-from stores.jsonl import FORMAT, FORMAT_VERSION, JSONLStore
+from stores.jsonl import FORMAT, FORMAT_VERSION, JSONLStore, retention
 
 
 def create(user: str = "user-1", *, session: str | None = None) -> Event:
@@ -350,27 +350,30 @@ async def test_a_dead_writers_synced_batch_is_adopted_by_the_next_writer(root: P
         assert [i.position for i in await store.read_feed(0)] == [1, 2, 3]
 
 
-async def test_a_purge_cut_short_is_finished_by_the_next_writer(root: Path) -> None:
+async def test_a_purge_cut_short_is_finished_by_the_next_writer(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A purger killed after its commit (the redo renamed into place): another store's
     next append carries the purge out before it writes."""
     async with JSONLStore(root) as store, JSONLStore(root) as purger:
         (gone,) = await new_session(store)
         (kept,) = await new_session(store)
-        finish = purger._finish_purge
+        finish = retention.finish_purge
         calls = 0
 
-        def killed_after_commit() -> None:
+        def killed_after_commit(finisher: JSONLStore) -> None:
             nonlocal calls
-            calls += 1
-            if calls > 1:  # the call right after the rename: the process dies there
+            if finisher is purger:
+                calls += 1
+            if calls > 1:  # the purger's call right after the rename: the process dies there
                 raise KeyboardInterrupt
-            finish()
+            finish(finisher)
 
-        purger._finish_purge = killed_after_commit  # type: ignore[method-assign]
+        monkeypatch.setattr(retention, "finish_purge", killed_after_commit)
         row = await purger.session(gone.session)
         with pytest.raises(KeyboardInterrupt):
             await purger.purge([purge_request(row)])
-        purger._finish_purge = finish  # type: ignore[method-assign]
+        monkeypatch.setattr(retention, "finish_purge", finish)
         assert (root / "purge.redo").exists()
         assert session_file(root, gone.session).exists()
         await store.append(request([turn(kept)], kept.id))

@@ -25,8 +25,8 @@ from ledger.events import (
     event_problem,
     make_event,
 )
-from stores import jsonl
-from stores.jsonl import JSONLStore
+from stores.jsonl import JSONLStore, reads
+from stores.jsonl import format as jsonl
 from tests.strategies import bodies, chains, event_ids, events, json_objects, names, texts
 from tests.test_jsonl import collect, create, new_session, request, session_file, turn
 
@@ -373,7 +373,7 @@ def test_pages_of_any_size_read_as_line_by_line(
             await store.append(request(chain[1:], chain[0].id))
             got = [e async for e in store.events(chain[0].session, page_size=page_size)]
             session = store._sessions[chain[0].session]
-            one_by_one = [store._read_event(session, k) for k in range(len(chain))]
+            one_by_one = [reads.read_event(store, session, k) for k in range(len(chain))]
         assert got == one_by_one == chain
 
     asyncio.run(run())

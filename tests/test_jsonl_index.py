@@ -19,9 +19,8 @@ from hypothesis import strategies as st
 
 from ledger import Ledger
 from ledger.errors import IntegrityError
-from stores import jsonl
 from stores.base import SessionQuery
-from stores.jsonl import JSONLStore
+from stores.jsonl import JSONLStore, saved_index, scan
 from tests.test_jsonl import (
     collect,
     line,
@@ -69,13 +68,13 @@ class ScanCounter:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.scanned: list[str] = []
-        scan = JSONLStore._scan_session
+        scan_session = scan.scan_session
 
         def counting(store: JSONLStore, session_id: str, *args: Any) -> None:
             self.scanned.append(session_id)
-            scan(store, session_id, *args)
+            scan_session(store, session_id, *args)
 
-        monkeypatch.setattr(JSONLStore, "_scan_session", counting)
+        monkeypatch.setattr(scan, "scan_session", counting)
 
 
 @pytest.fixture
@@ -86,18 +85,18 @@ def root(tmp_path: Path) -> Path:
 @pytest.fixture(autouse=True)
 def index_every_store(monkeypatch: pytest.MonkeyPatch) -> None:
     """Small stores save no index (their scan is as quick): these tests want one."""
-    monkeypatch.setattr(jsonl, "_INDEX_FROM", 0)
+    monkeypatch.setattr(saved_index, "_INDEX_FROM", 0)
 
 
 async def test_a_small_store_saves_no_index(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async with JSONLStore(root) as store:
         await new_session(store, turns=2)
     assert (root / "index").exists()
-    monkeypatch.setattr(jsonl, "_INDEX_FROM", 4)
+    monkeypatch.setattr(saved_index, "_INDEX_FROM", 4)
     async with JSONLStore(root) as store:
         await new_session(store)
     assert (root / "index").exists()  # 4 events
-    monkeypatch.setattr(jsonl, "_INDEX_FROM", 6)
+    monkeypatch.setattr(saved_index, "_INDEX_FROM", 6)
     async with JSONLStore(root) as store:
         await new_session(store)
     assert not (root / "index").exists()  # 5 events: removed, not left to go stale

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import stores.jsonl
+import stores.jsonl.reads
 from bench.content import chain
 from ledger.errors import EventNotFoundError, IntegrityError
 from ledger.events import Event, new_session_id
@@ -84,7 +84,7 @@ def test_path_index_is_the_ids_seqs_and_parents_of_ancestors(
 ) -> None:
     # Small windows put window edges and other branches' lines all along the walk.
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(stores.jsonl, "_PATH_WINDOW", window)
+        patch.setattr(stores.jsonl.reads, "_PATH_WINDOW", window)
         asyncio.run(check_tree(ops, limits))
 
 

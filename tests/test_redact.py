@@ -438,15 +438,15 @@ _KILL_AFTER_APPEND = textwrap.dedent(
     """
     import asyncio, os, signal, sys
     from ledger import Ledger
-    import stores.jsonl as jsonl
+    import stores.jsonl.write as jsonl_write
 
     def die(self, *args, **kwargs):  # the batch is appended: die before the overwrite
         os.kill(os.getpid(), signal.SIGKILL)
 
     async def main(url, event_id):
         async with Ledger.open(url) as led:
-            jsonl.JSONLStore._write = (lambda write: lambda self, *a, **k: (
-                write(self, *a, **k), die(self)))(jsonl.JSONLStore._write)
+            jsonl_write.write_batch = (lambda write: lambda store, *a, **k: (
+                write(store, *a, **k), die(store)))(jsonl_write.write_batch)
             await led.redact(event_id, reason="cut short")
 
     asyncio.run(main(sys.argv[1], sys.argv[2]))
