@@ -122,7 +122,6 @@ missing or cut short, or a record that does not match its line, raises
 The global feed is in commit order: positions are assigned under the lock, in
 the order the batches are written, and a reader only takes a position once
 every record up to it is complete, so a tailing reader never skips one.
-Projection snapshots are kept in memory only (derived data, safe to lose).
 
 Retention. ``purge`` commits a batch by renaming ``purge.redo`` (its
 ``purges.jsonl`` lines, synced) into place under the writers' lock, then

@@ -11,7 +11,7 @@ from ledger.errors import IntegrityError, StoreError
 from ledger.events import Event, encode_event
 from stores.base import AppendRequest, check_erase
 from stores.jsonl import index, reads, snapshots, write
-from stores.jsonl.files import _fsync_dir, _write_all
+from stores.jsonl.files import _commit_file
 from stores.jsonl.format import _LINE, _damaged, _stored
 from stores.jsonl.index import _bisect, _Session
 
@@ -47,15 +47,7 @@ def erase_locked(
             "lines": [[offset, line.decode()] for offset, line in lines],
         }
     )
-    tmp = store._redo_path.with_name(store._redo_path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        _write_all(fd, redo)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, store._redo_path)
-    _fsync_dir(store.directory)
+    _commit_file(store._redo_path, redo, store.directory)
     write.write_batch(store, request, session, payloads, cache)
     finish_erase(store)
 

@@ -94,6 +94,20 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _commit_file(path: Path, data: bytes, directory: Path) -> None:
+    """Put ``data`` at ``path`` whole or not at all, durably: a synced temporary
+    file renamed into place, then the directory synced."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(directory)
+
+
 def _clock_tick(fd: int) -> int:
     """The file system's clock (a modification time set now), once it has ticked.
 

@@ -15,7 +15,7 @@ from ledger.errors import IntegrityError
 from stores.base import PurgePage, PurgeRecord, PurgeRequest, parse_cursor, purge_cursor
 from stores.jsonl import catch_up, purge_log, reads, snapshots
 from stores.jsonl.feed_log import _REC, _tombstone
-from stores.jsonl.files import _fsync_dir, _read_if_there, _translate, _write_all
+from stores.jsonl.files import _commit_file, _fsync_dir, _read_if_there, _translate, _write_all
 from stores.jsonl.format import _LINE, _damaged
 from stores.jsonl.index import _Session
 from stores.jsonl.purge_log import _purge_line_decoder, _purge_mark_decoder, _PurgeLine
@@ -83,15 +83,7 @@ def purge_sync(store: JSONLStore, requests: list[PurgeRequest]) -> list[PurgeRec
         redo = msgspec.json.encode(
             _PurgeRedo(offset=os.fstat(store._purges_fd).st_size, lines=lines.decode())
         )
-        tmp = store._purge_redo_path.with_name(store._purge_redo_path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            _write_all(fd, redo)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, store._purge_redo_path)
-        _fsync_dir(store.directory)  # committed
+        _commit_file(store._purge_redo_path, redo, store.directory)  # committed
         finish_purge(store)
         purge_log.catch_up_purges(store)
         return [record for record, _ in chosen.values()]

@@ -359,7 +359,12 @@ class JSONLStore(PurgeStore):
         with gc_paused():
             return await reads.path(self, event_id, limit, reads.read_steps, _step_parent)
 
-    async def events(self, session_id: str, *, page_size: int = 1000) -> AsyncIterator[Event]:
+    def events(self, session_id: str, *, page_size: int = 1000) -> AsyncIterator[Event]:
+        return self.events_from(session_id, 0, page_size=page_size)
+
+    async def event_pages(
+        self, session_id: str, start: int = 0, *, page_size: int = 1000
+    ) -> AsyncIterator[list[Event]]:
         await catch_up.refresh(self)
         session = self._sessions.get(session_id)
         if session is None:
@@ -367,12 +372,11 @@ class JSONLStore(PurgeStore):
         # The session's events as of now: later appends are not chased.
         upper = len(session.ids)
         page_size = max(1, page_size)
-        for first in range(0, upper, page_size):
+        for first in range(start, upper, page_size):
             self._check_open()
-            for event in await reads.events_between(
-                self, session, first, min(upper, first + page_size)
-            ):
-                yield event
+            page = await reads.events_between(self, session, first, min(upper, first + page_size))
+            if page:
+                yield page
 
     async def heads(self, session_id: str) -> dict[str, str]:
         await catch_up.refresh(self)
