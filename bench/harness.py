@@ -112,10 +112,13 @@ def median(samples: list[float]) -> float:
 
 def fmt_time(seconds: float) -> str:
     """3 significant digits in the unit that reads best."""
+    rounded = float(f"{seconds:.3g}")  # first: 999.6 µs reads 1 ms, not "1e+03 µs"
+    if rounded >= 1000:
+        return f"{seconds:,.0f} s"
     for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
-        if seconds >= scale:
-            return f"{seconds / scale:.3g} {unit}"
-    return f"{seconds * 1e9:.3g} ns"
+        if rounded >= scale:
+            return f"{rounded / scale:.3g} {unit}"
+    return f"{rounded * 1e9:.3g} ns"
 
 
 def fmt_rate(per_second: float) -> str:

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from bench.context import Context, Sizes
 from bench.datasets import close_datasets
-from bench.harness import SCENARIOS, Row
+from bench.harness import SCENARIOS, Row, fmt_time
 from bench.run import render
 from bench.scenarios import replay, state_at_random, verify
 
@@ -51,3 +54,17 @@ def test_every_scenario_is_registered_once() -> None:
     assert len(names) == len(set(names))
     assert {"append", "concurrent", "batch", "read", "bytes", "state", "replay"} <= set(names)
     assert {"feed", "verify", "list"} <= set(names)
+
+
+@given(st.floats(min_value=1e-12, max_value=999))
+def test_a_time_reads_as_at_most_three_digits_in_its_unit(seconds: float) -> None:
+    number, unit = fmt_time(seconds).split(" ")
+    assert "e" not in number and 0 < float(number) < 1000, fmt_time(seconds)
+    assert unit in ("s", "ms", "µs", "ns")
+
+
+def test_a_time_just_under_a_unit_reads_in_that_unit() -> None:
+    assert fmt_time(0.0009996) == "1 ms"
+    assert fmt_time(0.0012345) == "1.23 ms"
+    assert fmt_time(9.9996e-7) == "1 µs"
+    assert fmt_time(1234.5) == "1,234 s"
