@@ -955,7 +955,8 @@ class Ledger:
         history first; after a restore, the abandoned events are skipped and the
         ``Restored`` event shows where the branch went back. With ``speed`` the
         original timing is kept, scaled (2.0: twice as fast), each pause at most
-        ``max_pause`` seconds.
+        ``max_pause`` seconds. A session never forked nor restored is read in
+        pages, in bounded memory (``ledger.replay.open_path``).
 
         Example::
 
@@ -963,7 +964,8 @@ class Ledger:
             state = await led.replay(session_id, into=SESSION)
 
         Raises:
-            SessionNotFoundError, BranchNotFoundError, EventNotFoundError.
+            SessionNotFoundError, BranchNotFoundError, EventNotFoundError;
+            IntegrityError: the stored session does not chain up to its head.
         """
         path = await open_path(self.store, session_id, at or await self._head(session_id, branch))
         if speed is None:
