@@ -310,11 +310,12 @@ async def follow_branch(
     Raises:
         SessionNotFoundError, BranchNotFoundError.
     """
-    # No gap, no duplicate: `before` is observed before the history is read and
-    # `after` once it has been, so every event appended later has a position
-    # above `after`, and every event of (before, after] committed either before
-    # the history's head (skipped: on the history or abandoned by a restore) or
-    # after it (new). On one branch, commit order is append order.
+    # No gap, no duplicate: `before` is observed before the history's head is
+    # read and `after` once it has been, so every event appended later has a
+    # position above `after`, and every event of (before, after] committed either
+    # before the head (skipped: on the history or abandoned by a restore) or
+    # after it (new). On one branch, commit order is append order. The history
+    # is the head's path, which never changes: it may be streamed afterwards.
     before = await feed_end(store) if start is None else start
     history = events_of(
         await open_path(store, session_id, await branch_head(store, session_id, branch))
