@@ -579,6 +579,17 @@ def purge_cursor(record: PurgeRecord) -> str:
     return f"{record.purged_at}:{record.session_id}"
 
 
+def purge_page(records: list[PurgeRecord], limit: int, cursor: str | None) -> PurgePage:
+    """A page of purge records held in memory: most recent first, after ``cursor``."""
+    records = sorted(records, key=lambda r: (r.purged_at, r.session_id), reverse=True)
+    if cursor is not None:
+        after = parse_cursor(cursor)
+        records = [r for r in records if (r.purged_at, r.session_id) < after]
+    page = records[: max(0, limit)]
+    more = len(records) > len(page)
+    return PurgePage(page, purge_cursor(page[-1]) if more and page else None)
+
+
 class PurgeStore(FeedStore):
     """A store that can delete whole sessions for retention, and list what it deleted."""
 

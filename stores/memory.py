@@ -30,7 +30,7 @@ from stores.base import (
     check_head,
     page_cursor,
     parse_cursor,
-    purge_cursor,
+    purge_page,
     validate_request,
 )
 
@@ -333,13 +333,7 @@ class MemoryStore(PurgeStore):
     ) -> PurgePage:
         self._check_open()
         records = [r for r in self._purges if user_id is None or r.user_id == user_id]
-        records.sort(key=lambda r: (r.purged_at, r.session_id), reverse=True)
-        if cursor is not None:
-            after = parse_cursor(cursor)
-            records = [r for r in records if (r.purged_at, r.session_id) < after]
-        page = records[: max(0, limit)]
-        more = len(records) > len(page)
-        return PurgePage(page, purge_cursor(page[-1]) if more and page else None)
+        return purge_page(records, limit, cursor)
 
     async def wait_for_feed(self, after: int, max_wait: float) -> None:
         if len(self._feed) > after:

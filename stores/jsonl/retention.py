@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from ledger.errors import IntegrityError
-from stores.base import PurgePage, PurgeRecord, PurgeRequest, parse_cursor, purge_cursor
+from stores.base import PurgePage, PurgeRecord, PurgeRequest, purge_page
 from stores.jsonl import catch_up, purge_log, reads, snapshots
 from stores.jsonl.feed_log import _REC, _tombstone
 from stores.jsonl.files import _commit_file, _fsync_dir, _read_if_there, _translate, _write_all
@@ -177,10 +177,4 @@ async def purges(
             ) from None
         if user_id is None or record.user_id == user_id:
             records.append(record)
-    records.sort(key=lambda r: (r.purged_at, r.session_id), reverse=True)
-    if cursor is not None:
-        after = parse_cursor(cursor)
-        records = [r for r in records if (r.purged_at, r.session_id) < after]
-    page = records[: max(0, limit)]
-    more = len(records) > len(page)
-    return PurgePage(page, purge_cursor(page[-1]) if more and page else None)
+    return purge_page(records, limit, cursor)
