@@ -21,11 +21,15 @@ __all__ = ["Context", "Postgres", "Sizes"]
 
 @dataclass(frozen=True)
 class Sizes:
-    """How much each scenario does: the full run, or ``--quick``."""
+    """How much each scenario does: the full run, or ``--quick``.
 
-    append_samples: int = 300
+    The sampled scenarios take seconds: enough samples that a p99 is not the
+    slowest few calls, and that ratios near a target are not moved by one stall.
+    """
+
+    append_samples: int = 600
     concurrency_seconds: float = 1.0
-    batch_samples: int = 30
+    batch_samples: int = 100
     read_samples: int = 200
     turns: int = 200
     large_session: int = 1_000_000
