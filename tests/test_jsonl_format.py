@@ -289,10 +289,12 @@ async def test_only_a_change_of_status_is_written(root: Path) -> None:
 
 async def test_events_whose_bodies_hold_an_event_key_read_back(root: Path) -> None:
     # "event":{ inside a body, as a framework's record may have: only each line's
-    # first one is its envelope's
+    # first one is its envelope's (also one written as the envelope's is, after a
+    # comma and with an id first)
     async with JSONLStore(root) as store:
         chain = await new_session(store)
         batch = [turn(chain[-1], {"event": {"id": "x", "event": {}}})]
+        batch.append(turn(batch[-1], {"n": 1, "event": {"id": "y"}}))
         for n in range(5):
             batch.append(turn(batch[-1], {"event": {"n": n}}))
         await store.append(request(batch, chain[-1].id))

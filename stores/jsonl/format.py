@@ -219,6 +219,8 @@ _Step = tuple[str, int, str | None]
 """An event's ``(id, seq, parent)``: what ``path_index`` gives."""
 _Item = TypeVar("_Item", Event, _Step)
 _EVENT_KEY: Final = b'"event":{'
+_WRITTEN_EVENT_KEY: Final = b',"event":{"id":"'
+"""A version 2 line's event key as ``_stored`` writes it: after ``pos``, the id first."""
 
 
 def _decode_page(data: bytes, session: _Session, first: int, stop: int) -> list[Event] | None:
@@ -242,13 +244,15 @@ def _decode_page(data: bytes, session: _Session, first: int, stop: int) -> list[
     if session.version != 1:
         # _parse's work: the first "event":{ of a line is its envelope's key (one
         # in a body comes after it; a line without its own fails to decode). When
-        # the page holds just one per line (one replace grew it by as many
-        # insertions as lines), all are replaced at once.
-        inserted = b'"event":{"session":%s,"parent":null,' % _json(session.session_id)
-        replaced = data.replace(_EVENT_KEY, inserted)
-        if len(replaced) - len(data) == count * (len(inserted) - len(_EVENT_KEY)):
-            data = replaced
+        # the page holds one per line as this code writes it, all are replaced
+        # with one split and one join: a single search, for a longer key (found
+        # faster), where a replace searches twice.
+        token = _json(session.session_id)
+        parts = data.split(_WRITTEN_EVENT_KEY)
+        if len(parts) == count + 1:
+            data = (b',"event":{"session":%s,"parent":null,"id":"' % token).join(parts)
         else:
+            inserted = b'"event":{"session":%s,"parent":null,' % token
             bounds = zip(session.starts[first:stop], session.ends[first:stop], strict=True)
             data = b"".join(
                 [data[s - base : e - base].replace(_EVENT_KEY, inserted, 1) for s, e in bounds]
