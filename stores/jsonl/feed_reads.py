@@ -15,7 +15,7 @@ from stores.base import FeedItem
 from stores.jsonl import catch_up, purge_log, reads
 from stores.jsonl.feed_log import _REC, _RECORD, _RECORDS
 from stores.jsonl.files import _translate
-from stores.jsonl.format import _damaged
+from stores.jsonl.format import _damaged, _decode_pages, _Page
 from stores.jsonl.index import _bisect, _Session
 from stores.jsonl.reads import _INLINE_BYTES
 
@@ -50,6 +50,8 @@ async def feed_between(store: JSONLStore, after: int, stop: int) -> list[FeedIte
     runs = feed_runs(store, after, data)
     if runs is None:
         runs = feed_runs_checked(store, after, data)
+    if sum(s.ends[first + len(p) - 1] - s.starts[first] for s, first, p in runs) <= _INLINE_BYTES:
+        return feed_inline(store, runs)
     items: list[FeedItem] = []
     for session, first, positions in runs:
         stop_k = first + len(positions)
@@ -60,6 +62,22 @@ async def feed_between(store: JSONLStore, after: int, stop: int) -> list[FeedIte
             events = await reads.events_between(store, session, first, stop_k)
         items.extend(map(FeedItem, positions, events))
     return items
+
+
+def feed_inline(store: JSONLStore, runs: list[tuple[_Session, int, range]]) -> list[FeedItem]:
+    """The events of ``runs`` (a page small enough to read on the event loop), all
+    decoded at once: a feed of many sessions' lines reads as fast as one session's."""
+    pages: list[_Page] = []
+    for session, first, positions in runs:
+        stop = first + len(positions)
+        base = session.starts[first]
+        with _translate(session.path, session.session_id):
+            data = reads.pread(store, session, base, session.ends[stop - 1] - base, True)
+        pages.append((data, session, first, stop))
+    events = _decode_pages(pages) if pages else []
+    if events is None:  # something is wrong: run by run, to name the line
+        events = [e for page in pages for e in reads.decode_range(store, *page)]
+    return list(map(FeedItem, itertools.chain.from_iterable(run[2] for run in runs), events))
 
 
 def feed_runs(

@@ -66,13 +66,21 @@ def read_range(
     store: JSONLStore, session: _Session, first: int, stop: int, cache: bool = False
 ) -> list[Event]:
     """Lines ``first`` to ``stop - 1`` of ``session``, with one read."""
-    starts, ends = session.starts, session.ends
-    base = starts[first]
-    data = pread(store, session, base, ends[stop - 1] - base, cache)
+    base = session.starts[first]
+    data = pread(store, session, base, session.ends[stop - 1] - base, cache)
+    return decode_range(store, data, session, first, stop)
+
+
+def decode_range(
+    store: JSONLStore, data: bytes, session: _Session, first: int, stop: int
+) -> list[Event]:
+    """Lines ``first`` to ``stop - 1`` of ``session``, read as ``data``."""
     events = _decode_page(data, session, first, stop)
     if events is not None:
         return events
     # Something is wrong: line by line, to name the line.
+    starts, ends = session.starts, session.ends
+    base = starts[first]
     return [
         decode(store, session, k, data[starts[k] - base : ends[k] - base])
         for k in range(first, stop)
