@@ -56,7 +56,7 @@ async def feed_between(store: JSONLStore, after: int, stop: int) -> list[FeedIte
     for session, first, positions in runs:
         stop_k = first + len(positions)
         if session.ends[stop_k - 1] - session.starts[first] <= _INLINE_BYTES:
-            with _translate(session.path, session.session_id):
+            with _translate(session):
                 events = reads.read_range(store, session, first, stop_k, True)
         else:
             events = await reads.events_between(store, session, first, stop_k)
@@ -71,7 +71,7 @@ def feed_inline(store: JSONLStore, runs: list[tuple[_Session, int, range]]) -> l
     for session, first, positions in runs:
         stop = first + len(positions)
         base = session.starts[first]
-        with _translate(session.path, session.session_id):
+        with _translate(session):
             data = reads.pread(store, session, base, session.ends[stop - 1] - base, True)
         pages.append((data, session, first, stop))
     events = _decode_pages(pages) if pages else []

@@ -31,7 +31,7 @@ def pread(store: JSONLStore, session: _Session, start: int, size: int, cache: bo
     if fd >= 0:
         return os.pread(fd, size, start)
     try:
-        fd = os.open(session.path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(session.file, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise SessionNotFoundError(session.session_id) from None  # purged meanwhile
     try:
@@ -122,7 +122,7 @@ async def lines_between(
     """``read`` of lines ``first`` to ``stop - 1``: on the event loop when small."""
     if stop <= first:
         return []
-    with _translate(session.path, session.session_id):
+    with _translate(session):
         if session.ends[stop - 1] - session.starts[first] <= _INLINE_BYTES:
             return read(store, session, first, stop, True)
         return await asyncio.to_thread(read, store, session, first, stop, False)
