@@ -95,7 +95,7 @@ def feed_runs(
     count = len(fields) // 4
     if list(map(int, fields[0::4])) != list(range(after + 1, after + 1 + count)):
         return None
-    offsets = fields[2::4]
+    offsets = array.array("q", map(int, fields[2::4]))
     runs: list[tuple[_Session, int, range]] = []
     i = 0
     for raw_id, same in itertools.groupby(fields[1::4]):
@@ -104,9 +104,9 @@ def feed_runs(
         if session is None:
             return None
         starts = session.starts
-        first = bisect.bisect_left(starts, int(offsets[i]))
+        first = bisect.bisect_left(starts, offsets[i])
         # every record names the next line of the session
-        if starts[first : first + n] != array.array("q", map(int, offsets[i : i + n])):
+        if starts[first : first + n] != offsets[i : i + n]:
             return None
         runs.append((session, first, range(after + 1 + i, after + 1 + i + n)))
         i += n
