@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from ledger.errors import SessionNotFoundError
 from stores.base import FeedItem
 from stores.jsonl import catch_up, purge_log, reads
-from stores.jsonl.feed_log import _REC, _RECORD, _RECORDS
+from stores.jsonl.feed_log import _REC, _RECORD, _record_fields
 from stores.jsonl.files import _translate
 from stores.jsonl.format import _damaged, _decode_pages, _Page
 from stores.jsonl.index import _bisect, _Session
@@ -89,9 +89,9 @@ def feed_runs(
     positions, and name indexed lines: anything else (a tombstone, a purged
     session, damage) returns None, and ``feed_runs_checked`` takes it.
     """
-    if not _RECORDS.fullmatch(data):
+    fields = _record_fields(data)
+    if fields is None:
         return None
-    fields = data.split()
     count = len(fields) // 4
     if list(map(int, fields[0::4])) != list(range(after + 1, after + 1 + count)):
         return None
