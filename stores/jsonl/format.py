@@ -233,12 +233,13 @@ def _decode_page(data: bytes, session: _Session, first: int, stop: int) -> list[
 
 def _decode_pages(pages: Sequence[_Page]) -> list[Event] | None:
     """The events of ``pages`` (each ``(data, session, first, stop)``: lines ``first`` to
-    ``stop - 1`` of ``session``), in order, or None if any looks wrong.
+    ``stop - 1`` of ``session``), in order, or None if any looks wrong (or their files
+    are not all of one version).
 
     One decode for them all (a feed's page of many sessions' lines as one); every line
     must end where the index says and hold the event it names. On None the caller
-    goes line by line (``_parse``, ``_event``, the checks of ``reads.decode``), which
-    names the damaged line.
+    goes page by page, then line by line (``_parse``, ``_event``, the checks of
+    ``reads.decode``), which names the damaged line.
     """
     version = pages[0][1].version
     texts: list[bytes] = []
@@ -246,8 +247,8 @@ def _decode_pages(pages: Sequence[_Page]) -> list[Event] | None:
     sessions: list[str] = []
     before: list[str | None] = []
     for data, session, first, stop in pages:
-        text = _page_text(data, session, first, stop)
-        if text is None or session.version != version:
+        text = _page_text(data, session, first, stop) if session.version == version else None
+        if text is None:
             return None
         texts.append(text)
         own = list(map(session.ids.__getitem__, range(first, stop)))
