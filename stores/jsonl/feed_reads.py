@@ -53,13 +53,8 @@ async def feed_between(store: JSONLStore, after: int, stop: int) -> list[FeedIte
     if sum(s.ends[first + len(p) - 1] - s.starts[first] for s, first, p in runs) <= _INLINE_BYTES:
         return feed_inline(store, runs)
     items: list[FeedItem] = []
-    for session, first, positions in runs:
-        stop_k = first + len(positions)
-        if session.ends[stop_k - 1] - session.starts[first] <= _INLINE_BYTES:
-            with _translate(session):
-                events = reads.read_range(store, session, first, stop_k, True)
-        else:
-            events = await reads.events_between(store, session, first, stop_k)
+    for session, first, positions in runs:  # a large page: run by run, each where it fits
+        events = await reads.events_between(store, session, first, first + len(positions))
         items.extend(map(FeedItem, positions, events))
     return items
 
