@@ -226,6 +226,7 @@ async def test_a_version_1_file_keeps_getting_version_1_lines(root: Path) -> Non
         assert await collect(store, old[0].session) == [*old, more]
         assert await collect(store, fresh.session) == [fresh]
         assert [i.position for i in await store.read_feed(0)] == [1, 2, 3, 4]
+        assert [i.event for i in await store.read_feed(0)] == [fresh, *old, more]
 
 
 async def test_a_version_1_line_is_redacted_as_version_1(root: Path) -> None:
@@ -289,10 +290,12 @@ async def test_only_a_change_of_status_is_written(root: Path) -> None:
 
 async def test_events_whose_bodies_hold_an_event_key_read_back(root: Path) -> None:
     # "event":{ inside a body, as a framework's record may have: only each line's
-    # first one is its envelope's
+    # first one is its envelope's (also one written as the envelope's is, after a
+    # comma and with an id first)
     async with JSONLStore(root) as store:
         chain = await new_session(store)
         batch = [turn(chain[-1], {"event": {"id": "x", "event": {}}})]
+        batch.append(turn(batch[-1], {"n": 1, "event": {"id": "y"}}))
         for n in range(5):
             batch.append(turn(batch[-1], {"event": {"n": n}}))
         await store.append(request(batch, chain[-1].id))
@@ -333,6 +336,26 @@ async def test_a_raw_newline_written_into_a_string_is_named_not_read(
         with pytest.raises(IntegrityError, match="line 5:"):
             await store.get(chain[3].id)
         assert await store.get(chain[2].id) == chain[2]
+
+
+async def test_a_damaged_line_among_many_sessions_in_a_feed_page_is_named(root: Path) -> None:
+    # A page of the feed decodes the lines of all its sessions at once: a line that
+    # does not hold the event the index names is still named, by its file and line.
+    async with JSONLStore(root) as store:
+        chains = [await new_session(store, turns=n % 3) for n in range(6)]
+        feed = [i.event for i in await store.read_feed(0)]
+        assert sorted(feed, key=lambda e: e.id) == sorted(
+            itertools.chain(*chains), key=lambda e: e.id
+        )
+        damaged = chains[3][-1]
+        path = session_file(root, damaged.session)
+        data = path.read_bytes()
+        at = data.index(damaged.id.encode())
+        other = b"0" if data[at : at + 1] != b"0" else b"1"
+        path.write_bytes(data[:at] + other + data[at + 1 :])  # the same length
+        with pytest.raises(IntegrityError) as info:
+            await store.read_feed(0)
+        assert f"{str(path)!r}, line {len(chains[3]) + 1}:" in str(info.value)
 
 
 keyed_records = st.builds(Recorded, type=texts, data=st.fixed_dictionaries({"event": json_objects}))

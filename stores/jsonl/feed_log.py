@@ -27,8 +27,11 @@ _FEED_HEADER: Final = (
     orjson.dumps({"ledger": _FEED_FORMAT, "version": _FEED_VERSION}).ljust(_REC - 1) + b"\n"
 )
 _RECORD: Final = re.compile(rb"([0-9]{15}) ([0-9a-f-]{36}) ([0-9]{14}) ([0-9]{11})\n")
-_RECORDS: Final = re.compile(rb"(?:[0-9]{15} [0-9a-f-]{36} [0-9]{14} [0-9]{11}\n)*")
-"""A run of ``feed.log`` records, none of them a tombstone."""
+_WIDTHS: Final = (15, 36, 14, 11)
+"""Widths of a record's fields (as ``_RECORD`` has them), each followed by a space, the last
+by the newline."""
+_DIGITS: Final = b"0123456789"
+_ID_BYTES: Final = b"0123456789abcdef-"
 _INTENT: Final = re.compile(rb"([0-9a-f-]{36}) ([0-9]{14}) ([0-9]{15}) ([0-9]{9})\n")
 _INTENT_BYTES: Final = 78
 """Length of the intent record at the start of ``lock``."""
@@ -38,6 +41,33 @@ _TOMBSTONE: Final = re.compile(rb"([0-9]{15}) ([0-9a-f-]{36}) purged {20}\n")
 
 def _record(pos: int, session_id: str, offset: int, length: int) -> bytes:
     return b"%015d %s %014d %011d\n" % (pos, session_id.encode(), offset, length)
+
+
+def _record_fields(data: bytes) -> list[bytes] | None:
+    """The fields of ``data``'s records (``bytes.split``: four a record) if each is as
+    ``_RECORD`` has it (so none a tombstone); else None.
+
+    As strict as a regular expression of the whole run, for a third of its cost: a
+    separator where each field ends, so each field lies in its place, at its full width
+    (no whitespace in it), and holds only digits, or an id's bytes.
+    """
+    count, rest = divmod(len(data), _REC)
+    fields = data.split()
+    if rest or len(fields) != 4 * count:
+        return None
+    end = 0
+    for i, width in enumerate(_WIDTHS):
+        end += width
+        separator = b"\n" if i == len(_WIDTHS) - 1 else b" "
+        joined = b"".join(fields[i::4])
+        if (
+            data[end::_REC] != separator * count
+            or len(joined) != width * count
+            or joined.translate(None, _ID_BYTES if i == 1 else _DIGITS)
+        ):
+            return None
+        end += 1
+    return fields
 
 
 def _tombstone(pos: int, session_id: str) -> bytes:

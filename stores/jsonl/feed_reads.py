@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 from ledger.errors import SessionNotFoundError
 from stores.base import FeedItem
 from stores.jsonl import catch_up, purge_log, reads
-from stores.jsonl.feed_log import _REC, _RECORD, _RECORDS
+from stores.jsonl.feed_log import _REC, _RECORD, _record_fields
 from stores.jsonl.files import _translate
-from stores.jsonl.format import _damaged
+from stores.jsonl.format import _damaged, _decode_pages, _Page
 from stores.jsonl.index import _bisect, _Session
 from stores.jsonl.reads import _INLINE_BYTES
 
@@ -50,16 +50,29 @@ async def feed_between(store: JSONLStore, after: int, stop: int) -> list[FeedIte
     runs = feed_runs(store, after, data)
     if runs is None:
         runs = feed_runs_checked(store, after, data)
+    if sum(s.ends[first + len(p) - 1] - s.starts[first] for s, first, p in runs) <= _INLINE_BYTES:
+        return feed_inline(store, runs)
     items: list[FeedItem] = []
-    for session, first, positions in runs:
-        stop_k = first + len(positions)
-        if session.ends[stop_k - 1] - session.starts[first] <= _INLINE_BYTES:
-            with _translate(session.path, session.session_id):
-                events = reads.read_range(store, session, first, stop_k, True)
-        else:
-            events = await reads.events_between(store, session, first, stop_k)
+    for session, first, positions in runs:  # a large page: run by run, each where it fits
+        events = await reads.events_between(store, session, first, first + len(positions))
         items.extend(map(FeedItem, positions, events))
     return items
+
+
+def feed_inline(store: JSONLStore, runs: list[tuple[_Session, int, range]]) -> list[FeedItem]:
+    """The events of ``runs`` (a page small enough to read on the event loop), all
+    decoded at once: a feed of many sessions' lines reads as fast as one session's."""
+    pages: list[_Page] = []
+    for session, first, positions in runs:
+        stop = first + len(positions)
+        base = session.starts[first]
+        with _translate(session):
+            data = reads.pread(store, session, base, session.ends[stop - 1] - base, True)
+        pages.append((data, session, first, stop))
+    events = _decode_pages(pages) if pages else []
+    if events is None:  # something is wrong: run by run, to name the line
+        events = [e for page in pages for e in reads.decode_range(store, *page)]
+    return list(map(FeedItem, itertools.chain.from_iterable(run[2] for run in runs), events))
 
 
 def feed_runs(
@@ -71,13 +84,13 @@ def feed_runs(
     positions, and name indexed lines: anything else (a tombstone, a purged
     session, damage) returns None, and ``feed_runs_checked`` takes it.
     """
-    if not _RECORDS.fullmatch(data):
+    fields = _record_fields(data)
+    if fields is None:
         return None
-    fields = data.split()
     count = len(fields) // 4
     if list(map(int, fields[0::4])) != list(range(after + 1, after + 1 + count)):
         return None
-    offsets = fields[2::4]
+    offsets = array.array("q", map(int, fields[2::4]))
     runs: list[tuple[_Session, int, range]] = []
     i = 0
     for raw_id, same in itertools.groupby(fields[1::4]):
@@ -86,9 +99,9 @@ def feed_runs(
         if session is None:
             return None
         starts = session.starts
-        first = bisect.bisect_left(starts, int(offsets[i]))
+        first = bisect.bisect_left(starts, offsets[i])
         # every record names the next line of the session
-        if starts[first : first + n] != array.array("q", map(int, offsets[i : i + n])):
+        if starts[first : first + n] != offsets[i : i + n]:
             return None
         runs.append((session, first, range(after + 1 + i, after + 1 + i + n)))
         i += n

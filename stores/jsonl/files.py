@@ -7,10 +7,13 @@ import errno
 import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Final
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING, Final
 
 from ledger.errors import StoreClosedError, StoreError
+
+if TYPE_CHECKING:
+    from stores.jsonl.index import _Session
 
 _CHUNK: Final = 1 << 22
 
@@ -23,8 +26,8 @@ class _translate:  # lower case: used as a function, ``with _translate(path):``
 
     __slots__ = ("session_id", "where")
 
-    def __init__(self, where: str | Path, session_id: str | None = None) -> None:
-        self.where = where
+    def __init__(self, where: str | Path | _Session, session_id: str | None = None) -> None:
+        self.where = where  # a session: its file, whose ``Path`` is made only on an error
         self.session_id = session_id
 
     def __enter__(self) -> None:
@@ -34,8 +37,12 @@ class _translate:  # lower case: used as a function, ``with _translate(path):``
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
         if isinstance(exc, OSError):
-            where = str(self.where)
-            what = f" (session {self.session_id!r})" if self.session_id else ""
+            session_id = self.session_id
+            if isinstance(self.where, str | PurePath):
+                where = str(self.where)
+            else:
+                where, session_id = str(self.where.path), self.where.session_id
+            what = f" (session {session_id!r})" if session_id else ""
             if exc.errno == errno.EBADF:
                 raise StoreClosedError(f"Store was closed: {where!r}") from None
             raise StoreError(f"I/O error on {where!r}{what}: {exc}") from None

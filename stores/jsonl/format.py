@@ -7,8 +7,9 @@ import collections
 import itertools
 import operator
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Final, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Final, Literal, TypeAlias, TypeVar
 
 import msgspec
 import orjson
@@ -218,16 +219,66 @@ _step_parent = operator.itemgetter(2)
 _Step = tuple[str, int, str | None]
 """An event's ``(id, seq, parent)``: what ``path_index`` gives."""
 _Item = TypeVar("_Item", Event, _Step)
+_Page: TypeAlias = "tuple[bytes, _Session, int, int]"
+"""A run of a session file's lines as read, ``(data, session, first, stop)``."""
 _EVENT_KEY: Final = b'"event":{'
+_WRITTEN_EVENT_KEY: Final = b',"event":{"id":"'
+"""A version 2 line's event key as ``_stored`` writes it: after ``pos``, the id first."""
 
 
 def _decode_page(data: bytes, session: _Session, first: int, stop: int) -> list[Event] | None:
-    """Lines ``first`` to ``stop - 1`` of ``session`` (``data``), or None if any looks wrong.
+    """Lines ``first`` to ``stop - 1`` of ``session`` (``data``), or None if any looks wrong."""
+    return _decode_pages([(data, session, first, stop)])
 
-    One decode for the whole page; every line must end where the index says
-    and hold the event it names. On None the caller goes line by line (``_parse``,
-    ``_event``, the checks of ``reads.decode``), which names the damaged line.
+
+def _decode_pages(pages: Sequence[_Page]) -> list[Event] | None:
+    """The events of ``pages`` (each ``(data, session, first, stop)``: lines ``first`` to
+    ``stop - 1`` of ``session``), in order, or None if any looks wrong (or their files
+    are not all of one version).
+
+    One decode for them all (a feed's page of many sessions' lines as one); every line
+    must end where the index says and hold the event it names. On None the caller
+    goes page by page, then line by line (``_parse``, ``_event``, the checks of
+    ``reads.decode``), which names the damaged line.
     """
+    version = pages[0][1].version
+    texts: list[bytes] = []
+    ids: list[str] = []
+    sessions: list[str] = []
+    before: list[str | None] = []
+    for data, session, first, stop in pages:
+        text = _page_text(data, session, first, stop) if session.version == version else None
+        if text is None:
+            return None
+        texts.append(text)
+        own = list(map(session.ids.__getitem__, range(first, stop)))
+        ids += own
+        sessions += itertools.repeat(session.session_id, stop - first)
+        if version != 1:  # each line's parent, if its envelope leaves it out
+            before.append(session.ids[first - 1] if first else None)
+            before += own[:-1]
+    data = texts[0] if len(texts) == 1 else b"".join(texts)
+    decoder = _line_decoders[version]
+    try:
+        if len(ids) < _GC_PAUSE_FROM:
+            envelopes = decoder.decode_lines(data)
+        else:
+            with gc_paused():  # a bulk decode: see ledger.events.gc_paused
+                envelopes = decoder.decode_lines(data)
+    except (msgspec.MsgspecError, UnicodeDecodeError, TypeError):
+        return None
+    events: list[Event] = list(map(_get_event, envelopes))
+    if list(map(_get_id, events)) != ids or list(map(_get_session, events)) != sessions:
+        return None
+    if version != 1:
+        _link(events, list(map(_get_parent, envelopes)), before)
+    return events
+
+
+def _page_text(data: bytes, session: _Session, first: int, stop: int) -> bytes | None:
+    """``data``, lines ``first`` to ``stop - 1`` of ``session``, as ``_decode_pages``
+    decodes them (version 2 events given a session and a null parent), or None if
+    they do not end where the index says."""
     count = stop - first
     base = session.starts[first]
     if len(data) != session.ends[stop - 1] - base:
@@ -239,52 +290,29 @@ def _decode_page(data: bytes, session: _Session, first: int, stop: int) -> list[
     # refused in a string (so no string comes out changed) and is whitespace
     # between values, as ``_parse`` takes it; a page that does not give exactly
     # the events the index names, in its order, goes line by line.
-    if session.version != 1:
-        # _parse's work: the first "event":{ of a line is its envelope's key (one
-        # in a body comes after it; a line without its own fails to decode). When
-        # the page holds just one per line (one replace grew it by as many
-        # insertions as lines), all are replaced at once.
-        inserted = b'"event":{"session":%s,"parent":null,' % _json(session.session_id)
-        replaced = data.replace(_EVENT_KEY, inserted)
-        if len(replaced) - len(data) == count * (len(inserted) - len(_EVENT_KEY)):
-            data = replaced
-        else:
-            bounds = zip(session.starts[first:stop], session.ends[first:stop], strict=True)
-            data = b"".join(
-                [data[s - base : e - base].replace(_EVENT_KEY, inserted, 1) for s, e in bounds]
-            )
-    decoder = _line_decoders[session.version]
-    try:
-        if count < _GC_PAUSE_FROM:
-            envelopes = decoder.decode_lines(data)
-        else:
-            with gc_paused():  # a bulk decode: see ledger.events.gc_paused
-                envelopes = decoder.decode_lines(data)
-    except (msgspec.MsgspecError, UnicodeDecodeError, TypeError):
-        return None
-    events: list[Event] = list(map(_get_event, envelopes))
-    ids = list(map(session.ids.__getitem__, range(first, stop)))
-    if (
-        list(map(_get_id, events)) != ids
-        or operator.countOf(map(_get_session, events), session.session_id) != count
-    ):
-        return None
-    if session.version != 1:
-        _link(events, list(map(_get_parent, envelopes)), session.ids, first, ids)
-    return events
+    if session.version == 1:
+        return data
+    # _parse's work: the first "event":{ of a line is its envelope's key (one
+    # in a body comes after it; a line without its own fails to decode). When
+    # the page holds one per line as this code writes it, all are replaced
+    # with one split and one join: a single search, for a longer key (found
+    # faster), where a replace searches twice.
+    token = _json(session.session_id)
+    parts = data.split(_WRITTEN_EVENT_KEY)
+    if len(parts) == count + 1:
+        return (b',"event":{"session":%s,"parent":null,"id":"' % token).join(parts)
+    inserted = b'"event":{"session":%s,"parent":null,' % token
+    bounds = zip(session.starts[first:stop], session.ends[first:stop], strict=True)
+    return b"".join([data[s - base : e - base].replace(_EVENT_KEY, inserted, 1) for s, e in bounds])
 
 
 def _link(
     events: list[Event],
     parents: list[str | msgspec.UnsetType | None],
-    ids: dict[int, str],
-    first: int,
-    own: list[str],
+    before: list[str | None],
 ) -> None:
-    """Give the events of version 2 lines ``first``... their parents: the envelope's
-    (``parents``, UNSET when left out), or the event of the line before (``own``: the
-    events' ids, checked against the index)."""
-    before = [ids[first - 1] if first else None, *own[:-1]]
+    """Give the events of version 2 lines their parents: the envelope's (``parents``,
+    UNSET when left out), or the event of the line before in its file (``before``)."""
     if parents.count(msgspec.UNSET) != len(parents):  # not one linear run
         before = [b if p is msgspec.UNSET else p for p, b in zip(parents, before, strict=True)]
     collections.deque(map(_set, events, itertools.repeat("parent"), before), maxlen=0)

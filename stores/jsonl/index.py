@@ -74,6 +74,14 @@ class _Session:
         return self._path
 
     @property
+    def file(self) -> str:
+        """``path`` as a string, for the OS: cheaper to make than a ``Path`` (a read of
+        the feed opens many sessions' files once each)."""
+        if self._path is None:
+            return f"{self.folder}/{self.session_id}{_SUFFIX}"
+        return str(self._path)
+
+    @property
     def size(self) -> int:
         return self.ends[-1] if self.ends else 0
 

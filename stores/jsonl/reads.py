@@ -31,7 +31,7 @@ def pread(store: JSONLStore, session: _Session, start: int, size: int, cache: bo
     if fd >= 0:
         return os.pread(fd, size, start)
     try:
-        fd = os.open(session.path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(session.file, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise SessionNotFoundError(session.session_id) from None  # purged meanwhile
     try:
@@ -66,13 +66,21 @@ def read_range(
     store: JSONLStore, session: _Session, first: int, stop: int, cache: bool = False
 ) -> list[Event]:
     """Lines ``first`` to ``stop - 1`` of ``session``, with one read."""
-    starts, ends = session.starts, session.ends
-    base = starts[first]
-    data = pread(store, session, base, ends[stop - 1] - base, cache)
+    base = session.starts[first]
+    data = pread(store, session, base, session.ends[stop - 1] - base, cache)
+    return decode_range(store, data, session, first, stop)
+
+
+def decode_range(
+    store: JSONLStore, data: bytes, session: _Session, first: int, stop: int
+) -> list[Event]:
+    """Lines ``first`` to ``stop - 1`` of ``session``, read as ``data``."""
     events = _decode_page(data, session, first, stop)
     if events is not None:
         return events
     # Something is wrong: line by line, to name the line.
+    starts, ends = session.starts, session.ends
+    base = starts[first]
     return [
         decode(store, session, k, data[starts[k] - base : ends[k] - base])
         for k in range(first, stop)
@@ -114,7 +122,7 @@ async def lines_between(
     """``read`` of lines ``first`` to ``stop - 1``: on the event loop when small."""
     if stop <= first:
         return []
-    with _translate(session.path, session.session_id):
+    with _translate(session):
         if session.ends[stop - 1] - session.starts[first] <= _INLINE_BYTES:
             return read(store, session, first, stop, True)
         return await asyncio.to_thread(read, store, session, first, stop, False)
