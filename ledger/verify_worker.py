@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import subprocess
 import sys
@@ -486,6 +487,9 @@ async def _tail_answer(request: TailRequest, chunk_size: int) -> None:
 
 
 def main() -> None:
+    # A short-lived process whose objects form no cycles (pages of events, freed as the
+    # chunks are checked): the collector would only scan them again and again.
+    gc.disable()
     mode = sys.argv[1] if len(sys.argv) > 1 else "--content"
     if mode == "--tail":
         _tail_main(int(sys.argv[2]))

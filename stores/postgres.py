@@ -1732,11 +1732,13 @@ class PostgresStore(PurgeStore):
             )
             after = rows[0][0] if rows else upper
         while after < upper:
-            rows = await self._fetch(
-                _PAGE_SQL, session_id, after, upper, page_size, in_index_order=in_index_order
-            )
-            if rows:
-                yield _decode_session_rows(rows, session_id, self.target)
+            with gc_paused():  # the rows too (tracked objects): a page is a bulk read
+                rows = await self._fetch(
+                    _PAGE_SQL, session_id, after, upper, page_size, in_index_order=in_index_order
+                )
+                events = _decode_session_rows(rows, session_id, self.target)
+            if events:
+                yield events
             if len(rows) < page_size:
                 return
             after = rows[-1][0]
