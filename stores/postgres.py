@@ -1018,7 +1018,7 @@ async def _fetch_in_index_order(conn: Any, sql: str, *args: Any) -> list[_Row]:
     guesses that a session holds about a hundred rows, so the first executions of a
     page's statement, planned for its values, would fetch the session's whole range
     and sort it: 0.5 to 1.2 s a page at a million events, where the index reads one
-    page in milliseconds. It costs three more round trips (0.2 ms), nothing beside a
+    page in milliseconds. It costs three more round trips (0.25 ms), nothing beside a
     page of thousands of rows.
     """
     async with conn.transaction(readonly=True):
