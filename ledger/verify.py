@@ -47,6 +47,7 @@ from ledger.verify_worker import (
     Worker,
     check_events,
     encode_request,
+    event_chunks,
     event_id_if_sound,
 )
 from projections.base import fold
@@ -244,22 +245,10 @@ async def _walk(store: EventStore, session_id: str, key: bytes | None, need_log:
     return walker.done(MerkleLog.from_leaves(leaves) if leaves is not None else None)
 
 
-async def _chunks(store: EventStore, session_id: str) -> AsyncGenerator[list[Event], None]:
+def _chunks(store: EventStore, session_id: str) -> AsyncGenerator[list[Event], None]:
     """The session's events in append order, ``CHUNK`` at a time; a store's
     ``IntegrityError`` is raised after the chunk of the good events before it."""
-    chunk: list[Event] = []
-    try:
-        async for event in store.events(session_id, page_size=PAGE):
-            chunk.append(event)
-            if len(chunk) == CHUNK:
-                yield chunk
-                chunk = []
-    except IntegrityError:
-        if chunk:
-            yield chunk
-        raise
-    if chunk:
-        yield chunk
+    return event_chunks(store.event_pages(session_id, page_size=PAGE), CHUNK)
 
 
 class _Walker:

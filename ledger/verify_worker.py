@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Final, Literal
@@ -38,7 +39,7 @@ from typing import IO, Final, Literal
 import blake3
 import msgspec
 
-from ledger.errors import LedgerError
+from ledger.errors import IntegrityError, LedgerError
 from ledger.events import (
     FORMAT_VERSION,
     Closed,
@@ -70,6 +71,7 @@ __all__ = [
     "check_events",
     "check_tail",
     "encode_request",
+    "event_chunks",
     "event_id_if_sound",
     "main",
     "read_answer",
@@ -171,33 +173,48 @@ async def check_tail(request: TailRequest, chunk_size: int) -> TailAnswer:
     walk = TailWalk(request.session)
     levels: list[list[bytes]] = []
     count = 0
-    chunk: list[Event] = []
     try:
-        async for event in _tail_events(request):
-            chunk.append(event)
-            if len(chunk) == chunk_size:
-                if not _tail_chunk(walk, chunk, request.log, levels):
-                    return TailAnswer(sure=False)
-                count, chunk = count + len(chunk), []
+        async for chunk in event_chunks(_tail_pages(request), chunk_size):
+            if not _tail_chunk(walk, chunk, request.log, levels):
+                return TailAnswer(sure=False)
+            count += len(chunk)
     except LedgerError:
         return TailAnswer(sure=False)  # an event that does not read: the caller names it
-    if chunk and not _tail_chunk(walk, chunk, request.log, levels):
-        return TailAnswer(sure=False)
-    return TailAnswer(sure=True, count=count + len(chunk), firsts=walk.firsts, levels=levels)
+    return TailAnswer(sure=True, count=count, firsts=walk.firsts, levels=levels)
 
 
-async def _tail_events(request: TailRequest) -> AsyncIterator[Event]:
+async def event_chunks(
+    pages: AsyncIterator[list[Event]], size: int
+) -> AsyncGenerator[list[Event], None]:
+    """The events of ``pages`` in lists of ``size``, the last one shorter: a page at a
+    time, not an iterator step per event. An ``IntegrityError`` of the pages is raised
+    after the chunk of the events read before it."""
+    chunk: list[Event] = []
+    try:
+        async for page in pages:
+            chunk += page
+            while len(chunk) >= size:
+                yield chunk[:size]
+                del chunk[:size]
+    except IntegrityError:
+        if chunk:
+            yield chunk
+        raise
+    if chunk:
+        yield chunk
+
+
+async def _tail_pages(request: TailRequest) -> AsyncIterator[list[Event]]:
     """The tail's events: from the lines named, or from the store opened here."""
     if request.lines is not None:
         for page in read_session_lines(request.lines, _TAIL_PAGE):
-            for event in page:
-                yield event
+            yield page
         return
     from stores import open_store  # the stores only where a worker reads one itself
 
     async with open_store(request.url) as store:
-        async for event in store.events_from(request.session, request.start, page_size=_TAIL_PAGE):
-            yield event
+        async for page in store.event_pages(request.session, request.start, page_size=_TAIL_PAGE):
+            yield page
 
 
 def _tail_chunk(walk: TailWalk, chunk: list[Event], log: bool, levels: list[list[bytes]]) -> bool:
@@ -470,6 +487,9 @@ async def _tail_answer(request: TailRequest, chunk_size: int) -> None:
 
 
 def main() -> None:
+    # A short-lived process whose objects form no cycles (pages of events, freed as the
+    # chunks are checked): the collector would only scan them again and again.
+    gc.disable()
     mode = sys.argv[1] if len(sys.argv) > 1 else "--content"
     if mode == "--tail":
         _tail_main(int(sys.argv[2]))
