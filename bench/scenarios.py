@@ -198,13 +198,17 @@ async def single_append(ctx: Context) -> None:
 
 
 def group_commit_target() -> Target:
-    def check(row: Row, rows: dict[str, Row]) -> bool | None:
-        raw, es = rows.get("raw aiosqlite"), rows.get("eventsourcing sqlite")
-        if row.cost is None or raw is None or es is None or not raw.cost or not es.cost:
-            return None
-        return raw.cost / row.cost >= 10 and es.cost / row.cost >= 5
+    """Issue 6's group commit target: the same store committing each append alone is
+    the baseline, doing the same work per append (the raw driver's row, a bare insert
+    into a table without an index, is shown as the ratio beside it)."""
 
-    return Target("≥ 10x raw aiosqlite (1 txn per append) and ≥ 5x eventsourcing sqlite", check)
+    def check(row: Row, rows: dict[str, Row]) -> bool | None:
+        alone, es = rows.get(SQLITE_ONE_TXN.name), rows.get("eventsourcing sqlite")
+        if row.cost is None or alone is None or es is None or not alone.cost or not es.cost:
+            return None
+        return alone.cost / row.cost >= 10 and es.cost / row.cost >= 5
+
+    return Target(f"≥ 10x {SQLITE_ONE_TXN.name} and ≥ 5x eventsourcing sqlite (issue 6)", check)
 
 
 async def _throughput(threads: list[Thread], turns: Sequence[Any], seconds: float) -> float:
