@@ -38,7 +38,7 @@ from ledger.errors import (
     IntegrityError,
     SessionNotFoundError,
 )
-from ledger.events import Closed, Event, Expired
+from ledger.events import Closed, Event, Expired, gc_paused
 from projections.base import FOLD_RUN, Projection, fold
 from stores.base import FeedStore
 
@@ -272,9 +272,14 @@ async def drive_pages(
 ) -> S | None:
     """``drive`` over pages of events: a projection folds each page at once."""
     if isinstance(into, Projection):
-        state, apply_many = into.initial(), into.apply_many
-        async for page in pages:
-            state = apply_many(state, page)
+        # A fold reads millions of events and drops a state a page, none of them in a
+        # cycle: paused, the collector does not scan the rest of the process's heap
+        # again and again (beside 100,000 sessions held by a memory store, a fifth of
+        # a SQLite replay's time).
+        with gc_paused():
+            state, apply_many = into.initial(), into.apply_many
+            async for page in pages:
+                state = apply_many(state, page)
         return state
     await drive(events_of(pages), into)
     return None
