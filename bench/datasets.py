@@ -106,14 +106,15 @@ async def datasets(ctx: Any) -> dict[str, Dataset | BaseException]:
             await gather_limited(64, [store.append(r) for r in roots])
             listed[backend] = sizes.sessions / (time.perf_counter() - begin)
             opened_in = 0.0
+            defaults = url.partition("?")[0]
             if backend != "memory":  # reopened with the store's defaults
                 await store.close()
-                store = open_store(url.partition("?")[0])
+                store = open_store(defaults)
                 begin = time.perf_counter()
                 await store.open()
                 opened_in = time.perf_counter() - begin
             result[backend] = Dataset(
-                backend, url.partition("?")[0], store, session, n, points, sizes.sessions, opened_in
+                backend, defaults, store, session, n, points, sizes.sessions, opened_in
             )
         except Exception as exc:
             result[backend] = exc

@@ -25,7 +25,6 @@ from bench.content import raw_content_bytes
 from bench.context import Context
 from bench.datasets import Dataset, datasets
 from bench.harness import (
-    MemoryProbe,
     Row,
     Skip,
     Target,
@@ -46,7 +45,7 @@ from bench.systems import (
     System,
     Thread,
 )
-from bench.verify_apart import Answer, Request, verify_apart
+from bench.verify_apart import Answer, Request, verify_apart, verify_here
 from ledger import Ledger
 from ledger.anchors import Anchor, new_key
 from ledger.config import LedgerConfig
@@ -598,10 +597,9 @@ async def _verify(dataset: Dataset, request: Request) -> Answer:
     (``bench.verify_apart``), but for the memory store's, which lives in this one."""
     if dataset.backend != "memory":
         return await verify_apart(request)
-    led = Ledger(dataset.store, LedgerConfig(url=dataset.url, key=request.key))
-    with MemoryProbe().measure() as probe:
-        report = await led.verify(request.session, anchors=request.anchors)
-    return Answer(probe.seconds, probe.peak, report)
+    return await verify_here(
+        Ledger(dataset.store, LedgerConfig(url=dataset.url, key=request.key)), request
+    )
 
 
 async def _raw_list(dataset: Dataset) -> Callable[[], Awaitable[int]] | None:

@@ -28,7 +28,7 @@ from ledger import Ledger
 from ledger.anchors import Anchor
 from ledger.verify import VerifyReport
 
-__all__ = ["Answer", "Request", "verify_apart"]
+__all__ = ["Answer", "Request", "verify_apart", "verify_here"]
 
 
 class Request(msgspec.Struct, frozen=True):
@@ -67,12 +67,18 @@ async def verify_apart(request: Request) -> Answer:
     return msgspec.json.decode(out, type=Answer)
 
 
+async def verify_here(led: Ledger, request: Request) -> Answer:
+    """``request``'s verify by ``led``, in this process: its time and peak memory."""
+    with MemoryProbe().measure() as probe:
+        report = await led.verify(request.session, anchors=request.anchors)
+    return Answer(probe.seconds, probe.peak, report)
+
+
 async def _serve() -> None:
     request = msgspec.json.decode(sys.stdin.buffer.read(), type=Request)
     async with Ledger.open(request.url, key=request.key) as led:
-        with MemoryProbe().measure() as probe:
-            report = await led.verify(request.session, anchors=request.anchors)
-    sys.stdout.buffer.write(msgspec.json.encode(Answer(probe.seconds, probe.peak, report)))
+        answer = await verify_here(led, request)
+    sys.stdout.buffer.write(msgspec.json.encode(answer))
 
 
 if __name__ == "__main__":
