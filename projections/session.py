@@ -22,6 +22,7 @@ from ledger.events import (
     TurnAdded,
     canonical,
 )
+from ledger.frozen import freeze
 from projections.base import Projection
 
 __all__ = [
@@ -74,6 +75,7 @@ class SessionState(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     tokens_out: int = 0
     cost: float = 0.0
     metadata: dict[str, Any] = {}
+    """Read-only (a ``ledger.frozen.FrozenDict``): states are shared; ``dict()`` copies it."""
     checkpoints: tuple[Checkpoint, ...] = ()
     ttl_s: float | None = None
 
@@ -122,7 +124,7 @@ def apply(state: SessionState, event: Event) -> SessionState:
             created_at=event.at,
             last_activity_at=event.at,
             event_count=1,
-            metadata=dict(body.metadata),
+            metadata=freeze(body.metadata),
             ttl_s=body.ttl_s,
         )
     moved: dict[str, Any] = {
@@ -149,7 +151,7 @@ def apply(state: SessionState, event: Event) -> SessionState:
                 merged.pop(key, None)
             else:
                 merged[key] = value
-        moved["metadata"] = merged
+        moved["metadata"] = freeze(merged)
     else:
         status = _STATUS_OF.get(type(body))
         if status is not None:
@@ -206,7 +208,14 @@ def _after_turns(
     )
 
 
-SESSION: Projection[SessionState] = Projection(
+class _SessionProjection(Projection[SessionState]):
+    def decode(self, data: bytes) -> SessionState:
+        # A snapshot's metadata, as read-only as the fold's (ledger.frozen)
+        state = super().decode(data)
+        return replace(state, metadata=freeze(state.metadata))
+
+
+SESSION: Projection[SessionState] = _SessionProjection(
     "session",
     1,
     initial=lambda: _EMPTY,

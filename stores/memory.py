@@ -14,6 +14,7 @@ from ledger.errors import (
     SessionNotFoundError,
 )
 from ledger.events import Event, SessionCreated
+from ledger.frozen import freeze_event
 from stores.base import (
     OPEN_STATUSES,
     AppendRequest,
@@ -124,7 +125,8 @@ class MemoryStore(PurgeStore):
         positions = self._by_session.get(session_id)
         if positions is None:
             positions = self._by_session[session_id] = []
-        for event in request.events:
+        # Kept read-only: every reader gets these very objects (ledger.frozen)
+        for event in map(freeze_event, request.events):
             self._feed.append(event)
             self._by_id[event.id] = event
             positions.append(len(self._feed))
@@ -157,7 +159,7 @@ class MemoryStore(PurgeStore):
     def _erase(self, request: AppendRequest) -> None:
         """Put the redacted forms in place of the originals, and drop the session's snapshots."""
         session_id = request.session_id
-        wanted = {erased.id: erased for erased in request.erase}
+        wanted = {erased.id: freeze_event(erased) for erased in request.erase}
         for position in self._by_session[session_id]:
             stored = self._feed[position - 1]
             erased = wanted.get(stored.id) if stored is not None else None
