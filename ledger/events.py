@@ -338,7 +338,9 @@ def gc_paused() -> Iterator[None]:
     allocates enough tracked objects to set off collections that scan every
     object the process keeps alive, again and again. None of these objects can
     form a cycle, so nothing is lost by collecting once afterwards, as the
-    collector does on its own at the next allocation.
+    collector does on its own at the next allocation. The pause holds for the
+    whole process: hold it for a page or a chunk, never for a read that awaits
+    page after page while the application's other tasks run.
     """
     if not gc.isenabled():
         yield

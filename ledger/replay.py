@@ -275,10 +275,11 @@ async def drive_pages(
         # A fold reads millions of events and drops a state a page, none of them in a
         # cycle: paused, the collector does not scan the rest of the process's heap
         # again and again (beside 100,000 sessions held by a memory store, a fifth of
-        # a SQLite replay's time).
-        with gc_paused():
-            state, apply_many = into.initial(), into.apply_many
-            async for page in pages:
+        # a SQLite replay's time). A page at a time: never while the read awaits, when
+        # the application's other tasks run and must be collected as usual.
+        state, apply_many = into.initial(), into.apply_many
+        async for page in pages:
+            with gc_paused():
                 state = apply_many(state, page)
         return state
     await drive(events_of(pages), into)

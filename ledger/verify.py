@@ -185,18 +185,13 @@ async def verify_session(
     if parallel is None:
         parallel = (os.cpu_count() or 1) > 1 and count >= PARALLEL_FROM
     result = None
-    # The walk makes and drops millions of objects, none in a cycle: in a process that
-    # holds a large heap (a store's index, a service's caches) the collector would
-    # scan that heap again and again (a tenth of a JSONL verify beside an index of
-    # 100,000 sessions). The worker runs without it too.
-    with gc_paused():
-        if parallel and store.url.partition(":")[0] in _SPLIT_SCHEMES and count >= 2 * CHUNK:
-            split = count // 2 // CHUNK * CHUNK
-            result = await _walk_split(store, session_id, key, need_log, split)
-        if parallel and result is None:
-            result = await _walk_parallel(store, session_id, key, need_log)
-        if result is None:  # sequential, or a worker found a bad event: the exact report
-            result = await _walk(store, session_id, key, need_log)
+    if parallel and store.url.partition(":")[0] in _SPLIT_SCHEMES and count >= 2 * CHUNK:
+        split = count // 2 // CHUNK * CHUNK
+        result = await _walk_split(store, session_id, key, need_log, split)
+    if parallel and result is None:
+        result = await _walk_parallel(store, session_id, key, need_log)
+    if result is None:  # sequential, or a worker found a bad event: the exact report
+        result = await _walk(store, session_id, key, need_log)
     checked, problems, log, bad_at = result
     if checked == 0:
         problems.append(Problem(session_id, None, "the session has no events"))
@@ -242,9 +237,10 @@ async def _walk(store: EventStore, session_id: str, key: bytes | None, need_log:
     leaves = bytearray() if need_log else None
     try:
         async for chunk in _chunks(store, session_id):
-            walked = await walker.walk(chunk)
-            if leaves is not None:
-                leaves += bytes.fromhex("".join([event.id for event in chunk[:walked]]))
+            with gc_paused():  # see _Walker.walk
+                walked = await walker.walk(chunk)
+                if leaves is not None:
+                    leaves += bytes.fromhex("".join([event.id for event in chunk[:walked]]))
             if walked < len(chunk):
                 break
     except IntegrityError as exc:
@@ -284,6 +280,13 @@ class _Walker:
     async def walk(self, events: Sequence[Event]) -> int:
         """Check these next events in turn; how many were checked (fewer than all once
         there are too many problems to go on).
+
+        Callers pause the collector around a chunk's walk: it makes and drops objects
+        by the thousand, none in a cycle, and in a process that holds a large heap (a
+        store's index, a service's caches) the collector would scan that heap again
+        and again (a tenth of a JSONL verify beside an index of 100,000 sessions). A
+        chunk at a time, not the whole walk: between chunks the store reads, and the
+        application's other tasks run and are collected as usual.
 
         The common event, a plain step on an active branch, is folded here with no
         call but the fold's: ``step`` would find nothing wrong with it.
@@ -388,8 +391,9 @@ async def _walk_parallel(
     try:
         try:
             async for chunk in _chunks(store, session_id):
-                walked = await walker.walk(chunk)
-                chunks.append(_hand_over(chunk[:walked], worker, need_log))
+                with gc_paused():  # see _Walker.walk
+                    walked = await walker.walk(chunk)
+                    chunks.append(_hand_over(chunk[:walked], worker, need_log))
                 if walked < len(chunk):
                     break
         except IntegrityError as exc:
@@ -435,9 +439,10 @@ async def _walk_split(
     try:
         async with contextlib.aclosing(_chunks(store, session_id)) as chunks:
             async for chunk in chunks:
-                if await walker.walk(chunk) < len(chunk) or walker.problems:
-                    return None  # a problem: the report is the sequential walk's
-                answers.append(check_events(chunk, need_log))
+                with gc_paused():  # see _Walker.walk
+                    if await walker.walk(chunk) < len(chunk) or walker.problems:
+                        return None  # a problem: the report is the sequential walk's
+                    answers.append(check_events(chunk, need_log))
                 if not answers[-1][0]:
                     return None
                 if walker.checked >= start:

@@ -282,15 +282,16 @@ class FoldEngine:
         hit = self.cached(projection, session_id, event_id)
         if hit is not None:
             return hit
-        # A long first fold reads many events: no collections while it does.
-        with gc_paused():
-            walk = self._walk_back(projection, session_id, event_id)
-            base, parent, chunks = await walk
-            state: S = projection.initial() if base is None else base
-            snapshots: list[tuple[str, bytes]] = []
-            every, apply_many = self.snapshot_every, projection.apply_many
-            for start, count, kept in reversed(chunks):
-                events = kept if kept is not None else await self._reread(start, count)
+        walk = self._walk_back(projection, session_id, event_id)
+        base, parent, chunks = await walk
+        state: S = projection.initial() if base is None else base
+        snapshots: list[tuple[str, bytes]] = []
+        every, apply_many = self.snapshot_every, projection.apply_many
+        for start, count, kept in reversed(chunks):
+            events = kept if kept is not None else await self._reread(start, count)
+            # A long fold makes many objects: no collections while a chunk folds (but
+            # while the next is read, the application's other tasks run as usual).
+            with gc_paused():
                 # Each chunk must hang from the state folded so far: a path index's
                 # walk followed the stored parent columns, not the events' own links.
                 oldest = events[-1]
