@@ -353,6 +353,27 @@ def gc_paused() -> Iterator[None]:
         gc.enable()
 
 
+class _Freezer:
+    """``heap_set_aside``'s state in this process."""
+
+    others: bool | None = None
+    """Whether objects were frozen by something else (asked once a process:
+    ``gc.get_freeze_count`` walks every frozen object)."""
+    holding = False
+    """Whether a ``heap_set_aside`` holds the freeze now."""
+
+
+_freezer = _Freezer()
+
+
+def _forget_freezer() -> None:
+    # A forked child asks again: the freeze it inherits is its parent's.
+    _freezer.others, _freezer.holding = None, False
+
+
+os.register_at_fork(after_in_child=_forget_freezer)
+
+
 @contextlib.contextmanager
 def heap_set_aside() -> Iterator[None]:
     """Keep the cyclic collector off every object alive now, for a long fold.
@@ -364,17 +385,22 @@ def heap_set_aside() -> Iterator[None]:
     ``gc.freeze`` sets what is alive now aside, so those collections scan only
     what was made since; unlike ``gc.disable`` it leaves the collector running,
     for the fold's garbage and for the application's other tasks alike. Left
-    alone when objects are frozen already (by a server before it forks its
-    workers, or by another fold): ``gc.unfreeze`` would release them too.
+    alone while another fold holds it, so that the freeze never outlasts one
+    fold, and in a process where something else froze objects (a server, before
+    it forks its workers): ``gc.unfreeze`` would release them too.
     """
-    if gc.get_freeze_count():
+    if _freezer.others is None:
+        _freezer.others = gc.get_freeze_count() > 0
+    if _freezer.others or _freezer.holding:
         yield
         return
+    _freezer.holding = True
     gc.freeze()
     try:
         yield
     finally:
         gc.unfreeze()
+        _freezer.holding = False
 
 
 def normalize_body(body: Body, session_id: str) -> tuple[Body, bytes]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -105,13 +106,29 @@ def test_a_long_fold_sets_the_heap_aside_and_still_collects() -> None:
     assert gc.get_freeze_count() == 0 and before.other is before
 
 
-def test_objects_frozen_already_stay_frozen() -> None:
-    # A server that froze its heap before forking its workers keeps it frozen.
+def test_a_fold_leaves_alone_what_a_server_froze_before_forking() -> None:
+    # The parent freezes its heap, then forks a worker (as a pre-forking server
+    # does): in the worker, a fold must leave that heap frozen.
+    with heap_set_aside():
+        pass  # this process has asked already: the worker must ask again
     gc.freeze()
     try:
-        frozen = gc.get_freeze_count()
-        with heap_set_aside():
-            assert gc.get_freeze_count() == frozen
-        assert gc.get_freeze_count() == frozen
+        pid = os.fork()
+        if pid == 0:  # the worker
+            frozen = gc.get_freeze_count()
+            with heap_set_aside():
+                inside = gc.get_freeze_count()
+            os._exit(0 if frozen > 0 and inside == frozen == gc.get_freeze_count() else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
     finally:
         gc.unfreeze()
+
+
+def test_one_fold_at_a_time_holds_the_freeze() -> None:
+    with heap_set_aside():
+        held = gc.get_freeze_count()
+        with heap_set_aside():  # another fold, meanwhile: it leaves the freeze alone
+            _Node()
+        assert gc.get_freeze_count() == held  # still set aside for the first
+    assert gc.get_freeze_count() == 0
