@@ -26,6 +26,7 @@ import msgspec
 from bench.harness import MemoryProbe
 from ledger import Ledger
 from ledger.anchors import Anchor
+from ledger.events import gc_paused
 from ledger.verify import VerifyReport
 
 __all__ = ["Answer", "Request", "verify_apart", "verify_here"]
@@ -77,7 +78,8 @@ async def verify_here(led: Ledger, request: Request) -> Answer:
 async def _serve() -> None:
     request = msgspec.json.decode(sys.stdin.buffer.read(), type=Request)
     async with Ledger.open(request.url, key=request.key) as led:
-        answer = await verify_here(led, request)
+        with gc_paused():  # as `ledger verify` runs (ledger.cli.cmd_verify)
+            answer = await verify_here(led, request)
     sys.stdout.buffer.write(msgspec.json.encode(answer))
 
 
