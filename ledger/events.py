@@ -69,7 +69,6 @@ __all__ = [
     "event_problem",
     "gc_paused",
     "header_bytes",
-    "heap_set_aside",
     "make_event",
     "new_session_id",
     "normalize_body",
@@ -351,56 +350,6 @@ def gc_paused() -> Iterator[None]:
         yield
     finally:
         gc.enable()
-
-
-class _Freezer:
-    """``heap_set_aside``'s state in this process."""
-
-    others: bool | None = None
-    """Whether objects were frozen by something else (asked once a process:
-    ``gc.get_freeze_count`` walks every frozen object)."""
-    holding = False
-    """Whether a ``heap_set_aside`` holds the freeze now."""
-
-
-_freezer = _Freezer()
-
-
-def _forget_freezer() -> None:
-    # A forked child asks again: the freeze it inherits is its parent's.
-    _freezer.others, _freezer.holding = None, False
-
-
-os.register_at_fork(after_in_child=_forget_freezer)
-
-
-@contextlib.contextmanager
-def heap_set_aside() -> Iterator[None]:
-    """Keep the cyclic collector off every object alive now, for a long fold.
-
-    A fold of a long path keeps what it has read (the path's index, chunks of
-    events) while it reads on, and each collection that keeps them alive grows the
-    oldest generation, until full collections scan the process's whole heap: a
-    store's index, a service's caches, millions of objects, again and again.
-    ``gc.freeze`` sets what is alive now aside, so those collections scan only
-    what was made since; unlike ``gc.disable`` it leaves the collector running,
-    for the fold's garbage and for the application's other tasks alike. Left
-    alone while another fold holds it, so that the freeze never outlasts one
-    fold, and in a process where something else froze objects (a server, before
-    it forks its workers): ``gc.unfreeze`` would release them too.
-    """
-    if _freezer.others is None:
-        _freezer.others = gc.get_freeze_count() > 0
-    if _freezer.others or _freezer.holding:
-        yield
-        return
-    _freezer.holding = True
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-        _freezer.holding = False
 
 
 def normalize_body(body: Body, session_id: str) -> tuple[Body, bytes]:

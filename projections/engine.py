@@ -31,7 +31,7 @@ import blake3
 import msgspec
 
 from ledger.errors import EventNotFoundError, IntegrityError
-from ledger.events import Event, canonical, gc_paused, heap_set_aside
+from ledger.events import Event, canonical, gc_paused
 from projections.base import Projection
 
 __all__ = ["FoldEngine", "PathIndex", "SnapshotSource", "open_snapshot", "seal_snapshot"]
@@ -282,39 +282,38 @@ class FoldEngine:
         hit = self.cached(projection, session_id, event_id)
         if hit is not None:
             return hit
-        with heap_set_aside():  # a long fold keeps what it reads: see heap_set_aside
-            walk = self._walk_back(projection, session_id, event_id)
-            base, parent, chunks = await walk
-            state: S = projection.initial() if base is None else base
-            snapshots: list[tuple[str, bytes]] = []
-            every, apply_many = self.snapshot_every, projection.apply_many
-            for start, count, kept in reversed(chunks):
-                events = kept if kept is not None else await self._reread(start, count)
-                # A long fold makes many objects: no collections while a chunk folds (but
-                # while the next is read, the application's other tasks run as usual).
-                with gc_paused():
-                    # Each chunk must hang from the state folded so far: a path index's
-                    # walk followed the stored parent columns, not the events' own links.
-                    oldest = events[-1]
-                    if oldest.parent != parent or oldest.session != session_id:
-                        raise IntegrityError(
-                            f"Stored path is broken at event {oldest.id!r}: its parent and "
-                            f"session are {oldest.parent!r}, {oldest.session!r}; the path's "
-                            f"{parent!r}, {session_id!r}",
-                            oldest.id,
+        walk = self._walk_back(projection, session_id, event_id)
+        base, parent, chunks = await walk
+        state: S = projection.initial() if base is None else base
+        snapshots: list[tuple[str, bytes]] = []
+        every, apply_many = self.snapshot_every, projection.apply_many
+        for start, count, kept in reversed(chunks):
+            events = kept if kept is not None else await self._reread(start, count)
+            # A long fold makes many objects: no collections while a chunk folds (but
+            # while the next is read, the application's other tasks run as usual).
+            with gc_paused():
+                # Each chunk must hang from the state folded so far: a path index's
+                # walk followed the stored parent columns, not the events' own links.
+                oldest = events[-1]
+                if oldest.parent != parent or oldest.session != session_id:
+                    raise IntegrityError(
+                        f"Stored path is broken at event {oldest.id!r}: its parent and "
+                        f"session are {oldest.parent!r}, {oldest.session!r}; the path's "
+                        f"{parent!r}, {session_id!r}",
+                        oldest.id,
+                    )
+                parent = start
+                ordered = events[::-1]
+                done = 0
+                # Folded in runs that end at each event a snapshot is due at (self.due).
+                for at, event in enumerate(ordered):
+                    if event.seq % every == 0 and event.seq > 0:
+                        state = apply_many(state, ordered[done : at + 1])
+                        done = at + 1
+                        snapshots.append(
+                            (event.id, self._seal(projection, session_id, event.id, state))
                         )
-                    parent = start
-                    ordered = events[::-1]
-                    done = 0
-                    # Folded in runs that end at each event a snapshot is due at (self.due).
-                    for at, event in enumerate(ordered):
-                        if event.seq % every == 0 and event.seq > 0:
-                            state = apply_many(state, ordered[done : at + 1])
-                            done = at + 1
-                            snapshots.append(
-                                (event.id, self._seal(projection, session_id, event.id, state))
-                            )
-                    state = apply_many(state, ordered[done:])
+                state = apply_many(state, ordered[done:])
         if snapshots:
             await self.source.put_snapshots(session_id, projection.key, snapshots)
         self.remember(projection, session_id, event_id, state)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -15,7 +14,7 @@ import pytest
 
 from ledger import Ledger
 from ledger.config import LedgerConfig
-from ledger.events import Event, TurnAdded, heap_set_aside
+from ledger.events import Event, TurnAdded
 from ledger.verify import PAGE
 from projections.session import SESSION
 from stores.memory import MemoryStore
@@ -92,43 +91,3 @@ async def test_a_long_read_lets_other_tasks_garbage_be_collected(read: str) -> N
         # Paused for the whole read, the collector would free none of them meanwhile.
         assert churn.most_alive < churn.made / 2, (churn.most_alive, churn.made)
     assert gc.isenabled()
-
-
-def test_a_long_fold_sets_the_heap_aside_and_still_collects() -> None:
-    assert gc.get_freeze_count() == 0
-    before = _Node()  # alive when the fold starts: set aside, not scanned
-    with heap_set_aside():
-        assert gc.isenabled() and gc.get_freeze_count() > 0
-        freed: list[object] = []
-        made = [weakref.ref(_Node(), freed.append) for _ in range(100)]
-        gc.collect()  # what the fold and other tasks make is collected as usual
-        assert len(freed) == len(made)
-    assert gc.get_freeze_count() == 0 and before.other is before
-
-
-def test_a_fold_leaves_alone_what_a_server_froze_before_forking() -> None:
-    # The parent freezes its heap, then forks a worker (as a pre-forking server
-    # does): in the worker, a fold must leave that heap frozen.
-    with heap_set_aside():
-        pass  # this process has asked already: the worker must ask again
-    gc.freeze()
-    try:
-        pid = os.fork()
-        if pid == 0:  # the worker
-            frozen = gc.get_freeze_count()
-            with heap_set_aside():
-                inside = gc.get_freeze_count()
-            os._exit(0 if frozen > 0 and inside == frozen == gc.get_freeze_count() else 1)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-    finally:
-        gc.unfreeze()
-
-
-def test_one_fold_at_a_time_holds_the_freeze() -> None:
-    with heap_set_aside():
-        held = gc.get_freeze_count()
-        with heap_set_aside():  # another fold, meanwhile: it leaves the freeze alone
-            _Node()
-        assert gc.get_freeze_count() == held  # still set aside for the first
-    assert gc.get_freeze_count() == 0
