@@ -523,8 +523,8 @@ async def cmd_verify(led: Ledger, args: argparse.Namespace, out: Output) -> int:
     if anchors and args.session is None:
         raise UsageError("--anchor needs a SESSION: anchors are checked against one session")
     # A process of its own, where no other task makes garbage: the collector can stay
-    # paused for the whole walk (the library pauses it a chunk at a time, see
-    # ledger.verify._Walker.walk), and a store's index built at open is not scanned.
+    # paused for the whole walk. The library pauses it a chunk at a time (see
+    # ledger.verify._Walker.walk), which cost a JSONL verify 15-20% more CPU.
     with gc_paused():
         if args.session is None:
             report = await verify_all(led)

@@ -159,7 +159,7 @@ class MemoryStore(PurgeStore):
     def _erase(self, request: AppendRequest) -> None:
         """Put the redacted forms in place of the originals, and drop the session's snapshots."""
         session_id = request.session_id
-        wanted = {erased.id: freeze_event(erased) for erased in request.erase}
+        wanted = {erased.id: erased for erased in request.erase}  # Erased: no containers
         for position in self._by_session[session_id]:
             stored = self._feed[position - 1]
             erased = wanted.get(stored.id) if stored is not None else None
